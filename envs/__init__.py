@@ -1,0 +1,5 @@
+"""Gymnasium environments and wrappers: token generation, the top-p action restriction, toy MDPs."""
+
+from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
+from envs.top_p_wrapper import TopPActionWrapper
+from envs.toy_mdps import *  # noqa: F401,F403  (names listed in envs.toy_mdps.__all__)

@@ -1,0 +1,258 @@
+"""An exact synthetic teacher: a stochastic "language" whose next-token distribution is known in closed form.
+
+The language is a deterministic finite-state machine with sparse emissions. The state after a prefix is
+``(topic, q)``: the topic is fixed by the first token of the sequence and never changes (a long-range
+dependency a student must carry through the whole sequence), and ``q`` moves by a random transition table
+``delta[topic, q, token]``. Each state emits from a sparse Dirichlet distribution over a few tokens,
+smoothed by a little uniform mass so that every sequence has finite log-likelihood (like a real LM, the
+tail is long but thin). Some local states put mass on EOS, which ends the response.
+
+Because the state is a function of the prefix, the teacher's log-likelihood of any sequence, its entropy
+rate and every top-p set are exact. This is the embedded default task: fast on CPU and with exact metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SyntheticLanguageConfig:
+    """Parameters of :class:`SyntheticLanguage`.
+
+    Attributes:
+        vocab_size: number of tokens including EOS (id ``eos_token_id``).
+        n_topics: number of topics; the first token of a sequence selects one.
+        n_local_states: local FSM states per topic.
+        mean_support: mean number of tokens carrying a state's sparse mass (1 + Poisson(mean_support - 1)).
+        max_support: cap on that number.
+        concentration: Dirichlet concentration of the sparse weights (small = peaked).
+        smoothing: total probability mass spread uniformly over the whole vocabulary in every state.
+        eos_states: fraction of local states that can end the response.
+        eos_prob: probability of EOS in those states.
+        prompt_len_min: shortest prompt (tokens).
+        prompt_len_max: longest prompt (tokens).
+        seed: seed of the random tables.
+    """
+
+    vocab_size: int = 64
+    n_topics: int = 8
+    n_local_states: int = 16
+    mean_support: float = 3.0
+    max_support: int = 8
+    concentration: float = 0.5
+    smoothing: float = 0.02
+    eos_states: float = 0.25
+    eos_prob: float = 0.25
+    prompt_len_min: int = 4
+    prompt_len_max: int = 8
+    seed: int = 0
+
+
+class SyntheticLanguage:
+    """Exact synthetic teacher and data source (implements :class:`tokenrl.teachers.Teacher`).
+
+    Args:
+        config: the language's parameters.
+
+    Attributes:
+        log_emission_SV: ``[S, V]`` float64 log next-token probabilities of every FSM state; state
+            ``S - 1`` is the start state (empty prefix).
+        next_state_SV: ``[S, V]`` long, the state after emitting a token.
+    """
+
+    eos_token_id: int = 0
+
+    def __init__(self, config: SyntheticLanguageConfig | None = None):
+        cfg = config or SyntheticLanguageConfig()
+        if cfg.vocab_size < cfg.n_topics + 2:
+            raise ValueError(
+                f"vocab_size={cfg.vocab_size} is too small for n_topics={cfg.n_topics}: need at least n_topics + 2"
+            )
+        if not 0.0 < cfg.smoothing < 1.0:
+            raise ValueError(f"smoothing must be in (0, 1) so every sequence has finite likelihood, got {cfg.smoothing}")
+        if cfg.prompt_len_min < 1 or cfg.prompt_len_max < cfg.prompt_len_min:
+            raise ValueError(
+                f"need 1 <= prompt_len_min <= prompt_len_max, got {cfg.prompt_len_min}, {cfg.prompt_len_max}"
+            )
+        self.config = cfg
+        self.vocab_size = cfg.vocab_size
+        rng = np.random.default_rng(cfg.seed)
+        V, Z, Q = cfg.vocab_size, cfg.n_topics, cfg.n_local_states
+        n_states = Z * Q + 1
+        self.start_state = n_states - 1
+        probs = np.zeros((n_states, V))
+        eos_q = rng.random(Q) < cfg.eos_states
+        eos_q[0] = False  # a response never ends right after the topic token
+        for z in range(Z):
+            for q in range(Q):
+                k = int(min(cfg.max_support, 1 + rng.poisson(max(cfg.mean_support - 1.0, 0.0))))
+                support = rng.choice(np.arange(1, V), size=k, replace=False)
+                row = np.zeros(V)
+                row[support] = rng.dirichlet(np.full(k, cfg.concentration))
+                if eos_q[q]:
+                    row *= 1.0 - cfg.eos_prob
+                    row[self.eos_token_id] += cfg.eos_prob
+                probs[z * Q + q] = (1.0 - cfg.smoothing) * row + cfg.smoothing / V
+        # Start state: the first token picks the topic (tokens 1..Z, uniformly), plus smoothing.
+        start = np.zeros(V)
+        start[1 : Z + 1] = 1.0 / Z
+        probs[self.start_state] = (1.0 - cfg.smoothing) * start + cfg.smoothing / V
+        probs /= probs.sum(1, keepdims=True)
+        next_state = np.empty((n_states, V), dtype=np.int64)
+        for z in range(Z):
+            for q in range(Q):
+                next_state[z * Q + q] = z * Q + rng.integers(0, Q, size=V)
+        topic_of_first = (np.arange(V) - 1) % Z
+        next_state[self.start_state] = topic_of_first * Q  # local state 0 of the chosen topic
+        self.probs_SV = probs
+        self.log_emission_SV = np.log(probs)
+        self.next_state_SV = next_state
+        self._log_emission_t = torch.from_numpy(self.log_emission_SV)
+        self._next_state_t = torch.from_numpy(next_state)
+
+    @property
+    def n_states(self) -> int:
+        """Number of FSM states including the start state."""
+        return self.probs_SV.shape[0]
+
+    # ----------------------------------------------------------------------------------------------
+    # Exact state tracking
+    # ----------------------------------------------------------------------------------------------
+    def states(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """FSM state after each prefix: ``[B, T]`` long, entry ``t`` = state after ``tokens[:, : t + 1]``."""
+        tokens = torch.as_tensor(tokens_BT, dtype=torch.long).cpu()
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens_BT must be 2-D [batch, time], got shape {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got range [{tokens.min()}, {tokens.max()}]")
+        B, T = tokens.shape
+        out = torch.empty(B, T, dtype=torch.long)
+        s = torch.full((B,), self.start_state, dtype=torch.long)
+        for t in range(T):
+            s = self._next_state_t[s, tokens[:, t]]
+            out[:, t] = s
+        return out
+
+    def prefix_states(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """State after the first ``lengths_B[b]`` tokens of each row: ``[B]`` long (start state if length 0)."""
+        lengths = torch.as_tensor(lengths_B, dtype=torch.long).cpu()
+        if tokens_BT.shape[1] == 0:
+            return torch.full((tokens_BT.shape[0],), self.start_state, dtype=torch.long)
+        st = self.states(tokens_BT)
+        idx = (lengths - 1).clamp(min=0)
+        s = st.gather(1, idx[:, None])[:, 0]
+        return torch.where(lengths > 0, s, torch.full_like(s, self.start_state))
+
+    # ----------------------------------------------------------------------------------------------
+    # Teacher interface
+    # ----------------------------------------------------------------------------------------------
+    def next_token_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Exact next-token log-probabilities ``[B, V]`` (float32) after each prefix."""
+        s = self.prefix_states(tokens_BT, lengths_B)
+        return self._log_emission_t[s].float().to(tokens_BT.device)
+
+    def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log-probabilities ``[B, T, V]`` (float32)."""
+        return self._log_emission_t[self.states(tokens_BT)].float().to(tokens_BT.device)
+
+    def sequence_logprob(self, tokens_BT: torch.Tensor, start: int | torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Exact log-likelihood of tokens ``[start, length)`` of each row given the tokens before: ``[B, T]``.
+
+        Returns per-token log-probs (float64) with zeros outside ``[start, length)``.
+        """
+        tokens = torch.as_tensor(tokens_BT, dtype=torch.long).cpu()
+        B, T = tokens.shape
+        prev_states = torch.cat(
+            [torch.full((B, 1), self.start_state, dtype=torch.long), self.states(tokens)[:, :-1]], dim=1
+        )
+        lp = self._log_emission_t[prev_states, tokens]
+        t = torch.arange(T)[None, :]
+        start_t = torch.as_tensor(start).reshape(-1, 1) if torch.is_tensor(start) else torch.full((B, 1), int(start))
+        valid = (t >= start_t) & (t < torch.as_tensor(lengths_B).reshape(-1, 1).cpu())
+        return torch.where(valid, lp, torch.zeros_like(lp))
+
+    def entropy_per_state(self) -> np.ndarray:
+        """Entropy (nats) of the next-token distribution of every state, ``[S]``."""
+        return -(self.probs_SV * self.log_emission_SV).sum(1)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling prompts and continuations
+    # ----------------------------------------------------------------------------------------------
+    def sample_prompts(self, n: int, rng: np.random.Generator) -> list[list[int]]:
+        """Sample ``n`` prompts (token lists, never containing EOS) from the language."""
+        cfg = self.config
+        prompts = []
+        for _ in range(n):
+            length = int(rng.integers(cfg.prompt_len_min, cfg.prompt_len_max + 1))
+            s = self.start_state
+            toks = []
+            for _ in range(length):
+                pr = self.probs_SV[s].copy()
+                pr[self.eos_token_id] = 0.0
+                tok = int(rng.choice(self.vocab_size, p=pr / pr.sum()))
+                toks.append(tok)
+                s = int(self.next_state_SV[s, tok])
+            prompts.append(toks)
+        return prompts
+
+    def sample_continuations(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        rng: np.random.Generator,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+    ) -> list[tuple[list[int], bool]]:
+        """Sample a response for each prompt; returns ``(tokens, terminated)`` pairs.
+
+        ``terminated`` is True when the response ended with EOS (EOS is the last token), False when it was
+        cut at ``max_new_tokens``. ``top_p`` < 1 samples from the teacher's projection onto its top-p set.
+        """
+        from tokenrl.top_p import check_p, top_p_mask
+
+        check_p(top_p)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits_all = self._log_emission_t.float() / temperature
+        allowed = top_p_mask(logits_all, top_p).numpy()
+        sample_probs = np.exp(logits_all.double().numpy()) * allowed
+        sample_probs /= sample_probs.sum(1, keepdims=True)
+        cum = np.cumsum(sample_probs, axis=1)
+        out = []
+        for prompt in prompts:
+            s = self.start_state
+            for tok in prompt:
+                s = int(self.next_state_SV[s, tok])
+            resp: list[int] = []
+            terminated = False
+            for _ in range(max_new_tokens):
+                tok = int(min(np.searchsorted(cum[s], rng.random(), side="right"), self.vocab_size - 1))
+                resp.append(tok)
+                if tok == self.eos_token_id:
+                    terminated = True
+                    break
+                s = int(self.next_state_SV[s, tok])
+            out.append((resp, terminated))
+        return out
+
+    def entropy_rate_estimate(self, prompts: list[list[int]], max_new_tokens: int, n: int, rng: np.random.Generator) -> float:
+        """Monte-Carlo teacher NLL per response token of its own samples (the floor for any student)."""
+        total, count = 0.0, 0
+        for prompt in prompts:
+            for resp, _ in self.sample_continuations([prompt] * n, max_new_tokens, rng):
+                s = self.start_state
+                for tok in prompt:
+                    s = int(self.next_state_SV[s, tok])
+                for tok in resp:
+                    total -= self.log_emission_SV[s, tok]
+                    count += 1
+                    s = int(self.next_state_SV[s, tok])
+        return total / max(count, 1)
+
+    def token_to_text(self, tokens: list[int]) -> str:
+        """Render tokens as words (``t17``; EOS dropped) for Rouge-L."""
+        return " ".join(f"t{t}" for t in tokens if t != self.eos_token_id)

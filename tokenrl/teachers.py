@@ -1,0 +1,32 @@
+"""The teacher interface: anything that gives next-token logits for a batch of token prefixes.
+
+Implemented by :class:`tokenrl.synthetic.SyntheticLanguage` (exact, the default task) and by the
+transformers adapter in :mod:`tokenrl.models`. The env wrapper, the offline data generator and the
+evaluation only talk to this interface.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A next-token distribution over a shared vocabulary.
+
+    Token batches are right-padded: row ``b`` holds ``lengths_B[b]`` real tokens followed by padding.
+    """
+
+    vocab_size: int
+    eos_token_id: int
+
+    def next_token_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` of the token that follows the first ``lengths_B[b]`` tokens of each row."""
+        ...
+
+    def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B, T, V]``: entry ``t`` is the distribution of token ``t + 1``
+        given ``tokens_BT[b, : t + 1]``. Entries at ``t >= lengths_B[b]`` are unspecified."""
+        ...

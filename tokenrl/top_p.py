@@ -1,0 +1,109 @@
+"""Top-p (nucleus) action sets: the one implementation used by the env wrapper, the data cache and every loss.
+
+Semantics are exactly those of transformers' ``TopPLogitsWarper``: sort the probabilities in ascending order,
+drop every token whose ascending cumulative probability is ``<= 1 - p``, and always keep the
+``min_keep`` most likely tokens. Hence the kept set is the shortest descending prefix whose mass is
+``>= p``; ``p = 1`` keeps every token with non-zero probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def check_p(p: float) -> float:
+    """Validate a top-p threshold and return it as a float.
+
+    Raises:
+        ValueError: if ``p`` is not a number in (0, 1].
+    """
+    try:
+        p_float = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"top-p threshold p must be a number in (0, 1], got {p!r}") from None
+    if not (0.0 < p_float <= 1.0):
+        raise ValueError(f"top-p threshold p must be in (0, 1], got p={p!r}; use p=1.0 for no restriction")
+    return p_float
+
+
+def top_p_mask(logits: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tensor:
+    """Boolean mask of the top-p set of each distribution.
+
+    Args:
+        logits: ``[..., V]`` unnormalised log-probabilities (any leading dims).
+        p: threshold in (0, 1].
+        min_keep: the number of most likely tokens always kept (>= 1).
+
+    Returns:
+        ``[..., V]`` bool tensor, True for tokens in the top-p set.
+    """
+    p = check_p(p)
+    if min_keep < 1:
+        raise ValueError(f"min_keep must be >= 1, got {min_keep}")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the vocabulary)")
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    # Same ops as TopPLogitsWarper (ascending sort, cumsum of softmax) so ties resolve identically.
+    sorted_logits, sorted_idx = torch.sort(flat, descending=False)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum_probs <= (1 - p)
+    remove_sorted[..., -min(min_keep, vocab):] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return (~remove).reshape(logits.shape)
+
+
+@dataclass
+class TopPSet:
+    """Sparse top-p sets padded to a common width K.
+
+    Attributes:
+        ids: ``[..., K]`` long token ids, in descending probability; padding entries hold ``pad_id``.
+        logprobs: ``[..., K]`` float log-probabilities under the *full* distribution (not renormalised);
+            padding entries hold ``-inf``.
+        mask: ``[..., K]`` bool, True for real members of the set.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """``[...]`` number of tokens in each set."""
+        return self.mask.sum(-1)
+
+
+def top_p_sparse(
+    logits: torch.Tensor, p: float, min_keep: int = 1, max_k: int | None = None, pad_id: int = 0
+) -> TopPSet:
+    """Kept token ids and log-probs of the top-p set, padded to the largest set size in the batch.
+
+    Args:
+        logits: ``[..., V]`` logits.
+        p: threshold in (0, 1].
+        min_keep: tokens always kept.
+        max_k: optional cap on K. A set larger than ``max_k`` keeps its ``max_k`` most likely tokens
+            (this drops mass below p; leave None for the exact rule).
+        pad_id: id written in padding slots (masked out; any valid id keeps gathers in range).
+
+    Returns:
+        A :class:`TopPSet` with ``[..., K]`` tensors.
+    """
+    mask = top_p_mask(logits, p, min_keep)
+    logprobs_full = torch.log_softmax(logits.float(), dim=-1)
+    sizes = mask.sum(-1)
+    k = int(sizes.max().item()) if sizes.numel() else 1
+    k = max(k, 1)
+    if max_k is not None:
+        if max_k < 1:
+            raise ValueError(f"max_k must be >= 1 or None, got {max_k}")
+        k = min(k, max_k)
+    keyed = logprobs_full.masked_fill(~mask, float("-inf"))
+    top_lp, top_ids = torch.topk(keyed, k, dim=-1)
+    valid = torch.arange(k, device=logits.device) < sizes.unsqueeze(-1)
+    top_ids = torch.where(valid, top_ids, torch.full_like(top_ids, pad_id))
+    top_lp = top_lp.masked_fill(~valid, float("-inf"))
+    return TopPSet(ids=top_ids, logprobs=top_lp, mask=valid)
