@@ -1,0 +1,559 @@
+"""Evaluation of students against a teacher: sampled-response metrics and teacher-forced KL.
+
+The protocol follows MiniLLM / DistiLLM / Bellman Distill (notes, section 5): sample a response for every
+evaluation prompt at temperature 1 (top-p 1.0 as in MiniLLM, 0.8 as in the BD release) with several
+sampling seeds, score the samples with Rouge-L against reference responses, and average over seeds.
+Because our teachers expose exact next-token distributions we also report
+
+* the teacher's NLL per response token of the student's samples (how likely the teacher finds what the
+  student writes; the teacher's own samples give the floor, its entropy rate), and its value at each
+  response position (the exposure-bias curve: errors compound along free-running generations);
+* teacher-forced KL between student and teacher on held-out (teacher) responses, in both directions.
+
+Metric keys are namespaced ``eval/...``; see :func:`evaluate`. Standard deviations are sample standard
+deviations (``ddof=1``) over sampling seeds, 0.0 for a single seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+
+from tokenrl.teachers import Teacher
+from tokenrl.top_p import check_p, top_p_mask
+
+Decode = Callable[[list[int]], str]
+Sampler = Callable[[list[list[int]], int], list[list[int]]]
+
+_ROUGE_SCORER: rouge_scorer.RougeScorer | None = None
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    # A causal LM has no distribution for the first token without a BOS, and the Teacher interface's
+    # sequence_logits only covers tokens after the first one, so every prompt needs at least one token.
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS)")
+
+
+def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    _check_prompts(prompts)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """The forward kwarg / output field that carries the KV cache in this transformers version.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed in 5.40).
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``tokens_BT`` (long) and ``lengths_B`` (long), on CPU."""
+    lengths_B = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    width = int(lengths_B.max().item()) if len(seqs) else 0
+    tokens_BT = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        tokens_BT[b, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+    return tokens_BT, lengths_B
+
+
+def _response_mask(prompt_lens_B: torch.Tensor, response_lens_B: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` bool, True at the logit positions that predict response tokens.
+
+    Logit position ``t`` predicts token ``t + 1``, so response tokens ``[P, P + R)`` are predicted at
+    ``[P - 1, P + R - 1)``.
+    """
+    t_T = torch.arange(width)
+    start_B1 = (prompt_lens_B - 1)[:, None]
+    return (t_T[None, :] >= start_B1) & (t_T[None, :] < start_B1 + response_lens_B[:, None])
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+def _sample_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator,
+    temperature: float,
+    top_p: float,
+    vocab_size: int | None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one batch with a KV cache; also return each sampled token's log-prob.
+
+    The log-probs are under the model's untempered, untruncated distribution (log-softmax of the logits
+    sliced to ``vocab_size``); tests compare them with a slow no-cache forward.
+    """
+    device = _model_device(model)
+    B = len(prompts)
+    width = max(len(p) for p in prompts)
+    # Left padding puts every row's last prompt token in the last column, so one cached step per token
+    # serves the whole batch.
+    input_ids_BP = torch.full((B, width), pad_token_id, dtype=torch.long)
+    attention_mask_BP = torch.zeros((B, width), dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids_BP[b, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask_BP[b, width - len(prompt) :] = 1
+    input_ids_BP = input_ids_BP.to(device)
+    attention_mask_BP = attention_mask_BP.to(device)
+    # Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one.
+    position_ids_BP = (attention_mask_BP.cumsum(-1) - 1).clamp(min=0)
+
+    cache_name = _cache_name(model)
+    out = model(input_ids=input_ids_BP, attention_mask=attention_mask_BP, position_ids=position_ids_BP, use_cache=True)
+    cache = out[cache_name]
+    logits_BV = out.logits[:, -1, :vocab_size].float()
+    next_position_B = position_ids_BP[:, -1] + 1
+    attention_mask_BT = attention_mask_BP
+    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens_steps: list[torch.Tensor] = []
+    logprob_steps: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+        if temperature == 0.0:
+            token_B = logits_BV.argmax(-1)
+        else:
+            scaled_BV = logits_BV / temperature
+            if top_p < 1.0:
+                scaled_BV = scaled_BV.masked_fill(~top_p_mask(scaled_BV, top_p), float("-inf"))
+            token_B = torch.multinomial(torch.softmax(scaled_BV, dim=-1), 1, generator=generator)[:, 0]
+        token_B = torch.where(finished_B, torch.full_like(token_B, pad_token_id), token_B)
+        tokens_steps.append(token_B)
+        logprob_steps.append(logprobs_BV.gather(1, token_B[:, None])[:, 0])
+        finished_B = finished_B | (token_B == eos_token_id)
+        if bool(finished_B.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask_BT = torch.cat([attention_mask_BT, torch.ones_like(attention_mask_BT[:, :1])], dim=1)
+        out = model(
+            input_ids=token_B[:, None],
+            attention_mask=attention_mask_BT,
+            position_ids=next_position_B[:, None],
+            use_cache=True,
+            **{cache_name: cache},
+        )
+        cache = out[cache_name]
+        logits_BV = out.logits[:, -1, :vocab_size].float()
+        next_position_B = next_position_B + 1
+
+    if not tokens_steps:
+        return [[] for _ in range(B)], [[] for _ in range(B)]
+    tokens_BN = torch.stack(tokens_steps, dim=1).cpu()
+    logprobs_BN = torch.stack(logprob_steps, dim=1).cpu()
+    responses, logprobs = [], []
+    for b in range(B):
+        row = tokens_BN[b].tolist()
+        length = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+        responses.append(row[:length])
+        logprobs.append(logprobs_BN[b, :length].tolist())
+    return responses, logprobs
+
+
+def sample_responses(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Sample a continuation of every prompt from a transformers causal LM.
+
+    A batched loop with a KV cache over left-padded prompts (explicit ``attention_mask`` and
+    ``position_ids``), instead of ``model.generate``, so no ``generation_config`` default (top-k 50,
+    repetition penalty, ...) can change the distribution. Each step samples from
+    ``softmax(logits / temperature)`` restricted to its top-p set (:func:`tokenrl.top_p.top_p_mask`, the
+    same rule as transformers' ``TopPLogitsWarper``). The result is a deterministic function of
+    ``seed`` and ``batch_size`` (on a given device).
+
+    Args:
+        model: a transformers causal LM: its forward takes ``input_ids, attention_mask, position_ids,
+            use_cache`` and a KV cache (``cache``, or ``past_key_values`` before transformers 5.2x), and
+            returns ``.logits [B, T, V']`` and the updated cache.
+        prompts: ``N`` non-empty token lists.
+        max_new_tokens: the longest response.
+        eos_token_id: ends a response; it is kept as the response's last token.
+        pad_token_id: fills left padding and finished rows (never attended to / never returned).
+        seed: seed of the ``torch.Generator`` that draws the samples.
+        temperature: divides the logits; 0 means greedy decoding (``top_p`` is then irrelevant).
+        top_p: nucleus threshold in (0, 1].
+        batch_size: prompts per forward.
+        vocab_size: logits are sliced to ``[:vocab_size]`` so padded embedding rows (``V' > V``) are never
+            sampled; None keeps all ``V'``.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        ``N`` responses (token lists of length ``<= max_new_tokens``, ending with EOS iff terminated).
+        The model's train/eval mode is restored afterwards.
+    """
+    check_p(top_p)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_prompts(prompts)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    generator = torch.Generator(device=_model_device(model)).manual_seed(int(seed))
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"sampling (seed {seed})", unit="batch")
+    was_training = model.training
+    model.eval()
+    responses: list[list[int]] = []
+    try:
+        with torch.inference_mode():
+            for start in starts:
+                batch, _ = _sample_batch(
+                    model,
+                    prompts[start : start + batch_size],
+                    max_new_tokens,
+                    eos_token_id,
+                    pad_token_id,
+                    generator,
+                    temperature,
+                    top_p,
+                    vocab_size,
+                )
+                responses.extend(batch)
+    finally:
+        model.train(was_training)
+    return responses
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------
+def teacher_nll(
+    teacher: Teacher, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64
+) -> list[np.ndarray]:
+    """Exact teacher NLL of every response token given the prompt and the previous response tokens.
+
+    Args:
+        teacher: any :class:`tokenrl.teachers.Teacher` (its logits are log-softmaxed here).
+        prompts: ``N`` non-empty token lists.
+        responses: ``N`` token lists (may be empty).
+        batch_size: sequences per ``teacher.sequence_logits`` call.
+
+    Returns:
+        ``N`` float64 arrays, array ``i`` of shape ``[len(responses[i])]``.
+    """
+    _check_pairs(prompts, responses)
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            batch_prompts = prompts[start : start + batch_size]
+            batch_responses = responses[start : start + batch_size]
+            tokens_BT, lengths_B = _right_pad(
+                [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
+            )
+            logprobs_BTV = torch.log_softmax(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu(), dim=-1)
+            # Logit position t scores token t + 1.
+            token_logprobs_BT = logprobs_BTV[:, :-1].gather(2, tokens_BT[:, 1:, None])[..., 0]
+            for b, (prompt, response) in enumerate(zip(batch_prompts, batch_responses)):
+                first = len(prompt) - 1
+                out.append(-token_logprobs_BT[b, first : first + len(response)].numpy())
+    return out
+
+
+def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus Rouge-L F-measure x 100: per prediction the best F over its references, then the mean.
+
+    Uses ``rouge_score``'s ``rougeL`` with Porter stemming (the MiniLLM / DistiLLM protocol).
+
+    Args:
+        predictions: ``N`` generated texts.
+        references: ``N`` non-empty lists of reference texts.
+    """
+    global _ROUGE_SCORER
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists")
+    if not predictions:
+        raise ValueError("rouge_l needs at least one prediction")
+    if _ROUGE_SCORER is None:
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = []
+    for i, (prediction, refs) in enumerate(zip(predictions, references)):
+        if not refs:
+            raise ValueError(f"prediction {i} has no references")
+        scores.append(max(_ROUGE_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in refs))
+    return 100.0 * float(np.mean(scores))
+
+
+def teacher_forced_kl(
+    model: torch.nn.Module,
+    teacher: Teacher,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """Teacher-forced KL between student and teacher, mean per response token, over the full vocabulary.
+
+    Both models read the same prefixes (prompt + the given response tokens) and are compared at every
+    response position:
+
+    * ``kl_student_teacher`` = KL(student || teacher) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), the
+      "reverse KL" of the distillation literature (mode seeking; MiniLLM's objective);
+    * ``kl_teacher_student`` = KL(teacher || student), the "forward KL" (mass covering; word-level KD).
+
+    Args:
+        model: the student, a transformers causal LM (``model(input_ids, attention_mask).logits``).
+        teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
+        prompts: ``N`` non-empty token lists.
+        responses: ``N`` token lists, typically held-out teacher samples.
+        batch_size: sequences per forward.
+        vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
+
+    Returns:
+        ``{"kl_student_teacher": float, "kl_teacher_student": float}`` (NaN if there are no response
+        tokens). The model's train/eval mode is restored afterwards.
+    """
+    _check_pairs(prompts, responses)
+    vocab = teacher.vocab_size if vocab_size is None else vocab_size
+    device = _model_device(model)
+    total_st, total_ts, n_tokens = 0.0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                batch_prompts = prompts[start : start + batch_size]
+                batch_responses = responses[start : start + batch_size]
+                tokens_BT, lengths_B = _right_pad(
+                    [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
+                )
+                width = tokens_BT.shape[1]
+                attention_mask_BT = (torch.arange(width)[None, :] < lengths_B[:, None]).long()
+                student_logits_BTV = model(
+                    input_ids=tokens_BT.to(device), attention_mask=attention_mask_BT.to(device)
+                ).logits[..., :vocab]
+                teacher_logits_BTV = teacher.sequence_logits(tokens_BT, lengths_B)
+                if student_logits_BTV.shape[-1] != teacher_logits_BTV.shape[-1]:
+                    raise ValueError(
+                        f"student has {student_logits_BTV.shape[-1]} logits after slicing to vocab_size={vocab}, "
+                        f"teacher has {teacher_logits_BTV.shape[-1]}; they must share a vocabulary"
+                    )
+                logp_s_BTV = torch.log_softmax(student_logits_BTV.double(), dim=-1)
+                logp_t_BTV = torch.log_softmax(teacher_logits_BTV.to(device).double(), dim=-1)
+                p_s_BTV, p_t_BTV = logp_s_BTV.exp(), logp_t_BTV.exp()
+                # Zero-probability terms contribute 0 (not 0 * -inf = NaN) when a distribution has -inf logits.
+                kl_st_BT = torch.where(p_s_BTV > 0, p_s_BTV * (logp_s_BTV - logp_t_BTV), 0.0).sum(-1)
+                kl_ts_BT = torch.where(p_t_BTV > 0, p_t_BTV * (logp_t_BTV - logp_s_BTV), 0.0).sum(-1)
+                prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
+                response_lens_B = torch.tensor([len(r) for r in batch_responses], dtype=torch.long)
+                mask_BT = _response_mask(prompt_lens_B, response_lens_B, width).to(device)
+                total_st += float(kl_st_BT[mask_BT].sum())
+                total_ts += float(kl_ts_BT[mask_BT].sum())
+                n_tokens += int(mask_BT.sum())
+    finally:
+        model.train(was_training)
+    if n_tokens == 0:
+        return {"kl_student_teacher": float("nan"), "kl_teacher_student": float("nan")}
+    return {"kl_student_teacher": total_st / n_tokens, "kl_teacher_student": total_ts / n_tokens}
+
+
+# --------------------------------------------------------------------------------------------------
+# Full evaluation
+# --------------------------------------------------------------------------------------------------
+def _sampled_response_metrics(
+    teacher: Teacher,
+    prompts: list[list[int]],
+    references: list[list[str]] | None,
+    decode: Decode,
+    responses_per_seed: list[list[list[int]]],
+    eos_token_id: int,
+    batch_size: int,
+) -> dict[str, float | list[float]]:
+    """Metrics of one set of responses per sampling seed (shared by students and the teacher)."""
+    nll_means, rouges, lengths, eos_rates = [], [], [], []
+    position_sum: list[float] = []
+    position_count: list[int] = []
+    for responses in responses_per_seed:
+        nll_arrays = teacher_nll(teacher, prompts, responses, batch_size)
+        all_nll = np.concatenate(nll_arrays) if nll_arrays else np.zeros(0)
+        nll_means.append(float(all_nll.mean()) if all_nll.size else float("nan"))
+        for nll in nll_arrays:
+            if len(nll) > len(position_sum):
+                position_sum.extend([0.0] * (len(nll) - len(position_sum)))
+                position_count.extend([0] * (len(nll) - len(position_count)))
+            for t, value in enumerate(nll):
+                position_sum[t] += float(value)
+                position_count[t] += 1
+        if references is not None:
+            rouges.append(rouge_l([decode(r) for r in responses], references))
+        lengths.append(float(np.mean([len(r) for r in responses])))
+        eos_rates.append(float(np.mean([bool(r) and r[-1] == eos_token_id for r in responses])))
+
+    metrics: dict[str, float | list[float]] = {}
+    metrics["eval/teacher_nll"], metrics["eval/teacher_nll_std_seeds"] = _mean_std(nll_means)
+    if references is not None:
+        metrics["eval/rougeL"], metrics["eval/rougeL_std_seeds"] = _mean_std(rouges)
+    metrics["eval/response_len"] = _mean_std(lengths)[0]
+    metrics["eval/eos_rate"] = _mean_std(eos_rates)[0]
+    metrics["eval/nll_by_position"] = [s / c for s, c in zip(position_sum, position_count)]
+    metrics["eval/nll_by_position_count"] = [float(c) for c in position_count]
+    return metrics
+
+
+def _check_eval_inputs(prompts: list[list[int]], references: list[list[str]] | None, seeds: Sequence[int]) -> None:
+    if not prompts:
+        raise ValueError("evaluation needs at least one prompt")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(references)} reference lists")
+    if len(seeds) == 0:
+        raise ValueError("evaluation needs at least one sampling seed")
+
+
+def evaluate(
+    model: torch.nn.Module,
+    teacher: Teacher,
+    prompts: list[list[int]],
+    references: list[list[str]] | None,
+    decode: Decode,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    heldout: tuple[list[list[int]], list[list[int]]] | None = None,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, float | list[float]]:
+    """Evaluate a student: sample with every seed, score with the teacher and Rouge-L, plus teacher-forced KL.
+
+    Args:
+        model: the student (see :func:`sample_responses`).
+        teacher: the exact teacher that scores the samples.
+        prompts: ``N`` non-empty evaluation prompts.
+        references: ``N`` lists of reference texts for Rouge-L, or None to skip Rouge-L.
+        decode: token list -> text for Rouge-L (``SyntheticLanguage.token_to_text``, a tokenizer's decode).
+        eos_token_id: ends a response.
+        pad_token_id: pads prompts and finished rows.
+        max_new_tokens: the longest response.
+        seeds: one sampling pass per seed; scalar metrics are averaged over seeds.
+        temperature: sampling temperature (0 = greedy).
+        top_p: sampling top-p threshold.
+        heldout: ``(prompts, responses)`` for the teacher-forced KL (e.g. teacher samples on held-out
+            prompts); None skips the KL keys.
+        batch_size: sequences per forward.
+        vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
+        progress: show tqdm bars while sampling.
+
+    Returns:
+        A flat dict:
+
+        * ``eval/teacher_nll``: teacher NLL per sampled response token (token-weighted within a seed,
+          averaged over seeds); ``eval/teacher_nll_std_seeds`` its std over seeds;
+        * ``eval/rougeL``, ``eval/rougeL_std_seeds``: Rouge-L F x 100 (only if ``references`` is given);
+        * ``eval/response_len``: mean response length in tokens (EOS included);
+        * ``eval/eos_rate``: fraction of responses that ended with EOS before ``max_new_tokens``;
+        * ``eval/kl_student_teacher``, ``eval/kl_teacher_student``: teacher-forced KLs on ``heldout``
+          (see :func:`teacher_forced_kl`; only if ``heldout`` is given);
+        * ``eval/nll_by_position`` (list): mean teacher NLL at response position ``t`` over all seeds
+          and responses that reach it, and ``eval/nll_by_position_count`` (list) the number of tokens
+          behind each entry.
+    """
+    _check_eval_inputs(prompts, references, seeds)
+    vocab = teacher.vocab_size if vocab_size is None else vocab_size
+    responses_per_seed = [
+        sample_responses(
+            model,
+            prompts,
+            max_new_tokens,
+            eos_token_id,
+            pad_token_id,
+            seed,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            vocab_size=vocab,
+            progress=progress,
+        )
+        for seed in seeds
+    ]
+    metrics = _sampled_response_metrics(
+        teacher, prompts, references, decode, responses_per_seed, eos_token_id, batch_size
+    )
+    if heldout is not None:
+        heldout_prompts, heldout_responses = heldout
+        kl = teacher_forced_kl(model, teacher, heldout_prompts, heldout_responses, batch_size, vocab)
+        metrics["eval/kl_student_teacher"] = kl["kl_student_teacher"]
+        metrics["eval/kl_teacher_student"] = kl["kl_teacher_student"]
+    return metrics
+
+
+def evaluate_teacher_samples(
+    teacher: Teacher,
+    prompts: list[list[int]],
+    references: list[list[str]] | None,
+    decode: Decode,
+    sampler: Sampler,
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    batch_size: int = 64,
+) -> dict[str, float | list[float]]:
+    """The metrics of :func:`evaluate` for the teacher's own samples, the reference row of a report.
+
+    The teacher NLL of its own samples estimates its entropy rate, the floor no student can beat in
+    expectation. The KL keys are exactly 0 (the teacher against itself) and are reported as such.
+
+    Args:
+        teacher: the teacher (scores the samples; its ``eos_token_id`` ends responses).
+        prompts: ``N`` non-empty evaluation prompts.
+        references: ``N`` lists of reference texts for Rouge-L, or None to skip Rouge-L.
+        decode: token list -> text for Rouge-L.
+        sampler: ``sampler(prompts, seed) -> N responses`` drawing from the teacher with the same
+            temperature / top-p / max_new_tokens as the students, e.g. a wrapper of
+            ``SyntheticLanguage.sample_continuations`` that drops the ``terminated`` flags.
+        seeds: one sampling pass per seed.
+        batch_size: sequences per teacher call.
+
+    Returns:
+        The keys of :func:`evaluate`, with both KL keys equal to 0.0.
+    """
+    _check_eval_inputs(prompts, references, seeds)
+    responses_per_seed = []
+    for seed in seeds:
+        responses = [list(r) for r in sampler(prompts, seed)]
+        if len(responses) != len(prompts):
+            raise ValueError(f"sampler returned {len(responses)} responses for {len(prompts)} prompts")
+        responses_per_seed.append(responses)
+    metrics = _sampled_response_metrics(
+        teacher, prompts, references, decode, responses_per_seed, teacher.eos_token_id, batch_size
+    )
+    metrics["eval/kl_student_teacher"] = 0.0
+    metrics["eval/kl_teacher_student"] = 0.0
+    return metrics
