@@ -1,0 +1,182 @@
+"""The teacher's top-p action set A_p(s) as a Gymnasium action mask, and its batched counterparts.
+
+The top-p MDP M_p keeps the states, transitions and reward of the token MDP but allows only the actions in
+A_p(s), the nucleus of the teacher's next-token distribution at s. :class:`TopPActionWrapper` exposes A_p(s)
+of the current state in ``info`` after every reset and step, and decides what an action outside it does.
+For batched rollouts, :func:`teacher_top_p_set` and :func:`restrict_logits_to_top_p` compute the sets of all
+rows from one teacher call. Set selection is always :mod:`tokenrl.top_p`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from envs.token_env import PolicyFn
+from tokenrl.teachers import Teacher
+from tokenrl.top_p import TopPSet, check_p, top_p_mask, top_p_sparse
+
+ON_OUTSIDE_CHOICES = ("flag", "project", "raise")
+
+
+class TopPActionWrapper(gym.Wrapper):
+    """Expose the teacher's top-p set of the current state and police actions outside it.
+
+    After ``reset`` and every ``step``, ``info`` holds the set of the new state:
+        ``action_mask``: ``[V]`` int8, 1 for tokens in the set (the Gymnasium convention).
+        ``top_p_ids``: ``[K]`` int64 token ids of the set in descending teacher probability.
+        ``top_p_logprobs``: ``[K]`` float32 teacher log-probabilities of those ids (full distribution, not
+        renormalised).
+    After a terminating step (EOS) no action exists, so the mask is all zeros and the set empty (and the teacher
+    is not called). A truncated state keeps its set: its value is bootstrapped over it.
+
+    ``step`` also reports ``info["action_in_top_p"]`` for the action it was given. An action outside the set is
+    handled by ``on_outside``: ``"flag"`` steps it anyway; ``"project"`` replaces it by a token drawn with
+    ``self.np_random`` from the teacher's distribution projected onto the set, reported as
+    ``info["projected_action"]``; ``"raise"`` raises ValueError without stepping.
+
+    Args:
+        env: a token env whose observations hold ``tokens`` (padded ids) and ``length`` (real tokens), such as
+            :class:`envs.token_env.TokenGenerationEnv`.
+        teacher: the :class:`tokenrl.teachers.Teacher` defining the sets; same vocabulary as ``env``.
+        p: top-p threshold in (0, 1].
+        on_outside: one of ``"flag"``, ``"project"``, ``"raise"``.
+    """
+
+    def __init__(self, env: gym.Env, teacher: Teacher, p: float, on_outside: str = "flag"):
+        super().__init__(env)
+        self.p = check_p(p)
+        if on_outside not in ON_OUTSIDE_CHOICES:
+            raise ValueError(f"on_outside must be one of {ON_OUTSIDE_CHOICES}, got {on_outside!r}")
+        if teacher.vocab_size != env.action_space.n:
+            raise ValueError(
+                f"teacher vocab_size={teacher.vocab_size} differs from the env's {env.action_space.n} actions"
+            )
+        self.teacher = teacher
+        self.on_outside = on_outside
+        self._set_ids: np.ndarray | None = None
+        self._set_logprobs: np.ndarray | None = None
+        self._episode_over = False
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reset the env and add the top-p set of the initial state to ``info``."""
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._episode_over = False
+        return obs, {**info, **self._update_set(obs, terminated=False)}
+
+    def step(self, action: int) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        """Step the env, applying the ``on_outside`` rule, and add the next state's top-p set to ``info``.
+
+        Raises:
+            RuntimeError: before reset or after the episode ended.
+            ValueError: if ``action`` is not a token id, or (``on_outside="raise"``) is outside the set.
+        """
+        if self._set_ids is None:
+            raise RuntimeError("step() called before reset()")
+        if self._episode_over:
+            raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset()")
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not a token id in [0, {self.action_space.n})")
+        in_top_p = bool(np.any(self._set_ids == int(action)))
+        extra: dict[str, Any] = {"action_in_top_p": in_top_p}
+        if not in_top_p and self.on_outside == "raise":
+            raise ValueError(
+                f"action {int(action)} is outside the teacher's top-p set (p={self.p}, "
+                f"{self._set_ids.size} tokens: {self._set_ids.tolist()[:10]}{'...' if self._set_ids.size > 10 else ''})"
+            )
+        if not in_top_p and self.on_outside == "project":
+            probs = np.exp(self._set_logprobs.astype(np.float64))
+            action = int(self._set_ids[self.np_random.choice(self._set_ids.size, p=probs / probs.sum())])
+            extra["projected_action"] = action
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._episode_over = terminated or truncated
+        return obs, reward, terminated, truncated, {**info, **extra, **self._update_set(obs, terminated)}
+
+    def _update_set(self, obs: dict[str, Any], terminated: bool) -> dict[str, np.ndarray]:
+        """Store the top-p set of the state in ``obs`` and return it as fresh ``info`` entries."""
+        if terminated:
+            ids = np.zeros(0, dtype=np.int64)
+            logprobs = np.zeros(0, dtype=np.float32)
+        else:
+            length = int(obs["length"])
+            tokens_1T = torch.as_tensor(obs["tokens"][:length], dtype=torch.long).unsqueeze(0)
+            logits_1V = self.teacher.next_token_logits(tokens_1T, torch.tensor([length]))
+            # A batch of one has no padding: K equals the set size.
+            top = top_p_sparse(logits_1V.detach().cpu(), self.p)
+            ids = top.ids[0].numpy().astype(np.int64)
+            logprobs = top.logprobs[0].numpy().astype(np.float32)
+        self._set_ids, self._set_logprobs = ids, logprobs
+        mask = np.zeros(self.action_space.n, dtype=np.int8)
+        mask[ids] = 1
+        # Copies: info is handed to the caller, who may keep or modify it; the stored set must not change.
+        return {"action_mask": mask, "top_p_ids": ids.copy(), "top_p_logprobs": logprobs.copy()}
+
+
+def teacher_top_p_set(
+    teacher: Teacher, tokens_BT: torch.Tensor, lengths_B: torch.Tensor, p: float, max_k: int | None = None
+) -> TopPSet:
+    """Top-p sets of the teacher at the states of all rows, from one teacher call.
+
+    Args:
+        teacher: the teacher defining the sets.
+        tokens_BT: ``[B, T]`` right-padded states (e.g. ``obs["tokens_BT"]`` of the batched env).
+        lengths_B: ``[B]`` real tokens per row.
+        p: top-p threshold in (0, 1].
+        max_k: optional cap on the set width K (see :func:`tokenrl.top_p.top_p_sparse`).
+
+    Returns:
+        A :class:`tokenrl.top_p.TopPSet` with ``[B, K]`` tensors.
+    """
+    return top_p_sparse(teacher.next_token_logits(tokens_BT, lengths_B).detach(), p, max_k=max_k)
+
+
+def restrict_logits_to_top_p(
+    student_logits_BV: torch.Tensor, teacher_logits_BV: torch.Tensor, p: float
+) -> torch.Tensor:
+    """Student logits with every token outside the teacher's top-p set set to ``-inf``.
+
+    Softmax of the result is the projection of the student policy onto A_p(s).
+
+    Args:
+        student_logits_BV: ``[..., V]`` student logits.
+        teacher_logits_BV: ``[..., V]`` teacher logits at the same states.
+        p: top-p threshold in (0, 1].
+
+    Returns:
+        ``[..., V]`` restricted student logits (a new tensor).
+    """
+    if student_logits_BV.shape != teacher_logits_BV.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits_BV.shape)} and teacher logits "
+            f"{tuple(teacher_logits_BV.shape)} must have the same shape"
+        )
+    keep_BV = top_p_mask(teacher_logits_BV.detach(), p).to(student_logits_BV.device)
+    return student_logits_BV.masked_fill(~keep_BV, float("-inf"))
+
+
+def top_p_restricted_policy(student_logits_fn: PolicyFn, teacher: Teacher, p: float) -> PolicyFn:
+    """A ``policy_fn`` for :meth:`BatchedTokenGenerationEnv.rollout` sampling the student inside the teacher's set.
+
+    Each call runs one student forward and one teacher forward for the whole batch.
+
+    Args:
+        student_logits_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the student.
+        teacher: the teacher defining the sets.
+        p: top-p threshold in (0, 1].
+
+    Returns:
+        ``policy_fn(tokens_BT, lengths_B) -> logits_BV`` with outside tokens at ``-inf``.
+    """
+    p = check_p(p)
+
+    def policy_fn(tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        return restrict_logits_to_top_p(
+            student_logits_fn(tokens_BT, lengths_B), teacher.next_token_logits(tokens_BT, lengths_B), p
+        )
+
+    return policy_fn
