@@ -107,3 +107,26 @@ def top_p_sparse(
     top_ids = torch.where(valid, top_ids, torch.full_like(top_ids, pad_id))
     top_lp = top_lp.masked_fill(~valid, float("-inf"))
     return TopPSet(ids=top_ids, logprobs=top_lp, mask=valid)
+
+
+def restrict_top_p(logprobs_K: torch.Tensor, mask_K: torch.Tensor, p: float) -> torch.Tensor:
+    """Shrink cached top-p sets (stored in descending order) to a smaller threshold ``p``.
+
+    A top-p set is a descending prefix, so the set at ``p`` is the prefix of a cached set at any
+    ``p_cache >= p``: token ``i`` is kept when the mass strictly before it is ``< p`` (the
+    ``TopPLogitsWarper`` rule; equal up to float rounding at exact ties). The first token is always kept.
+
+    Args:
+        logprobs_K: ``[..., K]`` full-distribution log-probs of the cached set, descending.
+        mask_K: ``[..., K]`` validity of the cached slots.
+        p: the new threshold in (0, 1].
+
+    Returns:
+        ``[..., K]`` bool mask of the restricted set.
+    """
+    p = check_p(p)
+    probs = torch.exp(logprobs_K.double()).masked_fill(~mask_K, 0.0)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    keep = mass_before < p
+    keep[..., 0] = True
+    return keep & mask_K

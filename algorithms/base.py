@@ -1,0 +1,115 @@
+"""What every algorithm shares: optimiser settings, the AdamW + warm-up/cosine schedule and the update step.
+
+An algorithm subclasses :class:`Algorithm` and implements ``compute_loss(batch) -> (loss, stats)`` from a
+pure loss function; ``update`` does the rest (backward, clipping, step, logging of lr and grad norm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenrl.buffer import Batch
+from tokenrl.policy import CausalLMPolicy
+
+
+@dataclass
+class AlgoConfig:
+    """Optimiser fields shared by every algorithm (the paper's recipe uses AdamW(0.9, 0.95), wd 1e-6)."""
+
+    lr: float = 1e-3  # peak learning rate (the paper uses 5e-6 for pretrained LMs; tiny fresh students need more)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    weight_decay: float = 1e-6  # AdamW decoupled weight decay
+    warmup_steps: int = 20  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1  # floor of the cosine schedule as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm (<= 0 disables clipping)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Algorithm:
+    """Base class: owns the policy, its optimiser and schedule.
+
+    Args:
+        policy: the student (a :class:`CausalLMPolicy`).
+        config: the algorithm's config dataclass (a subclass of :class:`AlgoConfig`).
+        total_steps: planned number of updates (for the cosine schedule).
+    """
+
+    name: str = "base"
+    #: set by algorithms that learn from their own rollouts (the runner then collects them into the buffer)
+    needs_rollouts: bool = False
+
+    def __init__(self, policy: CausalLMPolicy, config: AlgoConfig, total_steps: int = 1000):
+        self.policy = policy
+        self.config = config
+        self.total_steps = total_steps
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: warmup_cosine(s, config.warmup_steps, total_steps, config.min_lr_ratio),
+        )
+        self.step = 0
+
+    @property
+    def top_p(self) -> float | None:
+        """The p batches must be restricted to (None = use the cache as stored)."""
+        return getattr(self.config, "top_p", None)
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss to minimise and detached stats. Implemented by each algorithm."""
+        raise NotImplementedError
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """One gradient step on ``batch``; returns namespaced float stats."""
+        self.policy.train()
+        loss, stats = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step {self.step}; stats={stats}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.after_step()
+        stats["optim/lr"] = self.scheduler.get_last_lr()[0]
+        stats["optim/grad_norm"] = float(grad_norm)
+        return stats
+
+    def after_step(self) -> None:
+        """Hook run after each optimiser step (e.g. target-network updates)."""
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: policy, optimiser, schedule and step."""
+        return {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+
+def float_stats(**values: torch.Tensor | float) -> dict[str, float]:
+    """Detach tensors into a ``{key: float}`` dict (keys use ``/`` namespaces, passed as ``__``)."""
+    return {k.replace("__", "/"): float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}

@@ -1,0 +1,39 @@
+"""Behaviour cloning (BC / SFT): maximum likelihood of the data's tokens.
+
+On teacher samples this is sequence-level KD (SeqKD, Kim & Rush 2016); on reference answers it is SFT.
+
+    L(theta) = - E_{(s, a) ~ D} [ log pi_theta(a | s) ],   pi_theta = softmax over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgoConfig, Algorithm, float_stats
+from tokenrl.backup import masked_mean
+from tokenrl.buffer import Batch
+
+
+@dataclass
+class BCConfig(AlgoConfig):
+    """Behaviour cloning has no fields beyond the optimiser's."""
+
+
+def bc_loss(logits_BTV: torch.Tensor, actions_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``actions_BT`` under ``softmax(logits_BTV)`` over valid steps."""
+    logp_BT = torch.log_softmax(logits_BTV.float(), dim=-1).gather(-1, actions_BT[..., None])[..., 0]
+    return masked_mean(-logp_BT, mask_BT)
+
+
+class BC(Algorithm):
+    """Cross-entropy on the data's tokens."""
+
+    name = "bc"
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        T = batch.actions_BT.shape[1]
+        logits_BSV = self.policy(batch)
+        loss = bc_loss(logits_BSV[:, :T], batch.actions_BT, batch.action_mask_BT)
+        return loss, float_stats(loss__total=loss, loss__ce=loss)

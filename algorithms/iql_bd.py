@@ -1,0 +1,183 @@
+"""Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
+
+Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
+(arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
+no target network. With Q(s, .) = the student's logits (shifted by their max over the set, clipped below at
+``q_min``), A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS),
+BD maximises over expert transitions (s, a, s') of the offline data D:
+
+    J(Q) = E_D[ phi( Q(s, a) - gamma V_p(s') ) ] - E_D[ V_p(s) - gamma V_p(s') ],
+    phi(x) = x - x^2 / (4 alpha)                                   (chi^2 regulariser)
+
+The student policy is softmax(Q) projected onto A_p(s). Only logits inside A_p(s) enter the loss, so with
+the sparse head it costs O(|A_p|) per position. An expert action outside A_p(s) has no Q in the top-p MDP:
+its phi term is dropped and counted in ``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary
+IQ-Learn (no restriction).
+
+Options beyond the math form (defaults are the math form):
+* ``chi2_on``: where phi's square is applied. ``"expert"`` (as written above); ``"expert_and_policy"``
+  (IQ-Learn's stable variant: the square averaged over the expert action and the student's own actions
+  a' ~ pi_p(.|s) at the same state, bootstrapping with the expert's next state); ``"vocab"`` (the released
+  BD code: the square over the whole vocabulary of the masked Q, zeros outside the set).
+* ``expert_term = "vocab_mean"``: the released code's expert term, the masked Q averaged over the vocabulary
+  instead of Q at the expert token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgoConfig, Algorithm, float_stats
+from tokenrl.backup import (
+    chi2_phi,
+    implicit_reward,
+    iq_learn_value_term,
+    masked_mean,
+    next_state_values,
+    shifted_q,
+    soft_value,
+)
+from tokenrl.buffer import Batch
+from tokenrl.policy import gather_expert
+
+CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
+EXPERT_TERM_CHOICES = ("math", "vocab_mean")
+
+
+@dataclass
+class IQLBDConfig(AlgoConfig):
+    """Bellman Distill settings (paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10)."""
+
+    top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
+    gamma: float = 0.99  # discount
+    alpha: float = 0.1  # chi^2 regulariser strength: phi(x) = x - x^2 / (4 alpha)
+    q_min: float = -10.0  # Q = logits - max over the set, clipped below at q_min
+    chi2_on: str = "expert"  # where phi's square applies: expert | expert_and_policy | vocab (released code)
+    expert_term: str = "math"  # math: Q(s, a_expert); vocab_mean: released code's masked-Q vocabulary mean
+    bc_coef: float = 0.0  # weight of the LM term -log pi_p(a_expert | s) (the paper adds one; weight unpublished)
+    sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
+
+
+def iq_bd_loss(
+    logits_BSK: torch.Tensor,
+    mask_BSK: torch.Tensor,
+    expert_idx_BT: torch.Tensor,
+    action_mask_BT: torch.Tensor,
+    lengths_B: torch.Tensor,
+    terminated_B: torch.Tensor,
+    *,
+    gamma: float,
+    alpha: float,
+    q_min: float | None,
+    vocab_size: int,
+    chi2_on: str = "expert",
+    expert_term: str = "math",
+    bc_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The BD loss ``-J(Q)`` (+ optional LM term) from the student's logits on each state's action set.
+
+    Args:
+        logits_BSK: ``[B, S, K]`` student logits on the candidates of states ``s_0..s_T`` (K = V when dense).
+        mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
+        expert_idx_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside.
+        action_mask_BT: ``[B, T]`` valid response steps.
+        lengths_B: ``[B]`` response lengths.
+        terminated_B: ``[B]`` True where the response ended with EOS (``V = 0`` after it).
+        gamma, alpha, q_min: see :class:`IQLBDConfig`.
+        vocab_size: |V|, used by the released-code options.
+        chi2_on, expert_term, bc_coef: see :class:`IQLBDConfig`.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
+    """
+    if chi2_on not in CHI2_CHOICES:
+        raise ValueError(f"chi2_on must be one of {CHI2_CHOICES}, got {chi2_on!r}")
+    if expert_term not in EXPERT_TERM_CHOICES:
+        raise ValueError(f"expert_term must be one of {EXPERT_TERM_CHOICES}, got {expert_term!r}")
+    T = expert_idx_BT.shape[1]
+    q_BSK = shifted_q(logits_BSK.float(), mask_BSK, q_min)
+    state_ok_BS = mask_BSK.any(-1)
+    v_BS = torch.where(state_ok_BS, soft_value(q_BSK, mask_BSK), torch.zeros_like(q_BSK[..., 0]))
+    v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
+    in_set_BT = (expert_idx_BT >= 0) & action_mask_BT
+
+    q_sa_BT = gather_expert(q_BSK, expert_idx_BT)
+    q_in_set_BSK = q_BSK.masked_fill(~mask_BSK, 0.0)
+    if expert_term == "vocab_mean":
+        q_sa_BT = q_in_set_BSK[:, :T].sum(-1) / vocab_size
+        expert_ok_BT = action_mask_BT
+    else:
+        expert_ok_BT = in_set_BT
+    r_BT = implicit_reward(q_sa_BT, v_next_BT, gamma)
+    reward_term = masked_mean(r_BT, expert_ok_BT)
+
+    if chi2_on == "expert":
+        sq = masked_mean(r_BT.square(), expert_ok_BT)
+    else:
+        # r(s, a') for every candidate a' at the expert's state, bootstrapped from the expert's next state.
+        r_all_BTK = q_BSK[:, :T] - gamma * v_next_BT[..., None]
+        mask_BTK = mask_BSK[:, :T]
+        if chi2_on == "expert_and_policy":
+            pi_BTK = torch.softmax(q_BSK[:, :T].masked_fill(~mask_BTK, float("-inf")), dim=-1).detach()
+            policy_sq_BT = (pi_BTK * r_all_BTK.square()).nan_to_num(0.0).sum(-1)
+            sq = 0.5 * (masked_mean(r_BT.square(), expert_ok_BT) + masked_mean(policy_sq_BT, action_mask_BT))
+        else:
+            # Released code: mean over the whole vocabulary of (Q_masked - gamma V')^2, zeros outside the set.
+            set_size_BT = mask_BTK.sum(-1).float()
+            in_set_sq_BT = (r_all_BTK.square() * mask_BTK).sum(-1)
+            outside_sq_BT = (vocab_size - set_size_BT) * (gamma * v_next_BT).square()
+            sq = masked_mean((in_set_sq_BT + outside_sq_BT) / vocab_size, action_mask_BT)
+    chi2 = sq / (4.0 * alpha)
+    value_term = iq_learn_value_term(v_BS, v_next_BT, action_mask_BT, gamma)
+    if chi2_on == "expert":
+        objective = masked_mean(chi2_phi(r_BT, alpha), expert_ok_BT) - value_term
+    else:
+        objective = reward_term - chi2 - value_term
+    loss = -objective
+    stats = {
+        "loss/iq": -objective,
+        "loss/reward_term": reward_term,
+        "loss/chi2": chi2,
+        "loss/value_term": value_term,
+        "q/expert_mean": masked_mean(gather_expert(q_BSK, expert_idx_BT), in_set_BT),
+        "q/set_mean": masked_mean(q_in_set_BSK.sum(-1) / mask_BSK.sum(-1).clamp_min(1), state_ok_BS),
+        "v/mean": masked_mean(v_BS, state_ok_BS),
+        "reward/implicit_mean": masked_mean(r_BT, expert_ok_BT),
+        "top_p/set_size": masked_mean(mask_BSK.sum(-1).float(), state_ok_BS),
+        "top_p/expert_outside_frac": masked_mean((~in_set_BT).float(), action_mask_BT),
+    }
+    if bc_coef > 0:
+        logp_BTK = torch.log_softmax(q_BSK[:, :T].masked_fill(~mask_BSK[:, :T], float("-inf")), dim=-1)
+        nll = masked_mean(-gather_expert(logp_BTK, expert_idx_BT), in_set_BT)
+        loss = loss + bc_coef * nll
+        stats["loss/lm"] = nll
+    stats["loss/total"] = loss
+    return loss, stats
+
+
+class IQLBD(Algorithm):
+    """Bellman Distill: IQ-Learn with Q = student logits on the teacher's top-p MDP."""
+
+    name = "iql_bd"
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
+        loss, stats = iq_bd_loss(
+            cq.logits_BSK,
+            cq.mask_BSK,
+            cq.expert_idx_BT,
+            batch.action_mask_BT,
+            batch.lengths_B,
+            batch.terminated_B,
+            gamma=cfg.gamma,
+            alpha=cfg.alpha,
+            q_min=cfg.q_min,
+            vocab_size=self.policy.vocab_size,
+            chi2_on=cfg.chi2_on,
+            expert_term=cfg.expert_term,
+            bc_coef=cfg.bc_coef,
+        )
+        return loss, float_stats(**{k.replace("/", "__"): v for k, v in stats.items()})

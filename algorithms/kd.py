@@ -1,0 +1,91 @@
+"""Token-level knowledge distillation: forward KL to the teacher's cached top-p distribution.
+
+    L(theta) = E_{s ~ D} [ KL( pi*_p(. | s) || pi_theta(. | s) ) ] + ce_coef * CE,
+    pi*_p = the teacher's distribution renormalised on its top-p set A_p(s).
+
+With ``student_norm = "vocab"`` the student is normalised over the whole vocabulary (classic KD restricted
+to the teacher's support); with ``"top_p"`` it is projected onto A_p(s) too, which needs only the student's
+logits on the set (the sparse head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgoConfig, Algorithm, float_stats
+from algorithms.bc import bc_loss
+from tokenrl.backup import masked_mean
+from tokenrl.buffer import Batch
+
+
+@dataclass
+class KDConfig(AlgoConfig):
+    """Token-level KD settings."""
+
+    top_p: float = 0.8  # teacher distribution truncated to its top-p set (<= the cache's p; 1.0 = whole cache)
+    student_norm: str = "vocab"  # "vocab": log_softmax over V; "top_p": over the teacher's set (sparse head)
+    ce_coef: float = 0.0  # weight of the cross-entropy on the data's tokens
+
+
+def kd_loss(
+    student_logits_BTK: torch.Tensor,
+    student_lse_BT: torch.Tensor,
+    teacher_logprobs_BTK: torch.Tensor,
+    cand_mask_BTK: torch.Tensor,
+    state_mask_BT: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL from the renormalised teacher set distribution to the student.
+
+    Args:
+        student_logits_BTK: student logits of the teacher's candidates.
+        student_lse_BT: the student's log-normaliser (logsumexp over V, or over the set for the projection).
+        teacher_logprobs_BTK: teacher log-probs of the candidates (full-distribution values).
+        cand_mask_BTK: candidate validity.
+        state_mask_BT: states that enter the mean.
+
+    Returns:
+        ``(kl, teacher_set_mass)``: the mean KL (scalar) and the mean teacher mass of the sets.
+    """
+    t_lp = teacher_logprobs_BTK.float().masked_fill(~cand_mask_BTK, float("-inf"))
+    t_norm = torch.logsumexp(t_lp, dim=-1, keepdim=True)
+    t_logp = (t_lp - t_norm).masked_fill(~cand_mask_BTK, 0.0)
+    t_prob = t_logp.exp() * cand_mask_BTK
+    s_logp = (student_logits_BTK.float() - student_lse_BT[..., None]).masked_fill(~cand_mask_BTK, 0.0)
+    kl_BT = (t_prob * (t_logp - s_logp)).sum(-1)
+    return masked_mean(kl_BT, state_mask_BT), masked_mean(t_norm[..., 0].exp(), state_mask_BT)
+
+
+class KD(Algorithm):
+    """Forward KL to the cached teacher top-p distribution (plus optional CE)."""
+
+    name = "kd"
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        if cfg.student_norm not in ("vocab", "top_p"):
+            raise ValueError(f"kd.student_norm must be 'vocab' or 'top_p', got {cfg.student_norm!r}")
+        T = batch.actions_BT.shape[1]
+        h_BSD = self.policy.state_hidden(batch)[:, :T]
+        ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
+        dense_needed = cfg.student_norm == "vocab" or cfg.ce_coef > 0
+        logits_BTV = self.policy.dense_logits(h_BSD) if dense_needed else None
+        if logits_BTV is not None:
+            cand_logits = logits_BTV.gather(-1, ids_BTK)
+        else:
+            cand_logits = self.policy.sparse_logits(h_BSD, ids_BTK)
+        if cfg.student_norm == "vocab":
+            lse_BT = torch.logsumexp(logits_BTV.float(), dim=-1)
+        else:
+            lse_BT = torch.logsumexp(cand_logits.float().masked_fill(~mask_BTK, float("-inf")), dim=-1)
+        kl, mass = kd_loss(cand_logits, lse_BT, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT)
+        loss = kl
+        stats = {}
+        if cfg.ce_coef > 0:
+            ce = bc_loss(logits_BTV, batch.actions_BT, batch.action_mask_BT)
+            loss = loss + cfg.ce_coef * ce
+            stats["loss/ce"] = float(ce.detach())
+        set_size = masked_mean(mask_BTK.sum(-1).float(), batch.action_mask_BT)
+        stats.update(float_stats(loss__total=loss, loss__kl=kl, top_p__set_size=set_size, top_p__teacher_mass=mass))
+        return loss, stats

@@ -1,0 +1,96 @@
+"""Soft Q-learning with Q = the student's logits on the teacher's top-p MDP and a teacher-derived reward.
+
+    L(theta) = E_D[ ( Q_theta(s, a) - (r(s, a) + gamma * V_p^target(s')) )^2 ],
+    V_p^target(s') = log sum_{a' in A_p(s')} exp Q_target(s', a')   (0 after EOS)
+
+Default reward r(s, a) = log pi*(a | s) (from the teacher cache): with gamma = 1 and p = 1 its soft-optimal
+Q is exactly the teacher's log-probabilities, so the student's softmax recovers the teacher. ``reward =
+"sqil"`` gives SQIL's reward (1 on teacher transitions, 0 on the learner's own). The target network is a
+Polyak-averaged copy of the student. ``top_p = 1`` means no restriction (full vocabulary).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgoConfig, Algorithm, float_stats
+from tokenrl.backup import masked_mean, next_state_values, polyak_update, soft_value, td_target
+from tokenrl.buffer import Batch
+from tokenrl.policy import CausalLMPolicy, gather_expert
+
+REWARD_CHOICES = ("teacher_logprob", "sqil")
+
+
+@dataclass
+class SoftQConfig(AlgoConfig):
+    """Soft Q-learning settings."""
+
+    top_p: float = 0.8  # action set = teacher's top-p set; 1.0 = full vocabulary
+    gamma: float = 0.99  # discount
+    reward: str = "teacher_logprob"  # teacher_logprob: r = log pi*(a|s); sqil: 1 on teacher data, 0 on rollouts
+    tau: float = 0.01  # Polyak rate of the target network (1.0 = copy every step)
+    sparse: bool = True  # gather candidate rows of the output embedding instead of dense logits
+
+
+def soft_q_loss(
+    q_sa_BT: torch.Tensor, reward_BT: torch.Tensor, v_next_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Mean squared soft-TD error over the valid transitions (``v_next_BT`` is treated as a constant)."""
+    target_BT = td_target(reward_BT, v_next_BT.detach(), gamma)
+    return masked_mean((q_sa_BT - target_BT).square(), mask_BT)
+
+
+class SoftQ(Algorithm):
+    """Soft Q-learning with a Polyak target network."""
+
+    name = "soft_q"
+
+    def __init__(self, policy: CausalLMPolicy, config: SoftQConfig, total_steps: int = 1000):
+        if config.reward not in REWARD_CHOICES:
+            raise ValueError(f"soft_q.reward must be one of {REWARD_CHOICES}, got {config.reward!r}")
+        super().__init__(policy, config, total_steps)
+        self.target = copy.deepcopy(policy).requires_grad_(False)
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
+        with torch.no_grad():
+            self.target.eval()
+            tq = self.target.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
+            state_ok_BS = tq.mask_BSK.any(-1)
+            v_BS = torch.where(state_ok_BS, soft_value(tq.logits_BSK.float(), tq.mask_BSK), torch.zeros_like(state_ok_BS, dtype=torch.float))
+            v_next_BT = next_state_values(v_BS, batch.lengths_B, batch.terminated_B)
+        if cfg.reward == "teacher_logprob":
+            reward_BT = batch.action_logprob_BT.float()
+            known_BT = torch.isfinite(reward_BT)
+            reward_BT = torch.where(known_BT, reward_BT, torch.zeros_like(reward_BT))
+        else:
+            reward_BT = batch.is_expert_B[:, None].float().expand_as(batch.action_mask_BT)
+            known_BT = torch.ones_like(batch.action_mask_BT)
+        in_set_BT = (cq.expert_idx_BT >= 0) & batch.action_mask_BT & known_BT
+        q_sa_BT = gather_expert(cq.logits_BSK.float(), cq.expert_idx_BT)
+        loss = soft_q_loss(q_sa_BT, reward_BT, v_next_BT, in_set_BT, cfg.gamma)
+        return loss, float_stats(
+            loss__total=loss,
+            loss__td=loss,
+            q__expert_mean=masked_mean(q_sa_BT, in_set_BT),
+            v__target_mean=masked_mean(v_BS, state_ok_BS),
+            reward__mean=masked_mean(reward_BT, in_set_BT),
+            top_p__set_size=masked_mean(cq.mask_BSK.sum(-1).float(), state_ok_BS),
+            top_p__expert_outside_frac=masked_mean((~in_set_BT).float(), batch.action_mask_BT),
+        )
+
+    def after_step(self) -> None:
+        polyak_update(self.target, self.policy, self.config.tau)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["target"] = self.target.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.target.load_state_dict(state["target"])

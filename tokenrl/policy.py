@@ -1,0 +1,119 @@
+"""Student-side heads: Q-values of a transformers causal LM at the states of a :class:`~tokenrl.buffer.Batch`.
+
+The student's logits are its Q-function. The network itself (any ``AutoModelForCausalLM``) knows nothing
+about training; this module turns a batch into per-state hidden states and then into either dense logits
+``[B, S, V]`` or *sparse* logits on candidate ids ``[B, S, K]`` computed as ``h @ W[ids]^T``, which costs
+O(K) per state instead of O(|V|). Both paths give the same numbers and gradients (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenrl.buffer import Batch
+
+
+@dataclass
+class CandidateQ:
+    """Student logits on each state's candidate set.
+
+    Attributes:
+        logits_BSK: ``[B, S, K]`` student logits of the candidates (K = V for the dense form).
+        mask_BSK: ``[B, S, K]`` bool candidate validity (states past the response end are all False).
+        expert_idx_BT: ``[B, T]`` slot of the taken action among the candidates, -1 if outside the set.
+    """
+
+    logits_BSK: torch.Tensor
+    mask_BSK: torch.Tensor
+    expert_idx_BT: torch.Tensor
+
+
+class CausalLMPolicy(nn.Module):
+    """Wraps a transformers causal LM as a token policy / Q-network.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` (Llama, GPT-2, Qwen2, ...).
+        vocab_size: the shared tokenizer's size; logits beyond it (padding rows of the embedding) are dropped.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int | None = None):
+        super().__init__()
+        self.model = model
+        head = model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); tokenrl needs a causal LM")
+        cfg = model.config
+        for unsupported in ("final_logit_softcapping", "logit_scale"):
+            if getattr(cfg, unsupported, None):
+                raise ValueError(
+                    f"{type(model).__name__} uses config.{unsupported}; the sparse head assumes logits = h @ W^T + b"
+                )
+        self.vocab_size = int(vocab_size or head.weight.shape[0])
+        if self.vocab_size > head.weight.shape[0]:
+            raise ValueError(f"vocab_size={self.vocab_size} exceeds the model's {head.weight.shape[0]} output rows")
+
+    @property
+    def head(self) -> nn.Module:
+        """The output projection ``lm_head``."""
+        return self.model.get_output_embeddings()
+
+    def state_hidden(self, batch: Batch) -> torch.Tensor:
+        """Final hidden states at the batch's ``S = T + 1`` states: ``[B, S, D]``."""
+        out = self.model.base_model(
+            input_ids=batch.input_ids_BL,
+            attention_mask=batch.attention_mask_BL,
+            position_ids=batch.position_ids_BL,
+            use_cache=False,
+        )
+        h_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        P = batch.prompt_width
+        return h_BLD[:, P - 1 :]
+
+    def dense_logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits ``[B, S, V]`` from hidden states."""
+        return self.head(h_BSD)[..., : self.vocab_size]
+
+    def sparse_logits(self, h_BSD: torch.Tensor, ids_BSK: torch.Tensor) -> torch.Tensor:
+        """Logits of the candidate ids only, ``[B, S, K]`` = ``h . W[ids] + b[ids]``."""
+        w_VD = self.head.weight
+        w_BSKD = w_VD[ids_BSK]
+        logits = torch.einsum("bsd,bskd->bsk", h_BSD.to(w_VD.dtype), w_BSKD)
+        bias = getattr(self.head, "bias", None)
+        if bias is not None:
+            logits = logits + bias[ids_BSK]
+        return logits
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Dense logits at the batch's states, ``[B, S, V]``."""
+        return self.dense_logits(self.state_hidden(batch))
+
+    def candidate_q(self, batch: Batch, top_p: float, sparse: bool = True, h_BSD: torch.Tensor | None = None) -> CandidateQ:
+        """Student logits on each state's action set of the top-p MDP.
+
+        ``top_p = 1`` means no restriction: the set is the whole vocabulary (dense). Otherwise the set is the
+        batch's cached teacher top-p set, read either by gathering rows of the output embedding (``sparse``)
+        or from dense logits (the reference path).
+        """
+        h = self.state_hidden(batch) if h_BSD is None else h_BSD
+        if top_p >= 1.0:
+            logits = self.dense_logits(h)
+            mask = batch.state_mask_BS[:, :, None].expand_as(logits)
+            idx = torch.where(batch.action_mask_BT, batch.actions_BT, torch.full_like(batch.actions_BT, -1))
+            return CandidateQ(logits, mask, idx)
+        if abs(batch.top_p - top_p) > 1e-12:
+            raise ValueError(f"batch sets were restricted to p={batch.top_p}, but the loss asks for p={top_p}")
+        if sparse:
+            logits = self.sparse_logits(h, batch.cand_ids_BSK)
+        else:
+            logits = self.dense_logits(h).gather(-1, batch.cand_ids_BSK)
+        return CandidateQ(logits, batch.cand_mask_BSK, batch.expert_idx_BT)
+
+
+def gather_expert(values_BSK: torch.Tensor, expert_idx_BT: torch.Tensor) -> torch.Tensor:
+    """Value of the taken action at each step, ``[B, T]`` (0 where the action is outside the set)."""
+    T = expert_idx_BT.shape[1]
+    g = values_BSK[:, :T].gather(-1, expert_idx_BT.clamp_min(0)[..., None])[..., 0]
+    return torch.where(expert_idx_BT >= 0, g, torch.zeros_like(g))
