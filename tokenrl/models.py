@@ -1,0 +1,451 @@
+"""Transformers adapters: loading teachers and students, building students, and the teacher interface.
+
+Everything a real-LM task needs from transformers goes through this file: the algorithms and the env
+wrapper only see :class:`tokenrl.teachers.Teacher` (here :class:`HFTeacher`) and plain ``nn.Module``
+students whose logits index the same vocabulary as the teacher's.
+
+Vocabulary rule: teacher and student must share a tokenizer (same id -> token map, same EOS), because the
+action space of the token MDP is the vocabulary. Embedding matrices may be padded beyond the tokenizer
+(Qwen2.5 has 151,936 rows for 151,665 tokens); those rows are never actions, so every logit tensor leaving
+this file is sliced to ``usable_vocab_size`` = ``len(tokenizer)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+"""Config of a ``make_student("fresh")`` model unless overridden: a small Llama (~3M params + embeddings)."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'.")
+    return resolved
+
+
+def _load_gguf_model(
+    directory: str, gguf_file: str, dtype: torch.dtype, trust_remote_code: bool
+) -> PreTrainedModel:
+    """A plain (dequantized, trainable) model from a GGUF file.
+
+    ``from_pretrained(gguf_file=...)`` requires ``accelerate`` and, for supported architectures, keeps the
+    weights packed in untrainable GGUF blocks. Students are trained and teachers are run in a float dtype,
+    so we build the model from the file's config and load its dequantized tensors ourselves.
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import cached_file
+
+    gguf_path = cached_file(directory, gguf_file)
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model, torch_dtype=dtype)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    # A GGUF with tied embeddings has no output.weight: lm_head is re-tied below, so only it may be missing.
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"GGUF file {gguf_path} does not match the {type(model).__name__} its metadata describes: "
+            f"missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}."
+        )
+    model.tie_weights()
+    return model
+
+
+def load_causal_lm(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: a hub id, a local directory saved with ``save_pretrained``, the directory holding
+            ``gguf_file``, or a direct path to a ``.gguf`` file.
+        gguf_file: file name of a GGUF checkpoint inside ``name_or_path`` (dequantized on load).
+        dtype: torch dtype (or its name) of the weights.
+        device: where to put the model.
+        trust_remote_code: forwarded to transformers (needed by models with custom code).
+
+    Returns:
+        ``(model, tokenizer)``. The tokenizer always has a pad token (EOS when it had none), because
+        batched teacher calls pad; padding positions are masked, so which id pads does not matter.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is not a local path and it cannot be fetched (offline mode, or
+            a hub id that is neither cached nor downloadable).
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    if gguf_file is None and name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+        )
+        if gguf_file is not None:
+            model = _load_gguf_model(name_or_path, gguf_file, torch_dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+    except OSError as error:
+        if os.path.exists(name_or_path):
+            raise
+        where = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
+        hint = (
+            "HF_HUB_OFFLINE=1 forbids downloading it and it is not in the local cache"
+            if _offline()
+            else "it is neither a local path nor a reachable hub id"
+        )
+        raise FileNotFoundError(
+            f"Cannot load model {where!r}: {hint}. Pass a local directory, a .gguf file path, or a hub id "
+            f"already in the cache (or download it first with network access)."
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def usable_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Number of actions: ``len(tokenizer)``; embedding rows beyond it are padding and never actions.
+
+    Raises:
+        ValueError: the tokenizer has more tokens than the model has output rows.
+    """
+    rows = model.get_output_embeddings().weight.shape[0]
+    size = len(tokenizer)
+    if size > rows:
+        raise ValueError(
+            f"Tokenizer {tokenizer.name_or_path!r} has {size} tokens but model {model.name_or_path!r} only "
+            f"{rows} output rows: they do not belong together (call model.resize_token_embeddings(len(tokenizer)) "
+            f"if tokens were added on purpose)."
+        )
+    return size
+
+
+def check_same_vocabulary(
+    teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Require identical id -> token maps and the same EOS, so both models act on the same action space.
+
+    ``config.vocab_size`` is deliberately not compared: it counts padded embedding rows.
+
+    Raises:
+        ValueError: naming both tokenizers and the first token id whose strings differ.
+    """
+    names = f"teacher tokenizer {teacher_tokenizer.name_or_path!r} and student tokenizer {student_tokenizer.name_or_path!r}"
+    teacher_by_id = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
+    student_by_id = {i: t for t, i in student_tokenizer.get_vocab().items()}
+    for token_id in range(max(len(teacher_by_id), len(student_by_id))):
+        teacher_token, student_token = teacher_by_id.get(token_id), student_by_id.get(token_id)
+        if teacher_token != student_token:
+            raise ValueError(
+                f"The {names} differ at token id {token_id}: {teacher_token!r} vs {student_token!r} "
+                f"(sizes {len(teacher_by_id)} vs {len(student_by_id)}). Distillation needs one shared "
+                f"vocabulary; choose a student from the teacher's model family or build one with "
+                f"make_student('fresh' or 'pruned') from the teacher's tokenizer."
+            )
+    if teacher_tokenizer.eos_token_id != student_tokenizer.eos_token_id:
+        raise ValueError(
+            f"The {names} have different EOS tokens: {teacher_tokenizer.eos_token!r} (id "
+            f"{teacher_tokenizer.eos_token_id}) vs {student_tokenizer.eos_token!r} (id "
+            f"{student_tokenizer.eos_token_id}); set the student's eos_token to the teacher's."
+        )
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The stack of decoder blocks: ``model.model.layers`` (Llama family) or ``model.transformer.h`` (GPT-2)."""
+    base = model.base_model
+    for attribute in ("layers", "h"):
+        layers = getattr(base, attribute, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"Cannot find the decoder blocks of {type(model).__name__}: supported are Llama-family models "
+        f"(model.model.layers) and GPT-2 (model.transformer.h)."
+    )
+
+
+def _prune_layers(teacher_model: PreTrainedModel, keep_every: int) -> PreTrainedModel:
+    """Deep copy of the teacher keeping decoder blocks 0, k, 2k, ... and always the last one."""
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}.")
+    student = copy.deepcopy(teacher_model)
+    layers = decoder_layers(student)
+    n_layers = len(layers)
+    kept = sorted(set(range(0, n_layers, keep_every)) | {n_layers - 1})
+    new_layers = nn.ModuleList(layers[i] for i in kept)
+    # The KV cache is indexed by each attention module's layer_idx, which must now count 0..n_kept-1.
+    for new_index, block in enumerate(new_layers):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    base = student.base_model
+    setattr(base, "layers" if isinstance(getattr(base, "layers", None), nn.ModuleList) else "h", new_layers)
+    config = student.config
+    # Per-layer lists (layer_types, sliding-window flags, ...) are read by index in forward and on reload.
+    for key, value in list(config.to_dict().items()):
+        if isinstance(value, list) and len(value) == n_layers and key != "architectures":
+            setattr(config, key, [value[i] for i in kept])
+    config.num_hidden_layers = len(kept)
+    return student
+
+
+def make_student(
+    kind: str,
+    teacher_model: PreTrainedModel | None = None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    name_or_path: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    keep_every: int = 2,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build a student that shares the teacher's vocabulary, in train mode.
+
+    Args:
+        kind: ``"pretrained"`` (load ``name_or_path``/``gguf_file``), ``"fresh"`` (random init from
+            :data:`FRESH_STUDENT_DEFAULTS` updated by ``config_overrides``; ``model_type`` picks the
+            architecture) or ``"pruned"`` (copy of ``teacher_model`` keeping every ``keep_every``-th decoder
+            block and the last one, with its embeddings, final norm and head).
+        teacher_model: required for ``"pruned"``.
+        teacher_tokenizer: required for ``"fresh"`` and ``"pruned"``; checked against a pretrained student's.
+        name_or_path: required for ``"pretrained"``.
+        config_overrides: config fields of a fresh student.
+        keep_every: pruning stride.
+        gguf_file: GGUF file of a pretrained student.
+        dtype: weight dtype.
+        device: where to put the student.
+        seed: torch seed of a fresh student's initialisation.
+
+    Returns:
+        ``(student, tokenizer)``; the tokenizer is the teacher's unless ``kind == "pretrained"``.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    if kind == "pretrained":
+        if name_or_path is None:
+            raise ValueError("make_student('pretrained') needs name_or_path (a hub id, directory or .gguf path).")
+        student, tokenizer = load_causal_lm(name_or_path, gguf_file=gguf_file, dtype=torch_dtype, device=device)
+        if teacher_tokenizer is not None:
+            check_same_vocabulary(teacher_tokenizer, tokenizer)
+    elif kind == "fresh":
+        if teacher_tokenizer is None:
+            raise ValueError("make_student('fresh') needs teacher_tokenizer: the student's vocabulary is the teacher's.")
+        tokenizer = teacher_tokenizer
+        fields = {**FRESH_STUDENT_DEFAULTS, **(config_overrides or {})}
+        config = AutoConfig.for_model(
+            fields.pop("model_type"),
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **fields,
+        )
+        torch.manual_seed(seed)
+        student = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device)
+    elif kind == "pruned":
+        if teacher_model is None or teacher_tokenizer is None:
+            raise ValueError("make_student('pruned') needs teacher_model and teacher_tokenizer.")
+        tokenizer = teacher_tokenizer
+        student = _prune_layers(teacher_model, keep_every).to(device=device, dtype=torch_dtype)
+    else:
+        raise ValueError(f"Unknown student kind {kind!r}; use 'pretrained', 'fresh' or 'pruned'.")
+    return student.train(), tokenizer
+
+
+def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
+    """Save model (safetensors) and tokenizer so ``load_causal_lm(out_dir)`` loads them as they are.
+
+    The files are written to a temporary directory next to ``out_dir`` and renamed into place, so a crash
+    mid-save never leaves a half-written checkpoint under ``out_dir``; an existing ``out_dir`` is replaced.
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if os.path.exists(out_dir):
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.replace(out_dir, os.path.join(retired, "checkpoint"))
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+
+
+def left_pad(tokens_BT: torch.Tensor, lengths_B: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, ...]:
+    """Move right-padded rows to the right edge so every row's last real token sits in the last column.
+
+    Args:
+        tokens_BT: right-padded token ids ``[B, T]``.
+        lengths_B: real tokens per row ``[B]``, each in ``1..T``.
+        pad_token_id: id written into the padding.
+
+    Returns:
+        ``(tokens_BL, attention_mask_BL, position_ids_BL)`` with ``L = max(lengths_B)``; positions count
+        real tokens from 0 (0 on padding).
+    """
+    lengths_B = lengths_B.to(tokens_BT.device)
+    if int(lengths_B.min()) < 1:
+        raise ValueError("Every row needs at least one real token (lengths_B >= 1); start prompts with BOS if empty.")
+    width = int(lengths_B.max())
+    columns_L = torch.arange(width, device=tokens_BT.device)
+    shift_B1 = (width - lengths_B).unsqueeze(1)
+    attention_mask_BL = columns_L.unsqueeze(0) >= shift_B1
+    source_BL = (columns_L.unsqueeze(0) - shift_B1).clamp(min=0)
+    tokens_BL = torch.where(attention_mask_BL, tokens_BT[:, :width].gather(1, source_BL), pad_token_id)
+    position_ids_BL = torch.where(attention_mask_BL, source_BL, 0)
+    return tokens_BL, attention_mask_BL.long(), position_ids_BL
+
+
+class HFTeacher:
+    """:class:`tokenrl.teachers.Teacher` on a transformers causal LM, plus a KV-cached lock-step path.
+
+    All calls run under ``torch.no_grad`` (not ``inference_mode``: teacher logits become loss targets, and
+    inference tensors cannot be saved for backward) with the model in eval mode. Returned logits are
+    float32, on the device of the input tokens, and sliced to ``vocab_size``.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer (defines ``vocab_size`` and ``eos_token_id``).
+        max_batch: rows per forward pass in :meth:`sequence_logits` (bounds the ``[B, T, V]`` activation).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 8):
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"Tokenizer {tokenizer.name_or_path!r} has no EOS token; set tokenizer.eos_token.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vocab_size = usable_vocab_size(model, tokenizer)
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
+        self.max_batch = max_batch
+        # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
+        self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache = None
+        self._attention_mask_BL: torch.Tensor | None = None
+        self._next_position_B: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _last_logits(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        output = self.model(**inputs, logits_to_keep=1)
+        return output.logits[:, -1, : self.vocab_size].float(), getattr(output, self._cache_key)
+
+    @torch.no_grad()
+    def next_token_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` of the token after the first ``lengths_B[b]`` tokens of each right-padded row."""
+        tokens_BL, attention_mask_BL, position_ids_BL = left_pad(tokens_BT.to(self.device), lengths_B, self.pad_token_id)
+        logits_BV, _ = self._last_logits(
+            input_ids=tokens_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL, use_cache=False
+        )
+        return logits_BV.to(tokens_BT.device)
+
+    @torch.no_grad()
+    def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B, T, V]``: entry ``t`` predicts token ``t + 1`` from ``tokens_BT[b, : t + 1]``.
+
+        Entries at ``t >= lengths_B[b]`` are unspecified. Runs ``max_batch`` rows per forward pass.
+        """
+        batch, width = tokens_BT.shape
+        positions_T = torch.arange(width, device=self.device)
+        chunks = []
+        for start in range(0, batch, self.max_batch):
+            tokens_bT = tokens_BT[start : start + self.max_batch].to(self.device)
+            lengths_b = lengths_B[start : start + self.max_batch].to(self.device)
+            attention_mask_bT = (positions_T.unsqueeze(0) < lengths_b.unsqueeze(1)).long()
+            logits_bTV = self.model(
+                input_ids=tokens_bT,
+                attention_mask=attention_mask_bT,
+                position_ids=positions_T.expand_as(tokens_bT),
+                use_cache=False,
+            ).logits
+            chunks.append(logits_bTV[..., : self.vocab_size].float().to(tokens_BT.device))
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def start(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Begin lock-step generation: encode the prompts, keep their KV cache, return next-token logits ``[B, V]``.
+
+        Prompts are left-padded internally so that every row's next token appends at the same column.
+        The cache lives until the next :meth:`start` (or :meth:`stop`).
+        """
+        tokens_BL, attention_mask_BL, position_ids_BL = left_pad(tokens_BT.to(self.device), lengths_B, self.pad_token_id)
+        logits_BV, self._cache = self._last_logits(
+            input_ids=tokens_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL, use_cache=True
+        )
+        self._attention_mask_BL = attention_mask_BL
+        self._next_position_B = lengths_B.to(self.device).long()
+        return logits_BV.to(tokens_BT.device)
+
+    @torch.no_grad()
+    def advance(self, next_tokens_B: torch.Tensor) -> torch.Tensor:
+        """Append one token per row to the cached sequences and return the following logits ``[B, V]``.
+
+        Rows that already ended must still be given a token (e.g. EOS); the caller ignores their logits.
+        """
+        if self._cache is None:
+            raise RuntimeError("HFTeacher.advance() called before start(); call start(prompts, lengths) first.")
+        batch = next_tokens_B.shape[0]
+        self._attention_mask_BL = torch.cat(
+            [self._attention_mask_BL, self._attention_mask_BL.new_ones(batch, 1)], dim=1
+        )
+        logits_BV, self._cache = self._last_logits(
+            input_ids=next_tokens_B.to(self.device).unsqueeze(1),
+            attention_mask=self._attention_mask_BL,
+            position_ids=self._next_position_B.unsqueeze(1),
+            use_cache=True,
+            **{self._cache_key: self._cache},
+        )
+        self._next_position_B = self._next_position_B + 1
+        return logits_BV.to(next_tokens_B.device)
+
+    def stop(self) -> None:
+        """Free the KV cache of the current lock-step generation."""
+        self._cache = None
+        self._attention_mask_BL = None
+        self._next_position_B = None
