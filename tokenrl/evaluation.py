@@ -396,19 +396,16 @@ def _sampled_response_metrics(
 ) -> dict[str, float | list[float]]:
     """Metrics of one set of responses per sampling seed (shared by students and the teacher)."""
     nll_means, rouges, lengths, eos_rates = [], [], [], []
-    position_sum: list[float] = []
-    position_count: list[int] = []
+    max_len = max((len(r) for responses in responses_per_seed for r in responses), default=0)
+    position_sum_L = np.zeros(max_len)
+    position_count_L = np.zeros(max_len)
     for responses in responses_per_seed:
         nll_arrays = teacher_nll(teacher, prompts, responses, batch_size)
-        all_nll = np.concatenate(nll_arrays) if nll_arrays else np.zeros(0)
+        all_nll = np.concatenate(nll_arrays)
         nll_means.append(float(all_nll.mean()) if all_nll.size else float("nan"))
         for nll in nll_arrays:
-            if len(nll) > len(position_sum):
-                position_sum.extend([0.0] * (len(nll) - len(position_sum)))
-                position_count.extend([0] * (len(nll) - len(position_count)))
-            for t, value in enumerate(nll):
-                position_sum[t] += float(value)
-                position_count[t] += 1
+            position_sum_L[: len(nll)] += nll
+            position_count_L[: len(nll)] += 1
         if references is not None:
             rouges.append(rouge_l([decode(r) for r in responses], references))
         lengths.append(float(np.mean([len(r) for r in responses])))
@@ -420,8 +417,9 @@ def _sampled_response_metrics(
         metrics["eval/rougeL"], metrics["eval/rougeL_std_seeds"] = _mean_std(rouges)
     metrics["eval/response_len"] = _mean_std(lengths)[0]
     metrics["eval/eos_rate"] = _mean_std(eos_rates)[0]
-    metrics["eval/nll_by_position"] = [s / c for s, c in zip(position_sum, position_count)]
-    metrics["eval/nll_by_position_count"] = [float(c) for c in position_count]
+    # Every position up to max_len is reached by at least one response, so no count is zero.
+    metrics["eval/nll_by_position"] = (position_sum_L / position_count_L).tolist()
+    metrics["eval/nll_by_position_count"] = position_count_L.tolist()
     return metrics
 
 
