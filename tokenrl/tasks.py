@@ -1,0 +1,149 @@
+"""Tasks: a teacher, prompt splits, references, a teacher sampler and a decoder, built from a config.
+
+The default task is the exact synthetic language (:mod:`tokenrl.synthetic`); real-LM tasks built on
+transformers teachers live in :mod:`tokenrl.hf_task`. A training run only talks to the :class:`Task` fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tokenrl.datagen import Sampler
+from tokenrl.synthetic import SyntheticLanguage, SyntheticLanguageConfig
+from tokenrl.teachers import Teacher
+
+
+@dataclass
+class Task:
+    """Everything a run needs from the task side.
+
+    Attributes:
+        name: task name (used in data directory names).
+        teacher: the teacher (implements :class:`~tokenrl.teachers.Teacher`).
+        vocab_size: shared vocabulary size.
+        eos_token_id: EOS id (ends responses).
+        pad_token_id: id used for padding.
+        train_prompts / val_prompts / test_prompts: prompt token lists.
+        test_references: per test prompt, reference texts for Rouge-L.
+        val_references: per validation prompt, reference texts for Rouge-L.
+        max_new_tokens: response budget (truncation).
+        data_sampler: draws the offline data from the teacher (its sampling settings are in ``manifest``).
+        eval_sampler: draws teacher responses with the evaluation's sampling settings (the teacher row).
+        decode: tokens -> text for Rouge-L.
+        manifest: settings that identify the offline data.
+        heldout: (prompts, responses) of teacher samples for the teacher-forced KL.
+        info: extra facts reported in metrics.json.
+    """
+
+    name: str
+    teacher: Teacher
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+    train_prompts: list[list[int]]
+    val_prompts: list[list[int]]
+    test_prompts: list[list[int]]
+    val_references: list[list[str]]
+    test_references: list[list[str]]
+    max_new_tokens: int
+    data_sampler: Sampler
+    eval_sampler: Sampler
+    decode: Callable[[list[int]], str]
+    manifest: dict
+    heldout: tuple[list[list[int]], list[list[int]]]
+    tokenizer: object | None = None
+    info: dict = field(default_factory=dict)
+
+    def data_key(self) -> str:
+        """Short hash of the manifest: the data directory name for these settings."""
+        blob = json.dumps(self.manifest, sort_keys=True, default=str).encode()
+        return f"{self.name}-{hashlib.sha1(blob).hexdigest()[:10]}"
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The exact synthetic-language task (the embedded default)."""
+
+    name: str = "synthetic"
+    language: SyntheticLanguageConfig = field(default_factory=SyntheticLanguageConfig)
+    n_train_prompts: int = 2000  # prompts of the offline data
+    samples_per_prompt: int = 4  # teacher samples per training prompt (the paper uses 8)
+    n_val_prompts: int = 100  # validation prompts
+    n_test_prompts: int = 200  # held-out test prompts
+    n_references: int = 4  # teacher samples per test prompt used as Rouge-L references
+    max_new_tokens: int = 32  # response budget; longer responses are truncated (bootstrapped)
+    sample_top_p: float = 0.8  # top-p of the teacher when sampling the offline data (= training p)
+    cache_top_p: float = 0.8  # p of the stored teacher top-p sets (>= every p trained on)
+    data_seed: int = 1234  # seed of prompts and teacher data (fixed across training seeds)
+
+
+def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval_temperature: float = 1.0) -> Task:
+    """Build the synthetic task: prompts and references are drawn from the language itself."""
+    lang_cfg = cfg.language if isinstance(cfg.language, SyntheticLanguageConfig) else SyntheticLanguageConfig(**cfg.language)
+    lang = SyntheticLanguage(lang_cfg)
+    rng = np.random.default_rng(cfg.data_seed)
+    n = cfg.n_train_prompts + cfg.n_val_prompts + cfg.n_test_prompts
+    prompts = lang.sample_prompts(n, rng)
+    train = prompts[: cfg.n_train_prompts]
+    val = prompts[cfg.n_train_prompts : cfg.n_train_prompts + cfg.n_val_prompts]
+    test = prompts[cfg.n_train_prompts + cfg.n_val_prompts :]
+
+    def refs(ps: list[list[int]]) -> list[list[str]]:
+        rep = [p for p in ps for _ in range(cfg.n_references)]
+        samples = lang.sample_continuations(rep, cfg.max_new_tokens, rng, top_p=eval_top_p, temperature=eval_temperature)
+        texts = [lang.token_to_text(r) for r, _ in samples]
+        return [texts[i * cfg.n_references : (i + 1) * cfg.n_references] for i in range(len(ps))]
+
+    val_refs, test_refs = refs(val), refs(test)
+    held = lang.sample_continuations(val, cfg.max_new_tokens, rng, top_p=1.0)
+    heldout = (val, [r for r, _ in held])
+
+    def data_sampler(ps, seed):
+        return lang.sample_continuations(ps, cfg.max_new_tokens, np.random.default_rng(seed), top_p=cfg.sample_top_p)
+
+    def eval_sampler(ps, seed):
+        samples = lang.sample_continuations(
+            ps, cfg.max_new_tokens, np.random.default_rng(10_000 + seed), top_p=eval_top_p, temperature=eval_temperature
+        )
+        return [r for r, _ in samples]
+
+    manifest = {
+        "task": "synthetic",
+        "teacher": {"kind": "SyntheticLanguage", **asdict(lang_cfg)},
+        "tokenizer": f"synthetic-{lang_cfg.vocab_size}",
+        "sample_top_p": cfg.sample_top_p,
+        "temperature": 1.0,
+        "max_new_tokens": cfg.max_new_tokens,
+        "data_seed": cfg.data_seed,
+    }
+    return Task(
+        name="synthetic",
+        teacher=lang,
+        vocab_size=lang.vocab_size,
+        eos_token_id=lang.eos_token_id,
+        pad_token_id=lang.eos_token_id,
+        train_prompts=train,
+        val_prompts=val,
+        test_prompts=test,
+        val_references=val_refs,
+        test_references=test_refs,
+        max_new_tokens=cfg.max_new_tokens,
+        data_sampler=data_sampler,
+        eval_sampler=eval_sampler,
+        decode=lang.token_to_text,
+        manifest=manifest,
+        heldout=heldout,
+        info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
+    )
+
+
+def _mean_state_set_size(lang: SyntheticLanguage, p: float) -> float:
+    from tokenrl.top_p import top_p_mask
+
+    return float(top_p_mask(torch.from_numpy(lang.log_emission_SV), p).sum(-1).double().mean())
