@@ -473,3 +473,46 @@ def test_online_rollouts_sample_into_sensible_batches(lang):
                 assert batch.action_logprob_BT[b, t].item() == float("-inf")
                 n_out += 1
     assert n_in > 0 and n_out > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Padding and partially cached batches
+# ------------------------------------------------------------------------------------------------
+def tiny_cached_buffer():
+    """Two trajectories whose top-p sets contain pad_id 0 (EOS), the second response longer."""
+    buf = ReplayBuffer(pad_id=0, cache_top_p=0.9)
+    c1 = TopPCache(np.array([1, 2], np.int32), np.array([5, 0, 7], np.int32), np.array([-0.1, -0.5, -1.0], np.float16))
+    c2 = TopPCache(np.array([1, 1, 1], np.int32), np.array([5, 6, 7], np.int32), np.array([-0.1, -0.1, -0.1], np.float16))
+    buf.add([[1], [2]], [[5], [6, 7]], [False, False], caches=[c1, c2])
+    return buf
+
+
+@pytest.mark.xfail(
+    reason="tokenrl/buffer.py collate: action_logprob_BT is not masked with action_mask_BT (expert_idx_BT is), "
+    "so at a padding slot t >= length the pad action pad_id is looked up in the set of s_t and, when pad_id is "
+    "a member (pad 0 = EOS), a finite log-prob of a non-existent action is returned instead of -inf",
+    strict=True,
+)
+def test_action_logprob_is_minus_inf_on_padding():
+    batch = tiny_cached_buffer().collate([0, 1])
+    assert batch.action_mask_BT.tolist() == [[True, False], [True, True]]
+    assert batch.expert_idx_BT[0, 1].item() == -1
+    assert batch.action_logprob_BT[0, 1].item() == float("-inf")
+
+
+@pytest.mark.xfail(
+    reason="tokenrl/buffer.py collate: have_cache = all(c is not None ...) - one trajectory without a cache in "
+    "the batch silently drops the candidate sets of every other row (cand_mask all False, expert_idx all -1, "
+    "action_logprob -inf) instead of raising or keeping the cached rows' sets",
+    strict=True,
+)
+def test_partially_cached_batch_keeps_or_rejects():
+    buf = tiny_cached_buffer()
+    alone = buf.collate([1])
+    buf.add([[3]], [[4]], [False])  # e.g. an online rollout added without a teacher cache
+    try:
+        mixed = buf.collate([1, 2])
+    except ValueError:
+        return
+    assert torch.equal(mixed.cand_mask_BSK[0, :3, : alone.cand_mask_BSK.shape[-1]], alone.cand_mask_BSK[0])
+    assert torch.equal(mixed.expert_idx_BT[0], alone.expert_idx_BT[0])
