@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import masked_mean
+from tokenrl.backup import masked_mean, upcast
 from tokenrl.buffer import Batch
 
 
@@ -23,7 +23,7 @@ class BCConfig(AlgoConfig):
 
 def bc_loss(logits_BTV: torch.Tensor, actions_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of ``actions_BT`` under ``softmax(logits_BTV)`` over valid steps."""
-    logp_BT = torch.log_softmax(logits_BTV.float(), dim=-1).gather(-1, actions_BT[..., None])[..., 0]
+    logp_BT = torch.log_softmax(upcast(logits_BTV), dim=-1).gather(-1, actions_BT[..., None])[..., 0]
     return masked_mean(-logp_BT, mask_BT)
 
 

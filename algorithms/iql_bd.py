@@ -2,8 +2,8 @@
 
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
-no target network. With Q(s, .) = the student's logits (shifted by their max over the set, clipped below at
-``q_min``), A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS),
+no target network. With Q(s, .) = the student's logits (shifted by their max over the vocabulary, clipped
+below at ``q_min``), A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS),
 BD maximises over expert transitions (s, a, s') of the offline data D:
 
     J(Q) = E_D[ phi( Q(s, a) - gamma V_p(s') ) ] - E_D[ V_p(s) - gamma V_p(s') ],
@@ -38,6 +38,7 @@ from tokenrl.backup import (
     next_state_values,
     shifted_q,
     soft_value,
+    upcast,
 )
 from tokenrl.buffer import Batch
 from tokenrl.policy import gather_expert
@@ -53,7 +54,8 @@ class IQLBDConfig(AlgoConfig):
     top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
     gamma: float = 0.99  # discount
     alpha: float = 0.1  # chi^2 regulariser strength: phi(x) = x - x^2 / (4 alpha)
-    q_min: float = -10.0  # Q = logits - max over the set, clipped below at q_min
+    q_min: float = -10.0  # Q = logits - max logit, clipped below at q_min
+    q_shift: str = "vocab"  # subtract the max logit over: vocab (paper) | set (the top-p set only)
     chi2_on: str = "expert"  # where phi's square applies: expert | expert_and_policy | vocab (released code)
     expert_term: str = "math"  # math: Q(s, a_expert); vocab_mean: released code's masked-Q vocabulary mean
     bc_coef: float = 0.0  # weight of the LM term -log pi_p(a_expert | s) (the paper adds one; weight unpublished)
@@ -63,6 +65,7 @@ class IQLBDConfig(AlgoConfig):
 def iq_bd_loss(
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
+    max_logit_BS: torch.Tensor | None,
     expert_idx_BT: torch.Tensor,
     action_mask_BT: torch.Tensor,
     lengths_B: torch.Tensor,
@@ -81,6 +84,8 @@ def iq_bd_loss(
     Args:
         logits_BSK: ``[B, S, K]`` student logits on the candidates of states ``s_0..s_T`` (K = V when dense).
         mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
+        max_logit_BS: ``[B, S]`` the student's max logit over the vocabulary (the paper's Q shift), or None
+            to shift by the max over the set.
         expert_idx_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside.
         action_mask_BT: ``[B, T]`` valid response steps.
         lengths_B: ``[B]`` response lengths.
@@ -97,7 +102,9 @@ def iq_bd_loss(
     if expert_term not in EXPERT_TERM_CHOICES:
         raise ValueError(f"expert_term must be one of {EXPERT_TERM_CHOICES}, got {expert_term!r}")
     T = expert_idx_BT.shape[1]
-    q_BSK = shifted_q(logits_BSK.float(), mask_BSK, q_min)
+    logits_BSK = upcast(logits_BSK)
+    max_logit_BS = None if max_logit_BS is None else upcast(max_logit_BS)
+    q_BSK = shifted_q(logits_BSK, mask_BSK, q_min, max_logit_BS)
     state_ok_BS = mask_BSK.any(-1)
     v_BS = torch.where(state_ok_BS, soft_value(q_BSK, mask_BSK), torch.zeros_like(q_BSK[..., 0]))
     v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
@@ -121,7 +128,8 @@ def iq_bd_loss(
         mask_BTK = mask_BSK[:, :T]
         if chi2_on == "expert_and_policy":
             pi_BTK = torch.softmax(q_BSK[:, :T].masked_fill(~mask_BTK, float("-inf")), dim=-1).detach()
-            policy_sq_BT = (pi_BTK * r_all_BTK.square()).nan_to_num(0.0).sum(-1)
+            pi_BTK = torch.where(mask_BTK, pi_BTK, torch.zeros_like(pi_BTK))  # empty sets give NaN rows
+            policy_sq_BT = (pi_BTK * r_all_BTK.square()).sum(-1)
             sq = 0.5 * (masked_mean(r_BT.square(), expert_ok_BT) + masked_mean(policy_sq_BT, action_mask_BT))
         else:
             # Released code: mean over the whole vocabulary of (Q_masked - gamma V')^2, zeros outside the set.
@@ -164,10 +172,13 @@ class IQLBD(Algorithm):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
+        if cfg.q_shift not in ("vocab", "set"):
+            raise ValueError(f"iql_bd.q_shift must be 'vocab' or 'set', got {cfg.q_shift!r}")
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
         loss, stats = iq_bd_loss(
             cq.logits_BSK,
             cq.mask_BSK,
+            cq.vocab_max_BS if cfg.q_shift == "vocab" else None,
             cq.expert_idx_BT,
             batch.action_mask_BT,
             batch.lengths_B,

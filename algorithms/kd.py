@@ -16,7 +16,7 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.bc import bc_loss
-from tokenrl.backup import masked_mean
+from tokenrl.backup import masked_mean, upcast
 from tokenrl.buffer import Batch
 
 
@@ -52,7 +52,7 @@ def kd_loss(
     t_norm = torch.logsumexp(t_lp, dim=-1, keepdim=True)
     t_logp = (t_lp - t_norm).masked_fill(~cand_mask_BTK, 0.0)
     t_prob = t_logp.exp() * cand_mask_BTK
-    s_logp = (student_logits_BTK.float() - student_lse_BT[..., None]).masked_fill(~cand_mask_BTK, 0.0)
+    s_logp = (upcast(student_logits_BTK) - student_lse_BT[..., None]).masked_fill(~cand_mask_BTK, 0.0)
     kl_BT = (t_prob * (t_logp - s_logp)).sum(-1)
     return masked_mean(kl_BT, state_mask_BT), masked_mean(t_norm[..., 0].exp(), state_mask_BT)
 
@@ -76,9 +76,9 @@ class KD(Algorithm):
         else:
             cand_logits = self.policy.sparse_logits(h_BSD, ids_BTK)
         if cfg.student_norm == "vocab":
-            lse_BT = torch.logsumexp(logits_BTV.float(), dim=-1)
+            lse_BT = torch.logsumexp(upcast(logits_BTV), dim=-1)
         else:
-            lse_BT = torch.logsumexp(cand_logits.float().masked_fill(~mask_BTK, float("-inf")), dim=-1)
+            lse_BT = torch.logsumexp(upcast(cand_logits).masked_fill(~mask_BTK, float("-inf")), dim=-1)
         kl, mass = kd_loss(cand_logits, lse_BT, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT)
         loss = kl
         stats = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import masked_mean, next_state_values, polyak_update, soft_value, td_target
+from tokenrl.backup import masked_mean, next_state_values, polyak_update, soft_value, td_target, upcast
 from tokenrl.buffer import Batch
 from tokenrl.policy import CausalLMPolicy, gather_expert
 
@@ -61,17 +61,19 @@ class SoftQ(Algorithm):
             self.target.eval()
             tq = self.target.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
             state_ok_BS = tq.mask_BSK.any(-1)
-            v_BS = torch.where(state_ok_BS, soft_value(tq.logits_BSK.float(), tq.mask_BSK), torch.zeros_like(state_ok_BS, dtype=torch.float))
+            v_BS = soft_value(upcast(tq.logits_BSK), tq.mask_BSK)
+            v_BS = torch.where(state_ok_BS, v_BS, torch.zeros_like(v_BS))
             v_next_BT = next_state_values(v_BS, batch.lengths_B, batch.terminated_B)
+        q_dtype = upcast(cq.logits_BSK).dtype
         if cfg.reward == "teacher_logprob":
-            reward_BT = batch.action_logprob_BT.float()
+            reward_BT = batch.action_logprob_BT.to(q_dtype)
             known_BT = torch.isfinite(reward_BT)
             reward_BT = torch.where(known_BT, reward_BT, torch.zeros_like(reward_BT))
         else:
-            reward_BT = batch.is_expert_B[:, None].float().expand_as(batch.action_mask_BT)
+            reward_BT = batch.is_expert_B[:, None].to(q_dtype).expand_as(batch.action_mask_BT)
             known_BT = torch.ones_like(batch.action_mask_BT)
         in_set_BT = (cq.expert_idx_BT >= 0) & batch.action_mask_BT & known_BT
-        q_sa_BT = gather_expert(cq.logits_BSK.float(), cq.expert_idx_BT)
+        q_sa_BT = gather_expert(upcast(cq.logits_BSK), cq.expert_idx_BT)
         loss = soft_q_loss(q_sa_BT, reward_BT, v_next_BT, in_set_BT, cfg.gamma)
         return loss, float_stats(
             loss__total=loss,

@@ -104,22 +104,12 @@ def test_scatter_mask_ignores_padding_slots():
     assert scatter_mask(ids, mask, 5).tolist() == [[False, False, False, True, False]]
 
 
-PAD_COLLISION_BUG = (
-    "tokenrl/backup.py scatter_mask: dense.scatter(-1, ids, mask) writes the False of every padding slot "
-    "too; padding slots repeat pad_id, so when pad_id is also a real member of the set (pad_id 0 = EOS "
-    "of SyntheticLanguage, the default pad of top_p_sparse and ReplayBuffer), a later padding slot "
-    "overwrites the member's True and soft_value_dense drops it"
-)
-
-
-@pytest.mark.xfail(reason=PAD_COLLISION_BUG, strict=True)
 def test_scatter_mask_keeps_a_member_equal_to_pad_id():
     ids = torch.tensor([[0, 4, 0, 0]])  # real token 0 (= pad_id) in slot 0, padding repeats 0
     mask = torch.tensor([[True, True, False, False]])
     assert scatter_mask(ids, mask, 5).tolist() == [[True, False, False, False, True]]
 
 
-@pytest.mark.xfail(reason=PAD_COLLISION_BUG, strict=True)
 def test_soft_value_dense_equals_gather_on_top_p_sets_containing_pad_id():
     """Realistic input: top-p sets from top_p_sparse (pad_id 0) where token 0 (EOS) is a likely token."""
     from tokenrl.top_p import top_p_sparse

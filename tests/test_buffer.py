@@ -409,11 +409,6 @@ def test_capacity_drops_oldest():
     assert [p.tolist() for p in buf.prompts] == [[4], [5], [6]]
 
 
-@pytest.mark.xfail(
-    reason="tokenrl/buffer.py ReplayBuffer.extend appends without applying capacity, so a capped buffer "
-    "grows past `capacity` (its docstring: 'keep at most this many trajectories')",
-    strict=True,
-)
 def test_capacity_holds_for_extend():
     buf = ReplayBuffer(capacity=2)
     other = ReplayBuffer()
@@ -487,12 +482,6 @@ def tiny_cached_buffer():
     return buf
 
 
-@pytest.mark.xfail(
-    reason="tokenrl/buffer.py collate: action_logprob_BT is not masked with action_mask_BT (expert_idx_BT is), "
-    "so at a padding slot t >= length the pad action pad_id is looked up in the set of s_t and, when pad_id is "
-    "a member (pad 0 = EOS), a finite log-prob of a non-existent action is returned instead of -inf",
-    strict=True,
-)
 def test_action_logprob_is_minus_inf_on_padding():
     batch = tiny_cached_buffer().collate([0, 1])
     assert batch.action_mask_BT.tolist() == [[True, False], [True, True]]
@@ -500,12 +489,6 @@ def test_action_logprob_is_minus_inf_on_padding():
     assert batch.action_logprob_BT[0, 1].item() == float("-inf")
 
 
-@pytest.mark.xfail(
-    reason="tokenrl/buffer.py collate: have_cache = all(c is not None ...) - one trajectory without a cache in "
-    "the batch silently drops the candidate sets of every other row (cand_mask all False, expert_idx all -1, "
-    "action_logprob -inf) instead of raising or keeping the cached rows' sets",
-    strict=True,
-)
 def test_partially_cached_batch_keeps_or_rejects():
     buf = tiny_cached_buffer()
     alone = buf.collate([1])

@@ -17,6 +17,11 @@ import torch
 NEG_INF = float("-inf")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for loss arithmetic (half-precision logits lose small Q differences); float64 stays."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """Max of ``x`` over entries where ``mask`` is True (``-inf`` for an all-False row)."""
     return x.masked_fill(~mask, NEG_INF).amax(dim=dim, keepdim=keepdim)
@@ -51,22 +56,31 @@ def soft_value_dense(logits_BSV: torch.Tensor, cand_ids_BSK: torch.Tensor, cand_
 
 def scatter_mask(cand_ids: torch.Tensor, cand_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Dense ``[..., V]`` bool mask of a sparse candidate set ``[..., K]``."""
-    dense = torch.zeros(*cand_ids.shape[:-1], vocab_size, dtype=torch.bool, device=cand_ids.device)
-    return dense.scatter(-1, cand_ids, cand_mask)
+    # Invalid slots go to an extra column: padding repeats pad_id, which may also be a real member.
+    dense = torch.zeros(*cand_ids.shape[:-1], vocab_size + 1, dtype=torch.bool, device=cand_ids.device)
+    ids = torch.where(cand_mask, cand_ids, torch.full_like(cand_ids, vocab_size))
+    return dense.scatter(-1, ids, True)[..., :vocab_size]
 
 
-def shifted_q(logits: torch.Tensor, mask: torch.Tensor, q_min: float | None) -> torch.Tensor:
-    """Q-values from logits as in Bellman Distill: shift by the max over the set, clip below at ``q_min``.
+def shifted_q(
+    logits: torch.Tensor, mask: torch.Tensor, q_min: float | None, max_logit: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Q-values from logits as in Bellman Distill: subtract the max logit, clip below at ``q_min``.
 
-    The per-state shift leaves the projected policy unchanged and keeps ``V`` in ``[0, log |set|]``.
-    The max is taken over the candidate set (for p = 1 that is the whole vocabulary, the paper's form).
+    Bellman Distill shifts by the max over the whole vocabulary (``max_logit``), which ties the set's
+    logits to every other token: ``Q(s, a) = 0`` only for the student's argmax. Without ``max_logit`` the
+    max over the set is used (the policy on the set is the same, but nothing then ranks the set above the
+    rest of the vocabulary).
 
     Args:
         logits: ``[..., K]`` candidate logits.
         mask: ``[..., K]`` candidate validity.
         q_min: lower clip, or None for no clip.
+        max_logit: ``[...]`` max logit over the vocabulary, or None to use the max over the set.
     """
-    q = logits - masked_max(logits, mask, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
+    if max_logit is None:
+        max_logit = masked_max(logits, mask).clamp_min(torch.finfo(logits.dtype).min)
+    q = logits - max_logit[..., None]
     return q.clamp_min(q_min) if q_min is not None else q
 
 

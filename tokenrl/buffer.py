@@ -44,7 +44,7 @@ class Batch:
     Attributes:
         input_ids_BL: ``[B, L]`` long, ``L = prompt_width + T``.
         attention_mask_BL: ``[B, L]`` long.
-        position_ids_BL: ``[B, L]`` long (count of real tokens before each column).
+        position_ids_BL: ``[B, L]`` long (count of real tokens before each column; padding repeats the last).
         prompt_width: columns taken by the left-padded prompts.
         actions_BT: ``[B, T]`` long response tokens (pad_id on padding).
         action_mask_BT: ``[B, T]`` bool, True at ``t < lengths_B``.
@@ -173,10 +173,7 @@ class ReplayBuffer:
             r = np.zeros(len(responses[i]), np.float32) if rewards is None else np.asarray(rewards[i], np.float32)
             self.rewards.append(r)
             self.caches.append(cache)
-        if self.capacity is not None and len(self) > self.capacity:
-            drop = len(self) - self.capacity
-            for name in ("prompts", "responses", "terminated", "truncated", "is_expert", "rewards", "caches"):
-                del getattr(self, name)[:drop]
+        self._enforce_capacity()
 
     # ------------------------------------------------------------------------------------------------
     # Reporting
@@ -240,6 +237,11 @@ class ReplayBuffer:
         rewards = np.zeros((B, T), np.float32)
         caches = [self.caches[i] for i in indices]
         have_cache = all(c is not None for c in caches)
+        if not have_cache and any(c is not None for c in caches):
+            raise ValueError(
+                "batch mixes trajectories with and without a teacher top-p cache; add rollouts with caches "
+                "(tokenrl.datagen.compute_top_p_cache) or keep them in a separate buffer"
+            )
         K = max(int(c.sizes.max()) for c in caches) if have_cache else 1
         cand_ids = np.full((B, S, K), self.pad_id, np.int64)
         cand_lp = np.full((B, S, K), -np.inf, np.float32)
@@ -270,6 +272,7 @@ class ReplayBuffer:
         in_cache = (cand_ids_t[:, :T] == actions[:, :, None]) & cand_mask_t[:, :T]
         action_lp = torch.where(in_cache, cand_lp_t[:, :T], torch.full_like(cand_lp_t[:, :T], float("-inf")))
         action_lp = action_lp.amax(-1) if K > 0 else torch.full((B, T), float("-inf"))
+        action_lp = action_lp.masked_fill(~action_mask, float("-inf"))
         if have_cache and p < self.cache_top_p:
             cand_mask_t = restrict_top_p(cand_lp_t, cand_mask_t, p)
         match = (cand_ids_t[:, :T] == actions[:, :, None]) & cand_mask_t[:, :T]
@@ -363,6 +366,13 @@ class ReplayBuffer:
             raise ValueError(f"cache p mismatch: {other.cache_top_p} vs {self.cache_top_p}")
         for name in ("prompts", "responses", "terminated", "truncated", "is_expert", "rewards", "caches"):
             getattr(self, name).extend(getattr(other, name))
+        self._enforce_capacity()
+
+    def _enforce_capacity(self) -> None:
+        if self.capacity is not None and len(self) > self.capacity:
+            drop = len(self) - self.capacity
+            for name in ("prompts", "responses", "terminated", "truncated", "is_expert", "rewards", "caches"):
+                del getattr(self, name)[:drop]
 
 
 def manifest_path(directory: str) -> str:

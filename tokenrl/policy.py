@@ -24,11 +24,14 @@ class CandidateQ:
         logits_BSK: ``[B, S, K]`` student logits of the candidates (K = V for the dense form).
         mask_BSK: ``[B, S, K]`` bool candidate validity (states past the response end are all False).
         expert_idx_BT: ``[B, T]`` slot of the taken action among the candidates, -1 if outside the set.
+        vocab_max_BS: ``[B, S]`` the student's max logit over the whole vocabulary (differentiable through
+            the argmax row), used by Bellman Distill's Q shift.
     """
 
     logits_BSK: torch.Tensor
     mask_BSK: torch.Tensor
     expert_idx_BT: torch.Tensor
+    vocab_max_BS: torch.Tensor
 
 
 class CausalLMPolicy(nn.Module):
@@ -90,6 +93,28 @@ class CausalLMPolicy(nn.Module):
         """Dense logits at the batch's states, ``[B, S, V]``."""
         return self.dense_logits(self.state_hidden(batch))
 
+    def vocab_max(self, h_BSD: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Max logit over the vocabulary, ``[B, S]``, without keeping a ``[B, S, V]`` tensor for backward.
+
+        The argmax is found without gradient in vocabulary chunks; the max is then recomputed from the argmax
+        row of the output embedding, so its gradient is exact (the max's gradient only reaches that row).
+        """
+        with torch.no_grad():
+            w_VD = self.head.weight[: self.vocab_size]
+            bias = getattr(self.head, "bias", None)
+            best_val = torch.full(h_BSD.shape[:-1], float("-inf"), device=h_BSD.device, dtype=w_VD.dtype)
+            best_idx = torch.zeros(h_BSD.shape[:-1], dtype=torch.long, device=h_BSD.device)
+            h = h_BSD.detach().to(w_VD.dtype)
+            for start in range(0, w_VD.shape[0], chunk):
+                logits = h @ w_VD[start : start + chunk].T
+                if bias is not None:
+                    logits = logits + bias[start : start + chunk]
+                val, idx = logits.max(-1)
+                better = val > best_val
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, idx + start, best_idx)
+        return self.sparse_logits(h_BSD, best_idx[..., None])[..., 0]
+
     def candidate_q(self, batch: Batch, top_p: float, sparse: bool = True, h_BSD: torch.Tensor | None = None) -> CandidateQ:
         """Student logits on each state's action set of the top-p MDP.
 
@@ -102,14 +127,17 @@ class CausalLMPolicy(nn.Module):
             logits = self.dense_logits(h)
             mask = batch.state_mask_BS[:, :, None].expand_as(logits)
             idx = torch.where(batch.action_mask_BT, batch.actions_BT, torch.full_like(batch.actions_BT, -1))
-            return CandidateQ(logits, mask, idx)
+            return CandidateQ(logits, mask, idx, logits.amax(-1))
         if abs(batch.top_p - top_p) > 1e-12:
             raise ValueError(f"batch sets were restricted to p={batch.top_p}, but the loss asks for p={top_p}")
         if sparse:
             logits = self.sparse_logits(h, batch.cand_ids_BSK)
+            vmax = self.vocab_max(h)
         else:
-            logits = self.dense_logits(h).gather(-1, batch.cand_ids_BSK)
-        return CandidateQ(logits, batch.cand_mask_BSK, batch.expert_idx_BT)
+            dense = self.dense_logits(h)
+            logits = dense.gather(-1, batch.cand_ids_BSK)
+            vmax = dense.amax(-1)
+        return CandidateQ(logits, batch.cand_mask_BSK, batch.expert_idx_BT, vmax)
 
 
 def gather_expert(values_BSK: torch.Tensor, expert_idx_BT: torch.Tensor) -> torch.Tensor:

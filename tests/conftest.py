@@ -1,0 +1,59 @@
+"""Shared fixtures: a small synthetic dataset with its top-p cache and a tiny transformers student."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32):
+    """A 1-layer Llama small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def synthetic_buffer():
+    """60 teacher trajectories of the default synthetic language with a top-0.8 cache (some truncated)."""
+    from tokenrl.buffer import ReplayBuffer
+    from tokenrl.datagen import compute_top_p_cache
+    from tokenrl.synthetic import SyntheticLanguage
+
+    lang = SyntheticLanguage()
+    rng = np.random.default_rng(0)
+    prompts = lang.sample_prompts(60, rng)
+    samples = lang.sample_continuations(prompts, 12, rng, top_p=0.8)
+    responses = [r for r, _ in samples]
+    terminated = [t for _, t in samples]
+    caches = compute_top_p_cache(lang, prompts, responses, 0.8)
+    buf = ReplayBuffer(pad_id=0, cache_top_p=0.8)
+    buf.add(prompts, responses, terminated, caches=caches)
+    assert 0 < sum(terminated) < len(terminated), "fixture should mix terminated and truncated responses"
+    return buf
