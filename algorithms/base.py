@@ -13,6 +13,7 @@ import torch
 
 from tokenrl.buffer import Batch
 from tokenrl.policy import CausalLMPolicy
+from tokenrl.top_p import check_p
 
 
 @dataclass
@@ -26,6 +27,16 @@ class AlgoConfig:
     warmup_steps: int = 20  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1  # floor of the cosine schedule as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm (<= 0 disables clipping)
+
+    def __post_init__(self):
+        # Fail at construction, before any data or model work, with the offending field named.
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if getattr(self, "top_p", None) is not None:
+            check_p(self.top_p)
+        gamma = getattr(self, "gamma", None)
+        if gamma is not None and not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

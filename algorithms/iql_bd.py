@@ -45,6 +45,14 @@ from tokenrl.policy import gather_expert
 
 CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
 EXPERT_TERM_CHOICES = ("math", "vocab_mean")
+Q_SHIFT_CHOICES = ("vocab", "vocab_detached", "set")
+
+
+def _shift(vocab_max_BS: torch.Tensor, q_shift: str) -> torch.Tensor | None:
+    """The per-state constant subtracted from the logits (None = the max over the set)."""
+    if q_shift == "set":
+        return None
+    return vocab_max_BS.detach() if q_shift == "vocab_detached" else vocab_max_BS
 
 
 @dataclass
@@ -55,10 +63,10 @@ class IQLBDConfig(AlgoConfig):
     gamma: float = 0.99  # discount
     alpha: float = 0.1  # chi^2 regulariser strength: phi(x) = x - x^2 / (4 alpha)
     q_min: float = -10.0  # Q = logits - max logit, clipped below at q_min
-    q_shift: str = "vocab"  # subtract the max logit over: vocab (paper) | set (the top-p set only)
+    q_shift: str = "vocab"  # subtract the max logit over: vocab (paper) | vocab_detached (no grad through it) | set
     chi2_on: str = "expert"  # where phi's square applies: expert | expert_and_policy | vocab (released code)
     expert_term: str = "math"  # math: Q(s, a_expert); vocab_mean: released code's masked-Q vocabulary mean
-    bc_coef: float = 0.0  # weight of the LM term -log pi_p(a_expert | s) (the paper adds one; weight unpublished)
+    bc_coef: float = 0.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
 
 
@@ -78,6 +86,7 @@ def iq_bd_loss(
     chi2_on: str = "expert",
     expert_term: str = "math",
     bc_coef: float = 0.0,
+    lm_nll_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD loss ``-J(Q)`` (+ optional LM term) from the student's logits on each state's action set.
 
@@ -93,6 +102,7 @@ def iq_bd_loss(
         gamma, alpha, q_min: see :class:`IQLBDConfig`.
         vocab_size: |V|, used by the released-code options.
         chi2_on, expert_term, bc_coef: see :class:`IQLBDConfig`.
+        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (needed when ``bc_coef > 0``).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
@@ -157,8 +167,9 @@ def iq_bd_loss(
         "top_p/expert_outside_frac": masked_mean((~in_set_BT).float(), action_mask_BT),
     }
     if bc_coef > 0:
-        logp_BTK = torch.log_softmax(q_BSK[:, :T].masked_fill(~mask_BSK[:, :T], float("-inf")), dim=-1)
-        nll = masked_mean(-gather_expert(logp_BTK, expert_idx_BT), in_set_BT)
+        if lm_nll_BT is None:
+            raise ValueError("bc_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
+        nll = masked_mean(lm_nll_BT, action_mask_BT)
         loss = loss + bc_coef * nll
         stats["loss/lm"] = nll
     stats["loss/total"] = loss
@@ -172,13 +183,20 @@ class IQLBD(Algorithm):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        if cfg.q_shift not in ("vocab", "set"):
-            raise ValueError(f"iql_bd.q_shift must be 'vocab' or 'set', got {cfg.q_shift!r}")
-        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
+        if cfg.q_shift not in Q_SHIFT_CHOICES:
+            raise ValueError(f"iql_bd.q_shift must be one of {Q_SHIFT_CHOICES}, got {cfg.q_shift!r}")
+        h_BSD = self.policy.state_hidden(batch)
+        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
+        lm_nll_BT = None
+        if cfg.bc_coef > 0:
+            # The LM term needs the full softmax: with it a BD step costs as much as an SFT step.
+            T = batch.actions_BT.shape[1]
+            logp_BTV = torch.log_softmax(upcast(self.policy.dense_logits(h_BSD[:, :T])), dim=-1)
+            lm_nll_BT = -logp_BTV.gather(-1, batch.actions_BT[..., None])[..., 0]
         loss, stats = iq_bd_loss(
             cq.logits_BSK,
             cq.mask_BSK,
-            cq.vocab_max_BS if cfg.q_shift == "vocab" else None,
+            _shift(cq.vocab_max_BS, cfg.q_shift),
             cq.expert_idx_BT,
             batch.action_mask_BT,
             batch.lengths_B,
@@ -190,5 +208,6 @@ class IQLBD(Algorithm):
             chi2_on=cfg.chi2_on,
             expert_term=cfg.expert_term,
             bc_coef=cfg.bc_coef,
+            lm_nll_BT=lm_nll_BT,
         )
         return loss, float_stats(**{k.replace("/", "__"): v for k, v in stats.items()})

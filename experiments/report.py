@@ -17,6 +17,7 @@ folders and plain run folders both work). Expected schema, every key optional ex
       "final_eval": {"eval/teacher_nll": 2.1, "eval/rougeL": 31.0, ...},  # tokenrl.evaluation.evaluate
       "init_eval": {...},                    # same keys, the student before training
       "teacher_eval": {...},                 # same keys, tokenrl.evaluation.evaluate_teacher_samples
+      "sft_eval": {...},                     # same keys, the student after the SFT warm start (if any)
       "train": {...}                         # training curves; not used here
     }
 
@@ -51,7 +52,7 @@ DEFAULT_METRICS = (
 )
 DEFAULT_IGNORE = ("seed", "*.seed", "hydra.*", "*output_dir*", "*run_dir*", "*log_dir*", "*save_dir*")
 TOP_P_NAMES = ("p", "top_p")
-BASELINES = (("teacher_eval", "teacher"), ("init_eval", "untrained student"))
+BASELINES = (("teacher_eval", "teacher"), ("init_eval", "untrained student"), ("sft_eval", "SFT init (start of every algorithm)"))
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Run:
     final_eval: dict[str, Any]
     init_eval: dict[str, Any] = field(default_factory=dict)
     teacher_eval: dict[str, Any] = field(default_factory=dict)
+    sft_eval: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,6 +157,7 @@ def load_run(path: Path) -> Run | None:
         final_eval=metrics["final_eval"],
         init_eval=metrics.get("init_eval") or {},
         teacher_eval=metrics.get("teacher_eval") or {},
+        sft_eval=metrics.get("sft_eval") or {},
     )
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from algorithms import make_algorithm
+from algorithms import make_algorithm, make_config
 from tokenrl.buffer import write_json_atomic
 from tokenrl.datagen import generate_teacher_data, load_teacher_data
 from tokenrl.evaluation import evaluate, evaluate_teacher_samples
@@ -71,7 +71,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # training seed: student init, batch sampling, evaluation draws
-    steps: int = 1000  # gradient updates
+    steps: int = 1000  # gradient updates of the algorithm
+    sft_steps: int = 0  # SFT (BC) warm start on the offline data before the algorithm (the paper's recipe)
+    sft_lr: float = 1e-3  # learning rate of the SFT warm start
     batch_size: int = 32  # trajectories per update
     device: str = "cpu"  # torch device
     threads: int = 0  # torch intra-op threads (0 = torch default)
@@ -79,6 +81,8 @@ class RunConfig:
     checkpoint_every: int = 0  # train_state.pt interval (0 = only at the end)
     resume: bool = False  # continue from train_state.pt in the output directory
     data_dir: str = "data_cache"  # where offline teacher data are cached (shared across runs)
+    rollout_every: int = 0  # add student rollouts to the buffer every n steps (0 = only if the algorithm needs them: 10)
+    rollout_prompts: int = 32  # prompts per rollout batch
     init_eval: bool = True  # evaluate the untrained student too
     teacher_eval: bool = True  # evaluate the teacher's own samples (the reference row)
     progress: bool = True  # tqdm progress bars
@@ -184,6 +188,49 @@ def _eval_student(model, task: Task, cfg: dict, seeds, prompts=None, refs=None, 
     )
 
 
+def student_logits_fn(model: torch.nn.Module, pad_token_id: int, vocab_size: int):
+    """``(tokens_BT, lengths_B) -> logits_BV`` of the next token for right-padded prefixes (for env rollouts)."""
+
+    @torch.no_grad()
+    def fn(tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        from tokenrl.models import left_pad
+
+        tokens, attn, pos = left_pad(tokens_BT, lengths_B, pad_token_id)
+        out = model(input_ids=tokens, attention_mask=attn, position_ids=pos, use_cache=False)
+        return out.logits[:, -1, :vocab_size].float()
+
+    return fn
+
+
+def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | None, seed: int) -> dict[str, float]:
+    """Sample student rollouts on training prompts through the batched env and add them to ``buffer``.
+
+    With ``top_p < 1`` the student samples inside the teacher's top-p set (the top-p MDP's action set), so
+    every learner action has a cached Q. Rollouts are added with ``is_expert=False`` and their top-p cache.
+    """
+    from envs import BatchedTokenGenerationEnv
+    from envs.top_p_wrapper import top_p_restricted_policy
+    from tokenrl.datagen import compute_top_p_cache
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(task.train_prompts), size=min(n_prompts, len(task.train_prompts)), replace=False)
+    prompts = [task.train_prompts[i] for i in idx]
+    env = BatchedTokenGenerationEnv(
+        task.vocab_size, task.eos_token_id, task.max_new_tokens, max(len(p) for p in prompts),
+        pad_token_id=task.pad_token_id,
+    )
+    policy_fn = student_logits_fn(model, task.pad_token_id, task.vocab_size)
+    if top_p is not None and top_p < 1.0:
+        policy_fn = top_p_restricted_policy(policy_fn, task.teacher, top_p)
+    was_training = model.training
+    model.eval()
+    traj = env.rollout(policy_fn, prompts=prompts, seed=seed)
+    model.train(was_training)
+    caches = compute_top_p_cache(task.teacher, traj.prompts, traj.responses, buffer.cache_top_p, pad_id=task.pad_token_id)
+    buffer.add(traj.prompts, traj.responses, traj.terminated, traj.truncated, caches=caches, rewards=traj.rewards, is_expert=False)
+    return {"rollout/mean_len": float(np.mean([len(r) for r in traj.responses])), "rollout/buffer_size": float(len(buffer))}
+
+
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and np.isfinite(v):
@@ -208,6 +255,7 @@ def run(cfg: dict, out_dir: str) -> dict:
     algo_name = algo_cfg.pop("name")
     timings: dict[str, float] = {}
 
+    make_config(algo_name, algo_cfg)  # validate the algorithm's options before any expensive work
     t0 = time.time()
     task = build_task(cfg["task"], cfg["eval"])
     timings["task_build_s"] = time.time() - t0
@@ -227,7 +275,6 @@ def run(cfg: dict, out_dir: str) -> dict:
 
     model = build_student(cfg["model"], task, seed, device)
     policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
-    algo = make_algorithm(algo_name, policy, algo_cfg, total_steps=int(cfg["steps"]))
     generator = torch.Generator().manual_seed(seed)
     writer = SummaryWriter(os.path.join(out_dir, "tb"))
     state_path = os.path.join(out_dir, "train_state.pt")
@@ -236,6 +283,7 @@ def run(cfg: dict, out_dir: str) -> dict:
     start_step = 0
     if cfg.get("resume") and os.path.exists(state_path):
         state = torch.load(state_path, weights_only=False)
+        algo = make_algorithm(algo_name, policy, algo_cfg, total_steps=int(cfg["steps"]))
         algo.load_state_dict(state["algo"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -257,6 +305,18 @@ def run(cfg: dict, out_dir: str) -> dict:
             timings["init_eval_s"] = time.time() - t0
             _log_scalars(writer, results["init_eval"], 0)
 
+        sft_steps = int(cfg.get("sft_steps") or 0)
+        if sft_steps > 0:
+            t0 = time.time()
+            sft = make_algorithm("bc", policy, {"lr": float(cfg.get("sft_lr", 1e-3))}, total_steps=sft_steps)
+            for _ in tqdm(range(sft_steps), desc="sft warm start", disable=not progress):
+                sft_stats = sft.update(buffer.sample(int(cfg["batch_size"]), generator).to(device))
+            _log_scalars(writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
+            timings["sft_s"] = time.time() - t0
+            results["sft_eval"] = _eval_student(model, task, cfg, ev_seeds)
+        # Built after the warm start so that anything copied from the policy (target networks) starts there.
+        algo = make_algorithm(algo_name, policy, algo_cfg, total_steps=int(cfg["steps"]))
+
     def save_state(step: int) -> None:
         _atomic_torch_save(
             {
@@ -264,7 +324,7 @@ def run(cfg: dict, out_dir: str) -> dict:
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "step": step,
-                "results": {k: results[k] for k in ("teacher_eval", "init_eval") if k in results},
+                "results": {k: results[k] for k in ("teacher_eval", "init_eval", "sft_eval") if k in results},
             },
             state_path,
         )
@@ -274,7 +334,14 @@ def run(cfg: dict, out_dir: str) -> dict:
     steps = int(cfg["steps"])
     val_every = int(cfg["eval"].get("val_every") or 0)
     bar = tqdm(range(start_step, steps), desc=f"{algo_name} train", disable=not progress, initial=start_step, total=steps)
+    rollout_every = int(cfg.get("rollout_every") or 0)
+    wants_rollouts = algo.needs_rollouts or getattr(algo.config, "reward", None) == "sqil"
+    if wants_rollouts and rollout_every == 0:
+        rollout_every = 10
     for step in bar:
+        if rollout_every and step % rollout_every == 0:
+            ro = collect_rollouts(model, task, buffer, int(cfg.get("rollout_prompts", 32)), algo.top_p, seed * 1_000_003 + step)
+            _log_scalars(writer, ro, step)
         batch = buffer.sample(int(cfg["batch_size"]), generator, top_p=algo.top_p).to(device)
         stats = algo.update(batch)
         if (step + 1) % int(cfg["log_every"]) == 0 or step + 1 == steps:

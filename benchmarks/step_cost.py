@@ -1,0 +1,108 @@
+"""Cost of one training step: SFT (dense cross-entropy) vs Bellman Distill with the dense and the sparse head.
+
+Each configuration runs in its own subprocess so its peak resident memory (ru_maxrss) is its own. The table
+reports time per step (median over repeats) and peak memory, with ratios to the SFT step measured in the
+same run. Absolute numbers are machine noise; read the ratios.
+
+    python benchmarks/step_cost.py                       # vocab 32k and 150k, a small Llama
+    python benchmarks/step_cost.py --vocab 50000 --steps 5 --batch 4 --seq 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "sft (bc, dense CE)": ("bc", {}),
+    "bd dense head (p=0.8)": ("iql_bd", {"sparse": False}),
+    "bd sparse head (p=0.8)": ("iql_bd", {"sparse": True}),
+    "bd sparse, q_shift=set": ("iql_bd", {"sparse": True, "q_shift": "set"}),
+}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from algorithms import make_algorithm
+    from tokenrl.buffer import ReplayBuffer, TopPCache
+    from tokenrl.policy import CausalLMPolicy
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    V, T = args.vocab, args.seq
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2 * T + 64, tie_word_embeddings=False,
+        )
+    )
+    buf = ReplayBuffer(pad_id=0, cache_top_p=0.8)
+    for _ in range(args.batch):
+        resp = rng.integers(1, V, size=T).tolist()
+        # Set sizes like an instruct LM's top-0.8 sets: mostly a few tokens, a long tail up to ~100.
+        sizes = np.minimum(1 + rng.geometric(0.2, size=T + 1), 128).astype(np.int32)
+        ids, lps = [], []
+        for t, k in enumerate(sizes):
+            others = rng.choice(np.arange(1, V), size=k, replace=False)
+            if t < T:
+                others[0] = resp[t]  # the expert action lies in its set (data sampled at the training p)
+            ids.append(others)
+            lps.append(np.sort(np.log(rng.dirichlet(np.ones(k))))[::-1])
+        buf.add([[1] * 16], [resp], [False], caches=[TopPCache(sizes, np.concatenate(ids).astype(np.int32), np.concatenate(lps).astype(np.float16))])
+    name, extra = CONFIGS[args.config]
+    algo = make_algorithm(name, CausalLMPolicy(model, V), extra, total_steps=100)
+    batch = buf.collate(list(range(args.batch)), top_p=algo.top_p)
+    algo.update(batch)  # warm-up
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        algo.update(batch)
+        times.append(time.perf_counter() - t0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak_mb, "mean_set": float(buf.set_sizes().mean())}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 150000])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.config:
+        args.vocab = args.vocab[0]
+        _worker(args)
+        return
+    print(f"model: Llama hidden {args.hidden}, {args.layers} layers; batch {args.batch} x {args.seq} response tokens; "
+          f"{args.threads} threads; median of {args.steps} steps")
+    print("| vocab | step | time/step (s) | x SFT | peak RSS (MB) | x SFT |")
+    print("|---|---|---|---|---|---|")
+    for vocab in args.vocab:
+        base = None
+        for config in CONFIGS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--config", config, "--vocab", str(vocab)]
+            for k in ("hidden", "layers", "batch", "seq", "steps", "threads"):
+                cmd += [f"--{k}", str(getattr(args, k))]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            base = base or r
+            print(f"| {vocab} | {config} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | "
+                  f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
