@@ -9,10 +9,14 @@ BD maximises over expert transitions (s, a, s') of the offline data D:
     J(Q) = E_D[ phi( Q(s, a) - gamma V_p(s') ) ] - E_D[ V_p(s) - gamma V_p(s') ],
     phi(x) = x - x^2 / (4 alpha)                                   (chi^2 regulariser)
 
-The student policy is softmax(Q) projected onto A_p(s). Only logits inside A_p(s) enter the loss, so with
-the sparse head it costs O(|A_p|) per position. An expert action outside A_p(s) has no Q in the top-p MDP:
-its phi term is dropped and counted in ``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary
-IQ-Learn (no restriction).
+The student policy is softmax(Q) projected onto A_p(s). Only logits inside A_p(s) (and the vocabulary max,
+found without gradient and re-gathered) enter the loss, so with the sparse head its memory is O(|A_p|) per
+position. An expert action outside A_p(s) has no Q in the top-p MDP: its phi term is dropped and counted in
+``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary IQ-Learn (no restriction).
+
+The top-p MDP only ranks the tokens inside A_p(s): the loss says nothing about the rest of the vocabulary
+except through the max shift. ``bc_coef`` adds the paper's LM term (full-vocabulary cross-entropy on the
+expert tokens), which keeps the student's mass outside the set in check; RESULTS.md measures both.
 
 Options beyond the math form (defaults are the math form):
 * ``chi2_on``: where phi's square is applied. ``"expert"`` (as written above); ``"expert_and_policy"``
@@ -21,6 +25,8 @@ Options beyond the math form (defaults are the math form):
   BD code: the square over the whole vocabulary of the masked Q, zeros outside the set).
 * ``expert_term = "vocab_mean"``: the released code's expert term, the masked Q averaged over the vocabulary
   instead of Q at the expert token.
+* ``q_shift``: ``"vocab"`` (paper: subtract the max logit over the vocabulary, gradient through it),
+  ``"vocab_detached"`` (the same constant without gradient) or ``"set"`` (the max over A_p(s); purely O(K)).
 """
 
 from __future__ import annotations

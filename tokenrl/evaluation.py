@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
+from tokenrl.datagen import right_pad
 from tokenrl.teachers import Teacher
 from tokenrl.top_p import check_p, top_p_mask
 
@@ -56,16 +57,6 @@ def _cache_name(model: torch.nn.Module) -> str:
     transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed in 5.40).
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into ``tokens_BT`` (long) and ``lengths_B`` (long), on CPU."""
-    lengths_B = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    width = int(lengths_B.max().item()) if len(seqs) else 0
-    tokens_BT = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for b, seq in enumerate(seqs):
-        tokens_BT[b, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-    return tokens_BT, lengths_B
 
 
 def _response_mask(prompt_lens_B: torch.Tensor, response_lens_B: torch.Tensor, width: int) -> torch.Tensor:
@@ -273,7 +264,7 @@ def teacher_nll(
         for start in range(0, len(prompts), batch_size):
             batch_prompts = prompts[start : start + batch_size]
             batch_responses = responses[start : start + batch_size]
-            tokens_BT, lengths_B = _right_pad(
+            tokens_BT, lengths_B = right_pad(
                 [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
             )
             logprobs_BTV = torch.log_softmax(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu(), dim=-1)
@@ -349,7 +340,7 @@ def teacher_forced_kl(
             for start in range(0, len(prompts), batch_size):
                 batch_prompts = prompts[start : start + batch_size]
                 batch_responses = responses[start : start + batch_size]
-                tokens_BT, lengths_B = _right_pad(
+                tokens_BT, lengths_B = right_pad(
                     [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
                 )
                 width = tokens_BT.shape[1]

@@ -449,3 +449,58 @@ class HFTeacher:
         self._cache = None
         self._attention_mask_BL = None
         self._next_position_B = None
+
+
+class IncrementalTeacher:
+    """The Teacher interface on :class:`HFTeacher`'s KV cache, for lock-step rollouts in the batched env.
+
+    :meth:`next_token_logits` keeps the previous call's prefixes: when every row of the new call extends its
+    previous prefix by at most one token (the batched env's lock-step; finished rows stop growing) it feeds
+    only the new tokens through :meth:`HFTeacher.advance`. Any other call restarts with
+    :meth:`HFTeacher.start`. So ``envs.top_p_restricted_policy`` and ``TopPActionWrapper`` run one cached
+    teacher step per env step. A row that stops growing (it finished) is fed padding from then on; its logits
+    are meaningless and the env ignores them.
+
+    Args:
+        teacher: the uncached adapter.
+    """
+
+    def __init__(self, teacher: HFTeacher):
+        self.teacher = teacher
+        self.vocab_size = teacher.vocab_size
+        self.eos_token_id = teacher.eos_token_id
+        self.pad_token_id = teacher.pad_token_id
+        self._prev_tokens_BT: torch.Tensor | None = None
+        self._prev_lengths_B: torch.Tensor | None = None
+        self._active_B: torch.Tensor | None = None
+
+    def _extends_previous(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> bool:
+        prev_t, prev_l = self._prev_tokens_BT, self._prev_lengths_B
+        if prev_t is None or prev_l.shape != lengths_B.shape:
+            return False
+        grow = lengths_B - prev_l
+        if not bool(((grow == 0) | (grow == 1)).all()) or bool((grow[~self._active_B] != 0).any()):
+            return False  # a row that stopped growing (finished) has a stale cache column and cannot resume
+        width = int(prev_l.max())
+        if tokens_BT.shape[1] < width:
+            return False
+        mask = torch.arange(width)[None, :] < prev_l[:, None]
+        return bool((tokens_BT[:, :width][mask] == prev_t[:, :width][mask]).all())
+
+    def next_token_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` with the KV cache when the call continues the previous one."""
+        tokens_BT, lengths_B = tokens_BT.cpu(), lengths_B.cpu().long()
+        if self._extends_previous(tokens_BT, lengths_B):
+            grow = lengths_B - self._prev_lengths_B
+            last = tokens_BT.gather(1, (lengths_B - 1).clamp_min(0)[:, None])[:, 0]
+            logits = self.teacher.advance(torch.where(grow == 1, last, torch.full_like(last, self.pad_token_id)))
+            self._active_B = self._active_B & (grow == 1)
+        else:
+            logits = self.teacher.start(tokens_BT, lengths_B)
+            self._active_B = torch.ones_like(lengths_B, dtype=torch.bool)
+        self._prev_tokens_BT, self._prev_lengths_B = tokens_BT.clone(), lengths_B.clone()
+        return logits
+
+    def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (no cache involved)."""
+        return self.teacher.sequence_logits(tokens_BT, lengths_B)
