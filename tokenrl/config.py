@@ -45,6 +45,7 @@ class HFTaskNode:
     val_fraction: float = 0.05
     test_fraction: float = 0.1
     max_train_prompts: int | None = None  # cap the number of training prompts (None = all)
+    max_val_prompts: int | None = None  # cap the number of validation prompts (held-out KL, val_every)
     max_test_prompts: int | None = None  # cap the number of evaluation prompts
     samples_per_prompt: int = 1  # teacher samples per training prompt (the paper uses 8)
     sample_top_p: float = 0.8  # teacher sampling top-p for the offline data (= training p)
@@ -56,6 +57,7 @@ class HFTaskNode:
     shard_prompts: int = 64
     cache_batch_size: int = 8
     gen_batch_size: int = 16  # prompts per teacher sampling batch
+    eval_cache_dir: str | None = None  # cache of the build-time teacher samples (references, held-out KL); None = off
 
 
 def _algo_node(name: str):

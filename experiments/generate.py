@@ -1,0 +1,43 @@
+"""Generate (or resume, or just load) the offline teacher data of a task, without training.
+
+Takes the same config as ``experiments/run.py`` and runs only its data stage, so a later training run with
+the same task settings finds the data in ``data_dir`` and starts at once:
+
+    python experiments/generate.py task=smollm2                 # SmolLM2 teacher data into data_cache/
+    python experiments/generate.py task=dolly_gpt2 device=cuda  # the paper's data (a GPU job)
+    python experiments/generate.py task=smollm2 task.samples_per_prompt=4 data_dir=/big/disk
+
+An interrupted generation resumes from its last complete shard. Prints the data directory, the number of
+trajectories, the bytes per token of the stored top-p sets and set-size statistics.
+"""
+
+from __future__ import annotations
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from tokenrl.config import register_configs
+from tokenrl.trainer import _load_or_generate_data, build_task
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    task = build_task(resolved["task"], resolved["eval"])
+    buffer, data_dir, seconds, cached = _load_or_generate_data(resolved, task, bool(resolved.get("progress", True)))
+    sizes = buffer.set_sizes()
+    percentiles = np.percentile(sizes, [50, 90, 99]) if len(sizes) else np.zeros(3)
+    print(f"data dir: {data_dir} ({'loaded from cache' if cached else 'generated'} in {seconds:.1f}s)")
+    print(f"trajectories: {len(buffer)} ({buffer.n_tokens} tokens, {float(np.mean(buffer.terminated)):.1%} end with EOS)")
+    print(f"bytes per token: {buffer.bytes_per_token():.1f}")
+    print(
+        f"top-p set size (p={buffer.cache_top_p}): mean {sizes.mean():.1f}, p50 {percentiles[0]:.0f}, "
+        f"p90 {percentiles[1]:.0f}, p99 {percentiles[2]:.0f}, max {sizes.max()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
