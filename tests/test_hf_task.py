@@ -38,7 +38,12 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add
 def _write_teacher(directory: str) -> None:
     tokenizer = word_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    tiny_llama(len(tokenizer), layers=4).save_pretrained(directory)
+    teacher = tiny_llama(len(tokenizer), layers=4)
+    # Tied input/output embeddings, as in SmolLM2 and Qwen2.5-0.5B: the run must still save its student.
+    teacher.config.tie_word_embeddings = True
+    teacher.tie_weights()
+    assert teacher.lm_head.weight.data_ptr() == teacher.model.embed_tokens.weight.data_ptr()
+    teacher.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -76,7 +76,7 @@ class RunConfig:
     sft_lr: float = 1e-3  # learning rate of the SFT warm start
     batch_size: int = 32  # trajectories per update
     device: str = "cpu"  # torch device
-    threads: int = 0  # torch intra-op threads (0 = torch default)
+    threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
     log_every: int = 20  # TensorBoard scalar interval
     checkpoint_every: int = 0  # train_state.pt interval (0 = only at the end)
     resume: bool = False  # continue from train_state.pt in the output directory
@@ -362,7 +362,7 @@ def run(cfg: dict, out_dir: str) -> dict:
     writer.close()
 
     tmp = os.path.join(out_dir, f"student.safetensors.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+    save_model(model, tmp)  # drops the duplicate of tied embeddings (SmolLM2, Qwen2.5-0.5B) instead of failing
     os.replace(tmp, os.path.join(out_dir, "student.safetensors"))
     if task.tokenizer is not None:
         from tokenrl.models import save_student
