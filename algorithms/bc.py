@@ -22,7 +22,11 @@ class BCConfig(AlgoConfig):
 
 
 def bc_loss(logits_BTV: torch.Tensor, actions_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of ``actions_BT`` under ``softmax(logits_BTV)`` over valid steps."""
+    """Mean negative log-likelihood of ``actions_BT`` under ``softmax(logits_BTV)`` over valid steps.
+
+    The dense reference of :meth:`tokenrl.policy.CausalLMPolicy.token_nll`, which :class:`BC` uses to keep
+    memory flat at large vocabularies.
+    """
     logp_BT = torch.log_softmax(upcast(logits_BTV), dim=-1).gather(-1, actions_BT[..., None])[..., 0]
     return masked_mean(-logp_BT, mask_BT)
 
@@ -34,6 +38,6 @@ class BC(Algorithm):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         T = batch.actions_BT.shape[1]
-        logits_BSV = self.policy(batch)
-        loss = bc_loss(logits_BSV[:, :T], batch.actions_BT, batch.action_mask_BT)
+        h_BTD = self.policy.state_hidden(batch)[:, :T]
+        loss = masked_mean(self.policy.token_nll(h_BTD, batch.actions_BT), batch.action_mask_BT)
         return loss, float_stats(loss__total=loss, loss__ce=loss)

@@ -197,8 +197,7 @@ class IQLBD(Algorithm):
         if cfg.bc_coef > 0:
             # The LM term needs the full softmax: with it a BD step costs as much as an SFT step.
             T = batch.actions_BT.shape[1]
-            logp_BTV = torch.log_softmax(upcast(self.policy.dense_logits(h_BSD[:, :T])), dim=-1)
-            lm_nll_BT = -logp_BTV.gather(-1, batch.actions_BT[..., None])[..., 0]
+            lm_nll_BT = self.policy.token_nll(h_BSD[:, :T], batch.actions_BT)
         loss, stats = iq_bd_loss(
             cq.logits_BSK,
             cq.mask_BSK,

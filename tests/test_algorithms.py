@@ -155,3 +155,27 @@ def test_bd_at_smaller_p_counts_outside_actions(synthetic_buffer):
     algo = make_algorithm("iql_bd", policy, {"top_p": 0.3}, total_steps=10)
     _, stats = algo.compute_loss(_batch(synthetic_buffer, algo, n=60))
     assert 0.0 < stats["top_p/expert_outside_frac"] < 1.0
+
+
+def test_chunked_token_nll_equals_dense(synthetic_buffer):
+    """The checkpointed, chunked NLL (flat memory at large V) equals bc_loss on dense logits, with gradients."""
+    from algorithms.bc import bc_loss
+
+    policy = CausalLMPolicy(tiny_llama(dtype=torch.float64), vocab_size=64)
+    batch = synthetic_buffer.collate(list(range(6)))
+    T = batch.actions_BT.shape[1]
+    grads = []
+    for chunked in (True, False):
+        policy.zero_grad()
+        h = policy.state_hidden(batch)[:, :T]
+        if chunked:
+            from tokenrl.backup import masked_mean
+
+            loss = masked_mean(policy.token_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
+        else:
+            loss = bc_loss(policy.dense_logits(h), batch.actions_BT, batch.action_mask_BT)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
