@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from tokenrl.config import register_configs
-from tokenrl.trainer import _load_or_generate_data, build_task
+from tokenrl.trainer import _load_or_generate_data, apply_threads, build_task
 
 register_configs()
 
@@ -26,6 +26,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    apply_threads(resolved)
     task = build_task(resolved["task"], resolved["eval"])
     buffer, data_dir, seconds, cached = _load_or_generate_data(resolved, task, bool(resolved.get("progress", True)))
     sizes = buffer.set_sizes()

@@ -231,6 +231,12 @@ def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | N
     return {"rollout/mean_len": float(np.mean([len(r) for r in traj.responses])), "rollout/buffer_size": float(len(buffer))}
 
 
+def apply_threads(cfg: dict) -> None:
+    """Set torch's intra-op threads from ``cfg["threads"]`` (0 keeps torch's default)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+
+
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and np.isfinite(v):
@@ -246,8 +252,7 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
 def run(cfg: dict, out_dir: str) -> dict:
     """Train and evaluate one student; returns the metrics written to ``metrics.json``."""
     os.makedirs(out_dir, exist_ok=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+    apply_threads(cfg)
     progress = bool(cfg.get("progress", True))
     device = cfg.get("device", "cpu")
     seed = int(cfg["seed"])
