@@ -224,3 +224,21 @@ def test_generate_twice_then_train(tiny_files, tmp_path):
         student = AutoModelForCausalLM.from_pretrained(sweep / algo / "student")
         tokenizer = AutoTokenizer.from_pretrained(sweep / algo / "student")
         assert student.config.num_hidden_layers == 3 and len(tokenizer) == metrics["task_info"]["vocab_size"]
+
+
+def test_online_rollouts_on_a_transformers_task(tiny_files, tmp_path):
+    """The trainer's online path on a real LM: KV-cached student and teacher, actions inside the teacher's set."""
+    from tokenrl.buffer import ReplayBuffer
+    import dataclasses
+
+    from tokenrl.trainer import ModelConfig, build_student, collect_rollouts
+
+    task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")), EVAL)
+    student = build_student(dataclasses.asdict(ModelConfig(kind="pruned")), task, seed=0, device="cpu")
+    buffer = ReplayBuffer(pad_id=task.pad_token_id, cache_top_p=0.8)
+    stats = collect_rollouts(student, task, buffer, n_prompts=3, top_p=0.8, seed=0)
+    assert len(buffer) == 3 and not any(buffer.is_expert) and stats["rollout/buffer_size"] == 3
+    batch = buffer.collate([0, 1, 2], top_p=0.8)
+    # Sampled inside the teacher's top-p set (up to float16 rounding of the cache at the set boundary).
+    assert batch.expert_in_set_BT[batch.action_mask_BT].float().mean() >= 0.9
+    assert student.training  # collect_rollouts restores train mode

@@ -219,11 +219,20 @@ def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | N
         task.vocab_size, task.eos_token_id, task.max_new_tokens, max(len(p) for p in prompts),
         pad_token_id=task.pad_token_id,
     )
-    policy_fn = student_logits_fn(model, task.pad_token_id, task.vocab_size)
-    if top_p is not None and top_p < 1.0:
-        policy_fn = top_p_restricted_policy(policy_fn, task.teacher, top_p)
     was_training = model.training
     model.eval()
+    teacher = task.teacher
+    if task.tokenizer is not None:
+        # Transformers models: one KV-cached step per env step for both the student and the teacher.
+        from tokenrl.models import HFTeacher, IncrementalTeacher
+
+        policy_fn = IncrementalTeacher(HFTeacher(model, task.tokenizer)).next_token_logits
+        if isinstance(teacher, HFTeacher):
+            teacher = IncrementalTeacher(teacher)
+    else:
+        policy_fn = student_logits_fn(model, task.pad_token_id, task.vocab_size)
+    if top_p is not None and top_p < 1.0:
+        policy_fn = top_p_restricted_policy(policy_fn, teacher, top_p)
     traj = env.rollout(policy_fn, prompts=prompts, seed=seed)
     model.train(was_training)
     caches = compute_top_p_cache(task.teacher, traj.prompts, traj.responses, buffer.cache_top_p, pad_id=task.pad_token_id)
