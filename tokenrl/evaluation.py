@@ -112,7 +112,11 @@ def _sample_batch(
     position_ids_BP = (attention_mask_BP.cumsum(-1) - 1).clamp(min=0)
 
     cache_name = _cache_name(model)
-    out = model(input_ids=input_ids_BP, attention_mask=attention_mask_BP, position_ids=position_ids_BP, use_cache=True)
+    # Only the last column's logits are needed: skip the [B, P, V] projection of the whole prompt.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(
+        input_ids=input_ids_BP, attention_mask=attention_mask_BP, position_ids=position_ids_BP, use_cache=True, **keep
+    )
     cache = out[cache_name]
     logits_BV = out.logits[:, -1, :vocab_size].float()
     next_position_B = position_ids_BP[:, -1] + 1
