@@ -26,7 +26,12 @@ register_configs()
 
 def _summary(metrics: dict, out_dir: str) -> str:
     keys = ["eval/teacher_nll", "eval/rougeL", "eval/kl_student_teacher", "eval/response_len"]
-    rows = [("teacher", metrics.get("teacher_eval")), ("untrained", metrics.get("init_eval")), (metrics["algo"], metrics.get("final_eval"))]
+    rows = [
+        ("teacher", metrics.get("teacher_eval")),
+        ("untrained", metrics.get("init_eval")),
+        ("SFT init", metrics.get("sft_eval")),
+        (metrics["algo"], metrics.get("final_eval")),
+    ]
     lines = [f"{'':>12} " + " ".join(f"{k.split('/')[1]:>22}" for k in keys)]
     for name, ev in rows:
         if ev:
