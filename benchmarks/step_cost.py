@@ -20,7 +20,7 @@ import sys
 import time
 
 CONFIGS = {
-    "sft (bc, dense CE)": ("bc", {}),
+    "sft (bc, chunked full-vocab CE)": ("bc", {}),
     "bd dense head (p=0.8)": ("iql_bd", {"sparse": False}),
     "bd sparse head (p=0.8)": ("iql_bd", {"sparse": True}),
     "bd sparse, q_shift=set": ("iql_bd", {"sparse": True, "q_shift": "set"}),
