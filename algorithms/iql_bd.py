@@ -54,7 +54,7 @@ EXPERT_TERM_CHOICES = ("math", "vocab_mean")
 Q_SHIFT_CHOICES = ("vocab", "vocab_detached", "set")
 
 
-def _shift(vocab_max_BS: torch.Tensor, q_shift: str) -> torch.Tensor | None:
+def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | None:
     """The per-state constant subtracted from the logits (None = the max over the set)."""
     if q_shift == "set":
         return None
@@ -192,7 +192,9 @@ class IQLBD(Algorithm):
         if cfg.q_shift not in Q_SHIFT_CHOICES:
             raise ValueError(f"iql_bd.q_shift must be one of {Q_SHIFT_CHOICES}, got {cfg.q_shift!r}")
         h_BSD = self.policy.state_hidden(batch)
-        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
+        cq = self.policy.candidate_q(
+            batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD, with_vocab_max=cfg.q_shift != "set"
+        )
         lm_nll_BT = None
         if cfg.bc_coef > 0:
             # The LM term needs the full softmax: with it a BD step costs as much as an SFT step.

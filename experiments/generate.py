@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from tokenrl.config import register_configs
-from tokenrl.trainer import _load_or_generate_data, apply_threads, build_task
+from tokenrl.trainer import load_or_generate_data, apply_threads, build_task
 
 register_configs()
 
@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     apply_threads(resolved)
     task = build_task(resolved["task"], resolved["eval"])
-    buffer, data_dir, seconds, cached = _load_or_generate_data(resolved, task, bool(resolved.get("progress", True)))
+    buffer, data_dir, seconds, cached = load_or_generate_data(resolved, task, bool(resolved.get("progress", True)))
     sizes = buffer.set_sizes()
     percentiles = np.percentile(sizes, [50, 90, 99]) if len(sizes) else np.zeros(3)
     print(f"data dir: {data_dir} ({'loaded from cache' if cached else 'generated'} in {seconds:.1f}s)")

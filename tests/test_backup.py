@@ -18,7 +18,6 @@ from tokenrl.backup import (
     soft_value,
     soft_value_dense,
     td_target,
-    valid_actions,
 )
 
 B, T, K, V = 6, 7, 5, 23
@@ -187,13 +186,8 @@ def test_shifted_q_empty_set_is_finite_and_keeps_gradients():
     assert bool(torch.isfinite(q).all())
 
 
-def test_valid_actions():
-    lengths = torch.tensor([0, 2, 5])
-    assert valid_actions(lengths, 4).tolist() == [
-        [False, False, False, False],
-        [True, True, False, False],
-        [True, True, True, True],
-    ]
+def _valid(lengths_B, n_steps):
+    return torch.arange(n_steps)[None, :] < lengths_B[:, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +286,7 @@ def test_iq_learn_value_term_matches_loop(gamma, seed):
     lengths, terminated = random_batch(seed)
     v = torch.randn(B, T + 1, generator=gen(seed + 30), dtype=torch.float64)
     v_next = next_state_values(v, lengths, terminated)
-    mask = valid_actions(lengths, T)
+    mask = _valid(lengths, T)
     out = iq_learn_value_term(v, v_next, mask, gamma)
     ref_next = loop_next_values(v, lengths, terminated)
     terms = []
@@ -308,7 +302,7 @@ def test_iq_learn_value_term_telescopes_with_gamma_one():
     v = torch.randn(1, T + 1, dtype=torch.float64)
     lengths, terminated = torch.tensor([T]), torch.tensor([True])
     v_next = next_state_values(v, lengths, terminated)
-    out = iq_learn_value_term(v, v_next, valid_actions(lengths, T), 1.0)
+    out = iq_learn_value_term(v, v_next, _valid(lengths, T), 1.0)
     assert (out * T).item() == pytest.approx(v[0, 0].item(), abs=1e-12)
 
 

@@ -84,11 +84,6 @@ def shifted_q(
     return q.clamp_min(q_min) if q_min is not None else q
 
 
-def valid_actions(lengths_B: torch.Tensor, n_steps: int) -> torch.Tensor:
-    """``[B, T]`` bool, True at response positions ``t < lengths_B[b]``."""
-    return torch.arange(n_steps, device=lengths_B.device)[None, :] < lengths_B[:, None]
-
-
 def next_state_values(v_BS: torch.Tensor, lengths_B: torch.Tensor, terminated_B: torch.Tensor) -> torch.Tensor:
     """Value of the next state of every action, with terminal masking.
 

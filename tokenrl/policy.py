@@ -26,13 +26,13 @@ class CandidateQ:
         mask_BSK: ``[B, S, K]`` bool candidate validity (states past the response end are all False).
         expert_idx_BT: ``[B, T]`` slot of the taken action among the candidates, -1 if outside the set.
         vocab_max_BS: ``[B, S]`` the student's max logit over the whole vocabulary (differentiable through
-            the argmax row), used by Bellman Distill's Q shift.
+            the argmax row), used by Bellman Distill's Q shift; None unless asked for.
     """
 
     logits_BSK: torch.Tensor
     mask_BSK: torch.Tensor
     expert_idx_BT: torch.Tensor
-    vocab_max_BS: torch.Tensor
+    vocab_max_BS: torch.Tensor | None = None
 
 
 class CausalLMPolicy(nn.Module):
@@ -139,7 +139,14 @@ class CausalLMPolicy(nn.Module):
                 best_idx = torch.where(better, idx + start, best_idx)
         return self.sparse_logits(h_BSD, best_idx[..., None])[..., 0]
 
-    def candidate_q(self, batch: Batch, top_p: float, sparse: bool = True, h_BSD: torch.Tensor | None = None) -> CandidateQ:
+    def candidate_q(
+        self,
+        batch: Batch,
+        top_p: float,
+        sparse: bool = True,
+        h_BSD: torch.Tensor | None = None,
+        with_vocab_max: bool = False,
+    ) -> CandidateQ:
         """Student logits on each state's action set of the top-p MDP.
 
         ``top_p = 1`` means no restriction: the set is the whole vocabulary (dense). Otherwise the set is the
@@ -151,16 +158,18 @@ class CausalLMPolicy(nn.Module):
             logits = self.dense_logits(h)
             mask = batch.state_mask_BS[:, :, None].expand_as(logits)
             idx = torch.where(batch.action_mask_BT, batch.actions_BT, torch.full_like(batch.actions_BT, -1))
-            return CandidateQ(logits, mask, idx, logits.amax(-1))
+            return CandidateQ(logits, mask, idx, logits.amax(-1) if with_vocab_max else None)
         if abs(batch.top_p - top_p) > 1e-12:
             raise ValueError(f"batch sets were restricted to p={batch.top_p}, but the loss asks for p={top_p}")
+        vmax = None
         if sparse:
             logits = self.sparse_logits(h, batch.cand_ids_BSK)
-            vmax = self.vocab_max(h)
+            if with_vocab_max:  # an O(|V|) pass without gradient: only when the Q shift needs it
+                vmax = self.vocab_max(h)
         else:
             dense = self.dense_logits(h)
             logits = dense.gather(-1, batch.cand_ids_BSK)
-            vmax = dense.amax(-1)
+            vmax = dense.amax(-1) if with_vocab_max else None
         return CandidateQ(logits, batch.cand_mask_BSK, batch.expert_idx_BT, vmax)
 
 

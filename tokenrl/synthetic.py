@@ -239,20 +239,6 @@ class SyntheticLanguage:
             out.append((resp, terminated))
         return out
 
-    def entropy_rate_estimate(self, prompts: list[list[int]], max_new_tokens: int, n: int, rng: np.random.Generator) -> float:
-        """Monte-Carlo teacher NLL per response token of its own samples (the floor for any student)."""
-        total, count = 0.0, 0
-        for prompt in prompts:
-            for resp, _ in self.sample_continuations([prompt] * n, max_new_tokens, rng):
-                s = self.start_state
-                for tok in prompt:
-                    s = int(self.next_state_SV[s, tok])
-                for tok in resp:
-                    total -= self.log_emission_SV[s, tok]
-                    count += 1
-                    s = int(self.next_state_SV[s, tok])
-        return total / max(count, 1)
-
     def token_to_text(self, tokens: list[int]) -> str:
         """Render tokens as words (``t17``; EOS dropped) for Rouge-L."""
         return " ".join(f"t{t}" for t in tokens if t != self.eos_token_id)

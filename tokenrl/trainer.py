@@ -132,7 +132,11 @@ def build_student(model_cfg: dict, task: Task, seed: int, device: str) -> torch.
     return build_hf_student(model_cfg, task, seed, device)
 
 
-def _load_or_generate_data(cfg: dict, task: Task, progress: bool):
+def load_or_generate_data(cfg: dict, task: Task, progress: bool):
+    """The task's offline teacher data: loaded when complete on disk, else generated (or resumed).
+
+    Returns ``(buffer, data_dir, seconds, was_cached)``.
+    """
     data_dir = os.path.join(cfg["data_dir"], task.data_key())
     task_cfg = cfg["task"]
     cache_p = float(task_cfg.get("cache_top_p", 0.8))
@@ -273,7 +277,7 @@ def run(cfg: dict, out_dir: str) -> dict:
     t0 = time.time()
     task = build_task(cfg["task"], cfg["eval"])
     timings["task_build_s"] = time.time() - t0
-    buffer, data_dir, timings["data_s"], data_cached = _load_or_generate_data(cfg, task, progress)
+    buffer, data_dir, timings["data_s"], data_cached = load_or_generate_data(cfg, task, progress)
     set_sizes = buffer.set_sizes()
     data_stats = {
         "data/trajectories": len(buffer),
