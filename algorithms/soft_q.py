@@ -54,6 +54,11 @@ class SoftQ(Algorithm):
         super().__init__(policy, config, total_steps)
         self.target = copy.deepcopy(policy).requires_grad_(False)
 
+    @property
+    def needs_rollouts(self) -> bool:
+        """SQIL's reward is 0 on the learner's own transitions, so it needs them in the buffer."""
+        return self.config.reward == "sqil"
+
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)

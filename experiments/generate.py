@@ -13,22 +13,26 @@ trajectories, the bytes per token of the stored top-p sets and set-size statisti
 
 from __future__ import annotations
 
+import time
+
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tokenrl.config import register_configs
-from tokenrl.trainer import load_or_generate_data, apply_threads, build_task
+from tokenrl.config import make_run_config, register_configs
+from tokenrl.trainer import apply_threads, build_task, load_data
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    apply_threads(resolved)
-    task = build_task(resolved["task"], resolved["eval"])
-    buffer, data_dir, seconds, cached = load_or_generate_data(resolved, task, bool(resolved.get("progress", True)))
+    run_cfg = make_run_config(cfg)
+    apply_threads(run_cfg.threads)
+    task = build_task(run_cfg)
+    start = time.time()
+    buffer, data_dir, cached = load_data(run_cfg, task)
+    seconds = time.time() - start
     sizes = buffer.set_sizes()
     percentiles = np.percentile(sizes, [50, 90, 99]) if len(sizes) else np.zeros(3)
     print(f"data dir: {data_dir} ({'loaded from cache' if cached else 'generated'} in {seconds:.1f}s)")

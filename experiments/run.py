@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tokenrl.config import register_configs
+from tokenrl.config import make_run_config, register_configs
 from tokenrl.trainer import run
 
 register_configs()
@@ -44,10 +44,9 @@ def _summary(metrics: dict, out_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    metrics = run(resolved, out_dir)
+    metrics = run(make_run_config(cfg), out_dir)
     print(_summary(metrics, out_dir))
     return float(metrics["final_eval"]["eval/teacher_nll"])
 

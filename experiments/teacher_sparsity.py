@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenrl.config import register_configs
+from tokenrl.config import make_run_config, register_configs
 from tokenrl.datagen import load_teacher_data, right_pad
 from tokenrl.top_p import top_p_mask
 from tokenrl.trainer import apply_threads, build_task
@@ -30,10 +30,11 @@ TOP_K = (1, 7, 50)
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    apply_threads(resolved)
-    n = int(resolved.get("n", 40))
-    task = build_task(resolved["task"], resolved["eval"])
-    buffer = load_teacher_data(os.path.join(resolved["data_dir"], task.data_key()), task.manifest)
+    n = int(resolved.pop("n", 40))  # this script's own option, not a run setting
+    run_cfg = make_run_config(resolved)
+    apply_threads(run_cfg.threads)
+    task = build_task(run_cfg)
+    buffer = load_teacher_data(os.path.join(run_cfg.data_dir, task.data_key()), task.manifest)
     sizes = {p: [] for p in P_VALUES}
     mass = {k: [] for k in TOP_K}
     for i in range(min(n, len(buffer))):

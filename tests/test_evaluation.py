@@ -10,15 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tokenrl.evaluation import (
-    _sample_batch,
-    evaluate,
-    evaluate_teacher_samples,
-    rouge_l,
-    sample_responses,
-    teacher_forced_kl,
-    teacher_nll,
-)
+from tokenrl.evaluation import evaluate, evaluate_teacher_samples, rouge_l, teacher_forced_kl, teacher_nll
+from tokenrl.sampling import _sample_batch, sample_responses
 from tokenrl.synthetic import SyntheticLanguage
 from tokenrl.top_p import top_p_mask
 

@@ -52,8 +52,8 @@ def test_incremental_teacher_matches_uncached_in_a_batched_rollout():
         t = IncrementalTeacher(teacher) if cached else teacher
         if cached:
             for name in ("start", "advance"):
-                fn = getattr(teacher, name)
-                setattr(teacher, name, lambda *a, _fn=fn, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
+                fn = getattr(teacher.stepper, name)
+                setattr(teacher.stepper, name, lambda *a, _fn=fn, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
         env = BatchedTokenGenerationEnv(teacher.vocab_size, teacher.eos_token_id, max_new_tokens=6, max_prompt_len=4)
         results.append(env.rollout(top_p_restricted_policy(student_logits, t, 0.9), prompts=prompts, seed=0))
     plain, cached = results

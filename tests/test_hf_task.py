@@ -3,6 +3,7 @@ random Llama teacher with a word-level tokenizer saved to a temporary directory 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,11 +12,13 @@ import sys
 import pytest
 
 from tests.test_models import tiny_llama, word_tokenizer
-from tokenrl.hf_task import build_hf_student, build_hf_task
+from tokenrl.config import ModelConfig
+from tokenrl.hf_task import HFTaskConfig, build_hf_task
+from tokenrl.trainer import build_student, collect_rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "experiments", "conf")
-EVAL = {"top_p": 1.0, "temperature": 1.0}
+EVAL = {"eval_top_p": 1.0, "eval_temperature": 1.0}
 
 # Responses are sentences of the tokenizer's words, so decoded teacher samples and ground truths overlap.
 SENTENCES = [
@@ -63,7 +66,7 @@ def tiny_files(tmp_path_factory):
     return root
 
 
-def _task_cfg(files, **overrides) -> dict:
+def _task_cfg(files, **overrides) -> HFTaskConfig:
     cfg = {
         "name": "tiny",
         "teacher": str(files / "teacher"),
@@ -79,13 +82,13 @@ def _task_cfg(files, **overrides) -> dict:
         "gen_batch_size": 4,
     }
     cfg.update(overrides)
-    return cfg
+    return HFTaskConfig(**cfg)
 
 
 @pytest.mark.parametrize("template", ["chat", "minillm"])
 def test_build_hf_task(tiny_files, template, tmp_path):
     cfg = _task_cfg(tiny_files, template=template, eval_cache_dir=str(tmp_path / "eval"))
-    task = build_hf_task(cfg, EVAL)
+    task = build_hf_task(cfg, **EVAL)
 
     assert sum(task.info["prompts_dropped_too_long"].values()) == 1
     splits = [set(map(tuple, s)) for s in (task.train_prompts, task.val_prompts, task.test_prompts)]
@@ -104,9 +107,9 @@ def test_build_hf_task(tiny_files, template, tmp_path):
     assert task.heldout[0] == task.val_prompts and len(task.heldout[1]) == len(task.val_prompts)
 
     manifest = task.manifest
-    assert manifest["teacher"]["name_or_path"] == cfg["teacher"] and manifest["teacher"]["gguf_file"] is None
+    assert manifest["teacher"]["name_or_path"] == cfg.teacher and manifest["teacher"]["gguf_file"] is None
     assert manifest["tokenizer"]["vocab_size"] == len(task.tokenizer) == task.vocab_size
-    assert manifest["prompts_file"] == {"name": "prompts.jsonl", "bytes": os.path.getsize(cfg["prompts_file"])}
+    assert manifest["prompts_file"] == {"name": "prompts.jsonl", "bytes": os.path.getsize(cfg.prompts_file)}
     for key in ("sample_top_p", "temperature", "max_new_tokens", "template", "data_seed", "train_prompts_sha1"):
         assert key in manifest
     json.dumps(task.info)  # reported in metrics.json
@@ -120,29 +123,28 @@ def test_build_hf_task(tiny_files, template, tmp_path):
 
     # The build-time teacher samples are cached: a second build reads them back unchanged.
     assert os.listdir(tmp_path / "eval")
-    again = build_hf_task(cfg, EVAL)
+    again = build_hf_task(cfg, **EVAL)
     assert again.test_references == task.test_references and again.heldout == task.heldout
     assert again.data_key() == task.data_key()
-    assert build_hf_task({**cfg, "data_seed": 1}, EVAL).data_key() != task.data_key()
+    assert build_hf_task(dataclasses.replace(cfg, data_seed=1), **EVAL).data_key() != task.data_key()
 
 
 @pytest.mark.parametrize("kind", ["pruned", "fresh"])
 def test_build_hf_student(tiny_files, kind):
-    task = build_hf_task(_task_cfg(tiny_files, n_references=1), EVAL)
-    model_cfg = {
-        "kind": kind, "arch": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
-        "keep_every": 2, "dtype": "float32",
-    }
-    student = build_hf_student(model_cfg, task, seed=0, device="cpu")
+    task = build_hf_task(_task_cfg(tiny_files, n_references=1), **EVAL)
+    model_cfg = ModelConfig(kind=kind, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, keep_every=2)
+    student = build_student(model_cfg, task, seed=0, device="cpu")
     assert student.get_output_embeddings().weight.shape[0] >= task.vocab_size
     assert student.config.num_hidden_layers == (3 if kind == "pruned" else 1)  # blocks 0, 2 and the last
 
 
 def test_unknown_setting_and_missing_prompts(tiny_files):
-    with pytest.raises(ValueError, match="Unknown hf task settings.*max_promt_tokens"):
-        build_hf_task(_task_cfg(tiny_files, max_promt_tokens=3), EVAL)
+    with pytest.raises(TypeError, match="max_promt_tokens"):
+        _task_cfg(tiny_files, max_promt_tokens=3)
+    with pytest.raises(ValueError, match="task.teacher"):
+        build_hf_task(HFTaskConfig(prompts_file=str(tiny_files / "prompts.jsonl")), **EVAL)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        build_hf_task(_task_cfg(tiny_files, prompts_file=str(tiny_files / "nope.jsonl")), EVAL)
+        build_hf_task(_task_cfg(tiny_files, prompts_file=str(tiny_files / "nope.jsonl")), **EVAL)
 
 
 def _yaml_names(group: str) -> list[str]:
@@ -229,12 +231,8 @@ def test_generate_twice_then_train(tiny_files, tmp_path):
 def test_online_rollouts_on_a_transformers_task(tiny_files, tmp_path):
     """The trainer's online path on a real LM: KV-cached student and teacher, actions inside the teacher's set."""
     from tokenrl.buffer import ReplayBuffer
-    import dataclasses
-
-    from tokenrl.trainer import ModelConfig, build_student, collect_rollouts
-
-    task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")), EVAL)
-    student = build_student(dataclasses.asdict(ModelConfig(kind="pruned")), task, seed=0, device="cpu")
+    task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")), **EVAL)
+    student = build_student(ModelConfig(kind="pruned"), task, seed=0, device="cpu")
     buffer = ReplayBuffer(pad_id=task.pad_token_id, cache_top_p=0.8)
     stats = collect_rollouts(student, task, buffer, n_prompts=3, top_p=0.8, seed=0)
     assert len(buffer) == 3 and not any(buffer.is_expert) and stats["rollout/buffer_size"] == 3

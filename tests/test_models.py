@@ -269,10 +269,11 @@ def test_teacher_matches_unpadded_forward(tokenizer, family):
             torch.testing.assert_close(sequence_BTV[b, :length], row_TV, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
 def _assert_cache_matches(teacher: HFTeacher, tokens_BT: torch.Tensor, lengths_B: torch.Tensor, steps: int = 4) -> None:
-    """Lock-step cached generation gives the same logits as re-encoding every prefix from scratch."""
+    """Lock-step cached generation (the teacher's KVCacheStepper) gives the logits of re-encoding every prefix."""
     generator = torch.Generator().manual_seed(1)
-    logits_BV = teacher.start(tokens_BT, lengths_B)
+    logits_BV = teacher.stepper.start(tokens_BT, lengths_B)
     sequences = [tokens_BT[b, :length].tolist() for b, length in enumerate(lengths_B.tolist())]
     for step in range(steps + 1):
         width = max(map(len, sequences))
@@ -284,15 +285,15 @@ def _assert_cache_matches(teacher: HFTeacher, tokens_BT: torch.Tensor, lengths_B
         next_B = torch.randint(4, teacher.vocab_size, (len(sequences),), generator=generator)
         for row, token in zip(sequences, next_B.tolist()):
             row.append(token)
-        logits_BV = teacher.advance(next_B)
-    teacher.stop()
+        logits_BV = teacher.stepper.advance(next_B)
+    teacher.stepper.stop()
 
 
 def test_kv_cache_path_matches_uncached(tokenizer, llama):
     teacher = HFTeacher(llama, tokenizer)
     _assert_cache_matches(teacher, *random_batch(len(tokenizer), [3, 7, 1, 5]), steps=6)
     with pytest.raises(RuntimeError, match="start"):
-        teacher.advance(torch.tensor([5]))
+        teacher.stepper.advance(torch.tensor([5]))
 
 
 def test_save_student_round_trip(tmp_path, tokenizer, llama):

@@ -7,11 +7,10 @@ import os
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from algorithms.iql_bd import IQLBD
-from tokenrl.config import register_configs
+from tokenrl.config import make_run_config, register_configs
 from tokenrl.trainer import run
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "conf")
@@ -25,7 +24,7 @@ def _cfg(tmp_path, *extra):
         "task.max_new_tokens=6", "eval.seeds=[0]", "progress=false", f"data_dir={tmp_path / 'data'}", *extra,
     ]
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+        return make_run_config(compose(config_name="config", overrides=overrides))
 
 
 class Killed(RuntimeError):

@@ -1,70 +1,133 @@
-"""Structured (dataclass) schemas for the Hydra configs under ``experiments/conf``.
+"""The typed run config: dataclass schemas of ``experiments/conf`` and the one function that builds a :class:`RunConfig`.
 
-Every YAML in a config group extends one of these schemas, so an unknown key or a wrongly typed value fails
-when the config is composed, before any work starts. The algorithm schemas are generated from the
-algorithm registry, so a newly registered algorithm only needs its YAML.
+Every YAML in a config group extends one of these schemas (registered in Hydra's ConfigStore by
+:func:`register_configs`), so an unknown key or a wrongly typed value fails when the config is composed,
+before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.SyntheticTaskConfig`,
+:class:`tokenrl.hf_task.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
+newly registered algorithm only needs its YAML. Every default lives in a schema and nowhere else:
+
+    >>> cfg = make_run_config({"algo": {"name": "bc"}, "steps": 10})   # Python callers and tests
+    >>> cfg.task.samples_per_prompt, cfg.model.hidden_size
+    (4, 64)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from algorithms import REGISTRY
+from algorithms import REGISTRY, AlgoConfig, get_spec
+from tokenrl.hf_task import HFTaskConfig
 from tokenrl.tasks import SyntheticTaskConfig
-from tokenrl.trainer import ModelConfig, RunConfig
+
+TASK_SCHEMAS: dict[str, type] = {"synthetic": SyntheticTaskConfig, "hf": HFTaskConfig}
+"""``task.kind`` -> the schema of that task node."""
 
 
 @dataclass
-class SyntheticTaskNode(SyntheticTaskConfig):
-    """Schema of ``task=synthetic``."""
+class ModelConfig:
+    """The student network."""
 
-    kind: str = "synthetic"
-    shard_prompts: int = 256  # prompts per data shard
-    cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
+    kind: str = "fresh"  # fresh (new model from the fields below) | pretrained | pruned (layer-pruned teacher)
+    arch: str = "llama"  # model_type of a fresh student
+    hidden_size: int = 64  # fresh: width
+    num_layers: int = 2  # fresh: decoder blocks
+    num_heads: int = 4  # fresh: attention heads
+    intermediate_size: int = 256  # fresh: MLP width
+    name_or_path: str | None = None  # pretrained: hub id or local directory
+    gguf_file: str | None = None  # pretrained: GGUF file inside name_or_path (or a direct path)
+    keep_every: int = 2  # pruned: keep every k-th teacher block (and the last)
+    dtype: str = "float32"  # parameter dtype
 
 
 @dataclass
-class HFTaskNode:
-    """Schema of the transformers tasks (``task=smollm2``, ``task=dolly_gpt2``, ``task=dolly_qwen``)."""
+class EvalConfig:
+    """Evaluation by sampling on held-out prompts (the MiniLLM/BD protocol, scaled down)."""
 
-    name: str = "hf"
-    kind: str = "hf"
-    teacher: str = "???"  # hub id, local directory, or directory holding the GGUF file
-    teacher_gguf_file: str | None = None  # GGUF file name inside ``teacher`` (or a direct path)
-    teacher_dtype: str = "float32"  # teacher parameter dtype
-    prompts_file: str = "???"  # Dolly-style JSONL (instruction, context, response)
-    instruction_field: str = "instruction"
-    context_field: str = "context"
-    response_field: str = "response"
-    template: str = "minillm"  # minillm (the MiniLLM/BD template) | chat (tokenizer.apply_chat_template)
-    max_prompt_tokens: int = 256  # longer prompts are dropped (counted in metrics)
-    max_new_tokens: int = 128  # response budget
-    val_fraction: float = 0.05
-    test_fraction: float = 0.1
-    max_train_prompts: int | None = None  # cap the number of training prompts (None = all)
-    max_val_prompts: int | None = None  # cap the number of validation prompts (held-out KL, val_every)
-    max_test_prompts: int | None = None  # cap the number of evaluation prompts
-    samples_per_prompt: int = 1  # teacher samples per training prompt (the paper uses 8)
-    sample_top_p: float = 0.8  # teacher sampling top-p for the offline data (= training p)
-    sample_temperature: float = 1.0
-    cache_top_p: float = 0.8  # p of the stored teacher top-p sets
-    cache_max_k: int | None = None  # optional cap on cached set sizes
-    n_references: int = 1  # held-out teacher answers per test prompt used as references (plus ground truth)
-    data_seed: int = 1234
-    shard_prompts: int = 64
-    cache_batch_size: int = 8
-    gen_batch_size: int = 16  # prompts per teacher sampling batch
-    eval_cache_dir: str | None = None  # cache of the build-time teacher samples (references, held-out KL); None = off
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # one sampling pass per seed
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # sampling top-p of students and teacher (MiniLLM: 1.0, BD release: 0.8)
+    batch_size: int = 128  # sequences per sampling batch
+    n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
+    val_every: int = 0  # validation (teacher-forced KL + one sampling seed) every n steps; 0 = off
 
 
-def _algo_node(name: str):
-    spec = REGISTRY[name]
+@dataclass
+class RunConfig:
+    """Top-level run settings (``algo`` and ``task`` come from their config groups)."""
+
+    algo: Any = None  # the algorithm's config dataclass plus its registry ``name`` (see :func:`algo_schema`)
+    task: Any = None  # a :data:`TASK_SCHEMAS` dataclass, chosen by ``task.kind``
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0  # training seed: student init, batch sampling, evaluation draws
+    steps: int = 1000  # gradient updates of the algorithm
+    sft_steps: int = 0  # SFT (BC) warm start on the offline data before the algorithm (the paper's recipe)
+    sft_lr: float = 1e-3  # learning rate of the SFT warm start
+    batch_size: int = 32  # trajectories per update
+    device: str = "cpu"  # torch device
+    threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
+    log_every: int = 20  # TensorBoard scalar interval
+    checkpoint_every: int = 0  # train_state.pt interval (0 = only at the end)
+    resume: bool = False  # continue from train_state.pt in the output directory
+    data_dir: str = "data_cache"  # where offline teacher data are cached (shared across runs)
+    rollout_every: int = 0  # add student rollouts to the buffer every n steps (0 = only if the algorithm needs them: 10)
+    rollout_prompts: int = 32  # prompts per rollout batch
+    init_eval: bool = True  # evaluate the untrained student too
+    teacher_eval: bool = True  # evaluate the teacher's own samples (the reference row)
+    progress: bool = True  # tqdm progress bars
+
+    @property
+    def algo_name(self) -> str:
+        """The registry name of the algorithm (``algo=<name>``)."""
+        return self.algo.name
+
+    def algo_config(self) -> AlgoConfig:
+        """The algorithm's own config dataclass (without the registry ``name``)."""
+        spec = get_spec(self.algo_name)
+        values = {f.name: getattr(self.algo, f.name) for f in dataclasses.fields(spec.config_cls)}
+        return spec.config_cls(**values)
+
+
+def algo_schema(name: str) -> type:
+    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name``."""
+    spec = get_spec(name)
     return dataclasses.make_dataclass(
         f"{spec.config_cls.__name__}Node", [("name", str, field(default=name))], bases=(spec.config_cls,)
     )
+
+
+def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
+    """The typed run config, built once from a composed Hydra config or a plain nested dict.
+
+    Missing keys take the schema defaults; unknown keys and wrong types raise (omegaconf's errors name the
+    key). ``task.kind`` (default ``synthetic``) picks the task schema and ``algo.name`` the algorithm's.
+
+    Args:
+        cfg: the config of ``experiments/run.py`` (a DictConfig), the same as a dict, or a RunConfig
+            (returned unchanged).
+
+    Raises:
+        ValueError: no ``algo.name``, or an unknown ``task.kind``.
+    """
+    if isinstance(cfg, RunConfig):
+        return cfg
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    algo_name = (raw.get("algo") or {}).get("name")
+    if algo_name is None:
+        raise ValueError(f"the run config needs algo.name (one of {sorted(REGISTRY)})")
+    kind = (raw.get("task") or {}).get("kind", "synthetic")
+    if kind not in TASK_SCHEMAS:
+        raise ValueError(f"unknown task.kind {kind!r}; expected one of {sorted(TASK_SCHEMAS)}")
+    schema = OmegaConf.structured(RunConfig)
+    schema.algo = OmegaConf.structured(algo_schema(algo_name))
+    schema.task = OmegaConf.structured(TASK_SCHEMAS[kind])
+    return OmegaConf.to_object(OmegaConf.merge(schema, raw))
 
 
 def register_configs() -> None:
@@ -72,7 +135,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name in REGISTRY:
-        cs.store(group="schema/algo", name=name, node=_algo_node(name))
-    cs.store(group="schema/task", name="synthetic", node=SyntheticTaskNode)
-    cs.store(group="schema/task", name="hf", node=HFTaskNode)
+        cs.store(group="schema/algo", name=name, node=algo_schema(name))
+    for kind, schema in TASK_SCHEMAS.items():
+        cs.store(group="schema/task", name=kind, node=schema)
     cs.store(group="schema/model", name="model", node=ModelConfig)

@@ -24,6 +24,11 @@ from tokenrl.top_p import check_p, top_p_sparse
 Sampler = Callable[[Sequence[Sequence[int]], int], list[tuple[list[int], bool]]]
 
 
+def shard_path(out_dir: str, index: int) -> str:
+    """The file of shard ``index`` of the dataset in ``out_dir`` (the one place that names shards)."""
+    return os.path.join(out_dir, f"shard-{index:05d}.safetensors")
+
+
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into ``(tokens_BT, lengths_B)``."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
@@ -131,7 +136,7 @@ def generate_teacher_data(
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
     bar = tqdm(range(n_shards), desc="teacher data (shards)", disable=not progress)
     for i in bar:
-        path = os.path.join(out_dir, f"shard-{i:05d}.safetensors")
+        path = shard_path(out_dir, i)
         if os.path.exists(path):
             buffer.extend(ReplayBuffer.load(path))
             continue
@@ -159,13 +164,40 @@ def load_teacher_data(out_dir: str, manifest: dict | None = None) -> ReplayBuffe
         _compare_manifest(out_dir, stored, manifest)
     buffer = ReplayBuffer(pad_id=0, cache_top_p=float(stored["cache_top_p"]))
     for i in range(int(stored["n_shards"])):
-        shard = os.path.join(out_dir, f"shard-{i:05d}.safetensors")
+        shard = shard_path(out_dir, i)
         if not os.path.exists(shard):
             raise FileNotFoundError(f"{shard} is missing: the generation was interrupted; rerun it to resume")
         part = ReplayBuffer.load(shard)
         buffer.pad_id = part.pad_id
         buffer.extend(part)
     return buffer
+
+
+def is_complete(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a manifest and every shard it lists."""
+    path = manifest_path(out_dir)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        n_shards = json.load(f).get("n_shards", -1)
+    return all(os.path.exists(shard_path(out_dir, i)) for i in range(n_shards))
+
+
+def load_or_generate_data(
+    teacher: Teacher, sampler: Sampler, prompts: Sequence[Sequence[int]], out_dir: str, **generate_kwargs
+) -> tuple[ReplayBuffer, bool]:
+    """The offline teacher data in ``out_dir``: loaded when complete on disk, else generated (or resumed).
+
+    Args:
+        teacher, sampler, prompts, out_dir: as in :func:`generate_teacher_data`.
+        **generate_kwargs: the keyword arguments of :func:`generate_teacher_data`.
+
+    Returns:
+        ``(buffer, was_complete)``.
+    """
+    if is_complete(out_dir):
+        return load_teacher_data(out_dir), True
+    return generate_teacher_data(teacher, sampler, prompts, out_dir, **generate_kwargs), False
 
 
 def _check_or_write_manifest(out_dir: str, manifest: dict) -> None:

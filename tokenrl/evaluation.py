@@ -16,7 +16,6 @@ deviations (``ddof=1``) over sampling seeds, 0.0 for a single seed.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,8 +23,8 @@ import torch
 from rouge_score import rouge_scorer
 
 from tokenrl.datagen import right_pad
+from tokenrl.sampling import check_prompts, sample_responses
 from tokenrl.teachers import Teacher
-from tokenrl.top_p import check_p, top_p_mask
 
 Decode = Callable[[list[int]], str]
 Sampler = Callable[[list[list[int]], int], list[list[int]]]
@@ -33,30 +32,14 @@ Sampler = Callable[[list[list[int]], int], list[list[int]]]
 _ROUGE_SCORER: rouge_scorer.RougeScorer | None = None
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
-    # A causal LM has no distribution for the first token without a BOS, and the Teacher interface's
-    # sequence_logits only covers tokens after the first one, so every prompt needs at least one token.
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS)")
-
-
 def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-    _check_prompts(prompts)
+    check_prompts(prompts)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _cache_name(model: torch.nn.Module) -> str:
-    """The forward kwarg / output field that carries the KV cache in this transformers version.
-
-    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed in 5.40).
-    """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _response_mask(prompt_lens_B: torch.Tensor, response_lens_B: torch.Tensor, width: int) -> torch.Tensor:
@@ -75,174 +58,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------------
-def _sample_batch(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    generator: torch.Generator,
-    temperature: float,
-    top_p: float,
-    vocab_size: int | None,
-) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample one batch with a KV cache; also return each sampled token's log-prob.
-
-    The log-probs are under the model's untempered, untruncated distribution (log-softmax of the logits
-    sliced to ``vocab_size``); tests compare them with a slow no-cache forward.
-    """
-    device = _model_device(model)
-    B = len(prompts)
-    width = max(len(p) for p in prompts)
-    # Left padding puts every row's last prompt token in the last column, so one cached step per token
-    # serves the whole batch.
-    input_ids_BP = torch.full((B, width), pad_token_id, dtype=torch.long)
-    attention_mask_BP = torch.zeros((B, width), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        input_ids_BP[b, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask_BP[b, width - len(prompt) :] = 1
-    input_ids_BP = input_ids_BP.to(device)
-    attention_mask_BP = attention_mask_BP.to(device)
-    # Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one.
-    position_ids_BP = (attention_mask_BP.cumsum(-1) - 1).clamp(min=0)
-
-    cache_name = _cache_name(model)
-    # Only the last column's logits are needed: skip the [B, P, V] projection of the whole prompt.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(
-        input_ids=input_ids_BP, attention_mask=attention_mask_BP, position_ids=position_ids_BP, use_cache=True, **keep
-    )
-    cache = out[cache_name]
-    logits_BV = out.logits[:, -1, :vocab_size].float()
-    next_position_B = position_ids_BP[:, -1] + 1
-    attention_mask_BT = attention_mask_BP
-    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens_steps: list[torch.Tensor] = []
-    logprob_steps: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
-        if temperature == 0.0:
-            token_B = logits_BV.argmax(-1)
-        else:
-            scaled_BV = logits_BV / temperature
-            if top_p < 1.0:
-                scaled_BV = scaled_BV.masked_fill(~top_p_mask(scaled_BV, top_p), float("-inf"))
-            token_B = torch.multinomial(torch.softmax(scaled_BV, dim=-1), 1, generator=generator)[:, 0]
-        token_B = torch.where(finished_B, torch.full_like(token_B, pad_token_id), token_B)
-        tokens_steps.append(token_B)
-        logprob_steps.append(logprobs_BV.gather(1, token_B[:, None])[:, 0])
-        finished_B = finished_B | (token_B == eos_token_id)
-        if bool(finished_B.all()) or step == max_new_tokens - 1:
-            break
-        attention_mask_BT = torch.cat([attention_mask_BT, torch.ones_like(attention_mask_BT[:, :1])], dim=1)
-        out = model(
-            input_ids=token_B[:, None],
-            attention_mask=attention_mask_BT,
-            position_ids=next_position_B[:, None],
-            use_cache=True,
-            **{cache_name: cache},
-        )
-        cache = out[cache_name]
-        logits_BV = out.logits[:, -1, :vocab_size].float()
-        next_position_B = next_position_B + 1
-
-    if not tokens_steps:
-        return [[] for _ in range(B)], [[] for _ in range(B)]
-    tokens_BN = torch.stack(tokens_steps, dim=1).cpu()
-    logprobs_BN = torch.stack(logprob_steps, dim=1).cpu()
-    responses, logprobs = [], []
-    for b in range(B):
-        row = tokens_BN[b].tolist()
-        length = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-        responses.append(row[:length])
-        logprobs.append(logprobs_BN[b, :length].tolist())
-    return responses, logprobs
-
-
-def sample_responses(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    seed: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    vocab_size: int | None = None,
-    progress: bool = False,
-) -> list[list[int]]:
-    """Sample a continuation of every prompt from a transformers causal LM.
-
-    A batched loop with a KV cache over left-padded prompts (explicit ``attention_mask`` and
-    ``position_ids``), instead of ``model.generate``, so no ``generation_config`` default (top-k 50,
-    repetition penalty, ...) can change the distribution. Each step samples from
-    ``softmax(logits / temperature)`` restricted to its top-p set (:func:`tokenrl.top_p.top_p_mask`, the
-    same rule as transformers' ``TopPLogitsWarper``). The result is a deterministic function of
-    ``seed`` and ``batch_size`` (on a given device).
-
-    Args:
-        model: a transformers causal LM: its forward takes ``input_ids, attention_mask, position_ids,
-            use_cache`` and a KV cache (``cache``, or ``past_key_values`` before transformers 5.2x), and
-            returns ``.logits [B, T, V']`` and the updated cache.
-        prompts: ``N`` non-empty token lists.
-        max_new_tokens: the longest response.
-        eos_token_id: ends a response; it is kept as the response's last token.
-        pad_token_id: fills left padding and finished rows (never attended to / never returned).
-        seed: seed of the ``torch.Generator`` that draws the samples.
-        temperature: divides the logits; 0 means greedy decoding (``top_p`` is then irrelevant).
-        top_p: nucleus threshold in (0, 1].
-        batch_size: prompts per forward.
-        vocab_size: logits are sliced to ``[:vocab_size]`` so padded embedding rows (``V' > V``) are never
-            sampled; None keeps all ``V'``.
-        progress: show a tqdm bar over batches.
-
-    Returns:
-        ``N`` responses (token lists of length ``<= max_new_tokens``, ending with EOS iff terminated).
-        The model's train/eval mode is restored afterwards.
-    """
-    check_p(top_p)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_prompts(prompts)
-    if max_new_tokens == 0:
-        return [[] for _ in prompts]
-    generator = torch.Generator(device=_model_device(model)).manual_seed(int(seed))
-    starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"sampling (seed {seed})", unit="batch")
-    was_training = model.training
-    model.eval()
-    responses: list[list[int]] = []
-    try:
-        with torch.inference_mode():
-            for start in starts:
-                batch, _ = _sample_batch(
-                    model,
-                    prompts[start : start + batch_size],
-                    max_new_tokens,
-                    eos_token_id,
-                    pad_token_id,
-                    generator,
-                    temperature,
-                    top_p,
-                    vocab_size,
-                )
-                responses.extend(batch)
-    finally:
-        model.train(was_training)
-    return responses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,7 +263,7 @@ def evaluate(
     """Evaluate a student: sample with every seed, score with the teacher and Rouge-L, plus teacher-forced KL.
 
     Args:
-        model: the student (see :func:`sample_responses`).
+        model: the student (see :func:`tokenrl.sampling.sample_responses`).
         teacher: the exact teacher that scores the samples.
         prompts: ``N`` non-empty evaluation prompts.
         references: ``N`` lists of reference texts for Rouge-L, or None to skip Rouge-L.

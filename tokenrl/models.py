@@ -13,7 +13,6 @@ this file is sliced to ``usable_vocab_size`` = ``len(tokenizer)``.
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import shutil
 import tempfile
@@ -28,6 +27,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from tokenrl.sampling import KVCacheStepper
 
 FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
     "model_type": "llama",
@@ -236,16 +237,18 @@ def make_student(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build a student that shares the teacher's vocabulary, in train mode.
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Build a student that shares the teacher's vocabulary, in train mode: the one student constructor.
 
     Args:
         kind: ``"pretrained"`` (load ``name_or_path``/``gguf_file``), ``"fresh"`` (random init from
             :data:`FRESH_STUDENT_DEFAULTS` updated by ``config_overrides``; ``model_type`` picks the
-            architecture) or ``"pruned"`` (copy of ``teacher_model`` keeping every ``keep_every``-th decoder
+            architecture; the vocabulary and special ids come from ``teacher_tokenizer``, or from
+            ``config_overrides`` for a teacher without a tokenizer such as the synthetic language) or ``"pruned"`` (copy of ``teacher_model`` keeping every ``keep_every``-th decoder
             block and the last one, with its embeddings, final norm and head).
         teacher_model: required for ``"pruned"``.
-        teacher_tokenizer: required for ``"fresh"`` and ``"pruned"``; checked against a pretrained student's.
+        teacher_tokenizer: required for ``"pruned"`` and for ``"fresh"`` unless ``config_overrides`` has
+            ``vocab_size``; checked against a pretrained student's.
         name_or_path: required for ``"pretrained"``.
         config_overrides: config fields of a fresh student.
         keep_every: pruning stride.
@@ -255,7 +258,7 @@ def make_student(
         seed: torch seed of a fresh student's initialisation.
 
     Returns:
-        ``(student, tokenizer)``; the tokenizer is the teacher's unless ``kind == "pretrained"``.
+        ``(student, tokenizer)``; the tokenizer is the teacher's (None without one) unless ``kind == "pretrained"``.
     """
     torch_dtype = _resolve_dtype(dtype)
     if kind == "pretrained":
@@ -265,18 +268,20 @@ def make_student(
         if teacher_tokenizer is not None:
             check_same_vocabulary(teacher_tokenizer, tokenizer)
     elif kind == "fresh":
-        if teacher_tokenizer is None:
-            raise ValueError("make_student('fresh') needs teacher_tokenizer: the student's vocabulary is the teacher's.")
         tokenizer = teacher_tokenizer
-        fields = {**FRESH_STUDENT_DEFAULTS, **(config_overrides or {})}
-        config = AutoConfig.for_model(
-            fields.pop("model_type"),
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **fields,
-        )
+        vocabulary = {} if tokenizer is None else {
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        fields = {**FRESH_STUDENT_DEFAULTS, **vocabulary, **(config_overrides or {})}
+        if "vocab_size" not in fields:
+            raise ValueError(
+                "make_student('fresh') needs teacher_tokenizer (or config_overrides['vocab_size'] and the special "
+                "token ids): the student's vocabulary is the teacher's."
+            )
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         torch.manual_seed(seed)
         student = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device)
     elif kind == "pruned":
@@ -315,35 +320,11 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
             shutil.rmtree(staging)
 
 
-def left_pad(tokens_BT: torch.Tensor, lengths_B: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, ...]:
-    """Move right-padded rows to the right edge so every row's last real token sits in the last column.
-
-    Args:
-        tokens_BT: right-padded token ids ``[B, T]``.
-        lengths_B: real tokens per row ``[B]``, each in ``1..T``.
-        pad_token_id: id written into the padding.
-
-    Returns:
-        ``(tokens_BL, attention_mask_BL, position_ids_BL)`` with ``L = max(lengths_B)``; positions count
-        real tokens from 0 (0 on padding).
-    """
-    lengths_B = lengths_B.to(tokens_BT.device)
-    if int(lengths_B.min()) < 1:
-        raise ValueError("Every row needs at least one real token (lengths_B >= 1); start prompts with BOS if empty.")
-    width = int(lengths_B.max())
-    columns_L = torch.arange(width, device=tokens_BT.device)
-    shift_B1 = (width - lengths_B).unsqueeze(1)
-    attention_mask_BL = columns_L.unsqueeze(0) >= shift_B1
-    source_BL = (columns_L.unsqueeze(0) - shift_B1).clamp(min=0)
-    tokens_BL = torch.where(attention_mask_BL, tokens_BT[:, :width].gather(1, source_BL), pad_token_id)
-    position_ids_BL = torch.where(attention_mask_BL, source_BL, 0)
-    return tokens_BL, attention_mask_BL.long(), position_ids_BL
-
-
 class HFTeacher:
-    """:class:`tokenrl.teachers.Teacher` on a transformers causal LM, plus a KV-cached lock-step path.
+    """:class:`tokenrl.teachers.Teacher` on a transformers causal LM.
 
-    All calls run under ``torch.no_grad`` (not ``inference_mode``: teacher logits become loss targets, and
+    ``stepper`` (:class:`tokenrl.sampling.KVCacheStepper`) is its KV-cached lock-step path, used through
+    :class:`IncrementalTeacher`. All calls run under ``torch.no_grad`` (not ``inference_mode``: teacher logits become loss targets, and
     inference tensors cannot be saved for backward) with the model in eval mode. Returned logits are
     float32, on the device of the input tokens, and sliced to ``vocab_size``.
 
@@ -362,28 +343,18 @@ class HFTeacher:
         self.eos_token_id = int(tokenizer.eos_token_id)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
         self.max_batch = max_batch
-        # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
-        self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._cache = None
-        self._attention_mask_BL: torch.Tensor | None = None
-        self._next_position_B: torch.Tensor | None = None
+        # The shared generation engine: uncached next-token logits here, lock-step KV-cache steps for
+        # IncrementalTeacher.
+        self.stepper = KVCacheStepper(model, self.pad_token_id, self.vocab_size)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _last_logits(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        output = self.model(**inputs, logits_to_keep=1)
-        return output.logits[:, -1, : self.vocab_size].float(), getattr(output, self._cache_key)
-
     @torch.no_grad()
     def next_token_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of the token after the first ``lengths_B[b]`` tokens of each right-padded row."""
-        tokens_BL, attention_mask_BL, position_ids_BL = left_pad(tokens_BT.to(self.device), lengths_B, self.pad_token_id)
-        logits_BV, _ = self._last_logits(
-            input_ids=tokens_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL, use_cache=False
-        )
-        return logits_BV.to(tokens_BT.device)
+        return self.stepper.next_token_logits(tokens_BT, lengths_B).to(tokens_BT.device)
 
     @torch.no_grad()
     def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
@@ -407,57 +378,14 @@ class HFTeacher:
             chunks.append(logits_bTV[..., : self.vocab_size].float().to(tokens_BT.device))
         return torch.cat(chunks)
 
-    @torch.no_grad()
-    def start(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        """Begin lock-step generation: encode the prompts, keep their KV cache, return next-token logits ``[B, V]``.
-
-        Prompts are left-padded internally so that every row's next token appends at the same column.
-        The cache lives until the next :meth:`start` (or :meth:`stop`).
-        """
-        tokens_BL, attention_mask_BL, position_ids_BL = left_pad(tokens_BT.to(self.device), lengths_B, self.pad_token_id)
-        logits_BV, self._cache = self._last_logits(
-            input_ids=tokens_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL, use_cache=True
-        )
-        self._attention_mask_BL = attention_mask_BL
-        self._next_position_B = lengths_B.to(self.device).long()
-        return logits_BV.to(tokens_BT.device)
-
-    @torch.no_grad()
-    def advance(self, next_tokens_B: torch.Tensor) -> torch.Tensor:
-        """Append one token per row to the cached sequences and return the following logits ``[B, V]``.
-
-        Rows that already ended must still be given a token (e.g. EOS); the caller ignores their logits.
-        """
-        if self._cache is None:
-            raise RuntimeError("HFTeacher.advance() called before start(); call start(prompts, lengths) first.")
-        batch = next_tokens_B.shape[0]
-        self._attention_mask_BL = torch.cat(
-            [self._attention_mask_BL, self._attention_mask_BL.new_ones(batch, 1)], dim=1
-        )
-        logits_BV, self._cache = self._last_logits(
-            input_ids=next_tokens_B.to(self.device).unsqueeze(1),
-            attention_mask=self._attention_mask_BL,
-            position_ids=self._next_position_B.unsqueeze(1),
-            use_cache=True,
-            **{self._cache_key: self._cache},
-        )
-        self._next_position_B = self._next_position_B + 1
-        return logits_BV.to(next_tokens_B.device)
-
-    def stop(self) -> None:
-        """Free the KV cache of the current lock-step generation."""
-        self._cache = None
-        self._attention_mask_BL = None
-        self._next_position_B = None
-
 
 class IncrementalTeacher:
     """The Teacher interface on :class:`HFTeacher`'s KV cache, for lock-step rollouts in the batched env.
 
     :meth:`next_token_logits` keeps the previous call's prefixes: when every row of the new call extends its
     previous prefix by at most one token (the batched env's lock-step; finished rows stop growing) it feeds
-    only the new tokens through :meth:`HFTeacher.advance`. Any other call restarts with
-    :meth:`HFTeacher.start`. So ``envs.top_p_restricted_policy`` and ``TopPActionWrapper`` run one cached
+    only the new tokens through the teacher's :class:`~tokenrl.sampling.KVCacheStepper` (``advance``). Any other
+    call restarts it (``start``). So ``envs.top_p_restricted_policy`` and ``TopPActionWrapper`` run one cached
     teacher step per env step. A row that stops growing (it finished) is fed padding from then on; its logits
     are meaningless and the env ignores them.
 
@@ -493,13 +421,15 @@ class IncrementalTeacher:
         if self._extends_previous(tokens_BT, lengths_B):
             grow = lengths_B - self._prev_lengths_B
             last = tokens_BT.gather(1, (lengths_B - 1).clamp_min(0)[:, None])[:, 0]
-            logits = self.teacher.advance(torch.where(grow == 1, last, torch.full_like(last, self.pad_token_id)))
+            with torch.no_grad():
+                logits = self.teacher.stepper.advance(torch.where(grow == 1, last, torch.full_like(last, self.pad_token_id)))
             self._active_B = self._active_B & (grow == 1)
         else:
-            logits = self.teacher.start(tokens_BT, lengths_B)
+            with torch.no_grad():
+                logits = self.teacher.stepper.start(tokens_BT, lengths_B)
             self._active_B = torch.ones_like(lengths_B, dtype=torch.bool)
         self._prev_tokens_BT, self._prev_lengths_B = tokens_BT.clone(), lengths_B.clone()
-        return logits
+        return logits.to(tokens_BT.device)
 
     def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (no cache involved)."""

@@ -38,6 +38,9 @@ class Task:
         decode: tokens -> text for Rouge-L.
         manifest: settings that identify the offline data.
         heldout: (prompts, responses) of teacher samples for the teacher-forced KL.
+        tokenizer: the teacher's tokenizer (transformers tasks), None for the synthetic language.
+        student_config: model config fields a fresh student takes from the task (vocabulary, special ids)
+            when there is no tokenizer to supply them (see :func:`tokenrl.models.make_student`).
         info: extra facts reported in metrics.json.
     """
 
@@ -58,6 +61,7 @@ class Task:
     manifest: dict
     heldout: tuple[list[list[int]], list[list[int]]]
     tokenizer: object | None = None
+    student_config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     def data_key(self) -> str:
@@ -68,9 +72,10 @@ class Task:
 
 @dataclass
 class SyntheticTaskConfig:
-    """The exact synthetic-language task (the embedded default)."""
+    """The exact synthetic-language task (the embedded default); the schema of ``task=synthetic``."""
 
     name: str = "synthetic"
+    kind: str = "synthetic"  # selects this schema and builder
     language: SyntheticLanguageConfig = field(default_factory=SyntheticLanguageConfig)
     n_train_prompts: int = 2000  # prompts of the offline data
     samples_per_prompt: int = 4  # teacher samples per training prompt (the paper uses 8)
@@ -81,6 +86,8 @@ class SyntheticTaskConfig:
     sample_top_p: float = 0.8  # top-p of the teacher when sampling the offline data (= training p)
     cache_top_p: float = 0.8  # p of the stored teacher top-p sets (>= every p trained on)
     data_seed: int = 1234  # seed of prompts and teacher data (fixed across training seeds)
+    shard_prompts: int = 256  # prompts per data shard
+    cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
 
 
 def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval_temperature: float = 1.0) -> Task:
@@ -139,6 +146,15 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
         decode=lang.token_to_text,
         manifest=manifest,
         heldout=heldout,
+        # The synthetic language has no tokenizer; a fresh student has no BOS, short contexts and its own head.
+        student_config={
+            "vocab_size": lang.vocab_size,
+            "bos_token_id": None,
+            "eos_token_id": lang.eos_token_id,
+            "pad_token_id": lang.eos_token_id,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+        },
         info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
     )
 
