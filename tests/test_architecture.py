@@ -1,0 +1,188 @@
+"""The import structure: no cycles, and no module imports from a layer above its own.
+
+Layers, lowest first. A module may import modules of its own layer or of lower ones; every import counts,
+including the lazy ones inside functions. A new module fails :func:`test_every_module_has_a_layer` until it
+is placed here (a pattern ``pkg.*`` covers a package's modules).
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import os
+
+import pytest
+
+LAYERS: list[tuple[str, list[str]]] = [
+    # Pure functions on tensors and the teacher protocol: no project imports but these.
+    ("core", ["tokenrl", "tokenrl.top_p", "tokenrl.backup", "tokenrl.tabular", "tokenrl.teachers"]),
+    # Data, models and what runs them: buffers, teachers, the generation engine, data generation, scoring.
+    (
+        "data and models",
+        [
+            "tokenrl.buffer", "tokenrl.synthetic", "tokenrl.prompts", "tokenrl.sampling", "tokenrl.models",
+            "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.policy",
+        ],
+    ),
+    # Gymnasium environments and one file per algorithm.
+    ("envs and algorithms", ["envs", "envs.*", "algorithms", "algorithms.*"]),
+    # Tasks: a teacher, prompts, references and samplers, each built from its own config dataclass.
+    ("tasks", ["tokenrl.tasks", "tokenrl.hf_task"]),
+    # The run config schemas (and their Hydra registration).
+    ("config", ["tokenrl.config"]),
+    # The training run.
+    ("trainer", ["tokenrl.trainer"]),
+    # Entry points.
+    ("entry points", ["experiments.*", "benchmarks.*"]),
+]
+PACKAGES = ("tokenrl", "envs", "algorithms", "experiments", "benchmarks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def module_files(root: str, packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """Module name -> file path of every ``.py`` under the ``packages`` folders of ``root``."""
+    modules = {}
+    for package in packages:
+        for folder, _, files in os.walk(os.path.join(root, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    parts = os.path.relpath(path, root)[:-3].split(os.sep)
+                    if parts[-1] == "__init__":
+                        parts = parts[:-1]
+                    modules[".".join(parts)] = path
+    return modules
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its file (top level or inside functions).
+
+    ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module, else of ``pkg``.
+    """
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+        is_package = path.endswith("__init__.py")
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = module.split(".") if is_package else module.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            else:
+                continue
+            for name in names:
+                # The longest project module that the dotted name starts with.
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def layer_of(module: str) -> int | None:
+    """Index of the module's layer in :data:`LAYERS` (None if it has none)."""
+    for index, (_, patterns) in enumerate(LAYERS):
+        if any(fnmatch.fnmatchcase(module, pattern) for pattern in patterns):
+            return index
+    return None
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports from a module to one in a higher layer, as readable lines."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            low, high = layer_of(module), layer_of(target)
+            if low is not None and high is not None and high > low:
+                found.append(f"{module} ({LAYERS[low][0]}) imports {target} ({LAYERS[high][0]})")
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph(module_files(ROOT))
+
+
+def test_every_module_has_a_layer(graph):
+    missing = sorted(m for m in graph if layer_of(m) is None)
+    assert not missing, f"modules without a layer: {missing}; add them to LAYERS in {__file__}"
+
+
+def test_no_import_cycle(graph):
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_upward_import(graph):
+    assert upward_imports(graph) == []
+
+
+def test_the_graph_sees_the_known_imports(graph):
+    """The parser finds top-level, from-package and function-level imports (else the checks prove nothing)."""
+    assert "tokenrl.config" in graph["tokenrl.trainer"]
+    assert "algorithms" in graph["tokenrl.config"]  # from algorithms import REGISTRY (the package)
+    assert "tokenrl.sampling" in graph["tokenrl.models"]
+    assert "tokenrl.top_p" in graph["tokenrl.synthetic"]  # imported inside a method
+
+
+def _write(root, files: dict[str, str]) -> dict[str, set[str]]:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return import_graph(module_files(str(root), ("tokenrl",)))
+
+
+def test_checks_fail_on_an_added_cycle_and_upward_import(tmp_path):
+    """A core module that lazily imports the trainer closes a cycle and goes up four layers."""
+    clean = {
+        "tokenrl/__init__.py": "",
+        "tokenrl/top_p.py": "import torch\n",
+        "tokenrl/config.py": "from tokenrl.top_p import check_p\n",
+        "tokenrl/trainer.py": "from tokenrl import config\nfrom . import top_p\n",
+    }
+    graph = _write(tmp_path, clean)
+    assert graph["tokenrl.trainer"] == {"tokenrl.config", "tokenrl.top_p"}
+    assert find_cycle(graph) is None and upward_imports(graph) == []
+
+    graph = _write(tmp_path, {"tokenrl/top_p.py": "def f():\n    from tokenrl.trainer import run\n"})
+    assert find_cycle(graph) in (
+        ["tokenrl.top_p", "tokenrl.trainer", "tokenrl.top_p"],
+        ["tokenrl.config", "tokenrl.top_p", "tokenrl.trainer", "tokenrl.config"],
+    )
+    assert upward_imports(graph) == ["tokenrl.top_p (core) imports tokenrl.trainer (trainer)"]
