@@ -8,9 +8,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from algorithms import REGISTRY, make_config
-from tokenrl.config import register_configs
+from algorithms.iql_bd import IQLBDConfig
+from tokenrl.config import RunConfig, make_run_config, register_configs
+from tokenrl.hf_task import HFTaskConfig
+from tokenrl.tasks import SyntheticTaskConfig
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "conf")
 register_configs()
@@ -66,3 +70,37 @@ def test_wrong_type_fails_at_compose():
 def test_defaults_are_the_documented_main_job():
     cfg = _compose([])
     assert cfg.algo.name == "iql_bd" and cfg.task.name == "synthetic" and cfg.algo.top_p == 0.8
+
+
+def test_run_config_from_compose_and_from_a_dict_agree():
+    """Hydra and Python callers get the same typed config; missing keys take the schema defaults."""
+    hydra_cfg = _compose(["algo=iql_bd", "steps=7", "task.samples_per_prompt=2"])
+    composed = make_run_config(hydra_cfg)
+    # Only what the YAMLs set away from the schema defaults (the default task and model YAMLs set none).
+    algo = OmegaConf.to_container(hydra_cfg.algo)
+    from_dict = make_run_config(
+        {"algo": algo, "task": {"samples_per_prompt": 2}, "steps": 7, "sft_steps": 500, "data_dir": composed.data_dir}
+    )
+    assert isinstance(composed, RunConfig) and isinstance(composed.task, SyntheticTaskConfig)
+    assert isinstance(composed.algo_config(), IQLBDConfig) and composed.algo_name == "iql_bd"
+    assert composed == from_dict
+    # The schema defaults hold wherever the run starts (no fallback elsewhere).
+    assert (composed.task.data_seed, composed.task.cache_batch_size, composed.task.shard_prompts) == (1234, 64, 256)
+    hf = make_run_config(_compose(["task=smollm2"]))
+    assert isinstance(hf.task, HFTaskConfig) and hf.task.cache_batch_size == 8 and hf.task.samples_per_prompt == 1
+
+
+@pytest.mark.parametrize(
+    "cfg,error",
+    [
+        ({"algo": {"name": "bc", "lrr": 1.0}}, ConfigKeyError),
+        ({"algo": {"name": "bc"}, "task": {"n_train": 3}}, ConfigKeyError),
+        ({"algo": {"name": "bc"}, "task": {"kind": "hf", "n_train_prompts": 3}}, ConfigKeyError),
+        ({"algo": {"name": "bc"}, "steps": "many"}, ValidationError),
+        ({"algo": {"name": "bc"}, "task": {"kind": "other"}}, ValueError),
+        ({"steps": 3}, ValueError),
+    ],
+)
+def test_run_config_from_a_dict_rejects_unknown_keys_and_bad_values(cfg, error):
+    with pytest.raises(error):
+        make_run_config(cfg)

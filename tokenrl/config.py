@@ -14,6 +14,7 @@ newly registered algorithm only needs its YAML. Every default lives in a schema 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,8 +95,9 @@ class RunConfig:
         return spec.config_cls(**values)
 
 
+@functools.cache
 def algo_schema(name: str) -> type:
-    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name``."""
+    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name`` (one class per name)."""
     spec = get_spec(name)
     return dataclasses.make_dataclass(
         f"{spec.config_cls.__name__}Node", [("name", str, field(default=name))], bases=(spec.config_cls,)
