@@ -11,7 +11,6 @@ student/, train_state.pt, config.yaml.
 
 from __future__ import annotations
 
-import json
 import os
 
 import hydra
