@@ -57,8 +57,11 @@ class Algorithm:
     """
 
     name: str = "base"
-    #: set by algorithms that learn from their own rollouts (the runner then collects them into the buffer)
+    #: True when the algorithm learns from its own rollouts (the trainer then collects them into the buffer);
+    #: a subclass may make it a property of its config
     needs_rollouts: bool = False
+    #: True when the algorithm keeps a target network (its state is then part of :meth:`state_dict`)
+    uses_target_network: bool = False
 
     def __init__(self, policy: CausalLMPolicy, config: AlgoConfig, total_steps: int = 1000):
         self.policy = policy
@@ -121,6 +124,6 @@ class Algorithm:
         self.step = int(state["step"])
 
 
-def float_stats(**values: torch.Tensor | float) -> dict[str, float]:
-    """Detach tensors into a ``{key: float}`` dict (keys use ``/`` namespaces, passed as ``__``)."""
-    return {k.replace("__", "/"): float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+def float_stats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Detach scalar tensors into a ``{key: float}`` dict (keys keep their ``/`` namespaces)."""
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}

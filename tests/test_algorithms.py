@@ -90,7 +90,7 @@ def test_bd_loss_matches_per_token_loop(synthetic_buffer):
     B, S, K = batch.cand_ids_BSK.shape
     logits = torch.randn(B, S, K, dtype=torch.float64) * 3
     # knock one expert action out of its set to exercise the exclusion
-    idx = batch.expert_idx_BT.clone()
+    idx = batch.action_slot_BT.clone()
     idx[0, 0] = -1
     vmax = logits.amax(-1) + torch.rand(B, S, dtype=torch.float64)  # a vocabulary max above the set's
     args = (logits, batch.cand_mask_BSK, idx, batch.action_mask_BT, batch.lengths_B, batch.terminated_B)
@@ -107,7 +107,7 @@ def test_bd_loss_matches_per_token_loop(synthetic_buffer):
     ("iql_bd", {}),
     ("iql_bd", {"chi2_on": "expert_and_policy"}),
     ("iql_bd", {"chi2_on": "vocab", "expert_term": "vocab_mean"}),
-    ("iql_bd", {"bc_coef": 0.5}),
+    ("iql_bd", {"ce_coef": 0.5}),
     ("soft_q", {}),
     ("kd", {"student_norm": "top_p"}),
 ])

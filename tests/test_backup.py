@@ -339,5 +339,5 @@ def test_polyak_tau_half_averages_parameters_and_copies_buffers():
 @pytest.mark.parametrize("tau", [0.0, -0.5, 1.5])
 def test_polyak_bad_tau_raises(tau):
     online, target = make_nets()
-    with pytest.raises(ValueError, match="tau"):
+    with pytest.raises(ValueError, match="target_update_rate"):
         polyak_update(target, online, tau)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenrl.backup import project_to_set
+
 
 @dataclass
 class SyntheticLanguageConfig:
@@ -218,9 +220,7 @@ class SyntheticLanguage:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         logits_all = self._log_emission_t.float() / temperature
-        allowed = top_p_mask(logits_all, top_p).numpy()
-        sample_probs = np.exp(logits_all.double().numpy()) * allowed
-        sample_probs /= sample_probs.sum(1, keepdims=True)
+        sample_probs = project_to_set(logits_all.double(), top_p_mask(logits_all, top_p), log=False).numpy()
         cum = np.cumsum(sample_probs, axis=1)
         out = []
         for prompt in prompts:
