@@ -19,6 +19,7 @@ from tokenrl.evaluation import (
     teacher_forced_kl,
     teacher_nll,
 )
+from tests.reference import sequence_logprob
 from tokenrl.synthetic import SyntheticLanguage
 from tokenrl.top_p import top_p_mask
 
@@ -199,7 +200,7 @@ def test_teacher_nll_equals_synthetic_sequence_logprob(lang):
     nll = teacher_nll(lang, prompts, responses, batch_size=7)
     for prompt, response, values in zip(prompts, responses, nll):
         seq = torch.tensor([prompt + response])
-        reference = -lang.sequence_logprob(seq, len(prompt), torch.tensor([seq.shape[1]]))[0, len(prompt) :]
+        reference = -sequence_logprob(lang, seq, len(prompt), torch.tensor([seq.shape[1]]))[0, len(prompt) :]
         assert values.shape == (len(response),)
         np.testing.assert_allclose(values, reference.numpy(), rtol=1e-5, atol=1e-5)
 

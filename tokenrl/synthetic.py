@@ -161,22 +161,6 @@ class SyntheticLanguage:
         """Teacher-forced log-probabilities ``[B, T, V]`` (float32)."""
         return self._log_emission_t[self.states(tokens_BT)].float().to(tokens_BT.device)
 
-    def sequence_logprob(self, tokens_BT: torch.Tensor, start: int | torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        """Exact log-likelihood of tokens ``[start, length)`` of each row given the tokens before: ``[B, T]``.
-
-        Returns per-token log-probs (float64) with zeros outside ``[start, length)``.
-        """
-        tokens = torch.as_tensor(tokens_BT, dtype=torch.long).cpu()
-        B, T = tokens.shape
-        prev_states = torch.cat(
-            [torch.full((B, 1), self.start_state, dtype=torch.long), self.states(tokens)[:, :-1]], dim=1
-        )
-        lp = self._log_emission_t[prev_states, tokens]
-        t = torch.arange(T)[None, :]
-        start_t = torch.as_tensor(start).reshape(-1, 1) if torch.is_tensor(start) else torch.full((B, 1), int(start))
-        valid = (t >= start_t) & (t < torch.as_tensor(lengths_B).reshape(-1, 1).cpu())
-        return torch.where(valid, lp, torch.zeros_like(lp))
-
     def entropy_per_state(self) -> np.ndarray:
         """Entropy (nats) of the next-token distribution of every state, ``[S]``."""
         return -(self.probs_SV * self.log_emission_SV).sum(1)

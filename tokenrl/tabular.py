@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tokenrl import backup
 from tokenrl.top_p import check_p, top_p_mask
 
 __all__ = [
@@ -110,14 +111,8 @@ def _check_mdp(r_SA: np.ndarray, P_SAS: np.ndarray, gamma: float) -> tuple[np.nd
 
 
 def _soft_value(q_SA: np.ndarray, support_SA: np.ndarray, terminal_S: np.ndarray) -> np.ndarray:
-    # Rows of terminal states may have no supported action: give them a dummy max so exp() stays finite,
-    # their value is overwritten with 0 below.
-    masked_SA = np.where(support_SA, q_SA, -np.inf)
-    max_S = masked_SA.max(-1)
-    max_S = np.where(np.isfinite(max_S), max_S, 0.0)
-    sum_S = np.exp(masked_SA - max_S[:, None]).sum(-1)
-    with np.errstate(divide="ignore"):
-        v_S = max_S + np.log(sum_S)
+    # The shared formula of the token losses, on float64 tables (empty rows give -inf, overwritten at terminals).
+    v_S = backup.soft_value(torch.from_numpy(q_SA), torch.from_numpy(support_SA)).numpy()
     return np.where(terminal_S, 0.0, v_S)
 
 
@@ -238,9 +233,7 @@ def soft_optimal_policy(q_SA: np.ndarray, support_SA: np.ndarray | None = None) 
         support_SA = np.ones(q_SA.shape, dtype=bool)
     # Empty rows are allowed here (terminal states), so check only shape and dtype.
     support_SA = _check_support(support_SA, q_SA.shape, terminal_S=np.ones(q_SA.shape[0], dtype=bool))
-    # A row without actions gets value 0 here, which keeps exp() finite; the row is zeroed anyway.
-    v_S = _soft_value(q_SA, support_SA, terminal_S=~support_SA.any(-1))
-    return np.where(support_SA, np.exp(np.where(support_SA, q_SA, 0.0) - v_S[:, None]), 0.0)
+    return backup.project_to_set(torch.from_numpy(q_SA), torch.from_numpy(support_SA), log=False).numpy()
 
 
 def soft_bellman(
