@@ -63,14 +63,15 @@ class KD(Algorithm):
         if cfg.student_norm not in ("vocab", "top_p"):
             raise ValueError(f"kd.student_norm must be 'vocab' or 'top_p', got {cfg.student_norm!r}")
         T = batch.actions_BT.shape[1]
-        h_BSD = self.policy.state_hidden(batch)[:, :T]
+        h_BTD = self.policy.state_hidden(batch)[:, :T]
         ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
         dense_needed = cfg.student_norm == "vocab" or cfg.ce_coef > 0
-        logits_BTV = self.policy.dense_logits(h_BSD) if dense_needed else None
+        logits_BTV = self.policy.dense_logits(h_BTD) if dense_needed else None
         if cfg.student_norm == "vocab":
             s_logp_BTK = vocab_logprobs(upcast(logits_BTV), ids_BTK)
         else:
-            cand_BTK = logits_BTV.gather(-1, ids_BTK) if logits_BTV is not None else self.policy.sparse_logits(h_BSD, ids_BTK)
+            dense = logits_BTV is not None
+            cand_BTK = logits_BTV.gather(-1, ids_BTK) if dense else self.policy.sparse_logits(h_BTD, ids_BTK)
             s_logp_BTK = project_to_set(upcast(cand_BTK), mask_BTK)
         kd_kl, mass = kd_loss(s_logp_BTK, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT)
         loss = kd_kl

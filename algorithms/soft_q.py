@@ -6,7 +6,8 @@
 Default reward r(s, a) = log pi*(a | s) (from the teacher cache): with gamma = 1 and p = 1 its soft-optimal
 Q is exactly the teacher's log-probabilities, so the student's softmax recovers the teacher. ``reward =
 "sqil"`` gives SQIL's reward (1 on teacher transitions, 0 on the learner's own), which needs the learner's
-rollouts. The target network is a Polyak-averaged copy of the student. ``top_p = 1`` means no restriction (full vocabulary).
+rollouts. The target network is a Polyak-averaged copy of the student. ``top_p = 1`` means no restriction
+(full vocabulary).
 """
 
 from __future__ import annotations

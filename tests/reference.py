@@ -39,7 +39,8 @@ def sequence_logprob(
     """
     tokens = torch.as_tensor(tokens_BL, dtype=torch.long).cpu()
     B, L = tokens.shape
-    prev_states = torch.cat([torch.full((B, 1), lang.start_state, dtype=torch.long), lang.states(tokens)[:, :-1]], dim=1)
+    start_B1 = torch.full((B, 1), lang.start_state, dtype=torch.long)
+    prev_states = torch.cat([start_B1, lang.states(tokens)[:, :-1]], dim=1)
     lp = torch.from_numpy(lang.log_emission_SV)[prev_states, tokens]
     t = torch.arange(L)[None, :]
     start_t = torch.as_tensor(start).reshape(-1, 1) if torch.is_tensor(start) else torch.full((B, 1), int(start))

@@ -67,7 +67,7 @@ def reference_collate(buf, indices, p):
         "cand_lp": torch.full((B, S, K), float("-inf")),
         "cand_mask": torch.zeros(B, S, K, dtype=torch.bool),
         "state_mask": torch.zeros(B, S, dtype=torch.bool),
-        "expert_idx": torch.full((B, T), -1, dtype=torch.long),
+        "action_slot": torch.full((B, T), -1, dtype=torch.long),
         "action_lp": torch.full((B, T), float("-inf")),
     }
     for b, i in enumerate(indices):
@@ -111,7 +111,7 @@ def reference_collate(buf, indices, p):
                     k = ids.index(a)
                     ref["action_lp"][b, s] = lps[k]  # from the stored, unrestricted cache
                     if keep[k]:
-                        ref["expert_idx"][b, s] = k
+                        ref["action_slot"][b, s] = k
         assert offset == len(cache.ids)
     return ref
 
@@ -139,7 +139,7 @@ def assert_batch_matches_reference(batch: Batch, buf, indices, p):
     assert torch.equal(batch.cand_logprobs_BSK, ref["cand_lp"])
     assert torch.equal(batch.cand_mask_BSK, ref["cand_mask"])
     assert torch.equal(batch.state_mask_BS, ref["state_mask"])
-    assert torch.equal(batch.action_slot_BT, ref["expert_idx"])
+    assert torch.equal(batch.action_slot_BT, ref["action_slot"])
     valid = ref["action_mask"]
     assert torch.equal(batch.action_logprob_BT[valid], ref["action_lp"][valid])
     assert batch.action_logprob_BT.shape == (B, valid.shape[1])
@@ -157,8 +157,8 @@ def test_collate_matches_per_trajectory_loop(lang):
     batch = buf.collate(indices)
     ref = assert_batch_matches_reference(batch, buf, indices, P_CACHE)
     # The data exercise every branch: actions inside and outside the set, both kinds of ending.
-    assert bool((ref["expert_idx"][ref["action_mask"]] >= 0).any())
-    assert bool((ref["expert_idx"][ref["action_mask"]] == -1).any())
+    assert bool((ref["action_slot"][ref["action_mask"]] >= 0).any())
+    assert bool((ref["action_slot"][ref["action_mask"]] == -1).any())
     assert any(buf.terminated[i] for i in indices) and any(buf.truncated[i] for i in indices)
     assert len({len(buf.prompts[i]) for i in indices}) > 1 and len({len(buf.responses[i]) for i in indices}) > 1
 
