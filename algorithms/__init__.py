@@ -13,7 +13,7 @@ from typing import Any
 
 from algorithms.base import AlgoConfig, Algorithm
 from algorithms.bc import BC, BCConfig
-from algorithms.iql_bd import IQLBD, IQLBDConfig
+from algorithms.iql_bd import BellmanDistill, BellmanDistillConfig
 from algorithms.kd import KD, KDConfig
 from algorithms.soft_q import SoftQ, SoftQConfig
 
@@ -65,7 +65,7 @@ def make_algorithm(name: str, policy, config: AlgoConfig | dict | None = None, t
 
 register("bc", BC, BCConfig)
 register("kd", KD, KDConfig)
-register("iql_bd", IQLBD, IQLBDConfig)
+register("iql_bd", BellmanDistill, BellmanDistillConfig)
 register("soft_q", SoftQ, SoftQConfig)
 
 __all__ = ["AlgoConfig", "Algorithm", "AlgoSpec", "REGISTRY", "register", "make_config", "make_algorithm", "get_spec"]

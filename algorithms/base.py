@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenrl.backup import TargetNetwork
 from tokenrl.buffer import Batch
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.top_p import check_p
@@ -57,8 +58,13 @@ class Algorithm:
     """
 
     name: str = "base"
-    #: set by algorithms that learn from their own rollouts (the runner then collects them into the buffer)
+    #: True when the algorithm learns from its own rollouts (the trainer then collects them into the buffer);
+    #: a subclass may make it a property of its config
     needs_rollouts: bool = False
+    #: True when the algorithm keeps a target network: the base class then builds ``self.target`` (a
+    #: :class:`~tokenrl.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
+    #: step and saves it in :meth:`state_dict`
+    uses_target_network: bool = False
 
     def __init__(self, policy: CausalLMPolicy, config: AlgoConfig, total_steps: int = 1000):
         self.policy = policy
@@ -73,6 +79,12 @@ class Algorithm:
             lambda s: warmup_cosine(s, config.warmup_steps, total_steps, config.min_lr_ratio),
         )
         self.step = 0
+        self.target: TargetNetwork | None = None
+        if self.uses_target_network:
+            rate = getattr(config, "target_update_rate", None)
+            if rate is None:
+                raise ValueError(f"{type(config).__name__} needs a target_update_rate field for the target network")
+            self.target = TargetNetwork(policy, rate)
 
     @property
     def top_p(self) -> float | None:
@@ -102,16 +114,21 @@ class Algorithm:
         return stats
 
     def after_step(self) -> None:
-        """Hook run after each optimiser step (e.g. target-network updates)."""
+        """Hook run after each optimiser step: moves the target network, if any."""
+        if self.target is not None:
+            self.target.update()
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: policy, optimiser, schedule and step."""
-        return {
+        """Everything needed to resume: policy, optimiser, schedule, step and the target network, if any."""
+        state = {
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
         }
+        if self.target is not None:
+            state["target"] = self.target.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`."""
@@ -119,8 +136,10 @@ class Algorithm:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
 
 
-def float_stats(**values: torch.Tensor | float) -> dict[str, float]:
-    """Detach tensors into a ``{key: float}`` dict (keys use ``/`` namespaces, passed as ``__``)."""
-    return {k.replace("__", "/"): float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+def float_stats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Detach scalar tensors into a ``{key: float}`` dict (keys keep their ``/`` namespaces)."""
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import masked_mean, upcast
+from tokenrl.backup import masked_mean, token_nll, upcast
 from tokenrl.buffer import Batch
 
 
@@ -24,11 +24,10 @@ class BCConfig(AlgoConfig):
 def bc_loss(logits_BTV: torch.Tensor, actions_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of ``actions_BT`` under ``softmax(logits_BTV)`` over valid steps.
 
-    The dense reference of :meth:`tokenrl.policy.CausalLMPolicy.token_nll`, which :class:`BC` uses to keep
-    memory flat at large vocabularies.
+    The dense form of :meth:`tokenrl.policy.CausalLMPolicy.token_nll` (which :class:`BC` uses to keep memory
+    flat at large vocabularies); KD's cross-entropy term reuses the dense logits it already has.
     """
-    logp_BT = torch.log_softmax(upcast(logits_BTV), dim=-1).gather(-1, actions_BT[..., None])[..., 0]
-    return masked_mean(-logp_BT, mask_BT)
+    return masked_mean(token_nll(upcast(logits_BTV), actions_BT), mask_BT)
 
 
 class BC(Algorithm):
@@ -40,4 +39,4 @@ class BC(Algorithm):
         T = batch.actions_BT.shape[1]
         h_BTD = self.policy.state_hidden(batch)[:, :T]
         loss = masked_mean(self.policy.token_nll(h_BTD, batch.actions_BT), batch.action_mask_BT)
-        return loss, float_stats(loss__total=loss, loss__ce=loss)
+        return loss, float_stats({"loss/total": loss, "loss/ce": loss})

@@ -1,5 +1,7 @@
 """Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
 
+Registered as ``iql_bd`` (``algo=iql_bd`` on the command line); the class is :class:`BellmanDistill`.
+
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
 no target network. With Q(s, .) = the student's logits (shifted by their max over the vocabulary, clipped
@@ -15,7 +17,7 @@ position. An expert action outside A_p(s) has no Q in the top-p MDP: its phi ter
 ``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary IQ-Learn (no restriction).
 
 The top-p MDP only ranks the tokens inside A_p(s): the loss says nothing about the rest of the vocabulary
-except through the max shift. ``bc_coef`` adds the paper's LM term (full-vocabulary cross-entropy on the
+except through the max shift. ``ce_coef`` adds the paper's LM term (full-vocabulary cross-entropy on the
 expert tokens), which keeps the student's mass outside the set in check; RESULTS.md measures both.
 
 Options beyond the math form (defaults are the math form):
@@ -37,17 +39,19 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from tokenrl.backup import (
+    chi2_penalty,
     chi2_phi,
+    gather_action,
     implicit_reward,
     iq_learn_value_term,
     masked_mean,
     next_state_values,
+    project_to_set,
     shifted_q,
-    soft_value,
+    state_values,
     upcast,
 )
 from tokenrl.buffer import Batch
-from tokenrl.policy import gather_expert
 
 CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
 EXPERT_TERM_CHOICES = ("math", "vocab_mean")
@@ -62,8 +66,8 @@ def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | No
 
 
 @dataclass
-class IQLBDConfig(AlgoConfig):
-    """Bellman Distill settings (paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10)."""
+class BellmanDistillConfig(AlgoConfig):
+    """Bellman Distill (inverse soft-Q learning) settings (paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10)."""
 
     top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
     gamma: float = 0.99  # discount
@@ -72,7 +76,7 @@ class IQLBDConfig(AlgoConfig):
     q_shift: str = "vocab"  # subtract the max logit over: vocab (paper) | vocab_detached (no grad through it) | set
     chi2_on: str = "expert"  # where phi's square applies: expert | expert_and_policy | vocab (released code)
     expert_term: str = "math"  # math: Q(s, a_expert); vocab_mean: released code's masked-Q vocabulary mean
-    bc_coef: float = 0.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
+    ce_coef: float = 0.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
 
 
@@ -80,7 +84,7 @@ def iq_bd_loss(
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
     max_logit_BS: torch.Tensor | None,
-    expert_idx_BT: torch.Tensor,
+    action_slot_BT: torch.Tensor,
     action_mask_BT: torch.Tensor,
     lengths_B: torch.Tensor,
     terminated_B: torch.Tensor,
@@ -91,7 +95,7 @@ def iq_bd_loss(
     vocab_size: int,
     chi2_on: str = "expert",
     expert_term: str = "math",
-    bc_coef: float = 0.0,
+    ce_coef: float = 0.0,
     lm_nll_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD loss ``-J(Q)`` (+ optional LM term) from the student's logits on each state's action set.
@@ -101,14 +105,14 @@ def iq_bd_loss(
         mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
         max_logit_BS: ``[B, S]`` the student's max logit over the vocabulary (the paper's Q shift), or None
             to shift by the max over the set.
-        expert_idx_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside.
+        action_slot_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside or on padding.
         action_mask_BT: ``[B, T]`` valid response steps.
         lengths_B: ``[B]`` response lengths.
         terminated_B: ``[B]`` True where the response ended with EOS (``V = 0`` after it).
-        gamma, alpha, q_min: see :class:`IQLBDConfig`.
+        gamma, alpha, q_min: see :class:`BellmanDistillConfig`.
         vocab_size: |V|, used by the released-code options.
-        chi2_on, expert_term, bc_coef: see :class:`IQLBDConfig`.
-        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (needed when ``bc_coef > 0``).
+        chi2_on, expert_term, ce_coef: see :class:`BellmanDistillConfig`.
+        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (needed when ``ce_coef > 0``).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
@@ -117,16 +121,16 @@ def iq_bd_loss(
         raise ValueError(f"chi2_on must be one of {CHI2_CHOICES}, got {chi2_on!r}")
     if expert_term not in EXPERT_TERM_CHOICES:
         raise ValueError(f"expert_term must be one of {EXPERT_TERM_CHOICES}, got {expert_term!r}")
-    T = expert_idx_BT.shape[1]
+    T = action_slot_BT.shape[1]
     logits_BSK = upcast(logits_BSK)
     max_logit_BS = None if max_logit_BS is None else upcast(max_logit_BS)
     q_BSK = shifted_q(logits_BSK, mask_BSK, q_min, max_logit_BS)
     state_ok_BS = mask_BSK.any(-1)
-    v_BS = torch.where(state_ok_BS, soft_value(q_BSK, mask_BSK), torch.zeros_like(q_BSK[..., 0]))
+    v_BS = state_values(q_BSK, mask_BSK)
     v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
-    in_set_BT = (expert_idx_BT >= 0) & action_mask_BT
+    in_set_BT = action_slot_BT >= 0  # -1 marks both an action outside the set and padding
 
-    q_sa_BT = gather_expert(q_BSK, expert_idx_BT)
+    q_sa_BT = gather_action(q_BSK, action_slot_BT)
     q_in_set_BSK = q_BSK.masked_fill(~mask_BSK, 0.0)
     if expert_term == "vocab_mean":
         q_sa_BT = q_in_set_BSK[:, :T].sum(-1) / vocab_size
@@ -140,11 +144,10 @@ def iq_bd_loss(
         sq = masked_mean(r_BT.square(), expert_ok_BT)
     else:
         # r(s, a') for every candidate a' at the expert's state, bootstrapped from the expert's next state.
-        r_all_BTK = q_BSK[:, :T] - gamma * v_next_BT[..., None]
+        r_all_BTK = implicit_reward(q_BSK[:, :T], v_next_BT, gamma)
         mask_BTK = mask_BSK[:, :T]
         if chi2_on == "expert_and_policy":
-            pi_BTK = torch.softmax(q_BSK[:, :T].masked_fill(~mask_BTK, float("-inf")), dim=-1).detach()
-            pi_BTK = torch.where(mask_BTK, pi_BTK, torch.zeros_like(pi_BTK))  # empty sets give NaN rows
+            pi_BTK = project_to_set(q_BSK[:, :T], mask_BTK, log=False).detach()
             policy_sq_BT = (pi_BTK * r_all_BTK.square()).sum(-1)
             sq = 0.5 * (masked_mean(r_BT.square(), expert_ok_BT) + masked_mean(policy_sq_BT, action_mask_BT))
         else:
@@ -153,7 +156,7 @@ def iq_bd_loss(
             in_set_sq_BT = (r_all_BTK.square() * mask_BTK).sum(-1)
             outside_sq_BT = (vocab_size - set_size_BT) * (gamma * v_next_BT).square()
             sq = masked_mean((in_set_sq_BT + outside_sq_BT) / vocab_size, action_mask_BT)
-    chi2 = sq / (4.0 * alpha)
+    chi2 = chi2_penalty(sq, alpha)
     value_term = iq_learn_value_term(v_BS, v_next_BT, action_mask_BT, gamma)
     if chi2_on == "expert":
         objective = masked_mean(chi2_phi(r_BT, alpha), expert_ok_BT) - value_term
@@ -165,25 +168,25 @@ def iq_bd_loss(
         "loss/reward_term": reward_term,
         "loss/chi2": chi2,
         "loss/value_term": value_term,
-        "q/expert_mean": masked_mean(gather_expert(q_BSK, expert_idx_BT), in_set_BT),
+        "q/expert_mean": masked_mean(gather_action(q_BSK, action_slot_BT), in_set_BT),
         "q/set_mean": masked_mean(q_in_set_BSK.sum(-1) / mask_BSK.sum(-1).clamp_min(1), state_ok_BS),
         "v/mean": masked_mean(v_BS, state_ok_BS),
         "reward/implicit_mean": masked_mean(r_BT, expert_ok_BT),
         "top_p/set_size": masked_mean(mask_BSK.sum(-1).float(), state_ok_BS),
         "top_p/expert_outside_frac": masked_mean((~in_set_BT).float(), action_mask_BT),
     }
-    if bc_coef > 0:
+    if ce_coef > 0:
         if lm_nll_BT is None:
-            raise ValueError("bc_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
+            raise ValueError("ce_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
         nll = masked_mean(lm_nll_BT, action_mask_BT)
-        loss = loss + bc_coef * nll
+        loss = loss + ce_coef * nll
         stats["loss/lm"] = nll
     stats["loss/total"] = loss
     return loss, stats
 
 
-class IQLBD(Algorithm):
-    """Bellman Distill: IQ-Learn with Q = student logits on the teacher's top-p MDP."""
+class BellmanDistill(Algorithm):
+    """Bellman Distill: inverse soft-Q learning (IQ-Learn) with Q = student logits on the teacher's top-p MDP."""
 
     name = "iql_bd"
 
@@ -196,7 +199,7 @@ class IQLBD(Algorithm):
             batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD, with_vocab_max=cfg.q_shift != "set"
         )
         lm_nll_BT = None
-        if cfg.bc_coef > 0:
+        if cfg.ce_coef > 0:
             # The LM term needs the full softmax: with it a BD step costs as much as an SFT step.
             T = batch.actions_BT.shape[1]
             lm_nll_BT = self.policy.token_nll(h_BSD[:, :T], batch.actions_BT)
@@ -204,7 +207,7 @@ class IQLBD(Algorithm):
             cq.logits_BSK,
             cq.mask_BSK,
             _shift(cq.vocab_max_BS, cfg.q_shift),
-            cq.expert_idx_BT,
+            cq.action_slot_BT,
             batch.action_mask_BT,
             batch.lengths_B,
             batch.terminated_B,
@@ -214,7 +217,7 @@ class IQLBD(Algorithm):
             vocab_size=self.policy.vocab_size,
             chi2_on=cfg.chi2_on,
             expert_term=cfg.expert_term,
-            bc_coef=cfg.bc_coef,
+            ce_coef=cfg.ce_coef,
             lm_nll_BT=lm_nll_BT,
         )
-        return loss, float_stats(**{k.replace("/", "__"): v for k, v in stats.items()})
+        return loss, float_stats(stats)

@@ -16,7 +16,7 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.bc import bc_loss
-from tokenrl.backup import masked_mean, upcast
+from tokenrl.backup import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
 from tokenrl.buffer import Batch
 
 
@@ -25,13 +25,12 @@ class KDConfig(AlgoConfig):
     """Token-level KD settings."""
 
     top_p: float = 0.8  # teacher distribution truncated to its top-p set (<= the cache's p; 1.0 = whole cache)
-    student_norm: str = "vocab"  # "vocab": log_softmax over V; "top_p": over the teacher's set (sparse head)
+    student_norm: str = "vocab"  # "vocab": normalised over V; "top_p": projected onto the teacher's set (sparse head)
     ce_coef: float = 0.0  # weight of the cross-entropy on the data's tokens
 
 
 def kd_loss(
-    student_logits_BTK: torch.Tensor,
-    student_lse_BT: torch.Tensor,
+    student_logprobs_BTK: torch.Tensor,
     teacher_logprobs_BTK: torch.Tensor,
     cand_mask_BTK: torch.Tensor,
     state_mask_BT: torch.Tensor,
@@ -39,22 +38,19 @@ def kd_loss(
     """Forward KL from the renormalised teacher set distribution to the student.
 
     Args:
-        student_logits_BTK: student logits of the teacher's candidates.
-        student_lse_BT: the student's log-normaliser (logsumexp over V, or over the set for the projection).
-        teacher_logprobs_BTK: teacher log-probs of the candidates (full-distribution values).
-        cand_mask_BTK: candidate validity.
-        state_mask_BT: states that enter the mean.
+        student_logprobs_BTK: ``[B, T, K]`` student log-probs of the teacher's candidates (normalised over V,
+            or over the set for the projection).
+        teacher_logprobs_BTK: ``[B, T, K]`` teacher log-probs of the candidates (full-distribution values).
+        cand_mask_BTK: ``[B, T, K]`` candidate validity.
+        state_mask_BT: ``[B, T]`` states that enter the mean.
 
     Returns:
         ``(kl, teacher_set_mass)``: the mean KL (scalar) and the mean teacher mass of the sets.
     """
-    t_lp = teacher_logprobs_BTK.float().masked_fill(~cand_mask_BTK, float("-inf"))
-    t_norm = torch.logsumexp(t_lp, dim=-1, keepdim=True)
-    t_logp = (t_lp - t_norm).masked_fill(~cand_mask_BTK, 0.0)
-    t_prob = t_logp.exp() * cand_mask_BTK
-    s_logp = (upcast(student_logits_BTK) - student_lse_BT[..., None]).masked_fill(~cand_mask_BTK, 0.0)
-    kl_BT = (t_prob * (t_logp - s_logp)).sum(-1)
-    return masked_mean(kl_BT, state_mask_BT), masked_mean(t_norm[..., 0].exp(), state_mask_BT)
+    t_lp_BTK = teacher_logprobs_BTK.float()
+    kl_BT = kl(project_to_set(t_lp_BTK, cand_mask_BTK), upcast(student_logprobs_BTK), cand_mask_BTK)
+    mass_BT = soft_value(t_lp_BTK, cand_mask_BTK).exp()
+    return masked_mean(kl_BT, state_mask_BT), masked_mean(mass_BT, state_mask_BT)
 
 
 class KD(Algorithm):
@@ -67,25 +63,24 @@ class KD(Algorithm):
         if cfg.student_norm not in ("vocab", "top_p"):
             raise ValueError(f"kd.student_norm must be 'vocab' or 'top_p', got {cfg.student_norm!r}")
         T = batch.actions_BT.shape[1]
-        h_BSD = self.policy.state_hidden(batch)[:, :T]
+        h_BTD = self.policy.state_hidden(batch)[:, :T]
         ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
         dense_needed = cfg.student_norm == "vocab" or cfg.ce_coef > 0
-        logits_BTV = self.policy.dense_logits(h_BSD) if dense_needed else None
-        if logits_BTV is not None:
-            cand_logits = logits_BTV.gather(-1, ids_BTK)
-        else:
-            cand_logits = self.policy.sparse_logits(h_BSD, ids_BTK)
+        logits_BTV = self.policy.dense_logits(h_BTD) if dense_needed else None
         if cfg.student_norm == "vocab":
-            lse_BT = torch.logsumexp(upcast(logits_BTV), dim=-1)
+            s_logp_BTK = vocab_logprobs(upcast(logits_BTV), ids_BTK)
         else:
-            lse_BT = torch.logsumexp(upcast(cand_logits).masked_fill(~mask_BTK, float("-inf")), dim=-1)
-        kl, mass = kd_loss(cand_logits, lse_BT, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT)
-        loss = kl
+            dense = logits_BTV is not None
+            cand_BTK = logits_BTV.gather(-1, ids_BTK) if dense else self.policy.sparse_logits(h_BTD, ids_BTK)
+            s_logp_BTK = project_to_set(upcast(cand_BTK), mask_BTK)
+        kd_kl, mass = kd_loss(s_logp_BTK, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT)
+        loss = kd_kl
         stats = {}
         if cfg.ce_coef > 0:
             ce = bc_loss(logits_BTV, batch.actions_BT, batch.action_mask_BT)
             loss = loss + cfg.ce_coef * ce
-            stats["loss/ce"] = float(ce.detach())
-        set_size = masked_mean(mask_BTK.sum(-1).float(), batch.action_mask_BT)
-        stats.update(float_stats(loss__total=loss, loss__kl=kl, top_p__set_size=set_size, top_p__teacher_mass=mass))
-        return loss, stats
+            stats["loss/ce"] = ce
+        stats["loss/total"], stats["loss/kl"] = loss, kd_kl
+        stats["top_p/set_size"] = masked_mean(mask_BTK.sum(-1).float(), batch.action_mask_BT)
+        stats["top_p/teacher_mass"] = mass
+        return loss, float_stats(stats)

@@ -5,21 +5,21 @@
 
 Default reward r(s, a) = log pi*(a | s) (from the teacher cache): with gamma = 1 and p = 1 its soft-optimal
 Q is exactly the teacher's log-probabilities, so the student's softmax recovers the teacher. ``reward =
-"sqil"`` gives SQIL's reward (1 on teacher transitions, 0 on the learner's own). The target network is a
-Polyak-averaged copy of the student. ``top_p = 1`` means no restriction (full vocabulary).
+"sqil"`` gives SQIL's reward (1 on teacher transitions, 0 on the learner's own), which needs the learner's
+rollouts. The target network is a Polyak-averaged copy of the student. ``top_p = 1`` means no restriction
+(full vocabulary).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import masked_mean, next_state_values, polyak_update, soft_value, td_target, upcast
+from tokenrl.backup import TargetNetwork, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
 from tokenrl.buffer import Batch
-from tokenrl.policy import CausalLMPolicy, gather_expert
+from tokenrl.policy import CandidateQ, CausalLMPolicy
 
 REWARD_CHOICES = ("teacher_logprob", "sqil")
 
@@ -31,7 +31,7 @@ class SoftQConfig(AlgoConfig):
     top_p: float = 0.8  # action set = teacher's top-p set; 1.0 = full vocabulary
     gamma: float = 0.99  # discount
     reward: str = "teacher_logprob"  # teacher_logprob: r = log pi*(a|s); sqil: 1 on teacher data, 0 on rollouts
-    tau: float = 0.01  # Polyak rate of the target network (1.0 = copy every step)
+    target_update_rate: float = 0.01  # Polyak rate of the target network (1.0 = copy every step)
     sparse: bool = True  # gather candidate rows of the output embedding instead of dense logits
 
 
@@ -43,33 +43,59 @@ def soft_q_loss(
     return masked_mean((q_sa_BT - target_BT).square(), mask_BT)
 
 
+@dataclass
+class SoftTDTerms:
+    """What a soft TD loss needs from the student and its target network on one batch.
+
+    Attributes:
+        cq: the student's Q on each state's action set.
+        q_sa_BT: ``[B, T]`` Q of the taken action (at least float32; 0 where it is outside the set).
+        v_BS: ``[B, S]`` target soft values of the states (0 on an empty set), without gradient.
+        v_next_BT: ``[B, T]`` target value of each next state, terminal masking applied.
+        state_ok_BS: ``[B, S]`` states with a non-empty action set.
+    """
+
+    cq: CandidateQ
+    q_sa_BT: torch.Tensor
+    v_BS: torch.Tensor
+    v_next_BT: torch.Tensor
+    state_ok_BS: torch.Tensor
+
+
+def soft_td_terms(
+    policy: CausalLMPolicy, target: TargetNetwork, batch: Batch, top_p: float, sparse: bool
+) -> SoftTDTerms:
+    """Student Q of the taken actions and the target network's soft values of the next states."""
+    cq = policy.candidate_q(batch, top_p, sparse=sparse)
+    with torch.no_grad():
+        target.net.eval()
+        tq = target.net.candidate_q(batch, top_p, sparse=sparse)
+        v_BS = state_values(upcast(tq.logits_BSK), tq.mask_BSK)
+        v_next_BT = next_state_values(v_BS, batch.lengths_B, batch.terminated_B)
+    q_sa_BT = gather_action(upcast(cq.logits_BSK), cq.action_slot_BT)
+    return SoftTDTerms(cq, q_sa_BT, v_BS, v_next_BT, tq.mask_BSK.any(-1))
+
+
 class SoftQ(Algorithm):
     """Soft Q-learning with a Polyak target network."""
 
     name = "soft_q"
+    uses_target_network = True
 
     def __init__(self, policy: CausalLMPolicy, config: SoftQConfig, total_steps: int = 1000):
         if config.reward not in REWARD_CHOICES:
             raise ValueError(f"soft_q.reward must be one of {REWARD_CHOICES}, got {config.reward!r}")
         super().__init__(policy, config, total_steps)
-        self.target = copy.deepcopy(policy).requires_grad_(False)
 
     @property
     def needs_rollouts(self) -> bool:
-        """SQIL's reward is 0 on the learner's own transitions, so it needs them in the buffer."""
+        """SQIL's reward is defined on the learner's own transitions too (reward 0)."""
         return self.config.reward == "sqil"
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
-        with torch.no_grad():
-            self.target.eval()
-            tq = self.target.candidate_q(batch, cfg.top_p, sparse=cfg.sparse)
-            state_ok_BS = tq.mask_BSK.any(-1)
-            v_BS = soft_value(upcast(tq.logits_BSK), tq.mask_BSK)
-            v_BS = torch.where(state_ok_BS, v_BS, torch.zeros_like(v_BS))
-            v_next_BT = next_state_values(v_BS, batch.lengths_B, batch.terminated_B)
-        q_dtype = upcast(cq.logits_BSK).dtype
+        td = soft_td_terms(self.policy, self.target, batch, cfg.top_p, cfg.sparse)
+        q_dtype = td.q_sa_BT.dtype
         if cfg.reward == "teacher_logprob":
             reward_BT = batch.action_logprob_BT.to(q_dtype)
             known_BT = torch.isfinite(reward_BT)
@@ -77,27 +103,16 @@ class SoftQ(Algorithm):
         else:
             reward_BT = batch.is_expert_B[:, None].to(q_dtype).expand_as(batch.action_mask_BT)
             known_BT = torch.ones_like(batch.action_mask_BT)
-        in_set_BT = (cq.expert_idx_BT >= 0) & batch.action_mask_BT & known_BT
-        q_sa_BT = gather_expert(upcast(cq.logits_BSK), cq.expert_idx_BT)
-        loss = soft_q_loss(q_sa_BT, reward_BT, v_next_BT, in_set_BT, cfg.gamma)
+        in_set_BT = td.cq.action_in_set_BT & known_BT
+        loss = soft_q_loss(td.q_sa_BT, reward_BT, td.v_next_BT, in_set_BT, cfg.gamma)
         return loss, float_stats(
-            loss__total=loss,
-            loss__td=loss,
-            q__expert_mean=masked_mean(q_sa_BT, in_set_BT),
-            v__target_mean=masked_mean(v_BS, state_ok_BS),
-            reward__mean=masked_mean(reward_BT, in_set_BT),
-            top_p__set_size=masked_mean(cq.mask_BSK.sum(-1).float(), state_ok_BS),
-            top_p__expert_outside_frac=masked_mean((~in_set_BT).float(), batch.action_mask_BT),
+            {
+                "loss/total": loss,
+                "loss/td": loss,
+                "q/expert_mean": masked_mean(td.q_sa_BT, in_set_BT),
+                "v/target_mean": masked_mean(td.v_BS, td.state_ok_BS),
+                "reward/mean": masked_mean(reward_BT, in_set_BT),
+                "top_p/set_size": masked_mean(td.cq.mask_BSK.sum(-1).float(), td.state_ok_BS),
+                "top_p/expert_outside_frac": masked_mean((~in_set_BT).float(), batch.action_mask_BT),
+            }
         )
-
-    def after_step(self) -> None:
-        polyak_update(self.target, self.policy, self.config.tau)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["target"] = self.target.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.target.load_state_dict(state["target"])

@@ -24,7 +24,7 @@ CONFIGS = {
     "bd dense head (p=0.8)": ("iql_bd", {"sparse": False}),
     "bd sparse head (p=0.8)": ("iql_bd", {"sparse": True}),
     "bd sparse, q_shift=set": ("iql_bd", {"sparse": True, "q_shift": "set"}),
-    "bd sparse + LM term (bc_coef=1)": ("iql_bd", {"sparse": True, "bc_coef": 1.0}),
+    "bd sparse + LM term (ce_coef=1)": ("iql_bd", {"sparse": True, "ce_coef": 1.0}),
 }
 
 

@@ -28,12 +28,12 @@ RewardFn = Callable[[np.ndarray, int, bool], float]
 state the action is taken in (prompt + response so far, before the action)."""
 
 BatchRewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``reward_fn(tokens_BT, lengths_B, actions_B, terminated_B) -> rewards_B`` of
-:class:`BatchedTokenGenerationEnv`; ``tokens_BT``/``lengths_B`` are the states before the actions (read-only:
-``tokens_BT`` is a view of the env's state)."""
+"""``reward_fn(tokens_BL, lengths_B, actions_B, terminated_B) -> rewards_B`` of
+:class:`BatchedTokenGenerationEnv`; ``tokens_BL``/``lengths_B`` are the states before the actions (read-only:
+``tokens_BL`` is a view of the env's state)."""
 
 PolicyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``policy_fn(tokens_BT, lengths_B)`` returning actions ``[B]`` (integer) or next-token logits ``[B, V]``."""
+"""``policy_fn(tokens_BL, lengths_B)`` returning actions ``[B]`` (integer) or next-token logits ``[B, V]``."""
 
 
 def _check_sizes(
@@ -231,20 +231,20 @@ class Trajectories:
         return len(self.prompts)
 
     @property
-    def response_ids_BL(self) -> torch.Tensor:
-        """``[B, L]`` long responses right-padded with ``pad_token_id`` (L = longest response)."""
+    def response_ids_BT(self) -> torch.Tensor:
+        """``[B, T]`` long responses right-padded with ``pad_token_id`` (T = longest response)."""
         return self._pad([torch.tensor(r, dtype=torch.long) for r in self.responses], self.pad_token_id)
 
     @property
-    def response_mask_BL(self) -> torch.Tensor:
-        """``[B, L]`` bool, True on real response tokens."""
+    def response_mask_BT(self) -> torch.Tensor:
+        """``[B, T]`` bool, True on real response tokens."""
         lengths_B = torch.tensor([len(r) for r in self.responses])
         width = int(lengths_B.max()) if len(self) else 0
         return torch.arange(width)[None, :] < lengths_B[:, None]
 
     @property
-    def rewards_BL(self) -> torch.Tensor:
-        """``[B, L]`` float32 per-token rewards, 0 on padding."""
+    def rewards_BT(self) -> torch.Tensor:
+        """``[B, T]`` float32 per-token rewards, 0 on padding."""
         return self._pad([torch.tensor(r, dtype=torch.float32) for r in self.rewards], 0.0)
 
     @staticmethod
@@ -259,8 +259,8 @@ class BatchedTokenGenerationEnv:
     its later actions are ignored (recorded as ``pad_token_id``, reward 0) while the other rows go on, so the
     batch shape never changes and a policy or teacher runs one forward per step for all rows.
 
-    Observation (a dict of tensors on ``device``): ``tokens_BT`` ``[B, T]`` long, right-padded with
-    ``pad_token_id``, ``T`` = the longest current row; ``lengths_B`` ``[B]`` long, real tokens per row;
+    Observation (a dict of tensors on ``device``): ``tokens_BL`` ``[B, L]`` long, right-padded with
+    ``pad_token_id``, ``L`` = the longest current row (prompt and response so far); ``lengths_B`` ``[B]`` long, real tokens per row;
     ``prompt_lengths_B`` ``[B]`` long.
 
     Args:
@@ -303,7 +303,7 @@ class BatchedTokenGenerationEnv:
         self._reward_fn = reward_fn
         self.np_random: np.random.Generator | None = None
         self._torch_generator: torch.Generator | None = None
-        self.tokens_BT: torch.Tensor | None = None
+        self.tokens_BL: torch.Tensor | None = None
         self.lengths_B: torch.Tensor | None = None
         self.prompt_lengths_B: torch.Tensor | None = None
         self.terminated_B: torch.Tensor | None = None
@@ -330,10 +330,10 @@ class BatchedTokenGenerationEnv:
         if len(prompts) == 0:
             raise ValueError("reset() needs at least one prompt")
         arrays = [_validate_prompt(p, self.vocab_size, self.max_prompt_len) for p in prompts]
-        tokens_BT = torch.full((len(arrays), self.max_len), self.pad_token_id, dtype=torch.long)
+        tokens_BL = torch.full((len(arrays), self.max_len), self.pad_token_id, dtype=torch.long)
         for b, arr in enumerate(arrays):
-            tokens_BT[b, : arr.size] = torch.from_numpy(arr)
-        self.tokens_BT = tokens_BT.to(self.device)
+            tokens_BL[b, : arr.size] = torch.from_numpy(arr)
+        self.tokens_BL = tokens_BL.to(self.device)
         self.lengths_B = torch.tensor([a.size for a in arrays], dtype=torch.long, device=self.device)
         self.prompt_lengths_B = self.lengths_B.clone()
         self.terminated_B = torch.zeros(len(arrays), dtype=torch.bool, device=self.device)
@@ -361,7 +361,7 @@ class BatchedTokenGenerationEnv:
             RuntimeError: before reset, or when every row has finished.
             ValueError: on a wrongly shaped or non-integer ``actions_B``, or an out-of-range id in an active row.
         """
-        if self.tokens_BT is None:
+        if self.tokens_BL is None:
             raise RuntimeError("step() called before reset()")
         active_B = ~(self.terminated_B | self.truncated_B)
         if not bool(active_B.any()):
@@ -384,11 +384,11 @@ class BatchedTokenGenerationEnv:
         if self._reward_fn is None:
             rewards_B = torch.zeros(active_B.shape, dtype=torch.float32, device=self.device)
         else:
-            state_BT = self.tokens_BT[:, : int(self.lengths_B.max())]
-            rewards_B = self._reward_fn(state_BT, self.lengths_B.clone(), actions_B, terminated_now_B)
+            state_BL = self.tokens_BL[:, : int(self.lengths_B.max())]
+            rewards_B = self._reward_fn(state_BL, self.lengths_B.clone(), actions_B, terminated_now_B)
             rewards_B = torch.where(active_B, rewards_B.to(torch.float32), torch.zeros((), device=self.device))
         rows_A = active_B.nonzero().flatten()
-        self.tokens_BT[rows_A, self.lengths_B[rows_A]] = actions_B[rows_A]
+        self.tokens_BL[rows_A, self.lengths_B[rows_A]] = actions_B[rows_A]
         self.lengths_B += active_B.long()
         full_B = self.lengths_B - self.prompt_lengths_B == self.max_new_tokens
         self.terminated_B |= terminated_now_B
@@ -402,7 +402,7 @@ class BatchedTokenGenerationEnv:
         """Reset, then step until every row has finished, calling ``policy_fn`` once per step for all rows.
 
         Args:
-            policy_fn: ``policy_fn(tokens_BT, lengths_B)`` on the current (right-padded) states of all rows,
+            policy_fn: ``policy_fn(tokens_BL, lengths_B)`` on the current (right-padded) states of all rows,
                 finished ones included so the batch shape is fixed; it must not modify its inputs. It returns
                 either actions ``[B]`` (integer) or logits ``[B, V]`` (float) to sample from with the env's
                 seeded generator.
@@ -413,29 +413,29 @@ class BatchedTokenGenerationEnv:
             The finished episodes as :class:`Trajectories`.
         """
         obs, _ = self.reset(prompts, seed)
-        rewards_BL = torch.zeros(len(self.lengths_B), self.max_new_tokens, dtype=torch.float32, device=self.device)
+        rewards_BT = torch.zeros(len(self.lengths_B), self.max_new_tokens, dtype=torch.float32, device=self.device)
         done_B = self.terminated_B | self.truncated_B
         t = 0
         while not bool(done_B.all()):
-            actions_B = self._actions_from_policy_output(policy_fn(obs["tokens_BT"], obs["lengths_B"]))
+            actions_B = self._actions_from_policy_output(policy_fn(obs["tokens_BL"], obs["lengths_B"]))
             obs, rewards_B, terminated_B, truncated_B, _ = self.step(actions_B)
-            rewards_BL[:, t] = rewards_B
+            rewards_BT[:, t] = rewards_B
             done_B = terminated_B | truncated_B
             t += 1
-        return self.trajectories(rewards_BL)
+        return self.trajectories(rewards_BT)
 
-    def trajectories(self, rewards_BL: torch.Tensor | None = None) -> Trajectories:
+    def trajectories(self, rewards_BT: torch.Tensor | None = None) -> Trajectories:
         """The current episodes as :class:`Trajectories` (meant for after every row finished).
 
         Args:
-            rewards_BL: ``[B, max_new_tokens]`` per-step rewards collected by the caller; None means zeros.
+            rewards_BT: ``[B, max_new_tokens]`` per-step rewards collected by the caller; None means zeros.
         """
-        if self.tokens_BT is None:
+        if self.tokens_BL is None:
             raise RuntimeError("trajectories() called before reset()")
-        tokens = self.tokens_BT.cpu().tolist()
+        tokens = self.tokens_BL.cpu().tolist()
         lengths = self.lengths_B.cpu().tolist()
         prompt_lengths = self.prompt_lengths_B.cpu().tolist()
-        rewards = None if rewards_BL is None else rewards_BL.cpu().tolist()
+        rewards = None if rewards_BT is None else rewards_BT.cpu().tolist()
         responses = [row[p:n] for row, p, n in zip(tokens, prompt_lengths, lengths)]
         return Trajectories(
             prompts=[row[:p] for row, p in zip(tokens, prompt_lengths)],
@@ -462,7 +462,7 @@ class BatchedTokenGenerationEnv:
         # Trim to the longest row: a teacher without a KV cache pays for every column it is given.
         width = int(self.lengths_B.max())
         return {
-            "tokens_BT": self.tokens_BT[:, :width].clone(),
+            "tokens_BL": self.tokens_BL[:, :width].clone(),
             "lengths_B": self.lengths_B.clone(),
             "prompt_lengths_B": self.prompt_lengths_B.clone(),
         }

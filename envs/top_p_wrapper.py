@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from envs.token_env import PolicyFn
+from tokenrl.backup import project_to_set, restrict_to_set
 from tokenrl.teachers import Teacher
 from tokenrl.top_p import TopPSet, check_p, top_p_mask, top_p_sparse
 
@@ -90,8 +91,8 @@ class TopPActionWrapper(gym.Wrapper):
                 f"{self._set_ids.size} tokens: {self._set_ids.tolist()[:10]}{'...' if self._set_ids.size > 10 else ''})"
             )
         if not in_top_p and self.on_outside == "project":
-            probs = np.exp(self._set_logprobs.astype(np.float64))
-            action = int(self._set_ids[self.np_random.choice(self._set_ids.size, p=probs / probs.sum())])
+            probs_K = project_to_set(torch.from_numpy(self._set_logprobs.astype(np.float64)), log=False).numpy()
+            action = int(self._set_ids[self.np_random.choice(self._set_ids.size, p=probs_K)])
             extra["projected_action"] = action
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._episode_over = terminated or truncated
@@ -118,13 +119,13 @@ class TopPActionWrapper(gym.Wrapper):
 
 
 def teacher_top_p_set(
-    teacher: Teacher, tokens_BT: torch.Tensor, lengths_B: torch.Tensor, p: float, max_k: int | None = None
+    teacher: Teacher, tokens_BL: torch.Tensor, lengths_B: torch.Tensor, p: float, max_k: int | None = None
 ) -> TopPSet:
     """Top-p sets of the teacher at the states of all rows, from one teacher call.
 
     Args:
         teacher: the teacher defining the sets.
-        tokens_BT: ``[B, T]`` right-padded states (e.g. ``obs["tokens_BT"]`` of the batched env).
+        tokens_BL: ``[B, L]`` right-padded states (e.g. ``obs["tokens_BL"]`` of the batched env).
         lengths_B: ``[B]`` real tokens per row.
         p: top-p threshold in (0, 1].
         max_k: optional cap on the set width K (see :func:`tokenrl.top_p.top_p_sparse`).
@@ -132,7 +133,7 @@ def teacher_top_p_set(
     Returns:
         A :class:`tokenrl.top_p.TopPSet` with ``[B, K]`` tensors.
     """
-    return top_p_sparse(teacher.next_token_logits(tokens_BT, lengths_B).detach(), p, max_k=max_k)
+    return top_p_sparse(teacher.next_token_logits(tokens_BL, lengths_B).detach(), p, max_k=max_k)
 
 
 def restrict_logits_to_top_p(
@@ -156,7 +157,7 @@ def restrict_logits_to_top_p(
             f"{tuple(teacher_logits_BV.shape)} must have the same shape"
         )
     keep_BV = top_p_mask(teacher_logits_BV.detach(), p).to(student_logits_BV.device)
-    return student_logits_BV.masked_fill(~keep_BV, float("-inf"))
+    return restrict_to_set(student_logits_BV, keep_BV)
 
 
 def top_p_restricted_policy(student_logits_fn: PolicyFn, teacher: Teacher, p: float) -> PolicyFn:
@@ -165,18 +166,18 @@ def top_p_restricted_policy(student_logits_fn: PolicyFn, teacher: Teacher, p: fl
     Each call runs one student forward and one teacher forward for the whole batch.
 
     Args:
-        student_logits_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the student.
+        student_logits_fn: ``(tokens_BL, lengths_B) -> logits_BV`` of the student.
         teacher: the teacher defining the sets.
         p: top-p threshold in (0, 1].
 
     Returns:
-        ``policy_fn(tokens_BT, lengths_B) -> logits_BV`` with outside tokens at ``-inf``.
+        ``policy_fn(tokens_BL, lengths_B) -> logits_BV`` with outside tokens at ``-inf``.
     """
     p = check_p(p)
 
-    def policy_fn(tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         return restrict_logits_to_top_p(
-            student_logits_fn(tokens_BT, lengths_B), teacher.next_token_logits(tokens_BT, lengths_B), p
+            student_logits_fn(tokens_BL, lengths_B), teacher.next_token_logits(tokens_BL, lengths_B), p
         )
 
     return policy_fn

@@ -13,7 +13,7 @@ python experiments/generate.py threads=1   # the shared offline teacher data, on
 ) > "$OUT.algos.log" 2>&1 &
 (
   run algo=iql_bd algo.top_p=0.5,1.0 seed=0,1,2 hydra.sweep.dir="$OUT/p_ablation"
-  run algo=iql_bd algo.bc_coef=0.0 seed=0,1,2 hydra.sweep.dir="$OUT/no_lm_term"
+  run algo=iql_bd algo.ce_coef=0.0 seed=0,1,2 hydra.sweep.dir="$OUT/no_lm_term"
   run algo=iql_bd algo.chi2_on=expert_and_policy,vocab seed=0,1,2 hydra.sweep.dir="$OUT/chi2"
 ) > "$OUT.ablations.log" 2>&1 &
 wait

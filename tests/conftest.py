@@ -19,13 +19,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32):
-    """A 1-layer Llama small enough for unit tests."""
+def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32, **config):
+    """A 1-layer Llama small enough for unit tests; ``config`` overrides any ``LlamaConfig`` field."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
+    fields = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -37,7 +36,7 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32):
         pad_token_id=0,
         bos_token_id=None,
     )
-    return LlamaForCausalLM(cfg).to(dtype)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**fields, **config})).to(dtype)
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,17 @@ def test_contract(name, synthetic_buffer):
         torch.testing.assert_close(a, b)
 
 
+def test_algorithms_declare_rollouts_and_target_networks():
+    policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
+    assert make_algorithm("soft_q", policy, {"reward": "sqil"}).needs_rollouts
+    soft_q = make_algorithm("soft_q", policy, {"target_update_rate": 0.5})
+    assert not soft_q.needs_rollouts and soft_q.uses_target_network
+    assert soft_q.target.update_rate == 0.5 and "target" in soft_q.state_dict()
+    for name in ("bc", "kd", "iql_bd"):
+        algo = make_algorithm(name, policy)
+        assert not algo.needs_rollouts and algo.target is None and "target" not in algo.state_dict()
+
+
 def test_unknown_option_lists_valid_ones():
     with pytest.raises(ValueError, match="valid options"):
         make_config("iql_bd", {"gama": 0.9})
@@ -56,7 +67,7 @@ def test_unknown_option_lists_valid_ones():
         make_config("nope")
 
 
-def _reference_bd_loss(logits, mask, expert_idx, action_mask, lengths, terminated, vmax, gamma, alpha, q_min):
+def _reference_bd_loss(logits, mask, action_slot, action_mask, lengths, terminated, vmax, gamma, alpha, q_min):
     """Per-token loop of J(Q) = E[phi(Q(s,a) - g V(s'))] - E[V(s) - g V(s')] (math form, chi^2 on expert)."""
     B, S, K = logits.shape
     phis, values = [], []
@@ -78,8 +89,8 @@ def _reference_bd_loss(logits, mask, expert_idx, action_mask, lengths, terminate
         for t in range(L):
             vn = v(t + 1)
             values.append(v(t) - gamma * vn)
-            if expert_idx[b, t] >= 0:
-                r = q_row(t)[int(expert_idx[b, t])] - gamma * vn
+            if action_slot[b, t] >= 0:
+                r = q_row(t)[int(action_slot[b, t])] - gamma * vn
                 phis.append(r - r * r / (4 * alpha))
     return -(torch.stack(phis).mean() - torch.stack(values).mean())
 
@@ -90,7 +101,7 @@ def test_bd_loss_matches_per_token_loop(synthetic_buffer):
     B, S, K = batch.cand_ids_BSK.shape
     logits = torch.randn(B, S, K, dtype=torch.float64) * 3
     # knock one expert action out of its set to exercise the exclusion
-    idx = batch.expert_idx_BT.clone()
+    idx = batch.action_slot_BT.clone()
     idx[0, 0] = -1
     vmax = logits.amax(-1) + torch.rand(B, S, dtype=torch.float64)  # a vocabulary max above the set's
     args = (logits, batch.cand_mask_BSK, idx, batch.action_mask_BT, batch.lengths_B, batch.terminated_B)
@@ -107,7 +118,7 @@ def test_bd_loss_matches_per_token_loop(synthetic_buffer):
     ("iql_bd", {}),
     ("iql_bd", {"chi2_on": "expert_and_policy"}),
     ("iql_bd", {"chi2_on": "vocab", "expert_term": "vocab_mean"}),
-    ("iql_bd", {"bc_coef": 0.5}),
+    ("iql_bd", {"ce_coef": 0.5}),
     ("soft_q", {}),
     ("kd", {"student_norm": "top_p"}),
 ])

@@ -5,19 +5,27 @@ import math
 import pytest
 import torch
 
+from tests.reference import scatter_mask, soft_value_dense
 from tokenrl.backup import (
+    TargetNetwork,
+    chi2_penalty,
     chi2_phi,
+    gather_action,
     implicit_reward,
     iq_learn_value_term,
+    kl,
     masked_max,
     masked_mean,
     next_state_values,
     polyak_update,
-    scatter_mask,
+    project_to_set,
+    restrict_to_set,
     shifted_q,
     soft_value,
-    soft_value_dense,
+    state_values,
     td_target,
+    token_nll,
+    vocab_logprobs,
 )
 
 B, T, K, V = 6, 7, 5, 23
@@ -317,14 +325,14 @@ def make_nets():
     return online, target
 
 
-def test_polyak_tau_one_copies():
+def test_polyak_rate_one_copies():
     online, target = make_nets()
     polyak_update(target, online, 1.0)
     for a, b in zip(target.state_dict().values(), online.state_dict().values()):
         assert torch.equal(a, b)
 
 
-def test_polyak_tau_half_averages_parameters_and_copies_buffers():
+def test_polyak_rate_half_averages_parameters_and_copies_buffers():
     online, target = make_nets()
     before = [p.detach().clone() for p in target.parameters()]
     polyak_update(target, online, 0.5)
@@ -336,8 +344,129 @@ def test_polyak_tau_half_averages_parameters_and_copies_buffers():
     assert all(not p.requires_grad or p.grad is None for p in online.parameters())
 
 
-@pytest.mark.parametrize("tau", [0.0, -0.5, 1.5])
-def test_polyak_bad_tau_raises(tau):
+@pytest.mark.parametrize("rate", [0.0, -0.5, 1.5])
+def test_polyak_bad_rate_raises(rate):
     online, target = make_nets()
-    with pytest.raises(ValueError, match="tau"):
-        polyak_update(target, online, tau)
+    with pytest.raises(ValueError, match="target_update_rate"):
+        polyak_update(target, online, rate)
+
+
+def test_target_network_copies_updates_and_round_trips():
+    online, _ = make_nets()
+    target = TargetNetwork(online, 0.5)
+    assert all(not p.requires_grad for p in target.net.parameters())
+    for a, b in zip(target.state_dict().values(), online.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    before = [p.detach().clone() for p in target.net.parameters()]
+    target.update()
+    for p_t, p_0, p_o in zip(target.net.parameters(), before, online.parameters()):
+        torch.testing.assert_close(p_t, 0.5 * (p_0 + p_o))
+    other = TargetNetwork(online, 0.5)
+    other.load_state_dict(target.state_dict())
+    for a, b in zip(other.net.parameters(), target.net.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="target_update_rate"):
+        TargetNetwork(online, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Policies on a set: gather, projection, NLL, KL
+# ------------------------------------------------------------------------------------------------
+def test_gather_action_matches_loop():
+    g = gen(11)
+    values = torch.randn(B, T + 1, K, generator=g, dtype=torch.float64)
+    slot = torch.randint(-1, K, (B, T), generator=g)
+    out = gather_action(values, slot)
+    assert out.shape == (B, T)
+    for b in range(B):
+        for t in range(T):
+            k = int(slot[b, t])
+            assert out[b, t].item() == (values[b, t, k].item() if k >= 0 else 0.0)
+
+
+def test_state_values_are_soft_values_and_zero_on_an_empty_set():
+    g = gen(12)
+    q = torch.randn(B, T + 1, K, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T + 1, K, generator=g) < 0.5
+    mask[1, 2] = False
+    v = state_values(q, mask)
+    for b in range(B):
+        for s in range(T + 1):
+            expected = loop_logsumexp(q[b, s], mask[b, s])
+            assert v[b, s].item() == pytest.approx(0.0 if expected == -math.inf else expected, abs=1e-12)
+    assert soft_value(q, None).tolist() == torch.logsumexp(q, -1).tolist()
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_project_to_set_matches_loop(log):
+    g = gen(13)
+    logits = 2 * torch.randn(B, K, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, K, generator=g) < 0.6
+    mask[0] = False  # an empty set: no NaN
+    mask[1] = True
+    out = project_to_set(logits, mask, log=log)
+    for b in range(B):
+        members = [k for k in range(K) if mask[b, k]]
+        z = sum(math.exp(logits[b, k].item()) for k in members)
+        for k in range(K):
+            p = math.exp(logits[b, k].item()) / z if k in members else 0.0
+            if log:
+                assert out[b, k].item() == (pytest.approx(math.log(p), abs=1e-12) if p > 0 else -math.inf)
+            else:
+                assert out[b, k].item() == pytest.approx(p, abs=1e-12)
+    torch.testing.assert_close(project_to_set(logits, None, log=log)[1], out[1])
+    assert restrict_to_set(logits, mask)[~mask].eq(-math.inf).all()
+
+
+def test_token_nll_and_vocab_logprobs_match_loop():
+    g = gen(14)
+    logits = torch.randn(3, 4, V, generator=g, dtype=torch.float64)
+    actions = torch.randint(0, V, (3, 4), generator=g)
+    ids = torch.randint(0, V, (3, 4, K), generator=g)
+    nll, lp = token_nll(logits, actions), vocab_logprobs(logits, ids)
+    for i in range(3):
+        for j in range(4):
+            lse = loop_logsumexp(logits[i, j], torch.ones(V, dtype=torch.bool))
+            assert nll[i, j].item() == pytest.approx(lse - logits[i, j, int(actions[i, j])].item(), abs=1e-12)
+            for k in range(K):
+                assert lp[i, j, k].item() == pytest.approx(logits[i, j, int(ids[i, j, k])].item() - lse, abs=1e-12)
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_kl_matches_loop_in_both_directions(with_mask):
+    g = gen(15)
+    mask = torch.rand(B, K, generator=g) < 0.7
+    mask[:, 0] = True
+    if not with_mask:
+        mask[:] = True
+        mask[0, 1] = False  # a zero-probability entry of both: 0 log 0 counts 0
+    logp = project_to_set(torch.randn(B, K, generator=g, dtype=torch.float64), mask)
+    logq = project_to_set(torch.randn(B, K, generator=g, dtype=torch.float64), mask)
+    for first, second in ((logp, logq), (logq, logp)):
+        out = kl(first, second, mask if with_mask else None)
+        assert not torch.isnan(out).any()
+        for b in range(B):
+            expected = sum(
+                math.exp(first[b, k].item()) * (first[b, k].item() - second[b, k].item())
+                for k in range(K)
+                if mask[b, k]
+            )
+            assert out[b].item() == pytest.approx(expected, abs=1e-12)
+    assert bool((kl(logp, logq, mask) >= -1e-12).all())
+    torch.testing.assert_close(kl(logp, logp, mask), torch.zeros(B, dtype=torch.float64))
+
+
+def test_implicit_reward_broadcasts_over_candidates_and_chi2_penalty():
+    g = gen(16)
+    q_BTK = torch.randn(B, T, K, generator=g, dtype=torch.float64)
+    v_next_BT = torch.randn(B, T, generator=g, dtype=torch.float64)
+    r_BTK = implicit_reward(q_BTK, v_next_BT, 0.9)
+    for k in range(K):
+        torch.testing.assert_close(r_BTK[..., k], implicit_reward(q_BTK[..., k], v_next_BT, 0.9))
+    sq = torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)
+    assert chi2_penalty(sq, 0.5).tolist() == [0.0, 0.5, 2.0]
+    with pytest.raises(ValueError, match="alpha"):
+        chi2_penalty(sq, 0.0)

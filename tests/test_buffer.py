@@ -67,7 +67,7 @@ def reference_collate(buf, indices, p):
         "cand_lp": torch.full((B, S, K), float("-inf")),
         "cand_mask": torch.zeros(B, S, K, dtype=torch.bool),
         "state_mask": torch.zeros(B, S, dtype=torch.bool),
-        "expert_idx": torch.full((B, T), -1, dtype=torch.long),
+        "action_slot": torch.full((B, T), -1, dtype=torch.long),
         "action_lp": torch.full((B, T), float("-inf")),
     }
     for b, i in enumerate(indices):
@@ -111,7 +111,7 @@ def reference_collate(buf, indices, p):
                     k = ids.index(a)
                     ref["action_lp"][b, s] = lps[k]  # from the stored, unrestricted cache
                     if keep[k]:
-                        ref["expert_idx"][b, s] = k
+                        ref["action_slot"][b, s] = k
         assert offset == len(cache.ids)
     return ref
 
@@ -139,7 +139,7 @@ def assert_batch_matches_reference(batch: Batch, buf, indices, p):
     assert torch.equal(batch.cand_logprobs_BSK, ref["cand_lp"])
     assert torch.equal(batch.cand_mask_BSK, ref["cand_mask"])
     assert torch.equal(batch.state_mask_BS, ref["state_mask"])
-    assert torch.equal(batch.expert_idx_BT, ref["expert_idx"])
+    assert torch.equal(batch.action_slot_BT, ref["action_slot"])
     valid = ref["action_mask"]
     assert torch.equal(batch.action_logprob_BT[valid], ref["action_lp"][valid])
     assert batch.action_logprob_BT.shape == (B, valid.shape[1])
@@ -157,8 +157,8 @@ def test_collate_matches_per_trajectory_loop(lang):
     batch = buf.collate(indices)
     ref = assert_batch_matches_reference(batch, buf, indices, P_CACHE)
     # The data exercise every branch: actions inside and outside the set, both kinds of ending.
-    assert bool((ref["expert_idx"][ref["action_mask"]] >= 0).any())
-    assert bool((ref["expert_idx"][ref["action_mask"]] == -1).any())
+    assert bool((ref["action_slot"][ref["action_mask"]] >= 0).any())
+    assert bool((ref["action_slot"][ref["action_mask"]] == -1).any())
     assert any(buf.terminated[i] for i in indices) and any(buf.truncated[i] for i in indices)
     assert len({len(buf.prompts[i]) for i in indices}) > 1 and len({len(buf.responses[i]) for i in indices}) > 1
 
@@ -192,8 +192,8 @@ def test_collate_restricted_to_smaller_p_matches_loop_and_restrict_top_p(lang, p
     assert torch.equal(batch.action_logprob_BT, full.action_logprob_BT)
     assert int(batch.cand_mask_BSK.sum()) < int(full.cand_mask_BSK.sum())
     # Restriction only shrinks: an action inside the small set is inside the cached set at the same slot.
-    inside = batch.expert_idx_BT >= 0
-    assert torch.equal(batch.expert_idx_BT[inside], full.expert_idx_BT[inside])
+    inside = batch.action_slot_BT >= 0
+    assert torch.equal(batch.action_slot_BT[inside], full.action_slot_BT[inside])
 
 
 def test_collate_restriction_matches_the_teachers_smaller_top_p_set(lang):
@@ -234,7 +234,7 @@ def test_collate_without_cache(lang):
     assert batch.cand_ids_BSK.shape == (2, 4, 1)
     assert not bool(batch.cand_mask_BSK.any())
     assert bool(torch.isneginf(batch.action_logprob_BT).all())
-    assert bool((batch.expert_idx_BT == -1).all())
+    assert bool((batch.action_slot_BT == -1).all())
     assert batch.input_ids_BL.tolist() == [[1, 2, 4, 5, 0], [0, 3, 6, 0, 0]]
     assert batch.rewards_BT.abs().sum().item() == 0.0
 
@@ -457,7 +457,7 @@ def test_online_rollouts_sample_into_sensible_batches(lang):
         for t, a in enumerate(resp):
             logits = lang.next_token_logits(torch.tensor([prompt + resp[:t]]), torch.tensor([len(prompt) + t]))[0]
             inside = bool(top_p_mask(logits, p)[a])
-            k = int(batch.expert_idx_BT[b, t])
+            k = int(batch.action_slot_BT[b, t])
             assert (k >= 0) == inside
             if inside:
                 assert batch.cand_ids_BSK[b, t, k].item() == a
@@ -485,7 +485,7 @@ def tiny_cached_buffer():
 def test_action_logprob_is_minus_inf_on_padding():
     batch = tiny_cached_buffer().collate([0, 1])
     assert batch.action_mask_BT.tolist() == [[True, False], [True, True]]
-    assert batch.expert_idx_BT[0, 1].item() == -1
+    assert batch.action_slot_BT[0, 1].item() == -1
     assert batch.action_logprob_BT[0, 1].item() == float("-inf")
 
 
@@ -498,4 +498,4 @@ def test_partially_cached_batch_keeps_or_rejects():
     except ValueError:
         return
     assert torch.equal(mixed.cand_mask_BSK[0, :3, : alone.cand_mask_BSK.shape[-1]], alone.cand_mask_BSK[0])
-    assert torch.equal(mixed.expert_idx_BT[0], alone.expert_idx_BT[0])
+    assert torch.equal(mixed.action_slot_BT[0], alone.action_slot_BT[0])

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from algorithms import REGISTRY, make_config
-from algorithms.iql_bd import IQLBDConfig
+from algorithms.iql_bd import BellmanDistillConfig
 from tokenrl.config import RunConfig, make_run_config, register_configs
 from tokenrl.hf_task import HFTaskConfig
 from tokenrl.tasks import SyntheticTaskConfig
@@ -82,7 +82,7 @@ def test_run_config_from_compose_and_from_a_dict_agree():
         {"algo": algo, "task": {"samples_per_prompt": 2}, "steps": 7, "sft_steps": 500, "data_dir": composed.data_dir}
     )
     assert isinstance(composed, RunConfig) and isinstance(composed.task, SyntheticTaskConfig)
-    assert isinstance(composed.algo_config(), IQLBDConfig) and composed.algo_name == "iql_bd"
+    assert isinstance(composed.algo_config(), BellmanDistillConfig) and composed.algo_name == "iql_bd"
     assert composed == from_dict
     # The schema defaults hold wherever the run starts (no fallback elsewhere).
     assert (composed.task.data_seed, composed.task.cache_batch_size, composed.task.shard_prompts) == (1234, 64, 256)

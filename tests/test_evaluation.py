@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.reference import sequence_logprob
 from tests.test_sampling import EOS, V, random_prompts, slow_logits, tiny_llama
 from tokenrl.evaluation import evaluate, evaluate_teacher_samples, rouge_l, teacher_forced_kl, teacher_nll
 from tokenrl.sampling import sample_responses
@@ -52,7 +53,7 @@ def test_teacher_nll_equals_synthetic_sequence_logprob(lang):
     nll = teacher_nll(lang, prompts, responses, batch_size=7)
     for prompt, response, values in zip(prompts, responses, nll):
         seq = torch.tensor([prompt + response])
-        reference = -lang.sequence_logprob(seq, len(prompt), torch.tensor([seq.shape[1]]))[0, len(prompt) :]
+        reference = -sequence_logprob(lang, seq, len(prompt), torch.tensor([seq.shape[1]]))[0, len(prompt) :]
         assert values.shape == (len(response),)
         np.testing.assert_allclose(values, reference.numpy(), rtol=1e-5, atol=1e-5)
 

@@ -238,5 +238,5 @@ def test_online_rollouts_on_a_transformers_task(tiny_files, tmp_path):
     assert len(buffer) == 3 and not any(buffer.is_expert) and stats["rollout/buffer_size"] == 3
     batch = buffer.collate([0, 1, 2], top_p=0.8)
     # Sampled inside the teacher's top-p set (up to float16 rounding of the cache at the set boundary).
-    assert batch.expert_in_set_BT[batch.action_mask_BT].float().mean() >= 0.9
+    assert batch.action_in_set_BT[batch.action_mask_BT].float().mean() >= 0.9
     assert student.training  # collect_rollouts restores train mode

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tests.conftest import tiny_llama as conftest_llama
 from tokenrl.models import (
     HFTeacher,
     check_same_vocabulary,
@@ -45,20 +46,8 @@ def word_tokenizer(words: list[str] = WORDS, name: str = "tiny-words") -> PreTra
 
 
 def tiny_llama(vocab_rows: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=vocab_rows,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=3,
-        pad_token_id=1,
-        bos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    sizes = dict(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return conftest_llama(vocab_rows, seed, eos_token_id=3, pad_token_id=1, bos_token_id=2, **sizes).eval()
 
 
 def tiny_gpt2(vocab_rows: int, layers: int = 3) -> GPT2LMHeadModel:

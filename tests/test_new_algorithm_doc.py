@@ -88,7 +88,7 @@ def test_online_rollouts_reach_the_buffer_with_caches(doc):
     # Rollouts sampled inside the teacher's set at the cache p: every learner action has a Q.
     batch = buf.collate(learner, top_p=doc.algo.top_p)
     assert not batch.is_expert_B.any()
-    assert bool((batch.expert_idx_BT >= 0)[batch.action_mask_BT].all())
+    assert bool((batch.action_slot_BT >= 0)[batch.action_mask_BT].all())
 
 
 def test_doc_updates_are_finite_and_move_the_parameters(doc):
@@ -150,7 +150,7 @@ def test_doc_yaml_composes_against_the_generated_schema(doc, tmp_path):
             assert cfg.algo.name == NAME and cfg.algo.learner_weight == 0.5 and cfg.algo.top_p == 0.8
             algo_cfg = dict(cfg.algo)
             algo_cfg.pop("name")
-            assert algorithms.make_config(NAME, algo_cfg).tau == 0.01
+            assert algorithms.make_config(NAME, algo_cfg).target_update_rate == 0.01
             with pytest.raises(ConfigCompositionException):
                 compose("config", overrides=[f"algo={NAME}", "algo.lernr_weight=0.5"])
     finally:

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from algorithms.iql_bd import IQLBD
+from algorithms.iql_bd import BellmanDistill
 from tokenrl.config import make_run_config, register_configs
 from tokenrl.trainer import run
 
@@ -36,7 +36,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, monkeypatch):
     run(cfg, str(tmp_path / "straight"))
 
     calls = {"n": 0}
-    original = IQLBD.update
+    original = BellmanDistill.update
 
     def dying_update(self, batch):
         calls["n"] += 1
@@ -44,11 +44,11 @@ def test_resume_after_kill_is_bit_identical(tmp_path, monkeypatch):
             raise Killed("simulated kill")
         return original(self, batch)
 
-    monkeypatch.setattr(IQLBD, "update", dying_update)
+    monkeypatch.setattr(BellmanDistill, "update", dying_update)
     with pytest.raises(Killed):
         run(cfg, str(tmp_path / "killed"))
     assert torch.load(tmp_path / "killed" / "train_state.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(IQLBD, "update", original)
+    monkeypatch.setattr(BellmanDistill, "update", original)
     resumed = run(_cfg(tmp_path, "resume=true"), str(tmp_path / "killed"))
 
     a = load_file(tmp_path / "straight" / "student.safetensors")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+from tests.conftest import tiny_llama as conftest_llama
 
 from tokenrl.sampling import KVCacheStepper, _sample_batch, sample_responses
 from tokenrl.top_p import top_p_mask
@@ -15,21 +17,11 @@ EOS = 0
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = V, attn: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        # A larger init than the default gives peaked distributions, so top-p sets are small and
-        # greedy decoding has no near-ties.
-        initializer_range=0.2,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config)
+    # A larger init than the default gives peaked distributions, so top-p sets are small and greedy decoding
+    # has no near-ties. The token ids are LlamaConfig's defaults (no padding row in the embedding).
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    ids = dict(eos_token_id=2, pad_token_id=None, bos_token_id=1)
+    return conftest_llama(vocab_size, seed, initializer_range=0.2, attn_implementation=attn, **sizes, **ids)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -8,6 +8,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
+from tests.reference import sequence_logprob
 from tokenrl.synthetic import SyntheticLanguage
 
 V = 64
@@ -35,9 +36,9 @@ def single_reward(tokens, action, terminated):
     return float(tokens.sum() % 7) + 0.5 * action - float(terminated)
 
 
-def batch_reward(tokens_BT, lengths_B, actions_B, terminated_B):
-    real_BT = torch.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
-    return (tokens_BT * real_BT).sum(1) % 7 + 0.5 * actions_B - terminated_B.float()
+def batch_reward(tokens_BL, lengths_B, actions_B, terminated_B):
+    real_BT = torch.arange(tokens_BL.shape[1])[None, :] < lengths_B[:, None]
+    return (tokens_BL * real_BT).sum(1) % 7 + 0.5 * actions_B - terminated_B.float()
 
 
 def test_check_env_passes_without_warnings(lang):
@@ -173,8 +174,8 @@ def test_batched_env_matches_single_envs_in_lock_step():
             assert (bool(terminated_B[b]), bool(truncated_B[b])) == (s_term, s_trunc)
             n = int(s_obs["length"])
             assert obs["lengths_B"][b] == n
-            assert obs["tokens_BT"][b, :n].tolist() == s_obs["tokens"][:n].tolist()
-            assert (obs["tokens_BT"][b, n:] == 63).all()
+            assert obs["tokens_BL"][b, :n].tolist() == s_obs["tokens"][:n].tolist()
+            assert (obs["tokens_BL"][b, n:] == 63).all()
     assert all(single_done)
     assert terminated_B.tolist() == [True, False, True, True, False]
     assert truncated_B.tolist() == [False, True, False, False, True]
@@ -196,7 +197,7 @@ def test_batched_step_validates_actions():
     env.step(torch.tensor([EOS, 4]))
     # Row 0 has finished: its action is ignored, even an invalid one.
     obs, *_ = env.step(torch.tensor([-100, 5]))
-    assert obs["tokens_BT"].tolist() == [[1, EOS, EOS, EOS], [2, 3, 4, 5]]
+    assert obs["tokens_BL"].tolist() == [[1, EOS, EOS, EOS], [2, 3, 4, 5]]
     with pytest.raises(ValueError, match="prompt_sampler"):
         env.reset()
 
@@ -204,8 +205,8 @@ def test_batched_step_validates_actions():
 def test_rollout_calls_policy_once_per_step_and_fills_trajectories():
     calls = []
 
-    def policy_fn(tokens_BT, lengths_B):
-        calls.append(tokens_BT.shape)
+    def policy_fn(tokens_BL, lengths_B):
+        calls.append(tokens_BL.shape)
         # Rows 0-2 emit EOS once their responses have 0, 1, 2 tokens; row 3 never does and truncates.
         response_len_B = lengths_B - torch.tensor([2, 1, 3, 2])
         return torch.where(response_len_B == torch.tensor([0, 1, 2, -1]), EOS, 10 + lengths_B)
@@ -217,9 +218,9 @@ def test_rollout_calls_policy_once_per_step_and_fills_trajectories():
     assert traj.responses == [[EOS], [11, EOS], [13, 14, EOS], [12, 13, 14, 15]]
     assert traj.terminated == [True, True, True, False] and traj.truncated == [False, False, False, True]
     assert traj.rewards == [[0.0], [11.0, 0.0], [13.0, 14.0, 0.0], [12.0, 13.0, 14.0, 15.0]]
-    assert traj.response_ids_BL.tolist() == [[0, 0, 0, 0], [11, 0, 0, 0], [13, 14, 0, 0], [12, 13, 14, 15]]
-    assert traj.response_mask_BL.sum(1).tolist() == [1, 2, 3, 4]
-    assert traj.rewards_BL.shape == (4, 4) and traj.rewards_BL.dtype == torch.float32
+    assert traj.response_ids_BT.tolist() == [[0, 0, 0, 0], [11, 0, 0, 0], [13, 14, 0, 0], [12, 13, 14, 15]]
+    assert traj.response_mask_BT.sum(1).tolist() == [1, 2, 3, 4]
+    assert traj.rewards_BT.shape == (4, 4) and traj.rewards_BT.dtype == torch.float32
 
 
 def test_rollout_is_reproducible_with_a_seed(lang):
@@ -243,12 +244,12 @@ def test_rollout_sampling_the_teacher_matches_its_own_sampler(lang):
         assert truncated == (len(response) == max_new and response[-1] != EOS)
 
     def nll_per_token(responses):
-        tokens_BT = torch.nn.utils.rnn.pad_sequence(
+        tokens_BL = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(p + r) for p, r in zip(prompts, responses)], batch_first=True
         )
         lengths_B = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
         start_B = torch.tensor([len(p) for p in prompts])
-        return -lang.sequence_logprob(tokens_BT, start_B, lengths_B).sum().item() / sum(map(len, responses))
+        return -sequence_logprob(lang, tokens_BL, start_B, lengths_B).sum().item() / sum(map(len, responses))
 
     env_term = np.mean(traj.terminated)
     ref_term = np.mean([term for _, term in reference])

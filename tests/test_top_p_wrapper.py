@@ -160,8 +160,8 @@ def test_teacher_top_p_set_and_restriction_match_top_p(lang):
     prompts = lang.sample_prompts(6, np.random.default_rng(0))
     env = BatchedTokenGenerationEnv(lang.vocab_size, EOS, 4, 8)
     obs, _ = env.reset(prompts)
-    logits_BV = lang.next_token_logits(obs["tokens_BT"], obs["lengths_B"])
-    top = teacher_top_p_set(lang, obs["tokens_BT"], obs["lengths_B"], 0.8)
+    logits_BV = lang.next_token_logits(obs["tokens_BL"], obs["lengths_B"])
+    top = teacher_top_p_set(lang, obs["tokens_BL"], obs["lengths_B"], 0.8)
     expected = top_p_sparse(logits_BV, 0.8)
     assert torch.equal(top.ids, expected.ids) and torch.equal(top.mask, expected.mask)
 
@@ -178,9 +178,9 @@ def test_restricted_rollout_stays_inside_the_teacher_set(lang):
     p, max_new = 0.5, 10
     calls = []
 
-    def student_logits_fn(tokens_BT, lengths_B):
+    def student_logits_fn(tokens_BL, lengths_B):
         calls.append(1)
-        return torch.zeros(tokens_BT.shape[0], lang.vocab_size)  # uniform student
+        return torch.zeros(tokens_BL.shape[0], lang.vocab_size)  # uniform student
 
     env = BatchedTokenGenerationEnv(lang.vocab_size, EOS, max_new, 8, batch_size=64, prompt_sampler=lang.sample_prompts)
     traj = env.rollout(top_p_restricted_policy(student_logits_fn, lang, p), seed=0)
@@ -207,13 +207,13 @@ class TinyLlamaTeacher:
         self.model = LlamaForCausalLM(config).eval()
 
     @torch.no_grad()
-    def sequence_logits(self, tokens_BT, lengths_B):
-        attention_mask_BT = torch.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
-        return self.model(input_ids=tokens_BT, attention_mask=attention_mask_BT.long()).logits
+    def sequence_logits(self, tokens_BL, lengths_B):
+        attention_mask_BT = torch.arange(tokens_BL.shape[1])[None, :] < lengths_B[:, None]
+        return self.model(input_ids=tokens_BL, attention_mask=attention_mask_BT.long()).logits
 
-    def next_token_logits(self, tokens_BT, lengths_B):
+    def next_token_logits(self, tokens_BL, lengths_B):
         # Right padding: the last real token of row b sits at lengths_B[b] - 1.
-        return self.sequence_logits(tokens_BT, lengths_B)[torch.arange(tokens_BT.shape[0]), lengths_B - 1]
+        return self.sequence_logits(tokens_BL, lengths_B)[torch.arange(tokens_BL.shape[0]), lengths_B - 1]
 
 
 def test_check_env_with_a_tiny_transformers_teacher():

@@ -1,16 +1,35 @@
-"""TD-backup functions: the only place the soft-value and Bellman formulas live.
+"""The shared formulas: every soft-value, projection, NLL, KL and Bellman formula lives here once.
 
-All functions are pure tensor functions. Conventions (see :class:`tokenrl.buffer.Batch`):
+All functions are pure tensor functions, tested against per-token loops (``tests/test_backup.py``).
 
-* a response of ``length`` tokens visits states ``s_0 .. s_length``; a padded batch holds ``S = T + 1``
-  states for ``T`` response slots (``_BS`` tensors) and ``T`` actions (``_BT`` tensors);
+Shape letters (the one table; every ``_XY`` suffix in ``tokenrl``, ``envs`` and ``algorithms`` uses it):
+
+====  =====================================================================================================
+B     batch rows (trajectories, or parallel envs)
+T     response slots: the actions ``a_0 .. a_{T-1}`` of a padded batch
+S     states, ``S = T + 1``: ``s_0 .. s_T`` (a response of ``length`` tokens visits ``s_0 .. s_length``)
+K     candidate slots: the members of a state's action set (the teacher's top-p set), padded
+V     vocabulary (a dense action set is the case K = V)
+L     model-input columns: ``[left-padded prompt | right-padded response]``, ``L = P + T``, or, in the
+      token envs, the prompt-plus-response columns of a right-padded state
+P     prompt columns
+D     hidden size
+N     flattened tokens (``B * T`` or a chunk of them)
+====  =====================================================================================================
+
+Conventions (see :class:`tokenrl.buffer.Batch`):
+
 * ``V(s_length) = 0`` when the response ended with EOS (``terminated``) and is bootstrapped otherwise
   (``truncated`` at max_new_tokens);
-* candidate sets (the teacher's top-p set, or the whole vocabulary) are given as ``[..., K]`` values with a
-  ``[..., K]`` bool mask; a dense ``[..., V]`` tensor with a ``[..., V]`` mask is the same thing with K = V.
+* an action set is given as ``[..., K]`` values with a ``[..., K]`` bool mask; a dense ``[..., V]`` tensor
+  with a ``[..., V]`` mask (or ``mask=None``) is the same thing with K = V;
+* the taken action is addressed by its slot in its state's set (``action_slot_BT``), ``-1`` when it lies
+  outside the set or on padding.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -27,41 +46,134 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int = -1, keepdim: bool
     return x.masked_fill(~mask, NEG_INF).amax(dim=dim, keepdim=keepdim)
 
 
-def soft_value(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Soft value over a candidate set: ``V = log sum_{a in set} exp Q(a)``.
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over True entries of ``mask`` (0 when the mask is empty)."""
+    mask_f = mask.to(x.dtype)
+    return (x * mask_f).sum() / mask_f.sum().clamp_min(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Policies on an action set
+# ------------------------------------------------------------------------------------------------
+def gather_action(values_BSK: torch.Tensor, action_slot_BT: torch.Tensor) -> torch.Tensor:
+    """Value of the taken action at each step, ``[B, T]`` (0 where the action is outside the set).
+
+    Args:
+        values_BSK: ``[B, S, K]`` (or ``[B, T, K]``) per-candidate values; only the first ``T`` states are read.
+        action_slot_BT: ``[B, T]`` slot of the taken action in its state's set, -1 if outside or padding.
+    """
+    T = action_slot_BT.shape[1]
+    g = values_BSK[:, :T].gather(-1, action_slot_BT.clamp_min(0)[..., None])[..., 0]
+    return torch.where(action_slot_BT >= 0, g, torch.zeros_like(g))
+
+
+def soft_value(q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft value over an action set: ``V = log sum_{a in set} exp Q(a)``.
 
     Args:
         q: ``[..., K]`` Q-values (candidate logits, or dense logits with K = V).
-        mask: ``[..., K]`` bool, True for members of the set.
+        mask: ``[..., K]`` bool, True for members of the set; None = every entry.
 
     Returns:
-        ``[...]`` soft values. Rows with an empty set give ``-inf``; mask them out downstream.
+        ``[...]`` soft values. Rows with an empty set give ``-inf`` (see :func:`state_values`).
     """
-    return torch.logsumexp(q.masked_fill(~mask, NEG_INF), dim=-1)
+    return torch.logsumexp(q if mask is None else q.masked_fill(~mask, NEG_INF), dim=-1)
 
 
-def soft_value_dense(logits_BSV: torch.Tensor, cand_ids_BSK: torch.Tensor, cand_mask_BSK: torch.Tensor) -> torch.Tensor:
-    """Soft value over a sparse candidate set computed from dense logits (reference for the gathered form).
+def state_values(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft value over each state's action set, 0 where the set is empty (after EOS, on padding).
 
     Args:
-        logits_BSV: ``[..., V]`` dense Q-values.
-        cand_ids_BSK: ``[..., K]`` candidate token ids.
-        cand_mask_BSK: ``[..., K]`` validity of each candidate slot.
+        q: ``[..., K]`` Q-values.
+        mask: ``[..., K]`` bool set membership.
 
     Returns:
-        ``[...]`` soft values, equal to ``soft_value(gather(logits, ids), mask)``.
+        ``[...]`` values, finite everywhere.
     """
-    return soft_value(logits_BSV, scatter_mask(cand_ids_BSK, cand_mask_BSK, logits_BSV.shape[-1]))
+    v = soft_value(q, mask)
+    return torch.where(mask.any(-1), v, torch.zeros_like(v))
 
 
-def scatter_mask(cand_ids: torch.Tensor, cand_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Dense ``[..., V]`` bool mask of a sparse candidate set ``[..., K]``."""
-    # Invalid slots go to an extra column: padding repeats pad_id, which may also be a real member.
-    dense = torch.zeros(*cand_ids.shape[:-1], vocab_size + 1, dtype=torch.bool, device=cand_ids.device)
-    ids = torch.where(cand_mask, cand_ids, torch.full_like(cand_ids, vocab_size))
-    return dense.scatter(-1, ids, True)[..., :vocab_size]
+def restrict_to_set(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits with every entry outside the set at ``-inf``: their softmax is the projected policy.
+
+    Args:
+        logits: ``[..., K]`` logits.
+        mask: ``[..., K]`` bool set membership (broadcastable).
+    """
+    return logits.masked_fill(~mask, NEG_INF)
 
 
+def project_to_set(logits: torch.Tensor, mask: torch.Tensor | None = None, log: bool = True) -> torch.Tensor:
+    """The policy ``softmax(logits)`` projected onto an action set (renormalised on it).
+
+    Args:
+        logits: ``[..., K]`` logits (or unnormalised log-probabilities).
+        mask: ``[..., K]`` bool set membership; None = every entry (plain ``log_softmax`` / ``softmax``).
+        log: return log-probabilities (``-inf`` outside the set) instead of probabilities (0 outside).
+
+    Returns:
+        ``[..., K]`` (log-)probabilities. A row with an empty set is all ``-inf`` (all 0), never NaN.
+    """
+    if mask is None:
+        return torch.log_softmax(logits, dim=-1) if log else torch.softmax(logits, dim=-1)
+    restricted = restrict_to_set(logits, mask)
+    if log:
+        return torch.where(mask, torch.log_softmax(restricted, dim=-1), NEG_INF)
+    return torch.where(mask, torch.softmax(restricted, dim=-1), 0.0)
+
+
+def vocab_logprobs(logits_NV: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``log softmax(logits)[ids]`` of some ids under the full-vocabulary softmax.
+
+    Computed as ``logits[ids] - logsumexp(logits)``, which keeps no second ``[..., V]`` tensor.
+
+    Args:
+        logits_NV: ``[..., V]`` logits (any leading shape).
+        ids_NK: ``[..., K]`` long token ids.
+
+    Returns:
+        ``[..., K]`` log-probabilities, in the logits' dtype.
+    """
+    return logits_NV.gather(-1, ids_NK) - soft_value(logits_NV)[..., None]
+
+
+def token_nll(logits_NV: torch.Tensor, actions_N: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary negative log-likelihood ``-log softmax(logits)[action]`` of each token.
+
+    Args:
+        logits_NV: ``[..., V]`` logits (any leading shape).
+        actions_N: ``[...]`` long token ids.
+
+    Returns:
+        ``[...]`` NLL per token, in the logits' dtype.
+    """
+    return -vocab_logprobs(logits_NV, actions_N[..., None])[..., 0]
+
+
+def kl(logp_p: torch.Tensor, logp_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``KL(p || q) = sum_{a in set} p(a) (log p(a) - log q(a))`` per row; swap the arguments for ``KL(q || p)``.
+
+    Terms with ``p(a) = 0`` count 0 (not ``0 * -inf = NaN``), and entries outside ``mask`` are never read.
+
+    Args:
+        logp_p: ``[..., K]`` log-probabilities of p (normalised on the set).
+        logp_q: ``[..., K]`` log-probabilities of q at the same entries.
+        mask: ``[..., K]`` bool set membership; None = every entry.
+
+    Returns:
+        ``[...]`` KL per row.
+    """
+    if mask is not None:
+        logp_p, logp_q = logp_p.masked_fill(~mask, 0.0), logp_q.masked_fill(~mask, 0.0)
+        return (logp_p.exp() * mask * (logp_p - logp_q)).sum(-1)
+    p = logp_p.exp()
+    return torch.where(p > 0, p * (logp_p - logp_q), 0.0).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bellman backups
+# ------------------------------------------------------------------------------------------------
 def shifted_q(
     logits: torch.Tensor, mask: torch.Tensor, q_min: float | None, max_logit: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -110,22 +222,32 @@ def td_target(reward_BT: torch.Tensor, v_next_BT: torch.Tensor, gamma: float) ->
     return reward_BT + gamma * v_next_BT
 
 
-def implicit_reward(q_BT: torch.Tensor, v_next_BT: torch.Tensor, gamma: float) -> torch.Tensor:
-    """IQ-Learn's implicit reward ``r(s, a) = Q(s, a) - gamma * V(s')`` (inverse of the soft Bellman backup)."""
-    return q_BT - gamma * v_next_BT
+def implicit_reward(q: torch.Tensor, v_next: torch.Tensor, gamma: float) -> torch.Tensor:
+    """IQ-Learn's implicit reward ``r(s, a) = Q(s, a) - gamma * V(s')`` (inverse of the soft Bellman backup).
+
+    Broadcasts: ``q_BT`` with ``v_next_BT`` gives the taken actions' rewards; ``q_BTK`` with ``v_next_BT``
+    gives every candidate's reward at the same state, bootstrapped from the taken action's next state.
+
+    Args:
+        q: ``[B, T]`` or ``[B, T, K]`` Q-values.
+        v_next: ``[B, T]`` next-state values (terminal masking applied).
+        gamma: discount.
+    """
+    if q.dim() == v_next.dim() + 1:
+        v_next = v_next[..., None]
+    return q - gamma * v_next
+
+
+def chi2_penalty(sq: torch.Tensor, alpha: float) -> torch.Tensor:
+    """IQ-Learn's chi^2 regulariser ``x^2 / (4 alpha)`` applied to a (mean) squared reward ``sq = x^2``."""
+    if alpha <= 0:
+        raise ValueError(f"chi^2 alpha must be > 0, got {alpha}")
+    return sq / (4.0 * alpha)
 
 
 def chi2_phi(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """The chi^2 concave function of IQ-Learn: ``phi(x) = x - x^2 / (4 alpha)``."""
-    if alpha <= 0:
-        raise ValueError(f"chi^2 alpha must be > 0, got {alpha}")
-    return x - x.square() / (4.0 * alpha)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over True entries of ``mask`` (0 when the mask is empty)."""
-    mask_f = mask.to(x.dtype)
-    return (x * mask_f).sum() / mask_f.sum().clamp_min(1.0)
+    return x - chi2_penalty(x.square(), alpha)
 
 
 def iq_learn_value_term(v_BS: torch.Tensor, v_next_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -133,12 +255,46 @@ def iq_learn_value_term(v_BS: torch.Tensor, v_next_BT: torch.Tensor, mask_BT: to
     return masked_mean(v_BS[:, :-1] - gamma * v_next_BT, mask_BT)
 
 
+# ------------------------------------------------------------------------------------------------
+# Target networks
+# ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def polyak_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
-    """Target-network update ``theta_target <- (1 - tau) theta_target + tau theta_online`` (tau=1: hard copy)."""
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"polyak tau must be in (0, 1], got {tau}")
+def polyak_update(target: torch.nn.Module, online: torch.nn.Module, rate: float) -> None:
+    """Target-network update ``theta_target <- (1 - rate) theta_target + rate theta_online`` (1: hard copy)."""
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"target_update_rate must be in (0, 1], got {rate}")
     for p_t, p_o in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p_o.detach(), tau)
+        p_t.lerp_(p_o.detach(), rate)
     for b_t, b_o in zip(target.buffers(), online.buffers()):
         b_t.copy_(b_o)
+
+
+class TargetNetwork:
+    """A frozen copy of an online network, moved towards it by Polyak averaging after every step.
+
+    Args:
+        online: the network being trained (copied now; later updates read its current parameters).
+        update_rate: Polyak rate in (0, 1]; 1.0 copies the online network at every :meth:`update`.
+
+    Attributes:
+        net: the target copy (no gradients; call it like the online network, in eval mode).
+    """
+
+    def __init__(self, online: torch.nn.Module, update_rate: float):
+        if not 0.0 < update_rate <= 1.0:
+            raise ValueError(f"target_update_rate must be in (0, 1], got {update_rate}")
+        self.online = online
+        self.update_rate = update_rate
+        self.net = copy.deepcopy(online).requires_grad_(False)
+
+    def update(self) -> None:
+        """One Polyak step towards the online network."""
+        polyak_update(self.net, self.online, self.update_rate)
+
+    def state_dict(self) -> dict:
+        """The target copy's parameters and buffers."""
+        return self.net.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the target copy from :meth:`state_dict`."""
+        self.net.load_state_dict(state)

@@ -36,7 +36,8 @@ class TopPCache:
 
 @dataclass
 class Batch:
-    """A padded batch of trajectories. ``B`` rows, ``T`` response slots, ``S = T + 1`` states, ``K`` set width.
+    """A padded batch of trajectories: ``B`` rows, ``T`` response slots, ``S = T + 1`` states, ``K`` set width
+    (shape letters as in :mod:`tokenrl.backup`).
 
     The model input is ``[left-padded prompt | right-padded response]``: response token ``t`` sits at column
     ``prompt_width + t`` and the logits of state ``s_t`` are at column ``prompt_width - 1 + t``.
@@ -57,7 +58,8 @@ class Batch:
         cand_logprobs_BSK: ``[B, S, K]`` float teacher log-probs (-inf on padding).
         cand_mask_BSK: ``[B, S, K]`` bool set membership (restricted to the requested p).
         state_mask_BS: ``[B, S]`` bool, True at ``t <= lengths_B``.
-        expert_idx_BT: ``[B, T]`` long, slot of the taken action in the set of ``s_t`` or -1 if outside.
+        action_slot_BT: ``[B, T]`` long, slot of the taken action (teacher's or the learner's) in the set of
+            ``s_t``; -1 if outside the set or on padding.
         action_logprob_BT: ``[B, T]`` float teacher log-prob of the taken action, read from the stored
             (unrestricted) cache; ``-inf`` where the action is not in it or there is no cache.
         top_p: the p the candidate sets were restricted to.
@@ -78,7 +80,7 @@ class Batch:
     cand_logprobs_BSK: torch.Tensor
     cand_mask_BSK: torch.Tensor
     state_mask_BS: torch.Tensor
-    expert_idx_BT: torch.Tensor
+    action_slot_BT: torch.Tensor
     action_logprob_BT: torch.Tensor
     top_p: float
 
@@ -88,9 +90,9 @@ class Batch:
         return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()})
 
     @property
-    def expert_in_set_BT(self) -> torch.Tensor:
-        """``[B, T]`` bool: the taken action lies in the teacher's top-p set (valid positions only)."""
-        return (self.expert_idx_BT >= 0) & self.action_mask_BT
+    def action_in_set_BT(self) -> torch.Tensor:
+        """``[B, T]`` bool: the taken action lies in the teacher's top-p set (False on padding)."""
+        return self.action_slot_BT >= 0
 
 
 @dataclass
@@ -276,8 +278,8 @@ class ReplayBuffer:
         if have_cache and p < self.cache_top_p:
             cand_mask_t = restrict_top_p(cand_lp_t, cand_mask_t, p)
         match = (cand_ids_t[:, :T] == actions[:, :, None]) & cand_mask_t[:, :T]
-        expert_idx = torch.where(match.any(-1), match.float().argmax(-1), torch.full_like(actions, -1))
-        expert_idx = torch.where(action_mask, expert_idx, torch.full_like(expert_idx, -1))
+        action_slot = torch.where(match.any(-1), match.float().argmax(-1), torch.full_like(actions, -1))
+        action_slot = torch.where(action_mask, action_slot, torch.full_like(action_slot, -1))
         return Batch(
             input_ids_BL=t(input_ids),
             attention_mask_BL=attention_mask,
@@ -294,7 +296,7 @@ class ReplayBuffer:
             cand_logprobs_BSK=cand_lp_t,
             cand_mask_BSK=cand_mask_t,
             state_mask_BS=state_mask,
-            expert_idx_BT=expert_idx,
+            action_slot_BT=action_slot,
             action_logprob_BT=action_lp,
             top_p=p,
         )

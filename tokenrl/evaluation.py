@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
+from tokenrl.backup import kl, project_to_set
 from tokenrl.datagen import right_pad
 from tokenrl.sampling import check_prompts, sample_responses
 from tokenrl.teachers import Teacher
@@ -86,7 +87,7 @@ def teacher_nll(
             tokens_BT, lengths_B = right_pad(
                 [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
             )
-            logprobs_BTV = torch.log_softmax(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu(), dim=-1)
+            logprobs_BTV = project_to_set(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu())
             # Logit position t scores token t + 1.
             token_logprobs_BT = logprobs_BTV[:, :-1].gather(2, tokens_BT[:, 1:, None])[..., 0]
             for b, (prompt, response) in enumerate(zip(batch_prompts, batch_responses)):
@@ -173,12 +174,10 @@ def teacher_forced_kl(
                         f"student has {student_logits_BTV.shape[-1]} logits after slicing to vocab_size={vocab}, "
                         f"teacher has {teacher_logits_BTV.shape[-1]}; they must share a vocabulary"
                     )
-                logp_s_BTV = torch.log_softmax(student_logits_BTV.double(), dim=-1)
-                logp_t_BTV = torch.log_softmax(teacher_logits_BTV.to(device).double(), dim=-1)
-                p_s_BTV, p_t_BTV = logp_s_BTV.exp(), logp_t_BTV.exp()
-                # Zero-probability terms contribute 0 (not 0 * -inf = NaN) when a distribution has -inf logits.
-                kl_st_BT = torch.where(p_s_BTV > 0, p_s_BTV * (logp_s_BTV - logp_t_BTV), 0.0).sum(-1)
-                kl_ts_BT = torch.where(p_t_BTV > 0, p_t_BTV * (logp_t_BTV - logp_s_BTV), 0.0).sum(-1)
+                logp_s_BTV = project_to_set(student_logits_BTV.double())
+                logp_t_BTV = project_to_set(teacher_logits_BTV.to(device).double())
+                kl_st_BT = kl(logp_s_BTV, logp_t_BTV)
+                kl_ts_BT = kl(logp_t_BTV, logp_s_BTV)
                 prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
                 response_lens_B = torch.tensor([len(r) for r in batch_responses], dtype=torch.long)
                 mask_BT = _response_mask(prompt_lens_B, response_lens_B, width).to(device)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokenrl.backup import token_nll, upcast
 from tokenrl.buffer import Batch
 
 
@@ -24,15 +25,21 @@ class CandidateQ:
     Attributes:
         logits_BSK: ``[B, S, K]`` student logits of the candidates (K = V for the dense form).
         mask_BSK: ``[B, S, K]`` bool candidate validity (states past the response end are all False).
-        expert_idx_BT: ``[B, T]`` slot of the taken action among the candidates, -1 if outside the set.
+        action_slot_BT: ``[B, T]`` slot of the taken action among the candidates, -1 if outside the set or on
+            padding (for the dense form the slot is the token id itself).
         vocab_max_BS: ``[B, S]`` the student's max logit over the whole vocabulary (differentiable through
             the argmax row), used by Bellman Distill's Q shift; None unless asked for.
     """
 
     logits_BSK: torch.Tensor
     mask_BSK: torch.Tensor
-    expert_idx_BT: torch.Tensor
+    action_slot_BT: torch.Tensor
     vocab_max_BS: torch.Tensor | None = None
+
+    @property
+    def action_in_set_BT(self) -> torch.Tensor:
+        """``[B, T]`` bool: the taken action has a Q (it lies in its state's set; False on padding)."""
+        return self.action_slot_BT >= 0
 
 
 class CausalLMPolicy(nn.Module):
@@ -113,9 +120,7 @@ class CausalLMPolicy(nn.Module):
         return torch.cat(chunks).view(B, T) if chunks else h_BTD.new_zeros(B, T)
 
     def _nll_block(self, h_ND: torch.Tensor, a_N: torch.Tensor) -> torch.Tensor:
-        logits_NV = self.dense_logits(h_ND)
-        logits_NV = logits_NV.float() if logits_NV.dtype in (torch.float16, torch.bfloat16) else logits_NV
-        return torch.logsumexp(logits_NV, dim=-1) - logits_NV.gather(-1, a_N[:, None])[:, 0]
+        return token_nll(upcast(self.dense_logits(h_ND)), a_N)
 
     def vocab_max(self, h_BSD: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         """Max logit over the vocabulary, ``[B, S]``, without keeping a ``[B, S, V]`` tensor for backward.
@@ -170,11 +175,5 @@ class CausalLMPolicy(nn.Module):
             dense = self.dense_logits(h)
             logits = dense.gather(-1, batch.cand_ids_BSK)
             vmax = dense.amax(-1) if with_vocab_max else None
-        return CandidateQ(logits, batch.cand_mask_BSK, batch.expert_idx_BT, vmax)
+        return CandidateQ(logits, batch.cand_mask_BSK, batch.action_slot_BT, vmax)
 
-
-def gather_expert(values_BSK: torch.Tensor, expert_idx_BT: torch.Tensor) -> torch.Tensor:
-    """Value of the taken action at each step, ``[B, T]`` (0 where the action is outside the set)."""
-    T = expert_idx_BT.shape[1]
-    g = values_BSK[:, :T].gather(-1, expert_idx_BT.clamp_min(0)[..., None])[..., 0]
-    return torch.where(expert_idx_BT >= 0, g, torch.zeros_like(g))

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tokenrl.backup import project_to_set
 from tokenrl.top_p import check_p, top_p_mask
 
 
@@ -171,14 +172,14 @@ def _sample_batch(
     tokens_steps: list[torch.Tensor] = []
     logprob_steps: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+        logprobs_BV = project_to_set(logits_BV)
         if temperature == 0.0:
             token_B = logits_BV.argmax(-1)
         else:
             scaled_BV = logits_BV / temperature
-            if top_p < 1.0:
-                scaled_BV = scaled_BV.masked_fill(~top_p_mask(scaled_BV, top_p), float("-inf"))
-            token_B = torch.multinomial(torch.softmax(scaled_BV, dim=-1), 1, generator=generator)[:, 0]
+            mask_BV = top_p_mask(scaled_BV, top_p) if top_p < 1.0 else None
+            probs_BV = project_to_set(scaled_BV, mask_BV, log=False)
+            token_B = torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
         token_B = torch.where(finished_B, torch.full_like(token_B, pad_token_id), token_B)
         tokens_steps.append(token_B)
         logprob_steps.append(logprobs_BV.gather(1, token_B[:, None])[:, 0])

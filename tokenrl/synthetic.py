@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenrl.backup import project_to_set
+
 
 @dataclass
 class SyntheticLanguageConfig:
@@ -159,22 +161,6 @@ class SyntheticLanguage:
         """Teacher-forced log-probabilities ``[B, T, V]`` (float32)."""
         return self._log_emission_t[self.states(tokens_BT)].float().to(tokens_BT.device)
 
-    def sequence_logprob(self, tokens_BT: torch.Tensor, start: int | torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        """Exact log-likelihood of tokens ``[start, length)`` of each row given the tokens before: ``[B, T]``.
-
-        Returns per-token log-probs (float64) with zeros outside ``[start, length)``.
-        """
-        tokens = torch.as_tensor(tokens_BT, dtype=torch.long).cpu()
-        B, T = tokens.shape
-        prev_states = torch.cat(
-            [torch.full((B, 1), self.start_state, dtype=torch.long), self.states(tokens)[:, :-1]], dim=1
-        )
-        lp = self._log_emission_t[prev_states, tokens]
-        t = torch.arange(T)[None, :]
-        start_t = torch.as_tensor(start).reshape(-1, 1) if torch.is_tensor(start) else torch.full((B, 1), int(start))
-        valid = (t >= start_t) & (t < torch.as_tensor(lengths_B).reshape(-1, 1).cpu())
-        return torch.where(valid, lp, torch.zeros_like(lp))
-
     def entropy_per_state(self) -> np.ndarray:
         """Entropy (nats) of the next-token distribution of every state, ``[S]``."""
         return -(self.probs_SV * self.log_emission_SV).sum(1)
@@ -218,9 +204,7 @@ class SyntheticLanguage:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         logits_all = self._log_emission_t.float() / temperature
-        allowed = top_p_mask(logits_all, top_p).numpy()
-        sample_probs = np.exp(logits_all.double().numpy()) * allowed
-        sample_probs /= sample_probs.sum(1, keepdims=True)
+        sample_probs = project_to_set(logits_all.double(), top_p_mask(logits_all, top_p), log=False).numpy()
         cum = np.cumsum(sample_probs, axis=1)
         out = []
         for prompt in prompts:

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tokenrl import backup
 from tokenrl.top_p import check_p, top_p_mask
 
 __all__ = [
@@ -109,15 +110,27 @@ def _check_mdp(r_SA: np.ndarray, P_SAS: np.ndarray, gamma: float) -> tuple[np.nd
     return r_SA, P_SAS, _check_gamma(gamma)
 
 
+def _check_operator(
+    q_SA: np.ndarray | None,
+    r_SA: np.ndarray,
+    P_SAS: np.ndarray,
+    gamma: float,
+    support_SA: np.ndarray | None,
+    terminal_S: np.ndarray | None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
+    # The inputs every Bellman operator and solver checks, returned validated (q_SA may be None).
+    r_SA, P_SAS, gamma = _check_mdp(r_SA, P_SAS, gamma)
+    if q_SA is not None:
+        q_SA = _check_q(q_SA)
+        if q_SA.shape != r_SA.shape:
+            raise ValueError(f"q_SA and r_SA must have the same shape, got {q_SA.shape} and {r_SA.shape}")
+    terminal_S = _check_terminal(terminal_S, r_SA.shape[0])
+    return q_SA, r_SA, P_SAS, gamma, _check_support(support_SA, r_SA.shape, terminal_S), terminal_S
+
+
 def _soft_value(q_SA: np.ndarray, support_SA: np.ndarray, terminal_S: np.ndarray) -> np.ndarray:
-    # Rows of terminal states may have no supported action: give them a dummy max so exp() stays finite,
-    # their value is overwritten with 0 below.
-    masked_SA = np.where(support_SA, q_SA, -np.inf)
-    max_S = masked_SA.max(-1)
-    max_S = np.where(np.isfinite(max_S), max_S, 0.0)
-    sum_S = np.exp(masked_SA - max_S[:, None]).sum(-1)
-    with np.errstate(divide="ignore"):
-        v_S = max_S + np.log(sum_S)
+    # The shared formula of the token losses, on float64 tables (empty rows give -inf, overwritten at terminals).
+    v_S = backup.soft_value(torch.from_numpy(q_SA), torch.from_numpy(support_SA)).numpy()
     return np.where(terminal_S, 0.0, v_S)
 
 
@@ -238,9 +251,7 @@ def soft_optimal_policy(q_SA: np.ndarray, support_SA: np.ndarray | None = None) 
         support_SA = np.ones(q_SA.shape, dtype=bool)
     # Empty rows are allowed here (terminal states), so check only shape and dtype.
     support_SA = _check_support(support_SA, q_SA.shape, terminal_S=np.ones(q_SA.shape[0], dtype=bool))
-    # A row without actions gets value 0 here, which keeps exp() finite; the row is zeroed anyway.
-    v_S = _soft_value(q_SA, support_SA, terminal_S=~support_SA.any(-1))
-    return np.where(support_SA, np.exp(np.where(support_SA, q_SA, 0.0) - v_S[:, None]), 0.0)
+    return backup.project_to_set(torch.from_numpy(q_SA), torch.from_numpy(support_SA), log=False).numpy()
 
 
 def soft_bellman(
@@ -268,12 +279,7 @@ def soft_bellman(
         ValueError: on bad shapes, transition rows that do not sum to 1, gamma outside [0, 1), or an empty
             action set at a non-terminal state.
     """
-    q_SA = _check_q(q_SA)
-    r_SA, P_SAS, gamma = _check_mdp(r_SA, P_SAS, gamma)
-    if q_SA.shape != r_SA.shape:
-        raise ValueError(f"q_SA and r_SA must have the same shape, got {q_SA.shape} and {r_SA.shape}")
-    terminal_S = _check_terminal(terminal_S, q_SA.shape[0])
-    support_SA = _check_support(support_SA, q_SA.shape, terminal_S)
+    q_SA, r_SA, P_SAS, gamma, support_SA, terminal_S = _check_operator(q_SA, r_SA, P_SAS, gamma, support_SA, terminal_S)
     return _backup(r_SA, P_SAS, gamma, _soft_value(q_SA, support_SA, terminal_S))
 
 
@@ -308,12 +314,7 @@ def soft_bellman_eval(
         ValueError: as :func:`soft_bellman`, and when a non-terminal row of ``pi_SA`` is not a distribution
             or has zero mass on its action set.
     """
-    q_SA = _check_q(q_SA)
-    r_SA, P_SAS, gamma = _check_mdp(r_SA, P_SAS, gamma)
-    if q_SA.shape != r_SA.shape:
-        raise ValueError(f"q_SA and r_SA must have the same shape, got {q_SA.shape} and {r_SA.shape}")
-    terminal_S = _check_terminal(terminal_S, q_SA.shape[0])
-    support_SA = _check_support(support_SA, q_SA.shape, terminal_S)
+    q_SA, r_SA, P_SAS, gamma, support_SA, terminal_S = _check_operator(q_SA, r_SA, P_SAS, gamma, support_SA, terminal_S)
     proj_SA = _projected_on_nonterminal(pi_SA, support_SA, terminal_S)
     return _backup(r_SA, P_SAS, gamma, _policy_soft_value(q_SA, proj_SA, terminal_S))
 
@@ -347,11 +348,9 @@ def soft_value_iteration(
     Raises:
         ValueError: as :func:`soft_bellman`, or for ``tol <= 0`` or ``max_iters < 1``.
     """
-    r_SA, P_SAS, gamma = _check_mdp(r_SA, P_SAS, gamma)
+    _, r_SA, P_SAS, gamma, support_SA, terminal_S = _check_operator(None, r_SA, P_SAS, gamma, support_SA, terminal_S)
     if tol <= 0 or max_iters < 1:
         raise ValueError(f"need tol > 0 and max_iters >= 1, got tol={tol!r}, max_iters={max_iters!r}")
-    terminal_S = _check_terminal(terminal_S, r_SA.shape[0])
-    support_SA = _check_support(support_SA, r_SA.shape, terminal_S)
     q_SA = np.zeros_like(r_SA)
     for n_iters in range(1, max_iters + 1):
         q_next_SA = _backup(r_SA, P_SAS, gamma, _soft_value(q_SA, support_SA, terminal_S))
@@ -396,9 +395,7 @@ def soft_policy_evaluation(
     Raises:
         ValueError: as :func:`soft_bellman_eval`.
     """
-    r_SA, P_SAS, gamma = _check_mdp(r_SA, P_SAS, gamma)
-    terminal_S = _check_terminal(terminal_S, r_SA.shape[0])
-    support_SA = _check_support(support_SA, r_SA.shape, terminal_S)
+    _, r_SA, P_SAS, gamma, support_SA, terminal_S = _check_operator(None, r_SA, P_SAS, gamma, support_SA, terminal_S)
     proj_SA = _projected_on_nonterminal(pi_SA, support_SA, terminal_S)
     live_S = ~terminal_S
     # The reward-plus-entropy of one step under proj, i.e. v with gamma = 0.
