@@ -13,6 +13,7 @@ from typing import Any
 
 from algorithms.base import AlgoConfig, Algorithm
 from algorithms.bc import BC, BCConfig
+from algorithms.gkd import GKD, GKDConfig
 from algorithms.iql_bd import IQLBD, IQLBDConfig
 from algorithms.kd import KD, KDConfig
 from algorithms.soft_q import SoftQ, SoftQConfig
@@ -67,5 +68,6 @@ register("bc", BC, BCConfig)
 register("kd", KD, KDConfig)
 register("iql_bd", IQLBD, IQLBDConfig)
 register("soft_q", SoftQ, SoftQConfig)
+register("gkd", GKD, GKDConfig)
 
 __all__ = ["AlgoConfig", "Algorithm", "AlgoSpec", "REGISTRY", "register", "make_config", "make_algorithm", "get_spec"]
