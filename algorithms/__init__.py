@@ -16,6 +16,7 @@ from algorithms.bc import BC, BCConfig
 from algorithms.gkd import GKD, GKDConfig
 from algorithms.iql_bd import IQLBD, IQLBDConfig
 from algorithms.kd import KD, KDConfig
+from algorithms.minillm import MiniLLM, MiniLLMConfig
 from algorithms.soft_q import SoftQ, SoftQConfig
 
 
@@ -69,5 +70,6 @@ register("kd", KD, KDConfig)
 register("iql_bd", IQLBD, IQLBDConfig)
 register("soft_q", SoftQ, SoftQConfig)
 register("gkd", GKD, GKDConfig)
+register("minillm", MiniLLM, MiniLLMConfig)
 
 __all__ = ["AlgoConfig", "Algorithm", "AlgoSpec", "REGISTRY", "register", "make_config", "make_algorithm", "get_spec"]
