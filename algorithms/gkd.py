@@ -53,7 +53,9 @@ class GKDConfig(AlgoConfig):
             raise ValueError(f"gkd.lmbda must be in [0, 1], got {self.lmbda}")
 
 
-def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:
+def generalized_jsd(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float, mask: torch.Tensor
+) -> torch.Tensor:
     """Per-state JSD(beta) between two normalised distributions over a candidate set.
 
     Args:

@@ -84,10 +84,11 @@ def sampled_token_logprobs(
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
                 rows = range(start, min(start + batch_size, len(prompts)))
-                tokens_BT, lengths_B = right_pad([list(prompts[i]) + list(responses[i]) for i in rows], teacher.eos_token_id)
+                sequences = [list(prompts[i]) + list(responses[i]) for i in rows]
+                tokens_BT, lengths_B = right_pad(sequences, teacher.eos_token_id)
                 attention_BT = (torch.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]).long()
-                s_logits = model(input_ids=tokens_BT.to(device), attention_mask=attention_BT.to(device)).logits[..., :vocab]
-                s_logits = s_logits.double().cpu()
+                out = model(input_ids=tokens_BT.to(device), attention_mask=attention_BT.to(device))
+                s_logits = out.logits[..., :vocab].double().cpu()
                 if top_p < 1.0:
                     s_logits = s_logits.masked_fill(~top_p_mask(s_logits, top_p), float("-inf"))
                 s_logp_BTV = torch.log_softmax(s_logits, -1)
