@@ -18,8 +18,12 @@ is the full vocabulary exactly when the cache was built at p = 1 (``task.cache_t
 at p < 1 carries no teacher mass outside its set, so a full-vocabulary JSD would need a teacher forward in
 the loss, which this algorithm does not do. :func:`generalized_jsd_loss` is the dense form on full logits.
 
-The mix of student rollouts (fraction ``lmbda``) and teacher data is the trainer's job: it fills the batch
-from ``is_expert=False`` rollouts and ``is_expert=True`` teacher data; ``data/student_frac`` reports the mix.
+The mix of student rollouts (fraction ``lmbda``) and teacher data is the trainer's job: it fills each batch
+with ``round(lmbda * batch_size)`` of the newest ``is_expert=False`` rollouts (sampled from the student, at
+temperature ``temperature``, restricted to the teacher's set with ``top_p_restricted_policy`` when
+``top_p < 1``, no gradient through the sampling) and the rest from ``is_expert=True`` teacher data;
+``data/student_frac`` reports the mix it got. Batch fields read: ``cand_ids_BSK``, ``cand_logprobs_BSK``,
+``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model inputs.
 """
 
 from __future__ import annotations

@@ -154,7 +154,23 @@ def action_slots(actions_BT: torch.Tensor, cand_ids_BTK: torch.Tensor, cand_mask
 
 
 class MiniLLM(Algorithm):
-    """Reverse-KL policy gradient with the exact single-step part, teacher-mixed sampling and clipping."""
+    """Reverse-KL policy gradient with the exact single-step part, teacher-mixed sampling and clipping.
+
+    What the trainer does for it (the algorithm itself never samples):
+
+    * roll out ``mixed_policy_fn(student_fn, teacher_fn, config.mix)`` with both functions restricted to the
+      teacher's top-p set at ``config.top_p`` (``top_p_restricted_policy`` for the student,
+      ``restrict_logits_to_top_p(t, t, p)`` for the teacher), and add the trajectories with
+      ``is_expert=False`` and their teacher cache;
+    * call :meth:`sync_behaviour` when it collects them (no update between the snapshot and the sampling),
+      so the importance weights are taken against the policy that sampled. Weights of rollouts from earlier
+      snapshots are taken against the newest one (PPO-style reuse, bounded by the clipping); for exact
+      weights train on the newest rollout batch only.
+
+    Batch fields read: ``actions_BT``, ``action_mask_BT``, ``cand_ids_BSK``, ``cand_logprobs_BSK``,
+    ``cand_mask_BSK``, ``is_expert_B`` and the model inputs. Not implemented: the paper's auxiliary
+    pre-training (language-modelling) loss.
+    """
 
     name = "minillm"
     needs_rollouts = True
