@@ -13,8 +13,10 @@ from typing import Any
 
 from algorithms.base import AlgoConfig, Algorithm
 from algorithms.bc import BC, BCConfig
+from algorithms.gkd import GKD, GKDConfig
 from algorithms.iql_bd import BellmanDistill, BellmanDistillConfig
 from algorithms.kd import KD, KDConfig
+from algorithms.minillm import MiniLLM, MiniLLMConfig
 from algorithms.soft_q import SoftQ, SoftQConfig
 
 
@@ -67,5 +69,7 @@ register("bc", BC, BCConfig)
 register("kd", KD, KDConfig)
 register("iql_bd", BellmanDistill, BellmanDistillConfig)
 register("soft_q", SoftQ, SoftQConfig)
+register("gkd", GKD, GKDConfig)
+register("minillm", MiniLLM, MiniLLMConfig)
 
 __all__ = ["AlgoConfig", "Algorithm", "AlgoSpec", "REGISTRY", "register", "make_config", "make_algorithm", "get_spec"]

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "data and models",
         [
             "tokenrl.buffer", "tokenrl.synthetic", "tokenrl.prompts", "tokenrl.sampling", "tokenrl.models",
-            "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.policy",
+            "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.onpolicy_metrics", "tokenrl.policy",
         ],
     ),
     # Gymnasium environments and one file per algorithm.

@@ -1,0 +1,168 @@
+"""Generalized Knowledge Distillation (GKD): token-level generalized JSD on a mix of student and teacher data.
+
+Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
+(arXiv 2306.13649). At every state s of a sequence y (teacher sample, or with probability ``lmbda`` the
+student's own sample, no gradient through the sampling):
+
+    L(theta) = E_s[ JSD_beta( pi*(.|s) || pi_theta(.|s) ) ],
+    JSD_beta(P || Q) = beta * KL(P || M) + (1 - beta) * KL(Q || M),  M = beta * P + (1 - beta) * Q,
+
+with both distributions at temperature ``temperature``. As in TRL's ``GKDTrainer.generalized_jsd_loss``,
+``beta = 0`` is the forward KL(teacher || student) and ``beta = 1`` the reverse KL(student || teacher)
+(the endpoints are defined as these KLs, not as the limits of the mixture formula, which vanish).
+
+What the teacher cache supports: the buffer stores only the teacher's top-p set (ids and log-probs) at
+every state, so the loss here is the JSD between the teacher renormalised on that set and the student
+projected onto it (:func:`top_p_generalized_jsd_loss`). ``top_p = 1.0`` uses the whole cached set, which
+is the full vocabulary exactly when the cache was built at p = 1 (``task.cache_top_p=1.0``); a cache built
+at p < 1 carries no teacher mass outside its set, so a full-vocabulary JSD would need a teacher forward in
+the loss, which this algorithm does not do. :func:`generalized_jsd_loss` is the dense form on full logits.
+
+The mix of student rollouts (fraction ``lmbda``) and teacher data is the trainer's job: it fills each batch
+with ``round(lmbda * batch_size)`` of the newest ``is_expert=False`` rollouts (sampled from the student, at
+temperature ``temperature``, restricted to the teacher's set with ``top_p_restricted_policy`` when
+``top_p < 1``, no gradient through the sampling) and the rest from ``is_expert=True`` teacher data;
+``data/student_frac`` reports the mix it got. Batch fields read: ``cand_ids_BSK``, ``cand_logprobs_BSK``,
+``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgoConfig, Algorithm
+from tokenrl.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.buffer import Batch
+
+
+@dataclass
+class GKDConfig(AlgoConfig):
+    """GKD settings."""
+
+    top_p: float = 0.8  # JSD over the teacher's top-p set (<= the cache's p; 1.0 = the whole cached set)
+    beta: float = 0.5  # JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
+    temperature: float = 1.0  # both distributions are softmax(logits / temperature)
+    lmbda: float = 0.5  # fraction of student rollouts in each batch (read by the trainer's batch mix)
+    sparse: bool = True  # student logits on the set as h @ W[ids]^T instead of dense logits
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"gkd.beta must be in [0, 1], got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"gkd.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"gkd.lmbda must be in [0, 1], got {self.lmbda}")
+
+
+def generalized_jsd(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-state JSD(beta) between two normalised distributions over a candidate set.
+
+    Args:
+        student_logp: ``[..., K]`` student log-probs, normalised over the valid candidates.
+        teacher_logp: ``[..., K]`` teacher log-probs, normalised over the valid candidates.
+        beta: interpolation in [0, 1] (0: KL(teacher || student), 1: KL(student || teacher)).
+        mask: ``[..., K]`` bool candidate validity.
+
+    Returns:
+        ``[...]`` divergences (0 for an all-invalid row).
+    """
+    if beta == 0.0:
+        return kl(teacher_logp, student_logp, mask)
+    if beta == 1.0:
+        return kl(student_logp, teacher_logp, mask)
+    # Invalid slots hold -inf log-probs: zero them first so the mixture's gradient never sees -inf - -inf.
+    student_logp, teacher_logp = student_logp.masked_fill(~mask, 0.0), teacher_logp.masked_fill(~mask, 0.0)
+    b = torch.tensor(beta, dtype=student_logp.dtype, device=student_logp.device)
+    mix_logp = torch.logaddexp(student_logp + torch.log1p(-b), teacher_logp + torch.log(b))
+    return beta * kl(teacher_logp, mix_logp, mask) + (1 - beta) * kl(student_logp, mix_logp, mask)
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean per-token JSD(beta) between full-vocabulary student and teacher distributions (TRL's convention).
+
+    Args:
+        student_logits: ``[B, T, V]`` student logits.
+        teacher_logits: ``[B, T, V]`` teacher logits (no gradient is taken through them).
+        beta: interpolation in [0, 1].
+        temperature: both distributions are ``softmax(logits / temperature)``.
+        mask: ``[B, T]`` bool positions entering the mean; None = all.
+
+    Returns:
+        Scalar mean over the masked positions (0 when none).
+    """
+    s_logp = project_to_set(upcast(student_logits) / temperature)
+    t_logp = project_to_set(upcast(teacher_logits.detach()) / temperature)
+    valid = torch.ones_like(s_logp, dtype=torch.bool)
+    jsd_BT = generalized_jsd(s_logp, t_logp, beta, valid)
+    if mask is None:
+        mask = torch.ones(jsd_BT.shape, dtype=torch.bool, device=jsd_BT.device)
+    return masked_mean(jsd_BT, mask)
+
+
+def top_p_generalized_jsd_loss(
+    student_logits_BTK: torch.Tensor,
+    teacher_logprobs_BTK: torch.Tensor,
+    cand_mask_BTK: torch.Tensor,
+    state_mask_BT: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """JSD(beta) over the teacher's cached set: teacher renormalised on it, student projected onto it.
+
+    Temperature divides the teacher's cached log-probs, which differ from its logits by a per-state constant
+    that the renormalisation removes, so this equals :func:`generalized_jsd_loss` on the set's logits.
+
+    Args:
+        student_logits_BTK: ``[B, T, K]`` student logits of the set's ids.
+        teacher_logprobs_BTK: ``[B, T, K]`` teacher log-probs of the ids (full-distribution values).
+        cand_mask_BTK: ``[B, T, K]`` bool set membership.
+        state_mask_BT: ``[B, T]`` bool states entering the mean.
+        beta: interpolation in [0, 1].
+        temperature: softmax temperature of both distributions.
+
+    Returns:
+        Scalar mean over states with a non-empty set.
+    """
+    s_logp = project_to_set(upcast(student_logits_BTK) / temperature, cand_mask_BTK)
+    t_logp = project_to_set(upcast(teacher_logprobs_BTK.detach()) / temperature, cand_mask_BTK)
+    ok_BT = state_mask_BT & cand_mask_BTK.any(-1)
+    return masked_mean(generalized_jsd(s_logp, t_logp, beta, cand_mask_BTK), ok_BT)
+
+
+class GKD(Algorithm):
+    """On-policy generalized JSD to the cached teacher top-p distribution."""
+
+    name = "gkd"
+    needs_rollouts = True
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        T = batch.actions_BT.shape[1]
+        h_BTD = self.policy.state_hidden(batch)[:, :T]
+        ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
+        if cfg.sparse:
+            logits_BTK = self.policy.sparse_logits(h_BTD, ids_BTK)
+        else:
+            logits_BTK = self.policy.dense_logits(h_BTD).gather(-1, ids_BTK)
+        loss = top_p_generalized_jsd_loss(
+            logits_BTK, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT, cfg.beta, cfg.temperature
+        )
+        set_size = masked_mean(mask_BTK.sum(-1).float(), batch.action_mask_BT)
+        stats = {
+            "loss/total": float(loss.detach()),
+            "loss/jsd": float(loss.detach()),
+            "top_p/set_size": float(set_size),
+            "data/student_frac": float((~batch.is_expert_B).float().mean()),
+        }
+        return loss, stats

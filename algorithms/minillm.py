@@ -1,0 +1,234 @@
+"""MiniLLM: sequence-level reverse-KL distillation by policy gradient on the student's own rollouts.
+
+Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large Language Models" (arXiv 2306.08543). The student
+minimises KL(pi_theta || pi*) over whole responses y ~ pi_theta(.|x), i.e. maximises the return of the
+per-token reward ``r_t = log pi*(y_t|s_t) - log pi_theta(y_t|s_t)``. With ``R_{t+1} = sum_{t' > t} r_t'``:
+
+    grad KL = E_y[ sum_t grad KL(pi_theta(.|s_t) || pi*(.|s_t))           (single-step part, exact)
+                   - sum_t (R_{t+1} - b_t) grad log pi_theta(y_t|s_t) ]    (long-term part, policy gradient)
+
+The single-step part is computed exactly over the teacher's cached top-p set (student projected onto it,
+teacher renormalised on it; ``top_p = 1.0`` = the whole cache, the full vocabulary when the cache was built
+at p = 1), so only the long-term part is sampled. Of the paper's three tricks all are implemented:
+
+1. single-step decomposition: the exact per-state KL above;
+2. teacher-mixed sampling: rollouts come from ``mix * pi* + (1 - mix) * pi_theta``
+   (:func:`mixed_policy_fn`), corrected by the per-token importance weight
+   ``rho_t = pi_theta(y_t|s_t) / pi_mix(y_t|s_t)`` (the paper's per-token approximation of the prefix product);
+3. length normalisation: ``R_{t+1}`` is divided by the number of future tokens (``length_norm``), so long
+   responses are not penalised for summing more negative rewards.
+
+Rollouts are reused PPO-style: ``rho_t`` is taken against the behaviour policy the rollout came from (the
+snapshot :meth:`MiniLLM.sync_behaviour` takes when the trainer collects rollouts) and clipped to
+``[1 - clip_eps, 1 + clip_eps]``. The baseline ``b_t`` is the leave-one-out mean of ``R_{t+1}`` over the other
+rows at the same position (independent of the row's own sample, so the estimator stays unbiased).
+Teacher rows (``is_expert``) were sampled by the teacher: their behaviour log-prob is the teacher's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgoConfig, Algorithm
+from algorithms.gkd import generalized_jsd
+from envs.token_env import PolicyFn
+from tokenrl.backup import masked_mean, project_to_set, upcast
+from tokenrl.buffer import Batch
+from tokenrl.policy import CausalLMPolicy
+
+
+@dataclass
+class MiniLLMConfig(AlgoConfig):
+    """MiniLLM settings (the paper: mix 0.2, clip 0.2, length normalisation on)."""
+
+    top_p: float = 0.8  # single-step KL and rewards over the teacher's top-p set (1.0 = the whole cache)
+    mix: float = 0.2  # teacher weight of the rollout policy mix * pi* + (1 - mix) * pi_theta (0 = pure student)
+    clip_eps: float = 0.2  # importance weights clipped to [1 - clip_eps, 1 + clip_eps]
+    length_norm: bool = True  # divide R_{t+1} by the number of future tokens
+    baseline: bool = True  # subtract the leave-one-out mean of R_{t+1} over the batch at each position
+    sparse: bool = True  # student logits on the set as h @ W[ids]^T instead of dense logits
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.mix < 1.0:
+            raise ValueError(f"minillm.mix must be in [0, 1), got {self.mix}")
+        if self.clip_eps <= 0:
+            raise ValueError(f"minillm.clip_eps must be > 0, got {self.clip_eps}")
+
+
+def mixed_policy_fn(student_fn: PolicyFn, teacher_fn: PolicyFn, mix: float) -> PolicyFn:
+    """The rollout policy ``mix * pi_teacher + (1 - mix) * pi_student`` as logits, for ``env.rollout``.
+
+    Args:
+        student_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the student (e.g. already restricted with
+            :func:`envs.top_p_wrapper.top_p_restricted_policy`).
+        teacher_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the teacher, restricted the same way
+            (e.g. ``restrict_logits_to_top_p(t, t, p)``), so the loss's importance weights match.
+        mix: teacher weight in [0, 1).
+
+    Returns:
+        ``policy_fn(tokens_BT, lengths_B) -> logits_BV`` = log of the mixture's probabilities.
+    """
+    if not 0.0 <= mix < 1.0:
+        raise ValueError(f"mix must be in [0, 1), got {mix}")
+
+    def policy_fn(tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        s_logp = project_to_set(student_fn(tokens_BT, lengths_B).float())
+        t_logp = project_to_set(teacher_fn(tokens_BT, lengths_B).float().to(s_logp.device))
+        return mixture_logprobs(s_logp, t_logp, mix)
+
+    return policy_fn
+
+
+def mixture_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mix: float) -> torch.Tensor:
+    """``log(mix * pi_teacher + (1 - mix) * pi_student)`` elementwise from log-probs (any shape)."""
+    if mix == 0.0:
+        return student_logp
+    return torch.logaddexp(student_logp + math.log1p(-mix), teacher_logp + math.log(mix))
+
+
+def minillm_loss(
+    logp_BT: torch.Tensor,
+    behaviour_logp_BT: torch.Tensor,
+    teacher_logp_BT: torch.Tensor,
+    kl_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_eps: float = 0.2,
+    length_norm: bool = True,
+    baseline: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Surrogate loss whose gradient is MiniLLM's estimate of grad KL(pi_theta || pi*) per sequence.
+
+    Args:
+        logp_BT: ``[B, T]`` current student log-probs of the taken tokens (with gradient).
+        behaviour_logp_BT: ``[B, T]`` log-probs of the taken tokens under the policy that sampled them.
+        teacher_logp_BT: ``[B, T]`` teacher log-probs of the taken tokens.
+        kl_BT: ``[B, T]`` exact KL(pi_theta(.|s_t) || pi*(.|s_t)) at the visited states (with gradient).
+        mask_BT: ``[B, T]`` bool valid positions; each row's valid positions are a prefix.
+        clip_eps: importance weights are clipped to ``[1 - clip_eps, 1 + clip_eps]`` (PPO's surrogate).
+        length_norm: divide ``R_{t+1}`` by the number of future tokens.
+        baseline: subtract the leave-one-out mean of ``R_{t+1}`` at the same position.
+
+    Returns:
+        ``(loss, stats)``: the loss summed over positions and averaged over rows (its gradient estimates
+        the gradient of the sequence-level reverse KL), and detached diagnostics.
+    """
+    mask_f = mask_BT.to(logp_BT.dtype)
+    reward_BT = ((teacher_logp_BT - logp_BT).detach() * mask_f).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    future_BT = reward_BT.flip(-1).cumsum(-1).flip(-1) - reward_BT  # R_{t+1}
+    if length_norm:
+        n_future_BT = mask_f.flip(-1).cumsum(-1).flip(-1) - mask_f
+        future_BT = future_BT / n_future_BT.clamp_min(1.0)
+    advantage_BT = future_BT
+    if baseline:
+        count_T = mask_f.sum(0)
+        loo_BT = (future_BT.sum(0, keepdim=True) - future_BT) / (count_T - 1).clamp_min(1.0)
+        advantage_BT = future_BT - torch.where(count_T > 1, loo_BT, torch.zeros_like(loo_BT))
+    advantage_BT = advantage_BT * mask_f
+    rho_BT = torch.exp(torch.where(mask_BT, logp_BT - behaviour_logp_BT.detach(), torch.zeros_like(logp_BT)))
+    rho_clipped_BT = rho_BT.clamp(1 - clip_eps, 1 + clip_eps)
+    pg_BT = -torch.minimum(rho_BT * advantage_BT, rho_clipped_BT * advantage_BT)
+    single_BT = rho_clipped_BT.detach() * kl_BT
+    n_rows = max(mask_BT.shape[0], 1)
+    long_term = (pg_BT * mask_f).sum() / n_rows
+    single_step = (single_BT * mask_f).sum() / n_rows
+    stats = {
+        "loss/long_term": long_term.detach(),
+        "loss/single_step": single_step.detach(),
+        "reward/mean": masked_mean(reward_BT, mask_BT),
+        "kl/token_mean": masked_mean(kl_BT.detach(), mask_BT),
+        "is/rho_mean": masked_mean(rho_BT.detach(), mask_BT),
+        "is/clip_frac": masked_mean(((rho_BT - rho_clipped_BT).abs() > 0).float().detach(), mask_BT),
+    }
+    return long_term + single_step, stats
+
+
+def action_slots(actions_BT: torch.Tensor, cand_ids_BTK: torch.Tensor, cand_mask_BTK: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` slot of each taken action among its state's valid candidates, -1 if outside the set."""
+    match_BTK = (cand_ids_BTK == actions_BT[..., None]) & cand_mask_BTK
+    return torch.where(match_BTK.any(-1), match_BTK.long().argmax(-1), torch.full_like(actions_BT, -1))
+
+
+class MiniLLM(Algorithm):
+    """Reverse-KL policy gradient with the exact single-step part, teacher-mixed sampling and clipping.
+
+    What the trainer does for it (the algorithm itself never samples):
+
+    * roll out ``mixed_policy_fn(student_fn, teacher_fn, config.mix)`` with both functions restricted to the
+      teacher's top-p set at ``config.top_p`` (``top_p_restricted_policy`` for the student,
+      ``restrict_logits_to_top_p(t, t, p)`` for the teacher), and add the trajectories with
+      ``is_expert=False`` and their teacher cache;
+    * call :meth:`sync_behaviour` when it collects them (no update between the snapshot and the sampling),
+      so the importance weights are taken against the policy that sampled. Weights of rollouts from earlier
+      snapshots are taken against the newest one (PPO-style reuse, bounded by the clipping); for exact
+      weights train on the newest rollout batch only.
+
+    Batch fields read: ``actions_BT``, ``action_mask_BT``, ``cand_ids_BSK``, ``cand_logprobs_BSK``,
+    ``cand_mask_BSK``, ``is_expert_B`` and the model inputs. Not implemented: the paper's auxiliary
+    pre-training (language-modelling) loss.
+    """
+
+    name = "minillm"
+    needs_rollouts = True
+
+    def __init__(self, policy: CausalLMPolicy, config: MiniLLMConfig, total_steps: int = 1000):
+        super().__init__(policy, config, total_steps)
+        self.behaviour = copy.deepcopy(policy).requires_grad_(False)
+
+    def sync_behaviour(self) -> None:
+        """Snapshot the student as the behaviour policy; call when new rollouts are collected with it."""
+        self.behaviour.load_state_dict(self.policy.state_dict())
+
+    def _set_logprobs(self, policy: CausalLMPolicy, batch: Batch, mask_BTK: torch.Tensor) -> torch.Tensor:
+        T = batch.actions_BT.shape[1]
+        h_BTD = policy.state_hidden(batch)[:, :T]
+        ids_BTK = batch.cand_ids_BSK[:, :T]
+        if self.config.sparse:
+            logits_BTK = policy.sparse_logits(h_BTD, ids_BTK)
+        else:
+            logits_BTK = policy.dense_logits(h_BTD).gather(-1, ids_BTK)
+        return project_to_set(upcast(logits_BTK), mask_BTK)
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        T = batch.actions_BT.shape[1]
+        mask_BTK = batch.cand_mask_BSK[:, :T]
+        s_logp_BTK = self._set_logprobs(self.policy, batch, mask_BTK)
+        t_logp_BTK = project_to_set(upcast(batch.cand_logprobs_BSK[:, :T]).to(s_logp_BTK.dtype), mask_BTK)
+        with torch.no_grad():
+            self.behaviour.eval()
+            b_logp_BTK = self._set_logprobs(self.behaviour, batch, mask_BTK)
+        state_ok_BT = batch.action_mask_BT & mask_BTK.any(-1)
+        slot_BT = action_slots(batch.actions_BT, batch.cand_ids_BSK[:, :T], mask_BTK)
+        valid_BT = state_ok_BT & (slot_BT >= 0)
+
+        def taken(x_BTK: torch.Tensor) -> torch.Tensor:
+            g = x_BTK.gather(-1, slot_BT.clamp_min(0)[..., None])[..., 0]
+            return torch.where(valid_BT, g, torch.zeros_like(g))
+
+        logp_BT, teacher_logp_BT = taken(s_logp_BTK), taken(t_logp_BTK)
+        behaviour_BT = mixture_logprobs(taken(b_logp_BTK), teacher_logp_BT, cfg.mix)
+        # Teacher data was sampled by the teacher: that is its behaviour policy.
+        behaviour_BT = torch.where(batch.is_expert_B[:, None], teacher_logp_BT, behaviour_BT)
+        kl_BT = generalized_jsd(s_logp_BTK, t_logp_BTK, 1.0, mask_BTK)
+        loss, stats = minillm_loss(
+            logp_BT, behaviour_BT, teacher_logp_BT, kl_BT, valid_BT, cfg.clip_eps, cfg.length_norm, cfg.baseline
+        )
+        out = {k: float(v) for k, v in stats.items()}
+        out["loss/total"] = float(loss.detach())
+        out["top_p/action_outside_frac"] = float(masked_mean((~valid_BT).float(), batch.action_mask_BT))
+        out["data/student_frac"] = float((~batch.is_expert_B).float().mean())
+        return loss, out
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["behaviour"] = self.behaviour.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.behaviour.load_state_dict(state["behaviour"])

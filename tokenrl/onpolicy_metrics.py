@@ -1,0 +1,135 @@
+"""The student's on-policy reverse KL: how far from the teacher the student is on its *own* samples.
+
+Definition (per token, ratio of expectations): for responses y ~ pi_s(.|x) on evaluation prompts x,
+
+    KL_on = E_{x, y ~ pi_s}[ sum_t (log pi_s(y_t|s_t) - log pi_t(y_t|s_t)) ] / E_{x, y ~ pi_s}[ |y| ]
+          = KL(pi_s(y|x) || pi_t(y|x)) / E|y|                (sequence-level reverse KL per generated token).
+
+Its Monte-Carlo estimate (:func:`on_policy_reverse_kl`) is the sum of ``log pi_s - log pi_t`` over all
+sampled tokens divided by their number (consistent; exact in expectation up to the ratio's O(1/N) bias).
+Averaging the exact per-state KL(pi_s(.|s_t) || pi_t(.|s_t)) over the same sampled states has the same
+limit with less variance: that is ``teacher_forced_kl(model, teacher, prompts, student_samples)`` of
+:mod:`tokenrl.evaluation`, reported next to it by :func:`on_policy_reverse_kl_of_model`. The gap between
+KL_on and the teacher-forced KL on *teacher* samples is the exposure-bias effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenrl.backup import project_to_set
+from tokenrl.datagen import right_pad
+from tokenrl.teachers import Teacher
+from tokenrl.top_p import check_p, top_p_mask
+
+
+def on_policy_reverse_kl(
+    student_logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> float:
+    """Per-token on-policy reverse KL from log-probs of the student's sampled tokens.
+
+    Args:
+        student_logp_BT: ``[B, T]`` student log-probs of its own sampled tokens.
+        teacher_logp_BT: ``[B, T]`` teacher log-probs of the same tokens.
+        mask_BT: ``[B, T]`` bool, True on real response tokens.
+
+    Returns:
+        ``sum(mask * (student - teacher)) / sum(mask)`` (NaN when there is no token).
+    """
+    mask = mask_BT.bool()
+    n = int(mask.sum())
+    if n == 0:
+        return float("nan")
+    diff = (student_logp_BT.double() - teacher_logp_BT.double())[mask]
+    return float(diff.sum() / n)
+
+
+def sampled_token_logprobs(
+    model: torch.nn.Module,
+    teacher: Teacher,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs of every response token, teacher-forced on prompt + response.
+
+    Args:
+        model: the student, a transformers causal LM.
+        teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
+        prompts: ``N`` non-empty token lists.
+        responses: ``N`` token lists (the student's samples).
+        top_p: the student's sampling top-p: its log-probs are those of its distribution projected onto its
+            own top-p set (the distribution the samples came from); 1.0 = unrestricted.
+        batch_size: sequences per forward.
+        vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
+
+    Returns:
+        ``(student_logp_NL, teacher_logp_NL, mask_NL)``: float64 ``[N, L]`` (L = longest response) and bool.
+    """
+    check_p(top_p)
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    vocab = teacher.vocab_size if vocab_size is None else vocab_size
+    device = next(model.parameters()).device
+    width_L = max((len(r) for r in responses), default=0)
+    s_out = torch.zeros(len(prompts), width_L, dtype=torch.float64)
+    t_out = torch.zeros_like(s_out)
+    mask_out = torch.zeros(len(prompts), width_L, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                rows = range(start, min(start + batch_size, len(prompts)))
+                sequences = [list(prompts[i]) + list(responses[i]) for i in rows]
+                tokens_BT, lengths_B = right_pad(sequences, teacher.eos_token_id)
+                attention_BT = (torch.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]).long()
+                out = model(input_ids=tokens_BT.to(device), attention_mask=attention_BT.to(device))
+                s_logits = out.logits[..., :vocab].double().cpu()
+                s_logp_BTV = project_to_set(s_logits, top_p_mask(s_logits, top_p) if top_p < 1.0 else None)
+                t_logp_BTV = project_to_set(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu())
+                for b, i in enumerate(rows):
+                    n_resp = len(responses[i])
+                    # Logit position t scores token t + 1: the response starts after the prompt's last position.
+                    pos = torch.arange(len(prompts[i]) - 1, len(prompts[i]) - 1 + n_resp)
+                    tok = tokens_BT[b, pos + 1]
+                    s_out[i, :n_resp] = s_logp_BTV[b, pos, tok]
+                    t_out[i, :n_resp] = t_logp_BTV[b, pos, tok]
+                    mask_out[i, :n_resp] = True
+    finally:
+        model.train(was_training)
+    return s_out, t_out, mask_out
+
+
+def on_policy_reverse_kl_of_model(
+    model: torch.nn.Module,
+    teacher: Teacher,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    pad_token_id: int,
+    seed: int,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """Sample the student at temperature 1 and report its on-policy reverse KL, sampled and per-state exact.
+
+    Returns:
+        ``{"eval/onpolicy_kl": ..., "eval/onpolicy_kl_exact_state": ...}``: the sampled-token estimate of
+        :func:`on_policy_reverse_kl`, and the full-vocabulary per-state KL averaged over the same sampled
+        states (same expectation, lower variance; unrestricted student, so it equals the first only at
+        ``top_p = 1``).
+    """
+    from tokenrl.evaluation import sample_responses, teacher_forced_kl
+
+    responses = sample_responses(
+        model, prompts, max_new_tokens, teacher.eos_token_id, pad_token_id, seed,
+        top_p=top_p, batch_size=batch_size, vocab_size=vocab_size,
+    )
+    s_logp, t_logp, mask = sampled_token_logprobs(model, teacher, prompts, responses, top_p, batch_size, vocab_size)
+    exact = teacher_forced_kl(model, teacher, prompts, responses, batch_size, vocab_size)["kl_student_teacher"]
+    return {"eval/onpolicy_kl": on_policy_reverse_kl(s_logp, t_logp, mask), "eval/onpolicy_kl_exact_state": exact}
