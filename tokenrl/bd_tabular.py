@@ -215,9 +215,17 @@ class Problem:
 
 
 def make_problem(lang: ToyLanguage, sample_p: float = 0.8, w_SV: np.ndarray | None = None) -> Problem:
-    """The exact problem of ``lang`` (weights from :func:`transition_weights` unless given)."""
+    """The exact problem of ``lang`` (weights from :func:`transition_weights` unless given), restricted to the
+    prefixes the data visit or bootstrap from (the others never enter any loss or metric)."""
     w = transition_weights(lang, sample_p) if w_SV is None else w_SV / w_SV.sum()
-    return Problem(lang, torch.as_tensor(w, dtype=torch.float64), sample_p)
+    used = w.sum(-1) > 0
+    kids = lang.child_SV[(w > 0) & (lang.child_SV >= 0)]
+    keep = used.copy()
+    keep[kids] = True
+    new_index = np.cumsum(keep) - 1
+    child = np.where((w > 0) & (lang.child_SV >= 0), new_index[lang.child_SV.clip(0)], -1)[keep]
+    sub = ToyLanguage(lang.teacher_SV[keep], child, lang.length_S[keep], lang.max_len, lang.eos_id)
+    return Problem(sub, torch.as_tensor(w[keep], dtype=torch.float64), sample_p)
 
 
 def _wmean(x_SV: torch.Tensor, w_SV: torch.Tensor) -> torch.Tensor:
@@ -300,44 +308,69 @@ def bd_loss_from_q(q_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.
     return -objective
 
 
-def solve_q(prob: Problem, opts: BDOptions, q0_SV: torch.Tensor) -> tuple[float, torch.Tensor, float]:
-    """The optimum of *pure* BD (no LM or fix term) over the Q-values the shift can produce, from ``q0_SV``.
+def projected_ce(q_SV: torch.Tensor, prob: Problem, set_SV: torch.Tensor, extra_S: torch.Tensor | None = None):
+    """Cross-entropy of the data tokens under ``softmax(Q)`` over the set (plus ``exp(0)`` per state where
+    ``extra_S``: an outside token held at the max), i.e. the LM term once every other outside logit is at
+    ``-inf``, where the LM term alone puts it."""
+    z = q_SV.masked_fill(~set_SV, float("-inf"))
+    if extra_S is not None:
+        z = torch.cat([z, torch.where(extra_S, 0.0, float("-inf"))[:, None].to(z.dtype)], -1)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    nll = torch.where(set_SV, lse - q_SV, torch.zeros_like(q_SV))
+    return _wmean(nll, prob.w_SV * set_SV)
 
-    Pure BD reads only the Q-values on the sets, so it is solved in Q-space, where the logit-space kinks of
-    the max (ties) disappear:
+
+def solve_q(
+    prob: Problem, opts: BDOptions, q0_SV: torch.Tensor, forced_out_S: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor, float]:
+    """The optimum of BD (with its LM term, no fix term) over the Q-values the shift can produce, from ``q0_SV``.
+
+    BD reads only the Q-values on the sets, so it is solved in Q-space, where the logit-space kinks of the
+    max (ties) disappear:
 
     * ``shift="vocab"`` with a token outside every set (p < 1): the reachable Q on a set is exactly the box
       ``[q_min, 0]^|A_p(s)|`` (all entries < 0 means an outside token holds the max);
     * ``shift="set"`` (and ``"vocab"`` at p = 1, where the set is the vocabulary): the same box with the
-      set's largest entry pinned at 0 (which entry: the largest of the box optimum's, then re-solved);
-    * ``shift="none"``: raw logits, ``[q_min, 50]`` (the cap 50 only flags an unbounded objective).
+      set's largest entry pinned at 0 (which entry: the start's largest, then the first solution's);
+    * ``shift="none"``: raw logits, ``[q_min, Q_CAP]`` (a solution at the cap flags an unbounded objective).
 
-    L-BFGS-B solves each box problem to a projected-gradient tolerance (returned).
+    With ``ce_coef > 0`` the LM term is :func:`projected_ce` (only for the data's set, ``p = sample_p``):
+    under the set shift the outside logits only enter the LM term, which sends them to ``-inf``; under the
+    vocabulary shift the states in ``forced_out_S`` keep an outside token at the max (0) and the others pin
+    the set's max at 0. L-BFGS-B solves each box problem to a projected-gradient tolerance (returned).
 
     Returns:
         ``(loss, q_SV, projected_grad_norm)``.
     """
     from scipy.optimize import minimize
 
-    if opts.value_head or opts.ce_coef or opts.mass_coef:
-        raise ValueError("solve_q solves pure BD only (no value_head, ce_coef or mass_coef)")
+    if opts.value_head or opts.mass_coef:
+        raise ValueError("solve_q solves BD (+ LM term) only: no value_head or mass_coef")
     set_SV = prob.set_mask(opts.p)
+    if opts.ce_coef and opts.p != prob.sample_p:
+        raise ValueError("solve_q's LM term needs the loss's sets to be the data's (p == sample_p)")
     lo = -50.0 if opts.q_min is None else opts.q_min
     hi = Q_CAP if opts.shift == "none" else 0.0
     lo_SV = torch.full(set_SV.shape, lo, dtype=torch.float64)
     hi_SV = torch.full(set_SV.shape, hi, dtype=torch.float64)
 
+    def loss_of(q):
+        loss = bd_loss_from_q(q, prob, opts)
+        if opts.ce_coef:
+            loss = loss + opts.ce_coef * projected_ce(q, prob, set_SV, forced_out_S)
+        return loss
+
     def run(lo_SV, hi_SV, x0):
         def f(x):
             q = torch.tensor(x, dtype=torch.float64).view(set_SV.shape).requires_grad_(True)
-            loss = bd_loss_from_q(q, prob, opts)
+            loss = loss_of(q)
             loss.backward()
             return float(loss.detach()), q.grad.numpy().ravel().copy()
 
         bounds = list(zip(lo_SV.numpy().ravel(), hi_SV.numpy().ravel()))
         x0 = np.clip(x0.numpy().ravel(), lo_SV.numpy().ravel(), hi_SV.numpy().ravel())
         res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-15, "gtol": 1e-11})
+                       options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-13, "gtol": 1e-9})
         x = torch.tensor(res.x, dtype=torch.float64).view(set_SV.shape)
         _, g = f(res.x)
         g = torch.tensor(g).view(set_SV.shape)
@@ -346,14 +379,20 @@ def solve_q(prob: Problem, opts: BDOptions, q0_SV: torch.Tensor) -> tuple[float,
         return float(res.fun), x, float(pg.norm())
 
     q0 = q0_SV.clamp(lo, hi)
-    free_max = opts.shift == "vocab" and not bool(set_SV[state_weights(prob) > 0].all(-1).any())
-    if opts.shift == "none" or free_max:
+    has_out = ~set_SV.all(-1)
+    if opts.shift == "none":
         return run(lo_SV, hi_SV, q0)
-    # Pin the set's max at 0: from the start's argmax, re-pinned once at the argmax of the first solution.
+    free_S = has_out if opts.shift == "vocab" else torch.zeros_like(has_out)
+    if opts.ce_coef:
+        free_S = free_S & (forced_out_S if forced_out_S is not None else torch.zeros_like(has_out))
+    # Pin the set's max at 0 where the max must lie in the set: at the start's largest entry, then re-pinned
+    # at the first solution's.
     for _ in range(2):
         top = q0.masked_fill(~set_SV, float("-inf")).argmax(-1, keepdim=True)
-        lo_pin = lo_SV.scatter(-1, top, 0.0)
+        lo_pin = torch.where(free_S[:, None], lo_SV, lo_SV.scatter(-1, top, 0.0))
         loss, q, pg = run(lo_pin, hi_SV, q0)
+        if bool(free_S.all()):
+            break
         q0 = q
     return loss, q, pg
 
@@ -362,16 +401,25 @@ def solve_q(prob: Problem, opts: BDOptions, q0_SV: torch.Tensor) -> tuple[float,
 Q_CAP = 50.0
 
 
-def completion(q_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.Tensor:
+def completion(q_SV: torch.Tensor, prob: Problem, opts: BDOptions, outside_mass: str | None = None) -> torch.Tensor:
     """Logits of the student with the *least* mass outside the set that realise ``q_SV`` on the sets.
 
     Pure BD does not see tokens outside the set except through the vocabulary max, so its optimum fixes the
     logits on the set only. The completion puts every outside token at ``-inf``, except that under the
     vocabulary-max shift a state whose set Q-values are all < 0 needs one outside token at the max (0).
+    With ``outside_mass="teacher"`` (the set-mass fix, whose term sets it exactly) the outside tokens share
+    the teacher's outside mass uniformly instead.
     """
     set_SV = prob.set_mask(opts.p)
     theta = q_SV.masked_fill(~set_SV, float("-inf"))
-    if opts.shift == "vocab":
+    if outside_mass is not None:
+        # the set-mass fix: the teacher's outside mass, spread uniformly over the outside tokens
+        m_t = (prob.teacher_SV * set_SV).sum(-1)
+        log_in = torch.logsumexp(theta, -1)
+        n_out = (~set_SV).sum(-1).clamp_min(1)
+        fill = log_in + torch.log((1 - m_t).clamp_min(1e-300) / m_t) - torch.log(n_out.to(theta.dtype))
+        theta = torch.where(set_SV, theta, fill[:, None])
+    elif opts.shift == "vocab":
         forced = theta.amax(-1) < -1e-9
         first_out = (~set_SV).to(torch.int64).argmax(-1)
         theta[forced, first_out[forced]] = 0.0
@@ -419,7 +467,7 @@ def metrics(
 
     ``out_mass``: mass outside the teacher's top-``sample_p`` set; ``argmax_out``: fraction of states whose
     argmax lies outside it; ``kl_ts``/``kl_ts_set``/``kl_st``: KL(teacher||student) over the vocabulary and
-    between the two renormalised on the set, KL(student||teacher). With ``opts``, BD's implicit reward
+    between the two renormalised on the set (the loss's set when it is smaller), KL(student||teacher). With ``opts``, BD's implicit reward
     ``r = Q(s, a) - gamma V_p(s')`` (mean over in-set data transitions), the mean of V_p and the fraction of
     states with V_p < 0 (from ``q_SV`` when given, else from the logits).
     """
@@ -434,9 +482,11 @@ def metrics(
         argmax_out = (~set_SV).gather(-1, theta_SV.argmax(-1, keepdim=True))[:, 0].to(t.dtype)
         kl_ts = (t * (logt - logs)).sum(-1)
         kl_st = torch.where(s > 0, s * (logs - logt), torch.zeros_like(s)).sum(-1)
-        lt_set = torch.log_softmax(logt.masked_fill(~set_SV, float("-inf")), -1)
-        ls_set = torch.log_softmax(logs.masked_fill(~set_SV, float("-inf")), -1)
-        kl_set = torch.where(set_SV, lt_set.exp() * (lt_set - ls_set), torch.zeros_like(t)).sum(-1)
+        # on the smaller of the data's and the loss's sets: tokens outside the loss's set are not seen by it
+        kset_SV = set_SV if opts is None or opts.p >= prob.sample_p else prob.set_mask(opts.p)
+        lt_set = torch.log_softmax(logt.masked_fill(~kset_SV, float("-inf")), -1)
+        ls_set = torch.log_softmax(logs.masked_fill(~kset_SV, float("-inf")), -1)
+        kl_set = torch.where(kset_SV, lt_set.exp() * (lt_set - ls_set), torch.zeros_like(t)).sum(-1)
         ent = -torch.where(s > 0, s * logs, torch.zeros_like(s)).sum(-1)
         live = d > 0
         res = {
