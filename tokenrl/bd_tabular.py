@@ -303,7 +303,10 @@ def bd_loss_from_q(q_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.
         q_in = q.masked_fill(~set_SV, 0.0)
         r_mean = q_in.sum(-1, keepdim=True) / V - g * v_next
         set_size = set_SV.sum(-1, keepdim=True).to(q.dtype)
-        sq = ((r.square() * set_SV).sum(-1, keepdim=True) + (V - set_size) * (g * v_next).square()) / V
+        # the square runs over every token k of the expert's state, bootstrapped from the expert's next state
+        r_all = q[:, None, :] - g * v_next[:, :, None]  # [S, V (expert action), V (token k)]
+        in_set_sq = (r_all.square() * set_SV[:, None, :]).sum(-1)
+        sq = (in_set_sq + (V - set_size) * (g * v_next).square()) / V
         objective = _wmean(r_mean, w) - _wmean(sq, w) / (4 * alpha) - value_term
     return -objective
 
