@@ -192,3 +192,20 @@ def test_lm_term_does_not_remove_the_outside_argmax(prob, vocab_optimum):
     loss_out, _, _ = solve_q(prob, opts, q0, forced_out_S=forced)
     loss_in, _, _ = solve_q(prob, opts, q0)
     assert loss_out < loss_in - 1e-3
+
+
+def test_fixed_variant_optimum(prob):
+    """Set shift + set-mass term: the mass term is 0 at the set-shift optimum completed with the teacher's
+    outside mass, so that is its exact optimum; it is closer to the teacher than BC's optimum (the data
+    policy) on KL(student||teacher) and has a finite KL(teacher||student)."""
+    opts = BDOptions(p=0.8, shift="set", mass_coef=1.0)
+    _, q, _ = solve_q(prob, BDOptions(p=0.8, shift="set"), q_values(sft_start(prob), prob.set_mask(0.8), opts))
+    theta = completion(q, prob, opts, outside_mass="teacher")
+    pure = bd_loss(theta, prob, BDOptions(p=0.8, shift="set"))
+    assert torch.allclose(bd_loss(theta, prob, opts), pure, atol=1e-12)  # the mass term vanishes
+    m = metrics(theta, prob, opts, q_SV=q)
+    d = prob.w_SV.sum(-1)
+    teacher_out = float((d * (prob.teacher_SV * ~prob.set_mask(0.8)).sum(-1)).sum())
+    assert abs(m["out_mass"] - teacher_out) < 1e-9 and m["argmax_out"] == 0.0
+    bc = metrics(torch.log(torch.from_numpy(data_policy(prob.lang, 0.8))), prob)
+    assert m["kl_st"] < bc["kl_st"] and np.isfinite(m["kl_ts"]) and not np.isfinite(bc["kl_ts"])
