@@ -12,6 +12,7 @@ from algorithms.iql_bd import iq_bd_loss
 from tokenrl.bd_tabular import (
     BDOptions,
     Problem,
+    action_sets,
     bd_loss,
     completion,
     data_policy,
@@ -79,7 +80,7 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
         state_idx[b, : len(states)] = torch.tensor(states)
         actions[b, : len(tokens)] = torch.tensor(tokens)
     t_S = torch.arange(T + 1)[None]
-    set_SV = torch.from_numpy(np.ones((lang.n_states, V), bool) if opts.p >= 1 else None or _sets(lang, opts.p))
+    set_SV = torch.from_numpy(action_sets(lang, opts.p))
     logits = theta_SV[state_idx]
     mask = set_SV[state_idx] & (t_S <= lengths[:, None])[..., None]
     action_mask = torch.arange(T)[None] < lengths[:, None]
@@ -95,12 +96,6 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
         bc_coef=opts.ce_coef, lm_nll_BT=nll,
     )
     return loss
-
-
-def _sets(lang, p):
-    from tokenrl.bd_tabular import action_sets
-
-    return action_sets(lang, p)
 
 
 def test_weighted_objective_is_the_real_loss(lang):

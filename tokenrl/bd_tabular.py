@@ -14,9 +14,11 @@ The student is tabular: a free float64 logit vector over the whole vocabulary at
 Objectives (all return a scalar to *minimise*):
 
 * :func:`bd_loss`: ``-J(Q)`` of Bellman Distill with the options of the real loss (math or released form,
-  Q shift over the vocabulary / the set / none, the ``q_min`` clip, the LM term), plus the candidate fixes
-  (``value_head``: Q = log-softmax over the vocabulary + a free per-state scalar; ``mass_coef``: a binary
-  KL matching the student's mass on the teacher's set to the teacher's).
+  Q shift over the vocabulary / the set / none, the ``q_min`` clip, the LM term), plus the fix's set-mass
+  term (``mass_coef``: a binary KL matching the student's mass on the teacher's set to the teacher's). A free
+  per-state value scale (Q = log-softmax + v(s)) reaches exactly the Q-values of ``shift="none"``, so its
+  optimum is that row's.
+* :func:`solve_q`: the exact optimum of BD (+ LM term) in Q-space, where the max shift's kinks vanish.
 * :func:`bc_loss` and :func:`kd_loss`: cross-entropy on the data tokens, forward KL to the teacher's set
   distribution (student normalised over the vocabulary).
 """
@@ -162,7 +164,6 @@ class BDOptions:
         q_min: lower clip of Q, or None.
         ce_coef: weight of the LM term (cross-entropy on the data tokens).
         vocab_size: |V| the released form divides by (None: the toy's vocabulary).
-        value_head: fix candidate, Q = log_softmax_V(theta) + v(s) with a free per-state scalar v.
         mass_coef: fix candidate, weight of ``KL(Bern(M_teacher) || Bern(m_student))`` on the set's mass.
         gamma, alpha: discount and chi^2 strength.
     """
@@ -173,7 +174,6 @@ class BDOptions:
     q_min: float | None = -10.0
     ce_coef: float = 0.0
     vocab_size: int | None = None
-    value_head: bool = False
     mass_coef: float = 0.0
     gamma: float = 0.99
     alpha: float = 0.1
@@ -232,10 +232,8 @@ def _wmean(x_SV: torch.Tensor, w_SV: torch.Tensor) -> torch.Tensor:
     return (x_SV * w_SV).sum() / w_SV.sum().clamp_min(1e-300)
 
 
-def q_values(theta_SV: torch.Tensor, set_SV: torch.Tensor, opts: BDOptions, v_S: torch.Tensor | None = None):
+def q_values(theta_SV: torch.Tensor, set_SV: torch.Tensor, opts: BDOptions) -> torch.Tensor:
     """``[S, V]`` Q-values of the student (only entries in ``set_SV`` are ever read)."""
-    if opts.value_head:
-        return torch.log_softmax(theta_SV, -1) + v_S[:, None]
     if opts.shift == "vocab":
         q = theta_SV - theta_SV.amax(-1, keepdim=True)
     elif opts.shift == "set":
@@ -267,17 +265,16 @@ def set_mass_kl(theta_SV: torch.Tensor, set_SV: torch.Tensor, teacher_SV: torch.
     return torch.where(out_t > 0, kl, torch.zeros_like(kl))
 
 
-def bd_loss(theta_SV: torch.Tensor, prob: Problem, opts: BDOptions, v_S: torch.Tensor | None = None) -> torch.Tensor:
+def bd_loss(theta_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.Tensor:
     """Exact ``-J(Q)`` (+ LM and fix terms), the data-weighted form of the real BD loss.
 
     Args:
         theta_SV: ``[S, V]`` student logits.
         prob: the problem (transition weights, sets).
         opts: the variant.
-        v_S: ``[S]`` the per-state scalar of the ``value_head`` fix (ignored otherwise).
     """
     set_SV = prob.set_mask(opts.p)
-    loss = bd_loss_from_q(q_values(theta_SV, set_SV, opts, v_S), prob, opts)
+    loss = bd_loss_from_q(q_values(theta_SV, set_SV, opts), prob, opts)
     if opts.ce_coef > 0:
         loss = loss + opts.ce_coef * bc_loss(theta_SV, prob)
     if opts.mass_coef > 0:
@@ -347,8 +344,8 @@ def solve_q(
     """
     from scipy.optimize import minimize
 
-    if opts.value_head or opts.mass_coef:
-        raise ValueError("solve_q solves BD (+ LM term) only: no value_head or mass_coef")
+    if opts.mass_coef:
+        raise ValueError("solve_q solves BD (+ LM term) only: its optimum with the set-mass term is completion()'s")
     set_SV = prob.set_mask(opts.p)
     if opts.ce_coef and opts.p != prob.sample_p:
         raise ValueError("solve_q's LM term needs the loss's sets to be the data's (p == sample_p)")
@@ -464,7 +461,7 @@ def sft_start(prob: Problem, outside_mass: float = 0.05) -> torch.Tensor:
 
 
 def metrics(
-    theta_SV: torch.Tensor, prob: Problem, opts: BDOptions | None = None, v_S=None, q_SV=None
+    theta_SV: torch.Tensor, prob: Problem, opts: BDOptions | None = None, q_SV: torch.Tensor | None = None
 ) -> dict[str, float]:
     """The student's distance to the teacher, data-weighted over the prefixes where tokens are emitted.
 
@@ -502,7 +499,7 @@ def metrics(
         }
         if opts is not None:
             lset = prob.set_mask(opts.p)
-            q = q_values(theta_SV, lset, opts, v_S) if q_SV is None else q_SV
+            q = q_values(theta_SV, lset, opts) if q_SV is None else q_SV
             v = soft_values(q, lset)
             r = q - opts.gamma * next_values(v, prob.child_SV)
             res["r_mean"] = float(_wmean(r, prob.w_SV * lset))
@@ -540,17 +537,17 @@ def minimise(loss_fn, params: list[torch.Tensor], max_iter: int = 3000) -> float
 
 @dataclass
 class Fit:
-    """The result of one training run."""
+    """The result of one logit-space training run."""
 
     theta_SV: torch.Tensor
-    v_S: torch.Tensor | None
     loss: float
     grad_norm: float
 
 
 def fit(prob: Problem, objective: str, opts: BDOptions | None, start: str, max_iter: int = 3000) -> Fit:
-    """Train the tabular student on ``objective`` (``"bd"``, ``"bc"`` or ``"kd"``) from ``start``
-    (``"sft"``: :func:`sft_start`, ``"uniform"``: zero logits)."""
+    """Train the tabular student's logits on ``objective`` (``"bd"``, ``"bc"`` or ``"kd"``) from ``start``
+    (``"sft"``: :func:`sft_start`, ``"uniform"``: zero logits). For BD prefer :func:`solve_q`: in logit space
+    L-BFGS stalls at ties of the max."""
     if start == "sft":
         theta = sft_start(prob).clone()
     elif start == "uniform":
@@ -558,37 +555,30 @@ def fit(prob: Problem, objective: str, opts: BDOptions | None, start: str, max_i
     else:
         raise ValueError(f"start must be 'sft' or 'uniform', got {start!r}")
     theta.requires_grad_(True)
-    params = [theta]
-    v = None
     if objective == "bd":
         if opts is None:
             raise ValueError("objective 'bd' needs opts")
-        if opts.value_head:
-            # start the free scalar where Q = the shifted logits would be: V_p(s) unchanged at the start
-            v = (theta.detach().amax(-1) - torch.logsumexp(theta.detach(), -1)).neg().clone().requires_grad_(True)
-            params.append(v)
-        loss_fn = lambda: bd_loss(theta, prob, opts, v)  # noqa: E731
+        loss_fn = lambda: bd_loss(theta, prob, opts)  # noqa: E731
     elif objective == "bc":
         loss_fn = lambda: bc_loss(theta, prob)  # noqa: E731
     elif objective == "kd":
         loss_fn = lambda: kd_loss(theta, prob)  # noqa: E731
     else:
         raise ValueError(f"objective must be 'bd', 'bc' or 'kd', got {objective!r}")
-    gnorm = minimise(loss_fn, params, max_iter)
+    gnorm = minimise(loss_fn, [theta], max_iter)
     with torch.no_grad():
         final = float(loss_fn())
-    return Fit(theta.detach(), None if v is None else v.detach(), final, gnorm)
+    return Fit(theta.detach(), final, gnorm)
 
 
-def out_mass_slope(theta_SV: torch.Tensor, prob: Problem, opts: BDOptions, v_S=None) -> tuple[float, float]:
+def out_mass_slope(theta_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> tuple[float, float]:
     """Direction in which a gradient step on the BD loss moves the out-of-set mass, at ``theta_SV``.
 
     Returns ``(d out_mass / d step, |grad on out-of-set logits|)``: the first is the derivative of the
     data-weighted out-of-set mass along the negative loss gradient (positive = BD pushes mass out of the set).
     """
     theta = theta_SV.clone().requires_grad_(True)
-    v = None if v_S is None else v_S.clone().requires_grad_(True)
-    (g_theta,) = torch.autograd.grad(bd_loss(theta, prob, opts, v), [theta])
+    (g_theta,) = torch.autograd.grad(bd_loss(theta, prob, opts), [theta])
     set_SV = prob.set_mask(prob.sample_p)
     theta2 = theta_SV.clone().requires_grad_(True)
     out = (state_weights(prob) * (torch.softmax(theta2, -1) * ~set_SV).sum(-1)).sum()
