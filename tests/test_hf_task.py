@@ -125,8 +125,8 @@ def test_build_hf_task(tiny_files, template, tmp_path):
     assert os.listdir(tmp_path / "eval")
     again = build_hf_task(cfg, **EVAL)
     assert again.test_references == task.test_references and again.heldout == task.heldout
-    assert again.data_key() == task.data_key()
-    assert build_hf_task(dataclasses.replace(cfg, data_seed=1), **EVAL).data_key() != task.data_key()
+    assert again.manifest == task.manifest
+    assert build_hf_task(dataclasses.replace(cfg, data_seed=1), **EVAL).manifest != task.manifest
 
 
 @pytest.mark.parametrize("kind", ["pruned", "fresh"])

@@ -74,8 +74,12 @@ class RunConfig:
     device: str = "cpu"  # torch device
     threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
     log_every: int = 20  # TensorBoard scalar interval
-    checkpoint_every: int = 0  # train_state.pt interval (0 = only at the end)
-    resume: bool = False  # continue from train_state.pt in the output directory
+    checkpoint_every: int = 0  # checkpoint every n steps (0 = time-based only)
+    checkpoint_seconds: float = 60.0  # also checkpoint when this many seconds passed since the last one (0 = off)
+    keep_checkpoints: int = 3  # newest checkpoints kept; resume falls back to an older one if the newest is damaged
+    resume: bool = False  # continue from the newest checkpoint in the output directory (an error if none)
+    on_divergence: str = "stop"  # non-finite or out-of-range loss/grad norm: stop (after a checkpoint) | skip (count)
+    divergence_factor: float = 10.0  # out of range = beyond the running [min, max] by this many times its width
     data_dir: str = "data_cache"  # where offline teacher data are cached (shared across runs)
     rollout_every: int = 0  # add student rollouts to the buffer every n steps (0 = only if the algorithm needs them: 10)
     rollout_prompts: int = 32  # prompts per rollout batch
