@@ -35,6 +35,7 @@ def _cfg(tmp_path, algo=None, **top):
         (None, {"eval": {"seeds": []}}, "eval.seeds=[]"),
         (None, {"eval": {"n_prompts": 0}}, "eval.n_prompts=0"),
         (None, {"on_divergence": "ignore"}, "on_divergence='ignore'"),
+        ({"q_shift": "max"}, {}, "algo.q_shift='max'"),
         (None, {"model": {"kind": "pretrained"}}, "model.kind='pretrained'"),
         (None, {"model": {"hidden_size": 30, "num_heads": 4}}, "model.hidden_size=30"),
         (None, {"task": {"kind": "hf", "teacher": "x", "prompts_file": "/no/such.jsonl"}}, "task.prompts_file"),

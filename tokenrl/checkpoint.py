@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -233,9 +235,6 @@ def deferred_signals(signals: tuple[int, ...]) -> Iterator[list[int]]:
     The training loop checks the list after each update, saves a checkpoint and exits; outside the main
     thread (where handlers cannot be installed) the signals keep their default behaviour.
     """
-    import signal
-    import threading
-
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received

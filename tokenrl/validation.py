@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from algorithms.iql_bd import CHI2_CHOICES, EXPERT_TERM_CHOICES, Q_SHIFT_CHOICES
+from algorithms.soft_q import REWARD_CHOICES
 from tokenrl.config import RunConfig
 from tokenrl.hf_task import TEMPLATES, HFTaskConfig
 
@@ -102,6 +104,15 @@ _RANGES: dict[str, tuple[Callable, str]] = {
     "algo.target_update_rate": (_probability, "in (0, 1]"),
 }
 
+# (algorithm, field) -> allowed values of the algorithms' string options (else checked only at their first use)
+_ALGO_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("iql_bd", "q_shift"): Q_SHIFT_CHOICES,
+    ("iql_bd", "chi2_on"): CHI2_CHOICES,
+    ("iql_bd", "expert_term"): EXPERT_TERM_CHOICES,
+    ("kd", "student_norm"): ("vocab", "top_p"),
+    ("soft_q", "reward"): REWARD_CHOICES,
+}
+
 _OPTIONAL_POSITIVE = ("eval.n_prompts", "task.max_train_prompts", "task.max_val_prompts", "task.max_test_prompts")
 
 
@@ -128,6 +139,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
         value = _lookup(cfg, key)
         if value is not None and value is not dataclasses.MISSING and value <= 0:
             problems.append(f"{key}={value!r}: must be > 0 or null (all); set {key}=null or a positive count")
+    for (algo, key), choices in _ALGO_CHOICES.items():
+        value = getattr(cfg.algo, key, None)
+        if cfg.algo_name == algo and value not in choices:
+            problems.append(f"algo.{key}={value!r}: must be one of {choices}")
     if not cfg.eval.seeds:
         problems.append("eval.seeds=[]: needs at least one seed; set eval.seeds=[0]")
     if cfg.on_divergence not in ON_DIVERGENCE:
