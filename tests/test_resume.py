@@ -176,6 +176,7 @@ def test_resume_without_checkpoint_says_where_it_looked(straight, tmp_path):
     with pytest.raises(CheckpointError) as err:
         run(_cfg(data, resume=True), str(tmp_path / "mistyped"))
     assert str(tmp_path / "mistyped" / "checkpoints") in str(err.value) and "hydra.run.dir" in str(err.value)
+    assert not (tmp_path / "mistyped").exists()
 
 
 def test_resuming_a_finished_run_changes_nothing(straight, capsys):

@@ -359,15 +359,15 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
     """
     validate(cfg)
-    os.makedirs(out_dir, exist_ok=True)
-    for directory in (out_dir, checkpoint_dir(out_dir)):
-        remove_orphaned_tmp(directory)
     resume_state = find_resume_state(cfg, out_dir)
     if resume_state is not None:
         finished = finished_metrics(out_dir, resume_state, cfg)
         if finished is not None:
             print(f"the run in {out_dir} already finished its {cfg.steps} steps; nothing to do (raise steps to extend it)")
             return finished
+    os.makedirs(out_dir, exist_ok=True)
+    for directory in (out_dir, checkpoint_dir(out_dir)):
+        remove_orphaned_tmp(directory)
     apply_threads(cfg.threads)
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
