@@ -4,7 +4,8 @@ Every YAML in a config group extends one of these schemas (registered in Hydra's
 :func:`register_configs`), so an unknown key or a wrongly typed value fails when the config is composed,
 before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.SyntheticTaskConfig`,
 :class:`tokenrl.hf_task.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
-newly registered algorithm only needs its YAML. Every default lives in a schema and nowhere else:
+newly registered algorithm only needs its YAML. Ranges and cross-field constraints of a built config are
+checked by :func:`tokenrl.validation.validate`. Every default lives in a schema and nowhere else:
 
     >>> cfg = make_run_config({"algo": {"name": "bc"}, "steps": 10})   # Python callers and tests
     >>> cfg.task.samples_per_prompt, cfg.model.hidden_size
