@@ -186,7 +186,9 @@ def load_latest(out_dir: str) -> tuple[dict, str] | None:
         except CheckpointError as error:
             failures.append(str(error))
             os.replace(path, f"{path}.damaged")
-            warnings.warn(f"{error}; renamed it to {os.path.basename(path)}.damaged and trying the previous checkpoint", stacklevel=2)
+            warnings.warn(
+                f"{error}; renamed it to {os.path.basename(path)}.damaged and trying the previous checkpoint", stacklevel=2
+            )
     if failures:
         raise CheckpointError(
             "no usable checkpoint: " + "; ".join(failures) + "; delete the run directory and start again"
@@ -218,7 +220,9 @@ def check_resume_config(stored: dict, requested: dict, where: str) -> None:
         ResumeError: naming every differing key with both values.
     """
     old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(requested)))
-    diffs = sorted(k for k in old.keys() | new.keys() if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+    diffs = sorted(
+        k for k in old.keys() | new.keys() if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)
+    )
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs requested {new.get(k)!r}" for k in diffs)
         raise ResumeError(

@@ -202,7 +202,9 @@ def find_resume_state(cfg: RunConfig, out_dir: str) -> dict | None:
     state, path = found
     check_resume_config(state["config"], dataclasses.asdict(cfg), path)
     if state["step"] > cfg.steps:
-        raise ResumeError(f"checkpoint {path} is at step {state['step']}, beyond steps={cfg.steps}; set steps>={state['step']}")
+        raise ResumeError(
+            f"checkpoint {path} is at step {state['step']}, beyond steps={cfg.steps}; set steps>={state['step']}"
+        )
     return state
 
 

@@ -164,7 +164,10 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     if model.kind not in MODEL_KINDS:
         problems.append(f"model.kind={model.kind!r}: must be one of {MODEL_KINDS}")
     elif model.kind != "fresh" and not isinstance(cfg.task, HFTaskConfig):
-        problems.append(f"model.kind={model.kind!r}: needs a transformers task (task=smollm2, ...); the synthetic task only takes model.kind=fresh")
+        problems.append(
+            f"model.kind={model.kind!r}: needs a transformers task (task=smollm2, ...); the synthetic task only "
+            "takes model.kind=fresh"
+        )
     elif model.kind == "pretrained" and not model.name_or_path:
         problems.append("model.name_or_path=None: model.kind=pretrained needs a hub id, directory or .gguf path")
     if model.kind == "fresh" and model.num_heads > 0 and model.hidden_size % model.num_heads:
@@ -185,7 +188,8 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"task.prompts_file={task.prompts_file!r}: no such file (cwd {os.getcwd()})")
         if task.template not in TEMPLATES:
             problems.append(f"task.template={task.template!r}: must be one of {TEMPLATES}")
-        if _probability(task.val_fraction) and _probability(task.test_fraction) and task.val_fraction + task.test_fraction >= 1:
+        fractions = (task.val_fraction, task.test_fraction)
+        if all(_probability(f) for f in fractions) and sum(fractions) >= 1:
             problems.append(
                 f"task.val_fraction + task.test_fraction = {task.val_fraction + task.test_fraction} leaves no "
                 "training prompt; lower one of them"
