@@ -13,6 +13,7 @@ import torch
 
 from tokenrl.backup import TargetNetwork
 from tokenrl.buffer import Batch
+from tokenrl.divergence import DivergenceGuard
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.top_p import check_p
 
@@ -79,6 +80,9 @@ class Algorithm:
             lambda s: warmup_cosine(s, config.warmup_steps, total_steps, config.min_lr_ratio),
         )
         self.step = 0
+        #: set by the trainer: asked before the backward pass (loss) and the optimiser step (grad norm), raising
+        #: :class:`~tokenrl.divergence.DivergenceError` to refuse the update before it changes anything
+        self.guard: DivergenceGuard | None = None
         self.target: TargetNetwork | None = None
         if self.uses_target_network:
             rate = getattr(config, "target_update_rate", None)
@@ -99,12 +103,16 @@ class Algorithm:
         """One gradient step on ``batch``; returns namespaced float stats."""
         self.policy.train()
         loss, stats = self.compute_loss(batch)
-        if not torch.isfinite(loss):
+        if self.guard is not None:
+            self.guard.check(self.step, "loss/total", float(loss.detach()))
+        elif not torch.isfinite(loss):
             raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step {self.step}; stats={stats}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+        if self.guard is not None:
+            self.guard.check(self.step, "optim/grad_norm", float(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

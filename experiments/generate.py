@@ -7,7 +7,8 @@ the same task settings finds the data in ``data_dir`` and starts at once:
     python experiments/generate.py task=dolly_gpt2 device=cuda  # the paper's data (a GPU job)
     python experiments/generate.py task=smollm2 task.samples_per_prompt=4 data_dir=/big/disk
 
-An interrupted generation resumes from its last complete shard. Prints the data directory, the number of
+An interrupted generation resumes from its last complete shard; every shard is checked against its SHA-256
+in the manifest, and a damaged one is named (delete it and rerun: only that shard is regenerated). Prints the data directory, the number of
 trajectories, the bytes per token of the stored top-p sets and set-size statistics.
 """
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 from tokenrl.config import make_run_config, register_configs
 from tokenrl.trainer import apply_threads, build_task, load_data
+from tokenrl.validation import check_student_tokenizer, validate
 
 register_configs()
 
@@ -28,8 +30,10 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_cfg = make_run_config(cfg)
+    validate(run_cfg)
     apply_threads(run_cfg.threads)
     task = build_task(run_cfg)
+    check_student_tokenizer(run_cfg, task.tokenizer)
     start = time.time()
     buffer, data_dir, cached = load_data(run_cfg, task)
     seconds = time.time() - start

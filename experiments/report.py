@@ -54,7 +54,7 @@ DEFAULT_IGNORE = (
     "seed", "*.seed", "hydra.*", "*output_dir*", "*run_dir*", "*log_dir*", "*save_dir*",
     # run bookkeeping that does not change the trained student
     "init_eval", "teacher_eval", "progress", "threads", "device", "data_dir", "log_every", "checkpoint_every",
-    "resume",
+    "checkpoint_seconds", "keep_checkpoints", "resume",
 )
 TOP_P_NAMES = ("p", "top_p")
 BASELINES = (("teacher_eval", "teacher"), ("init_eval", "untrained student"), ("sft_eval", "SFT init (start of every algorithm)"))

@@ -6,7 +6,7 @@
     python experiments/run.py -m algo=bc,kd,iql_bd,soft_q seed=0,1,2
 
 Artifacts go to Hydra's run directory (printed at the end): metrics.json, tb/, student.safetensors,
-student/, train_state.pt, config.yaml.
+student/, checkpoints/, config.yaml. Continue an interrupted run with `resume=true hydra.run.dir=<its dir>`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def _summary(metrics: dict, out_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    config_file = os.path.join(out_dir, "config.yaml")
+    if not (cfg.resume and os.path.exists(config_file)):  # a resumed run keeps the config it started with
+        with open(config_file, "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = run(make_run_config(cfg), out_dir)
     print(_summary(metrics, out_dir))
     return float(metrics["final_eval"]["eval/teacher_nll"])

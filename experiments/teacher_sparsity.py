@@ -10,7 +10,6 @@ tokens hold ~96% of the mass, the top 7 >= 90%").
 
 from __future__ import annotations
 
-import os
 
 import hydra
 import numpy as np
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenrl.config import make_run_config, register_configs
 from tokenrl.datagen import load_teacher_data, right_pad
 from tokenrl.top_p import top_p_mask
-from tokenrl.trainer import apply_threads, build_task
+from tokenrl.trainer import apply_threads, build_task, data_location
 
 register_configs()
 P_VALUES = (0.5, 0.8, 0.9, 0.95)
@@ -34,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     run_cfg = make_run_config(resolved)
     apply_threads(run_cfg.threads)
     task = build_task(run_cfg)
-    buffer = load_teacher_data(os.path.join(run_cfg.data_dir, task.data_key()), task.manifest)
+    buffer = load_teacher_data(data_location(run_cfg, task), task.manifest)
     sizes = {p: [] for p in P_VALUES}
     mass = {k: [] for k in TOP_K}
     for i in range(min(n, len(buffer))):

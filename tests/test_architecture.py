@@ -15,13 +15,14 @@ import pytest
 
 LAYERS: list[tuple[str, list[str]]] = [
     # Pure functions on tensors and the teacher protocol: no project imports but these.
-    ("core", ["tokenrl", "tokenrl.top_p", "tokenrl.backup", "tokenrl.tabular", "tokenrl.teachers"]),
+    ("core", ["tokenrl", "tokenrl.top_p", "tokenrl.backup", "tokenrl.tabular", "tokenrl.teachers", "tokenrl.divergence"]),
     # Data, models and what runs them: buffers, teachers, the generation engine, data generation, scoring.
     (
         "data and models",
         [
             "tokenrl.buffer", "tokenrl.synthetic", "tokenrl.prompts", "tokenrl.sampling", "tokenrl.models",
             "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.onpolicy_metrics", "tokenrl.policy",
+            "tokenrl.checkpoint",
         ],
     ),
     # Gymnasium environments and one file per algorithm.
@@ -29,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # Tasks: a teacher, prompts, references and samplers, each built from its own config dataclass.
     ("tasks", ["tokenrl.tasks", "tokenrl.hf_task"]),
     # The run config schemas (and their Hydra registration).
-    ("config", ["tokenrl.config"]),
+    ("config", ["tokenrl.config", "tokenrl.validation"]),
     # The training run.
     ("trainer", ["tokenrl.trainer"]),
     # Entry points.

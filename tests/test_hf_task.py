@@ -4,6 +4,7 @@ random Llama teacher with a word-level tokenizer saved to a temporary directory 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from tests.test_models import tiny_llama, word_tokenizer
 from tokenrl.config import ModelConfig
-from tokenrl.hf_task import HFTaskConfig, build_hf_task
+from tokenrl.hf_task import HFTaskConfig, build_hf_task, weights_sha256
 from tokenrl.trainer import build_student, collect_rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,11 @@ def test_build_hf_task(tiny_files, template, tmp_path):
     manifest = task.manifest
     assert manifest["teacher"]["name_or_path"] == cfg.teacher and manifest["teacher"]["gguf_file"] is None
     assert manifest["tokenizer"]["vocab_size"] == len(task.tokenizer) == task.vocab_size
-    assert manifest["prompts_file"] == {"name": "prompts.jsonl", "bytes": os.path.getsize(cfg.prompts_file)}
+    with open(cfg.prompts_file, "rb") as f:
+        assert manifest["prompts_file"] == {"name": "prompts.jsonl", "sha256": hashlib.sha256(f.read()).hexdigest()}
+    # The teacher's identity is its weights: a path says nothing about which weights it held when the data were made.
+    assert manifest["teacher"]["weights_sha256"] == weights_sha256(task.teacher.model)
+    assert weights_sha256(tiny_llama(len(task.tokenizer), layers=4, seed=1)) != manifest["teacher"]["weights_sha256"]
     for key in ("sample_top_p", "temperature", "max_new_tokens", "template", "data_seed", "train_prompts_sha1"):
         assert key in manifest
     json.dumps(task.info)  # reported in metrics.json
@@ -125,8 +130,8 @@ def test_build_hf_task(tiny_files, template, tmp_path):
     assert os.listdir(tmp_path / "eval")
     again = build_hf_task(cfg, **EVAL)
     assert again.test_references == task.test_references and again.heldout == task.heldout
-    assert again.data_key() == task.data_key()
-    assert build_hf_task(dataclasses.replace(cfg, data_seed=1), **EVAL).data_key() != task.data_key()
+    assert again.manifest == task.manifest
+    assert build_hf_task(dataclasses.replace(cfg, data_seed=1), **EVAL).manifest != task.manifest
 
 
 @pytest.mark.parametrize("kind", ["pruned", "fresh"])

@@ -51,7 +51,7 @@ def test_multirun_over_every_algorithm_writes_artifacts(tmp_path):
             assert "eval/teacher_nll" in metrics[key]
         assert metrics["train"]["steps"] == 4
         assert (job / "student.safetensors").exists() and (job / "student" / "config.json").exists()
-        assert (job / "config.yaml").exists() and (job / "train_state.pt").exists()
+        assert (job / "config.yaml").exists() and (job / "checkpoints" / "step-00000004.safetensors").exists()
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(job / "tb"))
     assert seen == set(algos)
     assert proc.stdout.count("teacher_nll") >= len(algos)  # each job prints its summary

@@ -18,6 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from tokenrl.top_p import check_p, restrict_top_p
 
+BUFFER_FORMAT = "tokenrl-buffer-v2"
+"""Format tag of :meth:`ReplayBuffer.save` files (v2: one sorted-JSON metadata entry, byte-reproducible)."""
+
 
 @dataclass
 class TopPCache:
@@ -324,9 +327,11 @@ class ReplayBuffer:
             arrays["cache_sizes"] = cat([c.sizes for c in self.caches], np.int32)
             arrays["cache_ids"] = cat([c.ids for c in self.caches], np.int32)
             arrays["cache_logprobs"] = cat([c.logprobs for c in self.caches], np.float16)
-        meta = {"pad_id": str(self.pad_id), "cache_top_p": repr(self.cache_top_p), "format": "tokenrl-buffer-v1"}
+        # One metadata entry with sorted keys: safetensors writes a multi-key metadata map in hash order, and
+        # the dataset checksums need byte-identical files for identical contents.
+        meta = {"pad_id": self.pad_id, "cache_top_p": self.cache_top_p, "format": BUFFER_FORMAT}
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(arrays, tmp, metadata=meta)
+        save_file(arrays, tmp, metadata={"tokenrl": json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
 
     @classmethod
@@ -336,7 +341,8 @@ class ReplayBuffer:
 
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != "tokenrl-buffer-v1":
+        meta = json.loads(meta["tokenrl"]) if "tokenrl" in meta else meta  # the v1 files had one key per field
+        if meta.get("format") not in (BUFFER_FORMAT, "tokenrl-buffer-v1"):
             raise ValueError(f"{path} is not a tokenrl replay-buffer file (format={meta.get('format')!r})")
         a = load_file(path)
         buf = cls(pad_id=int(meta["pad_id"]), cache_top_p=float(meta["cache_top_p"]), capacity=capacity)

@@ -4,7 +4,8 @@ Every YAML in a config group extends one of these schemas (registered in Hydra's
 :func:`register_configs`), so an unknown key or a wrongly typed value fails when the config is composed,
 before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.SyntheticTaskConfig`,
 :class:`tokenrl.hf_task.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
-newly registered algorithm only needs its YAML. Every default lives in a schema and nowhere else:
+newly registered algorithm only needs its YAML. Ranges and cross-field constraints of a built config are
+checked by :func:`tokenrl.validation.validate`. Every default lives in a schema and nowhere else:
 
     >>> cfg = make_run_config({"algo": {"name": "bc"}, "steps": 10})   # Python callers and tests
     >>> cfg.task.samples_per_prompt, cfg.model.hidden_size
@@ -74,8 +75,12 @@ class RunConfig:
     device: str = "cpu"  # torch device
     threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
     log_every: int = 20  # TensorBoard scalar interval
-    checkpoint_every: int = 0  # train_state.pt interval (0 = only at the end)
-    resume: bool = False  # continue from train_state.pt in the output directory
+    checkpoint_every: int = 0  # checkpoint every n steps (0 = time-based only)
+    checkpoint_seconds: float = 60.0  # also checkpoint when this many seconds passed since the last one (0 = off)
+    keep_checkpoints: int = 3  # newest checkpoints kept; resume falls back to an older one if the newest is damaged
+    resume: bool = False  # continue from the newest checkpoint in the output directory (an error if none)
+    on_divergence: str = "stop"  # non-finite or out-of-range loss/grad norm: stop (after a checkpoint) | skip (count)
+    divergence_factor: float = 10.0  # out of range = beyond the running [min, max] by this many times its width
     data_dir: str = "data_cache"  # where offline teacher data are cached (shared across runs)
     rollout_every: int = 0  # add student rollouts to the buffer every n steps (0 = only if the algorithm needs them: 10)
     rollout_prompts: int = 32  # prompts per rollout batch

@@ -1,15 +1,21 @@
 """Offline teacher data: samples from the teacher plus a teacher-forced pass storing its sparse top-p cache.
 
 Data are written in shards (one :class:`~tokenrl.buffer.ReplayBuffer` file each) next to a
-``manifest.json`` that records the teacher, tokenizer, p and sampling settings. Generation resumes at the
-first missing shard, and a training run loads the shards without running the teacher again. A manifest
-that does not match the requested settings is an error (never silently mixed data).
+``manifest.json`` that records every setting that changes the data (:func:`data_manifest`) and the SHA-256
+of each shard. Generation resumes at the first missing shard, and a training run loads the shards without
+running the teacher again. Every load compares the manifest with the requested settings (a mismatch names
+the field) and every shard with its checksum (a damaged shard is named, with the fix: delete it and rerun,
+which regenerates exactly that shard; shard files are byte-reproducible).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -83,6 +89,67 @@ def compute_top_p_cache(
     return out
 
 
+DATA_FORMAT = 2
+"""Version of the dataset layout (manifest fields, shard format); part of every manifest."""
+
+_NOT_COMPARED = ("shards",)  # manifest entries that describe the files, not the settings
+
+
+class DataIntegrityError(ValueError):
+    """A dataset file is damaged or does not match its manifest; the message names the file and the fix."""
+
+
+def data_manifest(
+    manifest: dict,
+    prompts: Sequence[Sequence[int]],
+    *,
+    samples_per_prompt: int,
+    cache_top_p: float,
+    shard_prompts: int,
+    seed: int,
+) -> dict:
+    """Every setting that changes the data: the task's ``manifest`` plus the counts, p, seed and layout.
+
+    Args:
+        manifest: the task's settings (teacher, tokenizer, sampling p and temperature, max tokens, ...).
+        prompts: the training prompts; their count and a hash of their token ids (which covers the prompt
+            file, the split and the tokenizer) are recorded.
+        samples_per_prompt, cache_top_p, shard_prompts, seed: as in :func:`generate_teacher_data`.
+
+    Returns:
+        A JSON-normalised dict (tuples as lists), as it is stored in ``manifest.json`` without ``shards``.
+    """
+    full = dict(manifest)
+    full.update(
+        {
+            "format": DATA_FORMAT,
+            "n_prompts": len(prompts),
+            "prompts_sha256": hashlib.sha256(json.dumps([[int(t) for t in p] for p in prompts]).encode()).hexdigest(),
+            "samples_per_prompt": samples_per_prompt,
+            "cache_top_p": cache_top_p,
+            "shard_prompts": shard_prompts,
+            "n_shards": (len(prompts) + shard_prompts - 1) // shard_prompts,
+            "seed": seed,
+        }
+    )
+    return json.loads(json.dumps(full, default=str))
+
+
+def dataset_dir(root: str, name: str, manifest: dict) -> str:
+    """The folder of the dataset ``manifest`` (see :func:`data_manifest`) under ``root``: ``<name>-<hash>``."""
+    blob = json.dumps(manifest, sort_keys=True, default=str).encode()
+    return os.path.join(root, f"{name}-{hashlib.sha1(blob).hexdigest()[:10]}")
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def generate_teacher_data(
     teacher: Teacher,
     sampler: Sampler,
@@ -100,6 +167,9 @@ def generate_teacher_data(
 ) -> ReplayBuffer:
     """Sample the teacher on ``prompts`` and store trajectories with their top-p cache, resumably.
 
+    Every shard is checksummed in the manifest when written; shards already on disk are verified, and a
+    shard without a recorded checksum (the run died between writing it and recording it) is regenerated.
+
     Args:
         teacher: the teacher (for the cache pass).
         sampler: draws responses from the teacher (its sampling top-p/temperature are the caller's choice and
@@ -108,7 +178,8 @@ def generate_teacher_data(
         out_dir: dataset directory (created); holds ``manifest.json`` and ``shard-XXXXX.safetensors``.
         samples_per_prompt: responses drawn per prompt.
         cache_top_p: p of the stored top-p sets.
-        manifest: settings identifying the data (teacher, tokenizer, sampling); stored and checked on resume.
+        manifest: settings identifying the data (teacher, tokenizer, sampling); completed by
+            :func:`data_manifest`, stored, and compared field by field with a stored one.
         shard_prompts: prompts per shard.
         seed: base seed; shard ``i`` uses ``seed * 1_000_003 + i`` so a resumed run draws the same data.
         pad_id: padding id.
@@ -117,29 +188,47 @@ def generate_teacher_data(
 
     Returns:
         The whole dataset as one buffer.
+
+    Raises:
+        ValueError: the stored manifest was written with other settings (the field is named).
+        DataIntegrityError: a stored shard or the manifest is damaged (the file is named).
     """
+    return _load_or_generate(
+        teacher, sampler, prompts, out_dir, samples_per_prompt=samples_per_prompt, cache_top_p=cache_top_p,
+        manifest=manifest, shard_prompts=shard_prompts, seed=seed, pad_id=pad_id,
+        cache_batch_size=cache_batch_size, progress=progress,
+    )[0]
+
+
+def _load_or_generate(
+    teacher, sampler, prompts, out_dir, *, samples_per_prompt, cache_top_p, manifest, shard_prompts=256, seed=0,
+    pad_id=0, cache_batch_size=32, progress=True,
+) -> tuple[ReplayBuffer, bool]:
+    """:func:`generate_teacher_data`, also returning whether every shard was already on disk."""
     check_p(cache_top_p)
     os.makedirs(out_dir, exist_ok=True)
-    n_shards = (len(prompts) + shard_prompts - 1) // shard_prompts
-    full_manifest = dict(manifest)
-    full_manifest.update(
-        {
-            "n_prompts": len(prompts),
-            "samples_per_prompt": samples_per_prompt,
-            "cache_top_p": cache_top_p,
-            "shard_prompts": shard_prompts,
-            "n_shards": n_shards,
-            "seed": seed,
-        }
+    remove_orphaned_tmp(out_dir)
+    wanted = data_manifest(
+        manifest, prompts, samples_per_prompt=samples_per_prompt, cache_top_p=cache_top_p,
+        shard_prompts=shard_prompts, seed=seed,
     )
-    _check_or_write_manifest(out_dir, full_manifest)
+    stored = _read_manifest(out_dir)
+    if stored is None:
+        stored = {**wanted, "shards": {}}
+        write_json_atomic(manifest_path(out_dir), stored)
+    else:
+        _compare_manifest(out_dir, stored, wanted)
+    checksums = stored.setdefault("shards", {})
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
-    bar = tqdm(range(n_shards), desc="teacher data (shards)", disable=not progress)
+    complete = True
+    bar = tqdm(range(wanted["n_shards"]), desc="teacher data (shards)", disable=not progress)
     for i in bar:
         path = shard_path(out_dir, i)
-        if os.path.exists(path):
-            buffer.extend(ReplayBuffer.load(path))
+        name = os.path.basename(path)
+        if os.path.exists(path) and name in checksums:
+            buffer.extend(_load_shard(out_dir, path, checksums[name]))
             continue
+        complete = False
         chunk = prompts[i * shard_prompts : (i + 1) * shard_prompts]
         rep_prompts = [list(pr) for pr in chunk for _ in range(samples_per_prompt)]
         samples = sampler(rep_prompts, seed * 1_000_003 + i)
@@ -149,44 +238,64 @@ def generate_teacher_data(
         shard = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
         shard.add(rep_prompts, responses, terminated, caches=caches, is_expert=True)
         shard.save(path)
+        digest = file_sha256(path)
+        if name in checksums and checksums[name] != digest:
+            warnings.warn(
+                f"regenerated {path} differs from the checksum recorded when it was first written (a teacher "
+                "that is not bit-reproducible on this device?); recording the new checksum",
+                stacklevel=2,
+            )
+        checksums[name] = digest
+        write_json_atomic(manifest_path(out_dir), stored)
         buffer.extend(shard)
-    return buffer
+    return buffer, complete
 
 
 def load_teacher_data(out_dir: str, manifest: dict | None = None) -> ReplayBuffer:
-    """Load a complete dataset written by :func:`generate_teacher_data` (checks the manifest if given)."""
-    path = manifest_path(out_dir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no dataset manifest at {path}; generate the data first")
-    with open(path) as f:
-        stored = json.load(f)
+    """Load and verify a complete dataset written by :func:`generate_teacher_data`.
+
+    Args:
+        out_dir: the dataset directory.
+        manifest: settings to compare with the stored manifest (only the keys given are compared).
+
+    Raises:
+        FileNotFoundError: no manifest, or a shard is missing (the generation was interrupted).
+        ValueError: a given setting differs from the stored one.
+        DataIntegrityError: the manifest or a shard is damaged (its checksum differs, or it cannot be read).
+    """
+    stored = _read_manifest(out_dir)
+    if stored is None:
+        raise FileNotFoundError(f"no dataset manifest at {manifest_path(out_dir)}; generate the data first")
     if manifest is not None:
         _compare_manifest(out_dir, stored, manifest)
+    checksums = stored.get("shards", {})
     buffer = ReplayBuffer(pad_id=0, cache_top_p=float(stored["cache_top_p"]))
     for i in range(int(stored["n_shards"])):
         shard = shard_path(out_dir, i)
-        if not os.path.exists(shard):
-            raise FileNotFoundError(f"{shard} is missing: the generation was interrupted; rerun it to resume")
-        part = ReplayBuffer.load(shard)
+        name = os.path.basename(shard)
+        if not os.path.exists(shard) or name not in checksums:
+            raise FileNotFoundError(
+                f"{shard} is missing or was never completed: the generation was interrupted; rerun it to resume"
+            )
+        part = _load_shard(out_dir, shard, checksums[name])
         buffer.pad_id = part.pad_id
         buffer.extend(part)
+    extra = sorted(set(checksums) - {os.path.basename(shard_path(out_dir, i)) for i in range(int(stored["n_shards"]))})
+    if extra:
+        raise DataIntegrityError(
+            f"{manifest_path(out_dir)} lists n_shards={stored['n_shards']} but has checksums of {len(checksums)} "
+            f"shards ({extra[0]}, ...): the manifest was edited; delete {out_dir} and regenerate the data"
+        )
     return buffer
-
-
-def is_complete(out_dir: str) -> bool:
-    """Whether ``out_dir`` holds a manifest and every shard it lists."""
-    path = manifest_path(out_dir)
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        n_shards = json.load(f).get("n_shards", -1)
-    return all(os.path.exists(shard_path(out_dir, i)) for i in range(n_shards))
 
 
 def load_or_generate_data(
     teacher: Teacher, sampler: Sampler, prompts: Sequence[Sequence[int]], out_dir: str, **generate_kwargs
 ) -> tuple[ReplayBuffer, bool]:
-    """The offline teacher data in ``out_dir``: loaded when complete on disk, else generated (or resumed).
+    """The offline teacher data in ``out_dir``: verified and loaded when on disk, generated (or resumed) otherwise.
+
+    The stored manifest is compared with the requested settings and every shard with its checksum on each
+    call, whether or not the dataset is complete.
 
     Args:
         teacher, sampler, prompts, out_dir: as in :func:`generate_teacher_data`.
@@ -195,23 +304,72 @@ def load_or_generate_data(
     Returns:
         ``(buffer, was_complete)``.
     """
-    if is_complete(out_dir):
-        return load_teacher_data(out_dir), True
-    return generate_teacher_data(teacher, sampler, prompts, out_dir, **generate_kwargs), False
+    return _load_or_generate(teacher, sampler, prompts, out_dir, **generate_kwargs)
 
 
-def _check_or_write_manifest(out_dir: str, manifest: dict) -> None:
+def remove_orphaned_tmp(directory: str) -> list[str]:
+    """Delete ``*.tmp-PID`` files in ``directory`` left by processes that no longer run; returns their paths."""
+    removed = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = re.search(r"\.tmp-(\d+)$", name)
+        if match and not _process_alive(int(match.group(1))):
+            path = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _regenerate_hint(path: str) -> str:
+    return (
+        f"delete {path} and rerun experiments/generate.py (or the training run) with the same settings: "
+        "generation resumes per shard and rewrites only the missing ones"
+    )
+
+
+def _read_manifest(out_dir: str) -> dict | None:
     path = manifest_path(out_dir)
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return None
+    try:
         with open(path) as f:
-            _compare_manifest(out_dir, json.load(f), manifest)
-    else:
-        write_json_atomic(path, json.loads(json.dumps(manifest)))
+            stored = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataIntegrityError(
+            f"dataset manifest {path} is damaged ({error}); delete the folder {out_dir} and regenerate the data"
+        ) from None
+    if not isinstance(stored, dict) or "n_shards" not in stored:
+        raise DataIntegrityError(f"{path} is not a dataset manifest; delete the folder {out_dir} and regenerate the data")
+    return stored
+
+
+def _load_shard(out_dir: str, path: str, checksum: str) -> ReplayBuffer:
+    """Verify ``path`` against its recorded SHA-256, then load it."""
+    digest = file_sha256(path)
+    if digest != checksum:
+        raise DataIntegrityError(
+            f"{path} does not match its checksum in {manifest_path(out_dir)} (truncated or edited; sha256 "
+            f"{digest[:12]}... vs recorded {checksum[:12]}...); {_regenerate_hint(path)}"
+        )
+    try:
+        return ReplayBuffer.load(path)
+    except Exception as error:  # a file that matches its checksum but does not parse was written damaged
+        raise DataIntegrityError(f"{path} cannot be read ({error}); {_regenerate_hint(path)}") from error
 
 
 def _compare_manifest(out_dir: str, stored: dict, wanted: dict) -> None:
-    wanted = json.loads(json.dumps(wanted))  # normalise tuples etc. as stored
-    diffs = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+    wanted = json.loads(json.dumps(wanted, default=str))  # normalise tuples etc. as stored
+    diffs = {k: (stored.get(k), v) for k, v in wanted.items() if k not in _NOT_COMPARED and stored.get(k) != v}
     if diffs:
         detail = ", ".join(f"{k}: stored {a!r} vs requested {b!r}" for k, (a, b) in sorted(diffs.items()))
         raise ValueError(

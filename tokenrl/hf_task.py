@@ -23,7 +23,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from tokenrl.buffer import write_json_atomic
+from tokenrl.datagen import file_sha256
 from tokenrl.models import HFTeacher, load_causal_lm
 from tokenrl.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
 from tokenrl.sampling import sample_responses
@@ -101,6 +104,15 @@ def _keep_short(
     return [e for e, _ in kept], [p for _, p in kept], dropped
 
 
+def weights_sha256(model) -> str:
+    """SHA-256 of a model's parameter and buffer bytes in ``state_dict`` order (about 1 s per GB)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _tokens_digest(prompts: Sequence[Sequence[int]]) -> str:
     return hashlib.sha1(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]
 
@@ -122,17 +134,17 @@ def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: 
         FileNotFoundError: the teacher or the prompts file cannot be found.
     """
     _check(cfg)
-    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype)
-    teacher = HFTeacher(model, tokenizer, max_batch=int(cfg.cache_batch_size))
-    eos, pad, vocab = teacher.eos_token_id, teacher.pad_token_id, teacher.vocab_size
-    max_new = int(cfg.max_new_tokens)
-    gen_batch = int(cfg.gen_batch_size)
-
+    # The prompt file is read before the teacher is loaded, so a bad file fails at once.
     if not os.path.isfile(cfg.prompts_file):
         raise FileNotFoundError(f"task.prompts_file {cfg.prompts_file!r} does not exist (cwd {os.getcwd()}).")
     examples = load_jsonl_prompts(
         cfg.prompts_file, cfg.instruction_field, cfg.context_field, cfg.response_field
     )
+    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype)
+    teacher = HFTeacher(model, tokenizer, max_batch=int(cfg.cache_batch_size))
+    eos, pad, vocab = teacher.eos_token_id, teacher.pad_token_id, teacher.vocab_size
+    max_new = int(cfg.max_new_tokens)
+    gen_batch = int(cfg.gen_batch_size)
     splits = split_examples(examples, cfg.val_fraction, cfg.test_fraction, cfg.data_seed)
     caps = (cfg.max_train_prompts, cfg.max_val_prompts, cfg.max_test_prompts)
     kept, dropped = [], {}
@@ -167,7 +179,12 @@ def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: 
 
     manifest = {
         "task": cfg.name,
-        "teacher": {"name_or_path": cfg.teacher, "gguf_file": cfg.teacher_gguf_file, "dtype": cfg.teacher_dtype},
+        "teacher": {
+            "name_or_path": cfg.teacher,
+            "gguf_file": cfg.teacher_gguf_file,
+            "dtype": cfg.teacher_dtype,
+            "weights_sha256": weights_sha256(model),  # a path names no version: the weights are the identity
+        },
         "tokenizer": {"name_or_path": tokenizer.name_or_path, "vocab_size": vocab},
         "sample_top_p": cfg.sample_top_p,
         "temperature": cfg.sample_temperature,
@@ -175,7 +192,7 @@ def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: 
         "template": cfg.template,
         "max_prompt_tokens": cfg.max_prompt_tokens,
         "data_seed": cfg.data_seed,
-        "prompts_file": {"name": os.path.basename(cfg.prompts_file), "bytes": os.path.getsize(cfg.prompts_file)},
+        "prompts_file": {"name": os.path.basename(cfg.prompts_file), "sha256": file_sha256(cfg.prompts_file)},
         # The split fractions, caps and fields all end up in the training prompts themselves.
         "train_prompts_sha1": _tokens_digest(train),
     }

@@ -62,15 +62,22 @@ def load_jsonl_prompts(
         response_field: key of the optional reference response (empty string -> None).
 
     Raises:
-        ValueError: a line is not a JSON object, lacks the instruction, or has a non-string field; the
+        ValueError: a line is not UTF-8 or not a JSON object, lacks the instruction, or has a non-string field; the
             message names the file and the 1-based line number.
     """
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "re-save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

@@ -6,8 +6,6 @@ transformers teachers live in :mod:`tokenrl.hf_task`. A training run only talks 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -63,11 +61,6 @@ class Task:
     tokenizer: object | None = None
     student_config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
-
-    def data_key(self) -> str:
-        """Short hash of the manifest: the data directory name for these settings."""
-        blob = json.dumps(self.manifest, sort_keys=True, default=str).encode()
-        return f"{self.name}-{hashlib.sha1(blob).hexdigest()[:10]}"
 
 
 @dataclass

@@ -7,19 +7,23 @@ or a dict) and an output directory, and writes there
 * ``tb/``: TensorBoard events (losses, Q statistics, top-p set sizes, evaluation metrics),
 * ``metrics.json``: final/initial/teacher evaluation, training summary and the config (see ``experiments/report.py``),
 * ``student.safetensors``: the student's weights (atomic write) and ``student/`` (``save_pretrained``),
-* ``train_state.pt``: optimiser, schedule, RNG and step, written every ``checkpoint_every`` steps so that
-  ``resume=true`` continues an interrupted run.
+* ``checkpoints/step-XXXXXXXX.safetensors``: model, optimiser, schedule, RNGs and step (the last
+  ``keep_checkpoints``), written every ``checkpoint_every`` steps, every ``checkpoint_seconds``, on SIGTERM/SIGINT
+  and at the end, so that ``resume=true`` continues an interrupted run (:mod:`tokenrl.checkpoint`).
 
-:func:`run` reads as its stages: :func:`build_task`, :func:`load_data`, :func:`build_student`, then either
-:func:`resume` or :func:`reference_evaluations` and :func:`warm_start`, then :func:`train_loop`,
-:func:`final_evaluation` and :func:`save_outputs`. The stages share a :class:`RunContext`.
+:func:`run` reads as its stages: :func:`tokenrl.validation.validate` and :func:`find_resume_state` (the
+refusals come first), :func:`build_task`, :func:`load_data`, :func:`build_student`, then either :func:`resume`
+or :func:`reference_evaluations` and :func:`warm_start`, then :func:`train_loop`, :func:`final_evaluation` and
+:func:`save_outputs`. The stages share a :class:`RunContext`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,17 +39,29 @@ from algorithms import Algorithm, make_algorithm
 from envs import BatchedTokenGenerationEnv
 from envs.top_p_wrapper import top_p_restricted_policy
 from tokenrl.buffer import ReplayBuffer, write_json_atomic
+from tokenrl.checkpoint import (
+    CheckpointError,
+    ResumeError,
+    check_resume_config,
+    checkpoint_dir,
+    checkpoint_path,
+    deferred_signals,
+    load_latest,
+    save_checkpoint,
+)
 from tokenrl.config import EvalConfig, ModelConfig, RunConfig
-from tokenrl.datagen import compute_top_p_cache, load_or_generate_data
+from tokenrl.datagen import compute_top_p_cache, data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
+from tokenrl.divergence import DivergenceError, DivergenceGuard
 from tokenrl.evaluation import evaluate, evaluate_teacher_samples
 from tokenrl.hf_task import HFTaskConfig, build_hf_task
 from tokenrl.models import HFTeacher, IncrementalTeacher, make_student, save_student
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.sampling import KVCacheStepper
 from tokenrl.tasks import Task, build_synthetic_task
+from tokenrl.validation import check_student_tokenizer, validate
 
-TRAIN_STATE = "train_state.pt"
 _KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft_eval")  # results a resumed run must not recompute
+_TIMINGS_KEPT_ON_RESUME = ("teacher_eval_s", "init_eval_s", "sft_s")  # the seconds of those stages
 
 
 @dataclass
@@ -62,6 +78,8 @@ class RunContext:
     writer: SummaryWriter
     results: dict[str, Any]  # becomes metrics.json
     timings: dict[str, float]  # seconds per stage, reported under results["train"]
+    guard: DivergenceGuard  # running loss / grad-norm ranges; checkpointed
+    skipped_steps: int = 0  # updates refused as diverging under on_divergence=skip; checkpointed
 
 
 @contextlib.contextmanager
@@ -88,22 +106,34 @@ def build_task(cfg: RunConfig) -> Task:
     return build_synthetic_task(cfg.task, eval_top_p=cfg.eval.top_p, eval_temperature=cfg.eval.temperature)
 
 
+def data_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The data settings of ``cfg.task`` that :func:`tokenrl.datagen.data_manifest` records."""
+    return {
+        "samples_per_prompt": cfg.task.samples_per_prompt,
+        "cache_top_p": cfg.task.cache_top_p,
+        "shard_prompts": cfg.task.shard_prompts,
+        "seed": cfg.task.data_seed,
+    }
+
+
+def data_location(cfg: RunConfig, task: Task) -> str:
+    """The dataset folder of ``cfg`` under ``cfg.data_dir``, named by a hash of its full manifest."""
+    return dataset_dir(cfg.data_dir, task.name, data_manifest(task.manifest, task.train_prompts, **data_settings(cfg)))
+
+
 def load_data(cfg: RunConfig, task: Task) -> tuple[ReplayBuffer, str, bool]:
     """The task's offline teacher data under ``cfg.data_dir``: ``(buffer, data_dir, was_cached)``."""
-    data_dir = os.path.join(cfg.data_dir, task.data_key())
+    data_dir = data_location(cfg, task)
     buffer, cached = load_or_generate_data(
         task.teacher,
         task.data_sampler,
         task.train_prompts,
         data_dir,
-        samples_per_prompt=cfg.task.samples_per_prompt,
-        cache_top_p=cfg.task.cache_top_p,
         manifest=task.manifest,
-        shard_prompts=cfg.task.shard_prompts,
-        seed=cfg.task.data_seed,
         pad_id=task.pad_token_id,
         cache_batch_size=cfg.task.cache_batch_size,
         progress=cfg.progress,
+        **data_settings(cfg),
     )
     return buffer, data_dir, cached
 
@@ -152,17 +182,52 @@ def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) ->
     return student
 
 
-def resume(ctx: RunContext) -> tuple[Algorithm, int] | None:
-    """Restore the algorithm, RNGs and results of ``train_state.pt``: ``(algorithm, step)``, None without one."""
-    path = os.path.join(ctx.out_dir, TRAIN_STATE)
-    if not (ctx.cfg.resume and os.path.exists(path)):
+def find_resume_state(cfg: RunConfig, out_dir: str) -> dict | None:
+    """The checkpoint ``resume=true`` continues from, checked against ``cfg``; None when not resuming.
+
+    Raises:
+        CheckpointError: ``resume=true`` but no checkpoint in ``out_dir`` (the message says where it looked),
+            or none that passes verification.
+        ResumeError: the checkpoint's config differs outside :data:`tokenrl.checkpoint.RESUME_MAY_CHANGE`, or
+            the checkpoint is already past ``cfg.steps``.
+    """
+    if not cfg.resume:
         return None
-    state = torch.load(path, weights_only=False)
+    found = load_latest(out_dir)
+    if found is None:
+        raise CheckpointError(
+            f"resume=true but there is no checkpoint in {checkpoint_dir(out_dir)}: pass the directory of the "
+            "interrupted run (hydra.run.dir=<its output dir>), or drop resume=true to start a new run"
+        )
+    state, path = found
+    check_resume_config(state["config"], dataclasses.asdict(cfg), path)
+    if state["step"] > cfg.steps:
+        raise ResumeError(
+            f"checkpoint {path} is at step {state['step']}, beyond steps={cfg.steps}; set steps>={state['step']}"
+        )
+    return state
+
+
+def finished_metrics(out_dir: str, state: dict, cfg: RunConfig) -> dict | None:
+    """``metrics.json`` of a run that already finished ``cfg.steps`` (resuming it changes nothing), else None."""
+    path = os.path.join(out_dir, "metrics.json")
+    if state["step"] != cfg.steps or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)
+    return metrics if metrics.get("train", {}).get("steps") == cfg.steps else None
+
+
+def resume(ctx: RunContext, state: dict) -> tuple[Algorithm, int]:
+    """Restore the algorithm, RNGs, divergence ranges and results of a checkpoint: ``(algorithm, step)``."""
     algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=ctx.cfg.steps)
     algo.load_state_dict(state["algo"])
     ctx.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    ctx.results.update(state.get("results", {}))
+    ctx.guard.load_state_dict(state["guard"])
+    ctx.results.update(state["results"])
+    for key, seconds in state["timings"].items():
+        ctx.timings.setdefault(key, seconds)
     return algo, int(state["step"])
 
 
@@ -198,31 +263,68 @@ def warm_start(ctx: RunContext) -> None:
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
     """``algo.update`` from ``start_step`` to ``steps``, with rollouts, logging, validation and checkpoints.
 
-    Returns the last update's statistics.
+    Checkpoints are written every ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and
+    SIGINT end the run after the current update with a checkpoint. A diverging update (see
+    :mod:`tokenrl.divergence`) is refused; ``on_divergence=stop`` then saves the state before it and raises,
+    ``skip`` drops the batch and counts it in ``train/skipped_steps``.
+
+    Returns:
+        The last update's statistics.
+
+    Raises:
+        DivergenceError: ``on_divergence=stop`` and an update diverged (the step and term are named).
+        KeyboardInterrupt: SIGINT or SIGTERM arrived (after the checkpoint is written).
     """
     cfg, task = ctx.cfg, ctx.task
     rollout_every = cfg.rollout_every or (10 if algo.needs_rollouts else 0)
+    algo.guard = ctx.guard
     stats: dict[str, float] = {}
+    last_save = time.monotonic()
     bar = tqdm(
         range(start_step, cfg.steps), desc=f"{cfg.algo_name} train", disable=not cfg.progress,
         initial=start_step, total=cfg.steps,
     )
-    for step in bar:
-        if rollout_every and step % rollout_every == 0:
-            rollout_seed = cfg.seed * 1_000_003 + step
-            _log_scalars(
-                ctx.writer, collect_rollouts(ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed), step
+    with deferred_signals((signal.SIGTERM, signal.SIGINT)) as received:
+        for step in bar:
+            if rollout_every and step % rollout_every == 0:
+                rollout_seed = cfg.seed * 1_000_003 + step
+                _log_scalars(
+                    ctx.writer, collect_rollouts(ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed), step
+                )
+            generator_state = ctx.generator.get_state()
+            try:
+                stats = algo.update(ctx.buffer.sample(cfg.batch_size, ctx.generator, top_p=algo.top_p).to(cfg.device))
+                ctx.guard.record(stats)
+            except DivergenceError as error:
+                if cfg.on_divergence != "skip":
+                    ctx.generator.set_state(generator_state)  # the checkpoint is the state before this update
+                    path = save_train_state(ctx, algo, step)
+                    raise DivergenceError(
+                        f"training diverged: {error}; the last good state (step {step}) is saved in {path}. "
+                        "Lower algo.lr, set algo.grad_clip > 0, or set on_divergence=skip to drop such updates",
+                        error.step, error.term, error.value,
+                    ) from None
+                algo.optimizer.zero_grad(set_to_none=True)
+                ctx.skipped_steps += 1
+            stats["train/skipped_steps"] = float(ctx.skipped_steps)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                _log_scalars(ctx.writer, stats, done)
+                bar.set_postfix(loss=f"{stats.get('loss/total', float('nan')):.4f}")
+            if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
+                val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
+                _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
+            due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
+                cfg.checkpoint_seconds and time.monotonic() - last_save >= cfg.checkpoint_seconds
             )
-        stats = algo.update(ctx.buffer.sample(cfg.batch_size, ctx.generator, top_p=algo.top_p).to(cfg.device))
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            _log_scalars(ctx.writer, stats, done)
-            bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
-        if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
-            val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
-            _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            save_train_state(ctx, algo, done)
+            if due or received:
+                save_train_state(ctx, algo, done)
+                last_save = time.monotonic()
+            if received:
+                raise KeyboardInterrupt(
+                    f"signal {signal.Signals(received[0]).name} at step {done}: checkpoint written to "
+                    f"{checkpoint_path(ctx.out_dir, done)}; rerun with resume=true to continue"
+                )
     return stats
 
 
@@ -243,19 +345,36 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         save_student(model, ctx.task.tokenizer, os.path.join(out_dir, "student"))
     else:
         model.save_pretrained(os.path.join(out_dir, "student"))
-    ctx.results["train"] = {"steps": ctx.cfg.steps, "last_stats": last_stats, "data_dir": data_dir, **ctx.timings}
+    ctx.results["train"] = {
+        "steps": ctx.cfg.steps, "last_stats": last_stats, "data_dir": data_dir, "skipped_steps": ctx.skipped_steps,
+        **ctx.timings,
+    }
     ctx.results["task_info"] = ctx.task.info
     write_json_atomic(os.path.join(out_dir, "metrics.json"), ctx.results)
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    """Train and evaluate one student; returns the metrics written to ``metrics.json``."""
+    """Train and evaluate one student; returns the metrics written to ``metrics.json``.
+
+    Every check that can refuse the run comes before any data, model or evaluation work: the config
+    (:func:`tokenrl.validation.validate`), the checkpoint and its config when ``resume=true``, and the
+    student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
+    """
+    validate(cfg)
+    resume_state = find_resume_state(cfg, out_dir)
+    if resume_state is not None:
+        finished = finished_metrics(out_dir, resume_state, cfg)
+        if finished is not None:
+            print(f"the run in {out_dir} already finished its {cfg.steps} steps; nothing to do (raise steps to extend it)")
+            return finished
     os.makedirs(out_dir, exist_ok=True)
+    for directory in (out_dir, checkpoint_dir(out_dir)):
+        remove_orphaned_tmp(directory)
     apply_threads(cfg.threads)
-    cfg.algo_config()  # validate the algorithm's options before any expensive work
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
         task = build_task(cfg)
+    check_student_tokenizer(cfg, task.tokenizer)
     with timed(timings, "data_s"):
         buffer, data_dir, cached = load_data(cfg, task)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
@@ -270,14 +389,16 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         writer=SummaryWriter(os.path.join(out_dir, "tb")),
         results={"algo": cfg.algo_name, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
         timings=timings,
+        guard=DivergenceGuard(cfg.divergence_factor),
     )
-    resumed = resume(ctx)
-    if resumed is None:
+    if resume_state is not None:
+        algo, start_step = resume(ctx, resume_state)
+        ctx.skipped_steps = int(resume_state["skipped_steps"])
+    else:
         reference_evaluations(ctx)
         warm_start(ctx)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
-        resumed = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
-    algo, start_step = resumed
+        algo, start_step = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
     with timed(timings, "train_s"):
         last_stats = train_loop(ctx, algo, start_step)
     save_train_state(ctx, algo, cfg.steps)
@@ -327,19 +448,20 @@ def evaluate_student(
     )
 
 
-def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> None:
-    """Write ``train_state.pt`` (algorithm, RNGs, step, reference results) atomically."""
+def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str:
+    """Checkpoint the run after ``step`` updates (see :mod:`tokenrl.checkpoint`); returns the file written."""
     state = {
         "algo": algo.state_dict(),
         "generator": ctx.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "step": step,
+        "guard": ctx.guard.state_dict(),
+        "skipped_steps": ctx.skipped_steps,
         "results": {k: ctx.results[k] for k in _KEPT_ON_RESUME if k in ctx.results},
+        "timings": {k: v for k, v in ctx.timings.items() if k in _TIMINGS_KEPT_ON_RESUME},
+        "config": dataclasses.asdict(ctx.cfg),
     }
-    path = os.path.join(ctx.out_dir, TRAIN_STATE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    return save_checkpoint(ctx.out_dir, state, step, ctx.cfg.keep_checkpoints)
 
 
 def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | None, seed: int) -> dict[str, float]:

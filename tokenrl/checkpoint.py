@@ -1,0 +1,251 @@
+"""Train-state checkpoints: written atomically, verified on load, the last k kept, and resume that checks its config.
+
+A checkpoint is one safetensors file ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors``: the tensors of the
+state (model, optimiser moments, RNG states) as safetensors tensors, everything else as JSON in the file's
+metadata, and a SHA-256 over both. Nothing is unpickled, so a damaged or foreign file cannot run code; it
+fails verification instead, and :func:`load_latest` falls back to the previous checkpoint with a warning.
+
+:func:`check_resume_config` refuses to continue a run under a different config: only the keys of
+:data:`RESUME_MAY_CHANGE` may differ from the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = "tokenrl-checkpoint-v1"
+WRITE_DELAY_ENV = "TOKENRL_CHECKPOINT_WRITE_DELAY_S"
+"""Fault-injection hook for the kill tests: seconds to sleep between writing a checkpoint and committing it."""
+
+RESUME_MAY_CHANGE = frozenset(
+    {"steps", "progress", "threads", "device", "resume", "log_every", "checkpoint_every", "checkpoint_seconds",
+     "keep_checkpoints"}
+)
+"""Config keys a resumed run may change: the length of the run and how it is executed, watched and saved."""
+
+_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be used: none where expected, or every one fails verification."""
+
+
+class ResumeError(ValueError):
+    """``resume=true`` asked to continue a run under a config that differs from the checkpoint's."""
+
+
+def checkpoint_dir(out_dir: str) -> str:
+    """Where the checkpoints of the run in ``out_dir`` live."""
+    return os.path.join(out_dir, CHECKPOINT_DIR)
+
+
+def checkpoint_path(out_dir: str, step: int) -> str:
+    """The checkpoint file of ``step`` (the one place that names checkpoints)."""
+    return os.path.join(checkpoint_dir(out_dir), f"step-{step:08d}.safetensors")
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every checkpoint file in ``out_dir``, newest first."""
+    directory = checkpoint_dir(out_dir)
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = _NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding: nested state -> (JSON tree, flat tensors)
+# --------------------------------------------------------------------------------------------------
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """JSON tree of ``obj`` with each tensor replaced by ``{"__tensor__": key}`` and stored in ``tensors``.
+
+    Dicts with non-string keys (optimiser state is keyed by parameter index) and tuples keep their types.
+    """
+    if torch.is_tensor(obj):
+        # A copy: safetensors refuses tensors that share storage (tied embeddings) and views of larger storage.
+        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state {path} is a {type(obj).__name__}; only tensors and JSON values can be saved")
+
+
+def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__items__" in tree:
+            return {k: _decode(v, tensors) for k, v in tree["__items__"]}
+        if "__tuple__" in tree:
+            return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_decode(v, tensors) for v in tree]
+    return tree
+
+
+def _digest(state_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the JSON part and every tensor's name, dtype, shape and bytes (sorted by name)."""
+    digest = hashlib.sha256(state_json.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------------
+def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
+    """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the newest ``keep``.
+
+    Args:
+        out_dir: the run directory.
+        state: nested dicts/lists/tuples of tensors and JSON values.
+        step: the number of updates done (names the file).
+        keep: checkpoints kept (>= 1).
+
+    Returns:
+        The checkpoint's path.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    state_json = json.dumps(_encode(state, tensors, "state"), sort_keys=True)
+    metadata = {"format": CHECKPOINT_FORMAT, "state": state_json, "sha256": _digest(state_json, tensors)}
+    path = checkpoint_path(out_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    delay = float(os.environ.get(WRITE_DELAY_ENV, 0) or 0)
+    if delay:
+        time.sleep(delay)
+    os.replace(tmp, path)
+    for _, old in list_checkpoints(out_dir)[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read and verify one checkpoint file.
+
+    Raises:
+        CheckpointError: the file cannot be parsed or its checksum does not match (naming the file).
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        tensors = load_file(path)
+        if _digest(metadata["state"], tensors) != metadata["sha256"]:
+            raise ValueError("its SHA-256 does not match the one recorded in it (the file was changed or damaged)")
+        return _decode(json.loads(metadata["state"]), tensors)
+    except Exception as error:  # any failure to read back what was written is damage
+        raise CheckpointError(f"checkpoint {path} fails verification: {error}") from error
+
+
+def load_latest(out_dir: str) -> tuple[dict, str] | None:
+    """The newest checkpoint of ``out_dir`` that passes verification: ``(state, path)``, None without any.
+
+    A damaged newer checkpoint is renamed to ``*.damaged`` (kept for inspection) with a warning, and the
+    next older one is tried.
+
+    Raises:
+        CheckpointError: checkpoints exist but none passes verification.
+    """
+    failures = []
+    for _, path in list_checkpoints(out_dir):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as error:
+            failures.append(str(error))
+            os.replace(path, f"{path}.damaged")
+            warnings.warn(
+                f"{error}; renamed it to {os.path.basename(path)}.damaged and trying the previous checkpoint", stacklevel=2
+            )
+    if failures:
+        raise CheckpointError(
+            "no usable checkpoint: " + "; ".join(failures) + "; delete the run directory and start again"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume checks
+# --------------------------------------------------------------------------------------------------
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(stored: dict, requested: dict, where: str) -> None:
+    """Refuse to resume when the configs differ outside :data:`RESUME_MAY_CHANGE`.
+
+    Args:
+        stored: the checkpoint's ``dataclasses.asdict`` of the run config.
+        requested: the same of the config asked to resume.
+        where: the checkpoint file (named in the error).
+
+    Raises:
+        ResumeError: naming every differing key with both values.
+    """
+    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(requested)))
+    diffs = sorted(
+        k for k in old.keys() | new.keys() if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)
+    )
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs requested {new.get(k)!r}" for k in diffs)
+        raise ResumeError(
+            f"resume=true with a config that differs from the checkpoint {where} ({detail}); resume with the "
+            f"checkpoint's values (only {sorted(RESUME_MAY_CHANGE)} may change), or start a new run in another "
+            "output directory"
+        )
+
+
+@contextlib.contextmanager
+def deferred_signals(signals: tuple[int, ...]) -> Iterator[list[int]]:
+    """Within the block, SIGTERM/SIGINT are recorded in the yielded list instead of stopping the process.
+
+    The training loop checks the list after each update, saves a checkpoint and exits; outside the main
+    thread (where handlers cannot be installed) the signals keep their default behaviour.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
