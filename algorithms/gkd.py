@@ -22,8 +22,9 @@ The mix of student rollouts (fraction ``lmbda``) and teacher data is declared by
 trainer calls: :meth:`GKD.rollout_policy` samples the student at temperature ``temperature``, restricted to
 the teacher's set when ``top_p < 1`` (no gradient through the sampling), and :meth:`GKD.sample_batch` fills
 each batch with ``round(lmbda * batch_size)`` rows of the newest rollout batch and the rest from
-``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read: ``cand_ids_BSK``, ``cand_logprobs_BSK``,
-``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model inputs.
+``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read:
+``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model
+inputs.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ STAGES = ("time/rollout_s", "time/teacher_score_s", "time/batch_s", "time/update
 
 def copy_buffer(buffer: ReplayBuffer) -> ReplayBuffer:
     """A buffer whose lists are new (rollouts added to it do not reach ``buffer``); arrays are shared, read-only."""
-    lists = {f.name: list(getattr(buffer, f.name)) for f in dataclasses.fields(buffer) if isinstance(getattr(buffer, f.name), list)}
+    values = {f.name: getattr(buffer, f.name) for f in dataclasses.fields(buffer)}
+    lists = {name: list(v) for name, v in values.items() if isinstance(v, list)}
     return dataclasses.replace(buffer, **lists)
 
 
@@ -126,14 +127,17 @@ def run_all(args: argparse.Namespace) -> dict:
                 student = build_student(cfg.model, task, seed, cfg.device)
                 student.load_state_dict(warm_state)
                 run_ctx = _context(run_cfg, args.out, f"{label}_s{seed}", task, copy_buffer(buffer), student, seed)
-                algo = make_algorithm(run_cfg.algo_name, run_ctx.policy, run_cfg.algo_config(), total_steps=run_cfg.steps)
+                algo = make_algorithm(
+                    run_cfg.algo_name, run_ctx.policy, run_cfg.algo_config(), total_steps=run_cfg.steps
+                )
                 torch.manual_seed(seed)
                 train_loop(run_ctx, algo, 0)
                 run_ctx.writer.close()
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "w") as f:
                     json.dump(run_ctx.results["validation"], f)
-                print(f"{label} seed {seed}: {run_ctx.results['validation'][-1]['train_clock_s']:.1f} s training clock", flush=True)
+                clock_s = run_ctx.results["validation"][-1]["train_clock_s"]
+                print(f"{label} seed {seed}: {clock_s:.1f} s training clock", flush=True)
             with open(path) as f:
                 runs.setdefault(label, []).append(json.load(f))
     return {"costs": costs, "runs": runs}
@@ -150,7 +154,9 @@ def _context(cfg: RunConfig, out: str, name: str, task, buffer, model, seed: int
 # --------------------------------------------------------------------------------------------------
 # Analysis
 # --------------------------------------------------------------------------------------------------
-def mean_curve(records_per_seed: list[list[dict]], key: str, n_grid: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def mean_curve(
+    records_per_seed: list[list[dict]], key: str, n_grid: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(t, mean, lo, hi)``: the seeds' step functions on a common grid up to the shortest run's clock."""
     t_end = min(r[-1]["train_clock_s"] for r in records_per_seed)
     grid = np.linspace(0.0, t_end, n_grid)
@@ -224,13 +230,12 @@ def markdown(data: dict, analysis: dict, command: str) -> str:
     header = "| algo | " + " | ".join(f"{m[1]}: best / own / all" for m in METRICS) + " |"
     lines += [header, "|---" * (len(METRICS) + 1) + "|"]
     for label in labels:
-        cells = [
-            f"{analysis[k][label]['best']:.3f} / {fmt(analysis[k][label]['t95_own'])} / {fmt(analysis[k][label]['t95_all'])}"
-            for k, _, _ in METRICS
-        ]
+        results = [analysis[k][label] for k, _, _ in METRICS]
+        cells = [f"{r['best']:.3f} / {fmt(r['t95_own'])} / {fmt(r['t95_all'])}" for r in results]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Training clock per run and its stages (seconds, mean over seeds; steps per second of clock):", ""]
-    lines += ["| algo | steps | clock | " + " | ".join(s.split("/")[1] for s in STAGES) + " | steps/s |", "|---" * (len(STAGES) + 4) + "|"]
+    stage_names = " | ".join(s.split("/")[1] for s in STAGES)
+    lines += [f"| algo | steps | clock | {stage_names} | steps/s |", "|---" * (len(STAGES) + 4) + "|"]
     for label in labels:
         finals = [recs[-1] for recs in data["runs"][label]]
         clock = np.mean([f["train_clock_s"] for f in finals])
@@ -240,17 +245,24 @@ def markdown(data: dict, analysis: dict, command: str) -> str:
     offline = [lab for lab in labels if lab not in ON_POLICY]
     online = [lab for lab in labels if lab in ON_POLICY]
     if offline and online:
-        lines += ["", "On-policy / offline ratio of the seconds to 95% of the own best (>1: the offline algorithm is faster):", ""]
-        lines += ["| on-policy | offline | " + " | ".join(m[1] for m in METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+        lines += [
+            "",
+            "On-policy / offline ratio of the seconds to 95% of the own best (>1: the offline algorithm is faster):",
+            "",
+            "| on-policy | offline | " + " | ".join(m[1] for m in METRICS) + " |",
+            "|---" * (len(METRICS) + 2) + "|",
+        ]
         for on in online:
             for off in offline:
                 ratios = [_ratio(analysis[k][on]["t95_own"], analysis[k][off]["t95_own"]) for k, _, _ in METRICS]
-                lines.append(f"| {on} | {off} | " + " | ".join("n/a" if not np.isfinite(r) else f"{r:.2f}" for r in ratios) + " |")
+                cells = ["n/a" if not np.isfinite(r) else f"{r:.2f}" for r in ratios]
+                lines.append(f"| {on} | {off} | " + " | ".join(cells) + " |")
     costs = data["costs"]
     lines += [
         "",
         f"One-time costs, outside every clock above: teacher data {costs['teacher_data_s']:.1f} s"
-        f"{' (cached when timed)' if costs.get('cached') else ''}, SFT warm start {costs['sft_s']:.1f} s (shared by all).",
+        f"{' (cached when timed)' if costs.get('cached') else ''}, "
+        f"SFT warm start {costs['sft_s']:.1f} s (shared by all).",
     ]
     return "\n".join(lines)
 
@@ -265,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--val-every-s", type=float, default=10.0, help="validation every n seconds of training clock")
-    parser.add_argument("--set", nargs="*", default=[], help="run-config overrides, e.g. steps=300 task.max_new_tokens=16")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="run-config overrides, e.g. steps=300 task.max_new_tokens=16"
+    )
     parser.add_argument("--out", default="runs/ttq", help="data, per-run records and TensorBoard logs")
     parser.add_argument("--plot", default="docs/time_to_quality.png")
     parser.add_argument("--markdown", default=None, help="write the section here (default <out>/time_to_quality.md)")

@@ -106,10 +106,10 @@ def test_minillm_before_rollout_syncs_the_behaviour_policy(synthetic_buffer):
 def _mixed_buffer(synthetic_buffer, n_expert: int = 20, n_rollout: int = 6) -> ReplayBuffer:
     buf = ReplayBuffer(pad_id=0, cache_top_p=synthetic_buffer.cache_top_p)
     for lo, hi, expert in ((0, n_expert, True), (n_expert, n_expert + n_rollout, False)):
+        src = synthetic_buffer
         buf.add(
-            [p.tolist() for p in synthetic_buffer.prompts[lo:hi]], [r.tolist() for r in synthetic_buffer.responses[lo:hi]],
-            synthetic_buffer.terminated[lo:hi], synthetic_buffer.truncated[lo:hi], caches=synthetic_buffer.caches[lo:hi],
-            is_expert=expert,
+            [p.tolist() for p in src.prompts[lo:hi]], [r.tolist() for r in src.responses[lo:hi]],
+            src.terminated[lo:hi], src.truncated[lo:hi], caches=src.caches[lo:hi], is_expert=expert,
         )
     return buf
 
@@ -146,7 +146,9 @@ def test_rollout_mix_without_teacher_data_names_the_problem(synthetic_buffer):
         sample_rollout_mix(buf, 4, torch.Generator(), [0, 1], 0.5, None)
 
 
-TINY_TASK = {"n_train_prompts": 24, "samples_per_prompt": 1, "n_val_prompts": 4, "n_test_prompts": 6, "max_new_tokens": 8}
+TINY_TASK = {
+    "n_train_prompts": 24, "samples_per_prompt": 1, "n_val_prompts": 4, "n_test_prompts": 6, "max_new_tokens": 8,
+}
 
 
 @pytest.fixture(scope="module")
