@@ -146,7 +146,11 @@ class GKD(Algorithm):
     """On-policy generalized JSD to the cached teacher top-p distribution."""
 
     name = "gkd"
-    needs_rollouts = True
+
+    @property
+    def needs_rollouts(self) -> bool:
+        """Student rollouts enter the batches only when ``lmbda > 0`` (``lmbda = 0``: supervised, teacher data)."""
+        return self.config.lmbda > 0
 
     def rollout_policy(self, student_fn: PolicyFn, teacher_fn: PolicyFn) -> PolicyFn:
         """The student at temperature ``temperature``, inside the teacher's top-p set when ``top_p < 1``."""

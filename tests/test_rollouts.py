@@ -122,7 +122,7 @@ def test_gkd_batch_holds_lmbda_newest_rollouts(synthetic_buffer, lmbda):
     algo.after_rollout(newest)
     batch = algo.sample_batch(buf, 8, torch.Generator().manual_seed(0))
     n_student = int((~batch.is_expert_B).sum())
-    assert n_student == round(lmbda * 8)
+    assert n_student == round(lmbda * 8) and algo.needs_rollouts == (lmbda > 0)
     # Rows are recognised by their response: rollout rows must be copies of the newest ones only.
     newest_responses = {tuple(buf.responses[i].tolist()) for i in newest}
     for b in range(8):

@@ -202,7 +202,7 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
 
     Rollout collection, batch drawing and the update are timed stages on one :class:`StageClock` (the
     training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
-    are outside it. Returns the last update's statistics.
+    are outside it (a resumed run's clock starts again at 0). Returns the last update's statistics.
     """
     cfg, task = ctx.cfg, ctx.task
     rollout_every = cfg.rollout_every or (10 if algo.needs_rollouts else 0)
@@ -231,10 +231,11 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         if done % cfg.log_every == 0 or done == cfg.steps:
             _log_scalars(ctx.writer, {**stats, **clock.totals}, done)
             bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
-        if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
+        step_due = cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps
+        clock_due = cfg.eval.val_every_s and (clock.total_s >= val_due_s or done == cfg.steps)
+        if step_due or clock_due:
             validate(ctx, done, clock)
-        if cfg.eval.val_every_s and (clock.total_s >= val_due_s or done == cfg.steps):
-            validate(ctx, done, clock)
+        if clock_due:
             val_due_s = (clock.total_s // cfg.eval.val_every_s + 1) * cfg.eval.val_every_s
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save_train_state(ctx, algo, done)
