@@ -9,8 +9,9 @@ What it does, in one process with the run's thread count (``threads``, default 1
 
 1. builds the task of the run config (``--set key=value`` overrides, as on ``experiments/run.py``'s command
    line) and generates its teacher data into ``<out>/data`` (timed once: the one-time teacher-data cost,
-   kept in ``<out>/teacher_data.json`` for later invocations);
-2. trains one SFT warm start (``sft_steps``, seed 0) that every algorithm and seed starts from;
+   kept with the warm start's in ``<out>/costs.json`` for later invocations);
+2. trains one SFT warm start (``sft_steps``, seed 0) that every algorithm and seed starts from (skipped when
+   every requested run already has its record under ``<out>/runs``, which are reused);
 3. for every algorithm and seed: a fresh copy of the warm-started student and of the teacher data, then
    :func:`tokenrl.trainer.train_loop` with ``eval.val_every_s``: every that many seconds of the training
    clock (rollouts, teacher scoring, batch drawing, updates; validation excluded) the student is scored on
@@ -103,25 +104,34 @@ def run_all(args: argparse.Namespace) -> dict:
     cfg = base_config([*args.set, f"data_dir={os.path.join(args.out, 'data')}", f"eval.val_every_s={args.val_every_s}"])
     apply_threads(cfg.threads)
     task = build_task(cfg)
-    cost_path = os.path.join(args.out, "teacher_data.json")
+    # One-time costs, kept for later invocations that reuse the data and the finished runs.
+    cost_path = os.path.join(args.out, "costs.json")
+    costs = {}
+    if os.path.exists(cost_path):
+        with open(cost_path) as f:
+            costs = json.load(f)
     start = time.perf_counter()
     buffer, _, cached = load_data(cfg, task)
-    if not cached or not os.path.exists(cost_path):
-        with open(cost_path, "w") as f:
-            json.dump({"teacher_data_s": time.perf_counter() - start, "cached": cached}, f)
-    with open(cost_path) as f:
-        costs = json.load(f)
+    if not cached or "teacher_data_s" not in costs:
+        costs.update({"teacher_data_s": time.perf_counter() - start, "cached": cached})
 
-    model = build_student(cfg.model, task, 0, cfg.device)
-    ctx = _context(cfg, args.out, "sft", task, buffer, model, seed=0)
-    warm_start(ctx)
-    costs["sft_s"] = ctx.timings.get("sft_s", 0.0)
-    warm_state = {k: v.clone() for k, v in model.state_dict().items()}
+    def record_path(label: str, seed: int) -> str:
+        return os.path.join(args.out, "runs", f"{label}_s{seed}.json")
+
+    warm_state = None
+    if any(not os.path.exists(record_path(label, seed)) for label in args.algos for seed in args.seeds):
+        model = build_student(cfg.model, task, 0, cfg.device)
+        ctx = _context(cfg, args.out, "sft", task, buffer, model, seed=0)
+        warm_start(ctx)
+        costs["sft_s"] = ctx.timings.get("sft_s", 0.0)
+        warm_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with open(cost_path, "w") as f:
+        json.dump(costs, f)
 
     runs: dict[str, list[list[dict]]] = {}
     for label in args.algos:
         for seed in args.seeds:
-            path = os.path.join(args.out, "runs", f"{label}_s{seed}.json")
+            path = record_path(label, seed)
             if not os.path.exists(path):
                 run_cfg = dataclasses.replace(cfg, seed=seed, algo=make_run_config({"algo": algo_node(label)}).algo)
                 student = build_student(cfg.model, task, seed, cfg.device)
@@ -184,11 +194,13 @@ def analyse(data: dict) -> dict:
         start = float(np.mean([recs[0][key] for recs_all in data["runs"].values() for recs in recs_all]))
         best = {label: (c[1].max() if higher else c[1].min()) for label, c in curves.items()}
         best_all = max(best.values()) if higher else min(best.values())
+        # A curve that never improves on the warm start has no time to its best (NaN, "no gain").
+        gained = {label: (b > start) if higher else (b < start) for label, b in best.items()}
         out[key] = {
             label: {
-                "curve": c, "start": start, "best": float(best[label]),
-                "t95_own": seconds_to_reach(c[0], c[1], start, best[label], higher),
-                "t95_all": seconds_to_reach(c[0], c[1], start, best_all, higher),
+                "curve": c, "start": start, "best": float(best[label]), "gained": bool(gained[label]),
+                "t95_own": seconds_to_reach(c[0], c[1], start, best[label], higher) if gained[label] else float("nan"),
+                "t95_all": seconds_to_reach(c[0], c[1], start, best_all, higher) if gained[label] else float("nan"),
             }
             for label, c in curves.items()
         }
@@ -223,15 +235,20 @@ def markdown(data: dict, analysis: dict, command: str) -> str:
     labels = list(data["runs"])
     lines = [f"Command: `{command}`", ""]
     lines.append(
-        "Seconds of training clock (validation excluded) to make 95% of the way from the shared SFT warm start "
-        "to the algorithm's own best (own) and to the best of all algorithms (all); mean curve over seeds."
+        "Best validation value, then seconds of training clock (validation excluded) to make 95% of the way "
+        "from the shared SFT warm start to the algorithm's own best (own) and to the best of all algorithms "
+        "(all); mean curve over seeds. \"no gain\": the curve never improved on the warm start (its best is "
+        "the start value)."
     )
     lines.append("")
     header = "| algo | " + " | ".join(f"{m[1]}: best / own / all" for m in METRICS) + " |"
     lines += [header, "|---" * (len(METRICS) + 1) + "|"]
     for label in labels:
         results = [analysis[k][label] for k, _, _ in METRICS]
-        cells = [f"{r['best']:.3f} / {fmt(r['t95_own'])} / {fmt(r['t95_all'])}" for r in results]
+        cells = [
+            f"{r['best']:.3f} / " + (f"{fmt(r['t95_own'])} / {fmt(r['t95_all'])}" if r["gained"] else "no gain")
+            for r in results
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Training clock per run and its stages (seconds, mean over seeds; steps per second of clock):", ""]
     stage_names = " | ".join(s.split("/")[1] for s in STAGES)
@@ -247,7 +264,8 @@ def markdown(data: dict, analysis: dict, command: str) -> str:
     if offline and online:
         lines += [
             "",
-            "On-policy / offline ratio of the seconds to 95% of the own best (>1: the offline algorithm is faster):",
+            "On-policy / offline ratio of the seconds to 95% of the own best (>1: the offline algorithm is "
+            "faster; n/a: one of the two never improved on the warm start):",
             "",
             "| on-policy | offline | " + " | ".join(m[1] for m in METRICS) + " |",
             "|---" * (len(METRICS) + 2) + "|",
@@ -269,7 +287,7 @@ def markdown(data: dict, analysis: dict, command: str) -> str:
 
 def _ratio(a: float, b: float) -> float:
     """``a / b``, NaN when undefined (a time not reached, or 0 s: already there at the warm start)."""
-    return a / b if np.isfinite(a) and np.isfinite(b) and b > 0 else float("nan")
+    return a / b if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
