@@ -2,17 +2,32 @@
 
 An algorithm subclasses :class:`Algorithm` and implements ``compute_loss(batch) -> (loss, stats)`` from a
 pure loss function; ``update`` does the rest (backward, clipping, step, logging of lr and grad norm).
+
+An on-policy algorithm (``needs_rollouts``) also declares how the trainer collects and uses its rollouts,
+through four hooks the trainer calls (``tokenrl.rollouts``), none of which samples or steps an env itself:
+
+* :meth:`Algorithm.rollout_policy` ``(student_fn, teacher_fn) -> policy_fn``: the policy the env samples
+  from (default: the student, restricted to the teacher's top-p set when ``top_p < 1``);
+* :meth:`Algorithm.before_rollout` ``()``: called right before sampling (MiniLLM snapshots its behaviour
+  policy here);
+* :meth:`Algorithm.after_rollout` ``(indices)``: the buffer indices of the rollouts just added;
+* :meth:`Algorithm.sample_batch` ``(buffer, batch_size, generator) -> Batch``: how each training batch is
+  drawn (default: uniformly from the whole buffer; GKD and MiniLLM draw from the newest rollouts).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from envs.token_env import PolicyFn
+from envs.top_p_wrapper import restrict_logits_to_top_p
 from tokenrl.backup import TargetNetwork
-from tokenrl.buffer import Batch
+from tokenrl.buffer import Batch, ReplayBuffer
 from tokenrl.divergence import DivergenceGuard
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.top_p import check_p
@@ -89,6 +104,7 @@ class Algorithm:
             if rate is None:
                 raise ValueError(f"{type(config).__name__} needs a target_update_rate field for the target network")
             self.target = TargetNetwork(policy, rate)
+        self.newest_rollouts: list[int] = []  # buffer indices of the latest rollout batch (after_rollout)
 
     @property
     def top_p(self) -> float | None:
@@ -121,6 +137,41 @@ class Algorithm:
         stats["optim/grad_norm"] = float(grad_norm)
         return stats
 
+    # ----------------------------------------------------------------------------------------------
+    # Rollout hooks (called by the trainer for algorithms with needs_rollouts; see the module docstring)
+    # ----------------------------------------------------------------------------------------------
+    def rollout_policy(self, student_fn: PolicyFn, teacher_fn: PolicyFn) -> PolicyFn:
+        """The policy the trainer's env rollouts sample from: the student, inside the teacher's top-p set.
+
+        Args:
+            student_fn: ``(tokens_BL, lengths_B) -> logits_BV`` of the student (no gradient).
+            teacher_fn: ``(tokens_BL, lengths_B) -> logits_BV`` of the teacher at the same states; the trainer
+                may be asked for it several times per state (it computes it once).
+
+        Returns:
+            ``policy_fn(tokens_BL, lengths_B) -> logits_BV``; with ``top_p < 1`` tokens outside the teacher's
+            top-p set are at ``-inf`` (``top_p`` None or 1.0: the student unchanged).
+        """
+        p = self.top_p
+        if p is None or p >= 1.0:
+            return student_fn
+
+        def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+            return restrict_logits_to_top_p(student_fn(tokens_BL, lengths_B), teacher_fn(tokens_BL, lengths_B), p)
+
+        return policy_fn
+
+    def before_rollout(self) -> None:
+        """Called right before the trainer samples rollouts from :meth:`rollout_policy` (default: nothing)."""
+
+    def after_rollout(self, indices: Sequence[int]) -> None:
+        """Called with the buffer indices of the rollouts just added; kept as :attr:`newest_rollouts`."""
+        self.newest_rollouts = list(indices)
+
+    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
+        """One training batch: ``batch_size`` trajectories drawn uniformly from the whole buffer."""
+        return buffer.sample(batch_size, generator, top_p=self.top_p)
+
     def after_step(self) -> None:
         """Hook run after each optimiser step: moves the target network, if any."""
         if self.target is not None:
@@ -151,3 +202,39 @@ class Algorithm:
 def float_stats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Detach scalar tensors into a ``{key: float}`` dict (keys keep their ``/`` namespaces)."""
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+
+
+def sample_rollout_mix(
+    buffer: ReplayBuffer,
+    batch_size: int,
+    generator: torch.Generator,
+    rollout_indices: Sequence[int],
+    rollout_frac: float,
+    top_p: float | None,
+) -> Batch:
+    """A batch with ``round(rollout_frac * batch_size)`` rows from ``rollout_indices``, the rest teacher data.
+
+    Both parts are drawn uniformly with replacement (``generator``); the teacher part from the buffer's
+    ``is_expert`` trajectories.
+
+    Raises:
+        ValueError: rollout rows are asked for but ``rollout_indices`` is empty (no rollout collected yet),
+            or teacher rows are asked for but the buffer holds no teacher data.
+    """
+    n_rollout = round(rollout_frac * batch_size)
+    if n_rollout and not rollout_indices:
+        raise ValueError(
+            "the batch needs student rollouts but none were collected; the trainer collects them every "
+            "rollout_every steps, starting at the first step (set rollout_every > 0)"
+        )
+    rows = []
+    if n_rollout:
+        picks = torch.randint(len(rollout_indices), (n_rollout,), generator=generator).tolist()
+        rows = [int(rollout_indices[i]) for i in picks]
+    if n_rollout < batch_size:
+        expert = np.flatnonzero(np.asarray(buffer.is_expert, dtype=bool))
+        if len(expert) == 0:
+            raise ValueError("the batch needs teacher data (is_expert=True) but the buffer holds none")
+        picks = torch.randint(len(expert), (batch_size - n_rollout,), generator=generator).tolist()
+        rows += [int(expert[i]) for i in picks]
+    return buffer.collate(rows, top_p=top_p)

@@ -18,12 +18,13 @@ is the full vocabulary exactly when the cache was built at p = 1 (``task.cache_t
 at p < 1 carries no teacher mass outside its set, so a full-vocabulary JSD would need a teacher forward in
 the loss, which this algorithm does not do. :func:`generalized_jsd_loss` is the dense form on full logits.
 
-The mix of student rollouts (fraction ``lmbda``) and teacher data is the trainer's job: it fills each batch
-with ``round(lmbda * batch_size)`` of the newest ``is_expert=False`` rollouts (sampled from the student, at
-temperature ``temperature``, restricted to the teacher's set with ``top_p_restricted_policy`` when
-``top_p < 1``, no gradient through the sampling) and the rest from ``is_expert=True`` teacher data;
-``data/student_frac`` reports the mix it got. Batch fields read: ``cand_ids_BSK``, ``cand_logprobs_BSK``,
-``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model inputs.
+The mix of student rollouts (fraction ``lmbda``) and teacher data is declared by the rollout hooks the
+trainer calls: :meth:`GKD.rollout_policy` samples the student at temperature ``temperature``, restricted to
+the teacher's set when ``top_p < 1`` (no gradient through the sampling), and :meth:`GKD.sample_batch` fills
+each batch with ``round(lmbda * batch_size)`` rows of the newest rollout batch and the rest from
+``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read:
+``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model
+inputs.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgoConfig, Algorithm
+from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
+from envs.token_env import PolicyFn
 from tokenrl.backup import kl, masked_mean, project_to_set, upcast
-from tokenrl.buffer import Batch
+from tokenrl.buffer import Batch, ReplayBuffer
 
 
 @dataclass
@@ -44,7 +46,7 @@ class GKDConfig(AlgoConfig):
     top_p: float = 0.8  # JSD over the teacher's top-p set (<= the cache's p; 1.0 = the whole cached set)
     beta: float = 0.5  # JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
-    lmbda: float = 0.5  # fraction of student rollouts in each batch (read by the trainer's batch mix)
+    lmbda: float = 0.5  # fraction of each batch drawn from the newest student rollouts (sample_batch)
     sparse: bool = True  # student logits on the set as h @ W[ids]^T instead of dense logits
 
     def __post_init__(self):
@@ -144,7 +146,25 @@ class GKD(Algorithm):
     """On-policy generalized JSD to the cached teacher top-p distribution."""
 
     name = "gkd"
-    needs_rollouts = True
+
+    @property
+    def needs_rollouts(self) -> bool:
+        """Student rollouts enter the batches only when ``lmbda > 0`` (``lmbda = 0``: supervised, teacher data)."""
+        return self.config.lmbda > 0
+
+    def rollout_policy(self, student_fn: PolicyFn, teacher_fn: PolicyFn) -> PolicyFn:
+        """The student at temperature ``temperature``, inside the teacher's top-p set when ``top_p < 1``."""
+        restricted = super().rollout_policy(student_fn, teacher_fn)
+        temperature = self.config.temperature
+
+        def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+            return restricted(tokens_BL, lengths_B) / temperature
+
+        return policy_fn
+
+    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
+        """``round(lmbda * batch_size)`` rows of the newest rollout batch, the rest teacher data."""
+        return sample_rollout_mix(buffer, batch_size, generator, self.newest_rollouts, self.config.lmbda, self.top_p)
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config

@@ -19,7 +19,7 @@ at p = 1), so only the long-term part is sampled. Of the paper's three tricks al
    responses are not penalised for summing more negative rewards.
 
 Rollouts are reused PPO-style: ``rho_t`` is taken against the behaviour policy the rollout came from (the
-snapshot :meth:`MiniLLM.sync_behaviour` takes when the trainer collects rollouts) and clipped to
+snapshot :meth:`MiniLLM.sync_behaviour` takes in :meth:`MiniLLM.before_rollout`) and clipped to
 ``[1 - clip_eps, 1 + clip_eps]``. The baseline ``b_t`` is the leave-one-out mean of ``R_{t+1}`` over the other
 rows at the same position (independent of the row's own sample, so the estimator stays unbiased).
 Teacher rows (``is_expert``) were sampled by the teacher: their behaviour log-prob is the teacher's.
@@ -33,11 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgoConfig, Algorithm
+from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
 from algorithms.gkd import generalized_jsd
 from envs.token_env import PolicyFn
+from envs.top_p_wrapper import restrict_logits_to_top_p
 from tokenrl.backup import masked_mean, project_to_set, upcast
-from tokenrl.buffer import Batch
+from tokenrl.buffer import Batch, ReplayBuffer
 from tokenrl.policy import CausalLMPolicy
 
 
@@ -156,16 +157,15 @@ def action_slots(actions_BT: torch.Tensor, cand_ids_BTK: torch.Tensor, cand_mask
 class MiniLLM(Algorithm):
     """Reverse-KL policy gradient with the exact single-step part, teacher-mixed sampling and clipping.
 
-    What the trainer does for it (the algorithm itself never samples):
+    The trainer's rollouts go through the hooks (the algorithm itself never samples):
 
-    * roll out ``mixed_policy_fn(student_fn, teacher_fn, config.mix)`` with both functions restricted to the
-      teacher's top-p set at ``config.top_p`` (``top_p_restricted_policy`` for the student,
-      ``restrict_logits_to_top_p(t, t, p)`` for the teacher), and add the trajectories with
-      ``is_expert=False`` and their teacher cache;
-    * call :meth:`sync_behaviour` when it collects them (no update between the snapshot and the sampling),
-      so the importance weights are taken against the policy that sampled. Weights of rollouts from earlier
-      snapshots are taken against the newest one (PPO-style reuse, bounded by the clipping); for exact
-      weights train on the newest rollout batch only.
+    * :meth:`rollout_policy`: ``mixed_policy_fn(student, teacher, config.mix)`` with both restricted to the
+      teacher's top-p set at ``config.top_p``; the trajectories are added with ``is_expert=False`` and their
+      teacher cache;
+    * :meth:`before_rollout` calls :meth:`sync_behaviour` (no update between the snapshot and the sampling),
+      so the importance weights are taken against the policy that sampled;
+    * :meth:`sample_batch` draws every row from the newest rollout batch (reused PPO-style until the next
+      one, the clipping bounding the drift), so all weights are taken against the snapshot that sampled them.
 
     Batch fields read: ``actions_BT``, ``action_mask_BT``, ``cand_ids_BSK``, ``cand_logprobs_BSK``,
     ``cand_mask_BSK``, ``is_expert_B`` and the model inputs. Not implemented: the paper's auxiliary
@@ -182,6 +182,27 @@ class MiniLLM(Algorithm):
     def sync_behaviour(self) -> None:
         """Snapshot the student as the behaviour policy; call when new rollouts are collected with it."""
         self.behaviour.load_state_dict(self.policy.state_dict())
+
+    def rollout_policy(self, student_fn: PolicyFn, teacher_fn: PolicyFn) -> PolicyFn:
+        """``mix * pi* + (1 - mix) * pi_theta``, both restricted to the teacher's top-p set when ``top_p < 1``."""
+        student = super().rollout_policy(student_fn, teacher_fn)
+        p = self.top_p
+        if p >= 1.0:
+            return mixed_policy_fn(student, teacher_fn, self.config.mix)
+
+        def teacher(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+            logits_BV = teacher_fn(tokens_BL, lengths_B)
+            return restrict_logits_to_top_p(logits_BV, logits_BV, p)
+
+        return mixed_policy_fn(student, teacher, self.config.mix)
+
+    def before_rollout(self) -> None:
+        """Snapshot the behaviour policy that is about to sample (:meth:`sync_behaviour`)."""
+        self.sync_behaviour()
+
+    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
+        """Every row from the newest rollout batch (uniform, with replacement)."""
+        return sample_rollout_mix(buffer, batch_size, generator, self.newest_rollouts, 1.0, self.top_p)
 
     def _set_logprobs(self, policy: CausalLMPolicy, batch: Batch, mask_BTK: torch.Tensor) -> torch.Tensor:
         T = batch.actions_BT.shape[1]

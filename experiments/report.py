@@ -48,6 +48,7 @@ DEFAULT_METRICS = (
     ("eval/teacher_nll", "teacher NLL"),
     ("eval/rougeL", "Rouge-L"),
     ("eval/kl_student_teacher", "KL(s‖t)"),
+    ("eval/onpolicy_kl", "on-policy KL(s‖t)"),
     ("eval/response_len", "resp. len"),
 )
 DEFAULT_IGNORE = (

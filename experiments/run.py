@@ -24,7 +24,7 @@ register_configs()
 
 
 def _summary(metrics: dict, out_dir: str) -> str:
-    keys = ["eval/teacher_nll", "eval/rougeL", "eval/kl_student_teacher", "eval/response_len"]
+    keys = ["eval/teacher_nll", "eval/rougeL", "eval/kl_student_teacher", "eval/onpolicy_kl", "eval/response_len"]
     rows = [
         ("teacher", metrics.get("teacher_eval")),
         ("untrained", metrics.get("init_eval")),

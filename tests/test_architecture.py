@@ -25,14 +25,14 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tokenrl.checkpoint",
         ],
     ),
-    # Gymnasium environments and one file per algorithm.
-    ("envs and algorithms", ["envs", "envs.*", "algorithms", "algorithms.*"]),
+    # Gymnasium environments and one file per algorithm (and the exact BD diagnosis on toy token MDPs).
+    ("envs and algorithms", ["envs", "envs.*", "algorithms", "algorithms.*", "tokenrl.bd_tabular"]),
     # Tasks: a teacher, prompts, references and samplers, each built from its own config dataclass.
     ("tasks", ["tokenrl.tasks", "tokenrl.hf_task"]),
     # The run config schemas (and their Hydra registration).
     ("config", ["tokenrl.config", "tokenrl.validation"]),
     # The training run.
-    ("trainer", ["tokenrl.trainer"]),
+    ("trainer", ["tokenrl.rollouts", "tokenrl.trainer"]),
     # Entry points.
     ("entry points", ["experiments.*", "benchmarks.*"]),
 ]

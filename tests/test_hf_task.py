@@ -15,7 +15,8 @@ import pytest
 from tests.test_models import tiny_llama, word_tokenizer
 from tokenrl.config import ModelConfig
 from tokenrl.hf_task import HFTaskConfig, build_hf_task, weights_sha256
-from tokenrl.trainer import build_student, collect_rollouts
+from tokenrl.rollouts import StageClock, collect_rollouts
+from tokenrl.trainer import build_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "experiments", "conf")
@@ -235,11 +236,14 @@ def test_generate_twice_then_train(tiny_files, tmp_path):
 
 def test_online_rollouts_on_a_transformers_task(tiny_files, tmp_path):
     """The trainer's online path on a real LM: KV-cached student and teacher, actions inside the teacher's set."""
+    from algorithms import make_algorithm
     from tokenrl.buffer import ReplayBuffer
+    from tokenrl.policy import CausalLMPolicy
     task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")), **EVAL)
     student = build_student(ModelConfig(kind="pruned"), task, seed=0, device="cpu")
     buffer = ReplayBuffer(pad_id=task.pad_token_id, cache_top_p=0.8)
-    stats = collect_rollouts(student, task, buffer, n_prompts=3, top_p=0.8, seed=0)
+    algo = make_algorithm("soft_q", CausalLMPolicy(student, vocab_size=task.vocab_size), {"reward": "sqil", "top_p": 0.8})
+    stats = collect_rollouts(student, task, buffer, algo, n_prompts=3, seed=0, clock=StageClock())
     assert len(buffer) == 3 and not any(buffer.is_expert) and stats["rollout/buffer_size"] == 3
     batch = buffer.collate([0, 1, 2], top_p=0.8)
     # Sampled inside the teacher's top-p set (up to float16 rounding of the cache at the set boundary).

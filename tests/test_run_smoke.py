@@ -72,3 +72,39 @@ def test_bad_override_names_the_problem(tmp_path):
     proc, _ = _run(tmp_path, "algo=iql_bd", "algo.top_p=1.5", check=False)
     assert proc.returncode != 0
     assert "p must be in (0, 1]" in proc.stderr + proc.stdout
+
+
+STAGE_KEYS = ("time/rollout_s", "time/teacher_score_s", "time/batch_s", "time/update_s")
+
+
+def _check_onpolicy_run(job, n_train_prompts=24):
+    metrics = json.loads((job / "metrics.json").read_text())
+    rollouts = metrics["rollouts"]
+    # steps=6, rollout_every=3, rollout_prompts=4: collections at steps 0 and 3.
+    assert rollouts["rollout/collections"] == 2 and rollouts["rollout/trajectories"] == 8
+    assert rollouts["rollout/buffer_size"] == n_train_prompts + 8  # samples_per_prompt=1 teacher rows + rollouts
+    for key in STAGE_KEYS:
+        assert metrics["train"][key] > 0, key
+    for key in ("final_eval", "sft_eval", "init_eval"):
+        assert metrics[key]["eval/onpolicy_kl"] > 0 and "eval/kl_student_teacher" in metrics[key]
+    assert metrics["teacher_eval"]["eval/onpolicy_kl"] == 0.0
+    clocks = [v["train_clock_s"] for v in metrics["validation"]]
+    assert len(clocks) >= 2 and clocks == sorted(clocks) and metrics["validation"][-1]["step"] == 6
+    assert "val/onpolicy_kl" in metrics["validation"][-1] and "val/rougeL" in metrics["validation"][-1]
+    return metrics
+
+
+ONPOLICY = ["steps=6", "rollout_every=3", "rollout_prompts=4", "sft_steps=2", "eval.val_every_s=0.5"]
+
+
+def test_minillm_and_gkd_runs_collect_rollouts_in_timed_stages(tmp_path):
+    _, out = _run(tmp_path, "algo=minillm,gkd", *ONPOLICY, multirun=True)
+    jobs = sorted(d for d in out.iterdir() if (d / "metrics.json").exists())
+    stats = {m["algo"]: m["train"]["last_stats"] for m in map(_check_onpolicy_run, jobs)}
+    assert stats["minillm"]["data/student_frac"] == 1.0  # every row from the newest rollouts
+    assert stats["gkd"]["data/student_frac"] == 0.5  # lmbda = 0.5 of batch_size = 4
+
+
+def test_online_sqil_run_collects_rollouts(tmp_path):
+    _, out = _run(tmp_path, "algo=soft_q", "algo.reward=sqil", *ONPOLICY)
+    _check_onpolicy_run(out)

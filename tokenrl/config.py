@@ -57,6 +57,8 @@ class EvalConfig:
     batch_size: int = 128  # sequences per sampling batch
     n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
     val_every: int = 0  # validation (teacher-forced KL + one sampling seed) every n steps; 0 = off
+    val_every_s: float = 0.0  # validation every n seconds of the training clock (validation excluded); 0 = off
+    onpolicy_kl_seed: int = 7919  # sampling seed of eval/onpolicy_kl (its own stream: other metrics unchanged)
 
 
 @dataclass

@@ -5,7 +5,8 @@ Kept free of Hydra so it can be called from Python and tests: :func:`run` takes 
 or a dict) and an output directory, and writes there
 
 * ``tb/``: TensorBoard events (losses, Q statistics, top-p set sizes, evaluation metrics),
-* ``metrics.json``: final/initial/teacher evaluation, training summary and the config (see ``experiments/report.py``),
+* ``metrics.json``: final/initial/teacher evaluation, training summary with seconds per stage (``time/*_s``),
+  rollout totals (``rollouts``), timed validations (``validation``) and the config (see ``experiments/report.py``),
 * ``student.safetensors``: the student's weights (atomic write) and ``student/`` (``save_pretrained``),
 * ``checkpoints/step-XXXXXXXX.safetensors``: model, optimiser, schedule, RNGs and step (the last
   ``keep_checkpoints``), written every ``checkpoint_every`` steps, every ``checkpoint_seconds``, on SIGTERM/SIGINT
@@ -36,8 +37,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from algorithms import Algorithm, make_algorithm
-from envs import BatchedTokenGenerationEnv
-from envs.top_p_wrapper import top_p_restricted_policy
 from tokenrl.buffer import ReplayBuffer, write_json_atomic
 from tokenrl.checkpoint import (
     CheckpointError,
@@ -50,13 +49,14 @@ from tokenrl.checkpoint import (
     save_checkpoint,
 )
 from tokenrl.config import EvalConfig, ModelConfig, RunConfig
-from tokenrl.datagen import compute_top_p_cache, data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
+from tokenrl.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
 from tokenrl.divergence import DivergenceError, DivergenceGuard
 from tokenrl.evaluation import evaluate, evaluate_teacher_samples
 from tokenrl.hf_task import HFTaskConfig, build_hf_task
-from tokenrl.models import HFTeacher, IncrementalTeacher, make_student, save_student
+from tokenrl.models import HFTeacher, make_student, save_student
+from tokenrl.onpolicy_metrics import on_policy_reverse_kl_of_model
 from tokenrl.policy import CausalLMPolicy
-from tokenrl.sampling import KVCacheStepper
+from tokenrl.rollouts import StageClock, collect_rollouts
 from tokenrl.tasks import Task, build_synthetic_task
 from tokenrl.validation import check_student_tokenizer, validate
 
@@ -241,6 +241,8 @@ def reference_evaluations(ctx: RunContext) -> None:
                 task.teacher, prompts, references, task.decode, task.eval_sampler,
                 seeds=cfg.eval.seeds, batch_size=cfg.eval.batch_size,
             )
+            # The teacher against itself on its own samples: exactly 0, as its teacher-forced KLs.
+            ctx.results["teacher_eval"].update({"eval/onpolicy_kl": 0.0, "eval/onpolicy_kl_exact_state": 0.0})
     if cfg.init_eval:
         with timed(ctx.timings, "init_eval_s"):
             ctx.results["init_eval"] = evaluate_student(ctx.model, task, cfg.eval, cfg.eval.seeds)
@@ -263,10 +265,13 @@ def warm_start(ctx: RunContext) -> None:
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
     """``algo.update`` from ``start_step`` to ``steps``, with rollouts, logging, validation and checkpoints.
 
-    Checkpoints are written every ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and
-    SIGINT end the run after the current update with a checkpoint. A diverging update (see
-    :mod:`tokenrl.divergence`) is refused; ``on_divergence=stop`` then saves the state before it and raises,
-    ``skip`` drops the batch and counts it in ``train/skipped_steps``.
+    Rollout collection, batch drawing and the update are timed stages on one :class:`StageClock` (the
+    training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
+    are outside it (a resumed run's clock starts again at 0). Checkpoints are written every
+    ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the
+    current update with a checkpoint. A diverging update (see :mod:`tokenrl.divergence`) is refused;
+    ``on_divergence=stop`` then saves the state before it and raises, ``skip`` drops the batch and counts it
+    in ``train/skipped_steps``.
 
     Returns:
         The last update's statistics.
@@ -278,6 +283,10 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     cfg, task = ctx.cfg, ctx.task
     rollout_every = cfg.rollout_every or (10 if algo.needs_rollouts else 0)
     algo.guard = ctx.guard
+    clock = StageClock()
+    val_due_s = cfg.eval.val_every_s
+    if cfg.eval.val_every_s and start_step == 0:
+        validation_eval(ctx, 0, clock)
     stats: dict[str, float] = {}
     last_save = time.monotonic()
     bar = tqdm(
@@ -286,14 +295,19 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     )
     with deferred_signals((signal.SIGTERM, signal.SIGINT)) as received:
         for step in bar:
-            if rollout_every and step % rollout_every == 0:
-                rollout_seed = cfg.seed * 1_000_003 + step
-                _log_scalars(
-                    ctx.writer, collect_rollouts(ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed), step
+            # The first step of a resumed run collects too: the algorithm's newest-rollout batch is not checkpointed.
+            if rollout_every and (step % rollout_every == 0 or step == start_step):
+                rollout_stats = collect_rollouts(
+                    ctx.model, task, ctx.buffer, algo, cfg.rollout_prompts, cfg.seed * 1_000_003 + step, clock
                 )
+                _log_scalars(ctx.writer, rollout_stats, step)
+                _count_rollouts(ctx.results, rollout_stats)
             generator_state = ctx.generator.get_state()
             try:
-                stats = algo.update(ctx.buffer.sample(cfg.batch_size, ctx.generator, top_p=algo.top_p).to(cfg.device))
+                with clock.stage("time/batch_s"):
+                    batch = algo.sample_batch(ctx.buffer, cfg.batch_size, ctx.generator).to(cfg.device)
+                with clock.stage("time/update_s"):
+                    stats = algo.update(batch)
                 ctx.guard.record(stats)
             except DivergenceError as error:
                 if cfg.on_divergence != "skip":
@@ -309,11 +323,14 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
             stats["train/skipped_steps"] = float(ctx.skipped_steps)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                _log_scalars(ctx.writer, stats, done)
+                _log_scalars(ctx.writer, {**stats, **clock.totals}, done)
                 bar.set_postfix(loss=f"{stats.get('loss/total', float('nan')):.4f}")
-            if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
-                val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
-                _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
+            step_due = cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps
+            clock_due = cfg.eval.val_every_s and (clock.total_s >= val_due_s or done == cfg.steps)
+            if step_due or clock_due:
+                validation_eval(ctx, done, clock)
+            if clock_due:
+                val_due_s = (clock.total_s // cfg.eval.val_every_s + 1) * cfg.eval.val_every_s
             due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
                 cfg.checkpoint_seconds and time.monotonic() - last_save >= cfg.checkpoint_seconds
             )
@@ -325,7 +342,21 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
                     f"signal {signal.Signals(received[0]).name} at step {done}: checkpoint written to "
                     f"{checkpoint_path(ctx.out_dir, done)}; rerun with resume=true to continue"
                 )
+    ctx.timings.update(clock.totals)
     return stats
+
+
+def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
+    """Evaluate on the validation prompts (one sampling seed), log ``val/*`` and append to ``results["validation"]``.
+
+    Each record holds ``step``, ``train_clock_s`` (the training clock so far, validation excluded), the
+    clock's per-stage totals and the scalar ``val/*`` metrics.
+    """
+    val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, [0], ctx.task.val_prompts, ctx.task.val_references)
+    scalars = {k.replace("eval/", "val/"): v for k, v in val.items() if isinstance(v, (int, float))}
+    _log_scalars(ctx.writer, scalars, step)
+    record = {"step": step, "train_clock_s": clock.total_s, **clock.totals, **scalars}
+    ctx.results.setdefault("validation", []).append(record)
 
 
 def final_evaluation(ctx: RunContext) -> None:
@@ -424,13 +455,16 @@ def evaluate_student(
     prompts: list[list[int]] | None = None,
     references: list[list[str]] | None = None,
 ) -> dict:
-    """:func:`tokenrl.evaluation.evaluate` of ``model`` on the task's test prompts (or the given ones)."""
+    """:func:`tokenrl.evaluation.evaluate` of ``model`` on the task's test prompts (or the given ones), plus the
+    on-policy reverse KL on the same prompts (``eval/onpolicy_kl``, ``eval/onpolicy_kl_exact_state``; see
+    :func:`tokenrl.onpolicy_metrics.on_policy_reverse_kl_of_model`), sampled with its own seed
+    ``eval.onpolicy_kl_seed`` so the other metrics are those of :func:`evaluate` alone."""
     prompts, references = _first(
         task.test_prompts if prompts is None else prompts,
         task.test_references if references is None else references,
         eval_cfg.n_prompts,
     )
-    return evaluate(
+    metrics = evaluate(
         model,
         task.teacher,
         prompts,
@@ -446,6 +480,13 @@ def evaluate_student(
         batch_size=eval_cfg.batch_size,
         vocab_size=task.vocab_size,
     )
+    metrics.update(
+        on_policy_reverse_kl_of_model(
+            model, task.teacher, prompts, task.max_new_tokens, task.pad_token_id, eval_cfg.onpolicy_kl_seed,
+            top_p=eval_cfg.top_p, batch_size=eval_cfg.batch_size, vocab_size=task.vocab_size,
+        )
+    )
+    return metrics
 
 
 def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str:
@@ -464,36 +505,12 @@ def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str:
     return save_checkpoint(ctx.out_dir, state, step, ctx.cfg.keep_checkpoints)
 
 
-def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | None, seed: int) -> dict[str, float]:
-    """Sample student rollouts on training prompts through the batched env and add them to ``buffer``.
-
-    With ``top_p < 1`` the student samples inside the teacher's top-p set (the top-p MDP's action set), so
-    every learner action has a cached Q. Rollouts are added with ``is_expert=False`` and their top-p cache.
-    """
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(task.train_prompts), size=min(n_prompts, len(task.train_prompts)), replace=False)
-    prompts = [task.train_prompts[i] for i in idx]
-    env = BatchedTokenGenerationEnv(
-        task.vocab_size, task.eos_token_id, task.max_new_tokens, max(len(p) for p in prompts),
-        pad_token_id=task.pad_token_id,
-    )
-    was_training = model.training
-    model.eval()
-    teacher = task.teacher
-    if task.tokenizer is not None:
-        # Transformers models: one KV-cached step per env step for both the student and the teacher.
-        policy_fn = IncrementalTeacher(HFTeacher(model, task.tokenizer)).next_token_logits
-        if isinstance(teacher, HFTeacher):
-            teacher = IncrementalTeacher(teacher)
-    else:
-        policy_fn = torch.no_grad()(KVCacheStepper(model, task.pad_token_id, task.vocab_size).next_token_logits)
-    if top_p is not None and top_p < 1.0:
-        policy_fn = top_p_restricted_policy(policy_fn, teacher, top_p)
-    traj = env.rollout(policy_fn, prompts=prompts, seed=seed)
-    model.train(was_training)
-    caches = compute_top_p_cache(task.teacher, traj.prompts, traj.responses, buffer.cache_top_p, pad_id=task.pad_token_id)
-    buffer.add(traj.prompts, traj.responses, traj.terminated, traj.truncated, caches=caches, rewards=traj.rewards, is_expert=False)
-    return {"rollout/mean_len": float(np.mean([len(r) for r in traj.responses])), "rollout/buffer_size": float(len(buffer))}
+def _count_rollouts(results: dict[str, Any], rollout_stats: dict[str, float]) -> None:
+    """Running totals of the run's rollouts in ``results["rollouts"]`` (collections, trajectories, last stats)."""
+    totals = results.setdefault("rollouts", {"rollout/collections": 0, "rollout/trajectories": 0})
+    totals["rollout/collections"] += 1
+    totals["rollout/trajectories"] += int(rollout_stats["rollout/n"])
+    totals.update({k: v for k, v in rollout_stats.items() if k != "rollout/n"})
 
 
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:
