@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenrl.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
+from tokenrl.distributed import barrier
 from tokenrl.teachers import Teacher
 from tokenrl.top_p import check_p, top_p_sparse
 
@@ -97,6 +98,8 @@ def generate_teacher_data(
     pad_id: int = 0,
     cache_batch_size: int = 32,
     progress: bool = True,
+    shard_rank: int = 0,
+    shard_world: int = 1,
 ) -> ReplayBuffer:
     """Sample the teacher on ``prompts`` and store trajectories with their top-p cache, resumably.
 
@@ -114,9 +117,12 @@ def generate_teacher_data(
         pad_id: padding id.
         cache_batch_size: sequences per teacher forward in the cache pass.
         progress: show a tqdm bar.
+        shard_rank, shard_world: generate only the shards ``i`` with ``i % shard_world == shard_rank`` (one
+            process of a sharded generation; every shard's seed depends on ``i`` only, so the files are those
+            of a single-process run).
 
     Returns:
-        The whole dataset as one buffer.
+        The dataset as one buffer (only this process's shards when ``shard_world > 1``).
     """
     check_p(cache_top_p)
     os.makedirs(out_dir, exist_ok=True)
@@ -134,7 +140,7 @@ def generate_teacher_data(
     )
     _check_or_write_manifest(out_dir, full_manifest)
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
-    bar = tqdm(range(n_shards), desc="teacher data (shards)", disable=not progress)
+    bar = tqdm(range(shard_rank, n_shards, shard_world), desc="teacher data (shards)", disable=not progress)
     for i in bar:
         path = shard_path(out_dir, i)
         if os.path.exists(path):
@@ -190,12 +196,20 @@ def load_or_generate_data(
 
     Args:
         teacher, sampler, prompts, out_dir: as in :func:`generate_teacher_data`.
-        **generate_kwargs: the keyword arguments of :func:`generate_teacher_data`.
+        **generate_kwargs: the keyword arguments of :func:`generate_teacher_data`; with ``shard_world > 1``
+            (one rank of a torchrun job) each rank generates its shards, waits for the others and loads all.
 
     Returns:
         ``(buffer, was_complete)``.
     """
-    if is_complete(out_dir):
+    complete = is_complete(out_dir)
+    if generate_kwargs.get("shard_world", 1) > 1:
+        barrier()  # every rank has looked at the directory before any rank writes to it
+        if not complete:
+            generate_teacher_data(teacher, sampler, prompts, out_dir, **generate_kwargs)
+        barrier()  # every rank's shards are on disk
+        return load_teacher_data(out_dir), complete
+    if complete:
         return load_teacher_data(out_dir), True
     return generate_teacher_data(teacher, sampler, prompts, out_dir, **generate_kwargs), False
 

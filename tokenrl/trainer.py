@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from algorithms import Algorithm, make_algorithm
 from envs import BatchedTokenGenerationEnv
 from envs.top_p_wrapper import top_p_restricted_policy
-from tokenrl.buffer import ReplayBuffer, write_json_atomic
+from tokenrl import distributed
+from tokenrl.buffer import Batch, ReplayBuffer, write_json_atomic
 from tokenrl.config import EvalConfig, ModelConfig, RunConfig
 from tokenrl.datagen import compute_top_p_cache, load_or_generate_data
 from tokenrl.evaluation import evaluate, evaluate_teacher_samples
@@ -62,6 +63,9 @@ class RunContext:
     writer: SummaryWriter
     results: dict[str, Any]  # becomes metrics.json
     timings: dict[str, float]  # seconds per stage, reported under results["train"]
+    dist: distributed.DistContext = distributed.DistContext()  # this process's rank (a world of one by default)
+    loss_module: distributed.LossForward | None = None  # its compute_loss is the current algorithm's
+    loss_fn: torch.nn.Module | None = None  # loss_module, wrapped in DDP/FSDP under torchrun
 
 
 @contextlib.contextmanager
@@ -88,8 +92,14 @@ def build_task(cfg: RunConfig) -> Task:
     return build_synthetic_task(cfg.task, eval_top_p=cfg.eval.top_p, eval_temperature=cfg.eval.temperature)
 
 
-def load_data(cfg: RunConfig, task: Task) -> tuple[ReplayBuffer, str, bool]:
-    """The task's offline teacher data under ``cfg.data_dir``: ``(buffer, data_dir, was_cached)``."""
+def load_data(
+    cfg: RunConfig, task: Task, dist_ctx: distributed.DistContext = distributed.DistContext()
+) -> tuple[ReplayBuffer, str, bool]:
+    """The task's offline teacher data under ``cfg.data_dir``: ``(buffer, data_dir, was_cached)``.
+
+    Under torchrun the ranks generate disjoint shards (shard ``i`` on rank ``i % world_size``) and then all
+    load the whole data set, which is the single-process one file for file.
+    """
     data_dir = os.path.join(cfg.data_dir, task.data_key())
     buffer, cached = load_or_generate_data(
         task.teacher,
@@ -104,6 +114,8 @@ def load_data(cfg: RunConfig, task: Task) -> tuple[ReplayBuffer, str, bool]:
         pad_id=task.pad_token_id,
         cache_batch_size=cfg.task.cache_batch_size,
         progress=cfg.progress,
+        shard_rank=dist_ctx.rank,
+        shard_world=dist_ctx.world_size,
     )
     return buffer, data_dir, cached
 
@@ -169,6 +181,8 @@ def resume(ctx: RunContext) -> tuple[Algorithm, int] | None:
 def reference_evaluations(ctx: RunContext) -> None:
     """The teacher's own samples and the untrained student, the reference rows of the report."""
     cfg, task = ctx.cfg, ctx.task
+    if not ctx.dist.is_main:  # evaluation runs on rank 0 only (see evaluate_student)
+        return
     if cfg.teacher_eval:
         with timed(ctx.timings, "teacher_eval_s"):
             prompts, references = _first(task.test_prompts, task.test_references, cfg.eval.n_prompts)
@@ -190,9 +204,10 @@ def warm_start(ctx: RunContext) -> None:
     with timed(ctx.timings, "sft_s"):
         sft = make_algorithm("bc", ctx.policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
         for _ in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
-            sft_stats = sft.update(ctx.buffer.sample(cfg.batch_size, ctx.generator).to(cfg.device))
+            sft_stats = train_step(ctx, sft, top_p=None)
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
-    ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
+    if ctx.dist.is_main:
+        ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
 
 
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
@@ -210,15 +225,16 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     for step in bar:
         if rollout_every and step % rollout_every == 0:
             rollout_seed = cfg.seed * 1_000_003 + step
-            _log_scalars(
-                ctx.writer, collect_rollouts(ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed), step
+            rollout_stats = collect_rollouts(
+                ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed, ctx.dist
             )
-        stats = algo.update(ctx.buffer.sample(cfg.batch_size, ctx.generator, top_p=algo.top_p).to(cfg.device))
+            _log_scalars(ctx.writer, rollout_stats, step)
+        stats = train_step(ctx, algo, top_p=algo.top_p)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             _log_scalars(ctx.writer, stats, done)
             bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
-        if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
+        if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps and ctx.dist.is_main:
             val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
             _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
@@ -227,14 +243,18 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
 
 
 def final_evaluation(ctx: RunContext) -> None:
-    """Evaluate the trained student with every evaluation seed."""
+    """Evaluate the trained student with every evaluation seed (on rank 0)."""
+    if not ctx.dist.is_main:
+        return
     with timed(ctx.timings, "final_eval_s"):
         ctx.results["final_eval"] = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.seeds)
     _log_scalars(ctx.writer, ctx.results["final_eval"], ctx.cfg.steps)
 
 
 def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -> None:
-    """Write the student (safetensors and ``save_pretrained``) and ``metrics.json``."""
+    """Write the student (safetensors and ``save_pretrained``) and ``metrics.json`` (rank 0 only)."""
+    if not ctx.dist.is_main:
+        return
     model, out_dir = ctx.model, ctx.out_dir
     tmp = os.path.join(out_dir, f"student.safetensors.tmp-{os.getpid()}")
     save_model(model, tmp)  # drops the duplicate of tied embeddings (SmolLM2, Qwen2.5-0.5B) instead of failing
@@ -249,27 +269,45 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
 
 
 def run(cfg: RunConfig, out_dir: str) -> dict:
-    """Train and evaluate one student; returns the metrics written to ``metrics.json``."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Train and evaluate one student; returns the metrics written to ``metrics.json``.
+
+    Under ``torchrun`` every rank calls this: they train data-parallel, rank 0 evaluates and writes the
+    outputs, and every rank returns rank 0's metrics.
+    """
+    with distributed.process_group(cfg.device, cfg.dist.timeout_min) as (dist_ctx, device):
+        if device != cfg.device:
+            cfg = dataclasses.replace(cfg, device=device)
+        return _run(cfg, out_dir, dist_ctx)
+
+
+def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext) -> dict:
+    if dist_ctx.is_main:
+        os.makedirs(out_dir, exist_ok=True)
     apply_threads(cfg.threads)
     cfg.algo_config()  # validate the algorithm's options before any expensive work
+    distributed.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist_ctx.world_size)
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
         task = build_task(cfg)
     with timed(timings, "data_s"):
-        buffer, data_dir, cached = load_data(cfg, task)
+        buffer, data_dir, cached = load_data(cfg, task, dist_ctx)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
+    policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
+    loss_module = distributed.LossForward(policy)
     ctx = RunContext(
         cfg=cfg,
         out_dir=out_dir,
         task=task,
         buffer=buffer,
         model=model,
-        policy=CausalLMPolicy(model, vocab_size=task.vocab_size),
+        policy=policy,
         generator=torch.Generator().manual_seed(cfg.seed),
-        writer=SummaryWriter(os.path.join(out_dir, "tb")),
+        writer=SummaryWriter(os.path.join(out_dir, "tb")) if dist_ctx.is_main else distributed.NullWriter(),
         results={"algo": cfg.algo_name, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
         timings=timings,
+        dist=dist_ctx,
+        loss_module=loss_module,
+        loss_fn=distributed.wrap_for_training(loss_module, dist_ctx, cfg.dist.strategy),
     )
     resumed = resume(ctx)
     if resumed is None:
@@ -284,7 +322,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     final_evaluation(ctx)
     ctx.writer.close()
     save_outputs(ctx, last_stats, data_dir)
-    return ctx.results
+    return distributed.broadcast_object(ctx.results)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +366,13 @@ def evaluate_student(
 
 
 def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> None:
-    """Write ``train_state.pt`` (algorithm, RNGs, step, reference results) atomically."""
+    """Write ``train_state.pt`` (algorithm, RNGs, step, reference results) atomically, on rank 0.
+
+    Under DDP every rank holds the same student, optimiser and batch generator, so rank 0's state resumes a
+    run on any number of processes.
+    """
+    if not ctx.dist.is_main:
+        return
     state = {
         "algo": algo.state_dict(),
         "generator": ctx.generator.get_state(),
@@ -342,14 +386,52 @@ def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> None:
     os.replace(tmp, path)
 
 
-def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | None, seed: int) -> dict[str, float]:
+def train_step(ctx: RunContext, algo: Algorithm, top_p: float | None) -> dict[str, float]:
+    """One optimiser step of ``algo`` on the next global batch: this rank's micro-batches of one shared draw.
+
+    Args:
+        ctx: the run (its generator draws the global batch; its loss module is pointed at ``algo``).
+        algo: the algorithm to step.
+        top_p: restrict the batch's cached sets to this p (None = as stored).
+    """
+    cfg = ctx.cfg
+    micro, _ = distributed.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, ctx.dist.world_size)
+    indices = distributed.global_indices(ctx.buffer, cfg.batch_size, ctx.generator)
+    batches: list[Batch] = [
+        ctx.buffer.collate(part, top_p=top_p).to(cfg.device)
+        for part in distributed.local_micro_batches(indices, ctx.dist, micro)
+    ]
+    ctx.loss_module.compute_loss = algo.compute_loss
+    return distributed.accumulated_update(algo, batches, ctx.loss_fn, ctx.dist)
+
+
+def collect_rollouts(
+    model,
+    task: Task,
+    buffer,
+    n_prompts: int,
+    top_p: float | None,
+    seed: int,
+    dist_ctx: distributed.DistContext = distributed.DistContext(),
+) -> dict[str, float]:
     """Sample student rollouts on training prompts through the batched env and add them to ``buffer``.
 
     With ``top_p < 1`` the student samples inside the teacher's top-p set (the top-p MDP's action set), so
     every learner action has a cached Q. Rollouts are added with ``is_expert=False`` and their top-p cache.
+    Under torchrun the ``n_prompts`` drawn prompts are split evenly over the ranks; each rank rolls out its
+    part (sampling seed ``seed * world_size + rank``) into its own buffer, and the stats are rank averages.
     """
+    world = dist_ctx.world_size
+    n_prompts = min(n_prompts, len(task.train_prompts))
+    if n_prompts % world:
+        raise ValueError(
+            f"rollout_prompts ({n_prompts} after capping at the training prompts) must be a multiple of the world "
+            f"size ({world}) so that every rank's buffer grows alike; change rollout_prompts"
+        )
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(task.train_prompts), size=min(n_prompts, len(task.train_prompts)), replace=False)
+    idx = rng.choice(len(task.train_prompts), size=n_prompts, replace=False)
+    idx = np.array_split(idx, world)[dist_ctx.rank]
+    seed = seed * world + dist_ctx.rank
     prompts = [task.train_prompts[i] for i in idx]
     env = BatchedTokenGenerationEnv(
         task.vocab_size, task.eos_token_id, task.max_new_tokens, max(len(p) for p in prompts),
@@ -371,7 +453,8 @@ def collect_rollouts(model, task: Task, buffer, n_prompts: int, top_p: float | N
     model.train(was_training)
     caches = compute_top_p_cache(task.teacher, traj.prompts, traj.responses, buffer.cache_top_p, pad_id=task.pad_token_id)
     buffer.add(traj.prompts, traj.responses, traj.terminated, traj.truncated, caches=caches, rewards=traj.rewards, is_expert=False)
-    return {"rollout/mean_len": float(np.mean([len(r) for r in traj.responses])), "rollout/buffer_size": float(len(buffer))}
+    stats = {"rollout/mean_len": float(np.mean([len(r) for r in traj.responses])), "rollout/buffer_size": float(len(buffer))}
+    return distributed.reduce_stats([stats], [1.0 / world])
 
 
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:
