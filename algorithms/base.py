@@ -143,7 +143,8 @@ class Algorithm:
         self.step += 1
         self.after_step()
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
-        stats["optim/grad_norm"] = float(grad_norm)
+        # Under FSDP the norm is a DTensor over the ranks' gradient shards.
+        stats["optim/grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         return stats
 
     def after_step(self) -> None:

@@ -4,7 +4,7 @@
 
 Runs the real entry point and, without changing what it computes, records per rank into
 ``TRACE_DIR/rank<r>.pt``: the global batch indices this rank trained on at every optimiser step, the
-student's parameters after every step, and every file the trainer wrote (TensorBoard writer, metrics,
+student's (full) parameters after every step, and every file the trainer wrote (TensorBoard writer, metrics,
 student, train state). The train state written at step ``SNAPSHOT_STEP`` is also copied to
 ``TRACE_DIR/train_state_step<k>.pt`` (later checkpoints overwrite the run's own copy).
 """
@@ -36,7 +36,9 @@ def _record_indices(indices, ctx, micro_batch_size):
 
 def _record_params(algo, micro_batches, loss_fn, ctx):
     stats = _accumulated_update(algo, micro_batches, loss_fn, ctx)
-    trace["params"].append(torch.cat([p.detach().reshape(-1).clone() for p in algo.policy.parameters()]))
+    # FSDP parameters are DTensor shards: gather the full tensors (a collective every rank runs here).
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in algo.policy.parameters()]
+    trace["params"].append(torch.cat([p.detach().reshape(-1).clone() for p in full]))
     trace["algos"].append(algo.name)
     return stats
 

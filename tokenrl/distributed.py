@@ -24,6 +24,7 @@ single-process run with one micro-batch is not scaled at all and is exactly the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 from collections.abc import Callable, Iterator
@@ -32,6 +33,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from tokenrl.buffer import Batch, ReplayBuffer
 
@@ -218,7 +227,86 @@ def wrap_for_training(module: LossForward, ctx: DistContext, strategy: str) -> n
     if strategy == "ddp":
         device = next(module.parameters()).device
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    raise NotImplementedError("dist.strategy=fsdp is not implemented yet; use dist.strategy=ddp")
+    # One FSDP group at the root: the policy's heads read parameters (the output embedding) outside any
+    # submodule's forward, which per-block groups would leave sharded there. Gradients and optimiser state
+    # are sharded; parameters are gathered for the duration of each micro-batch's forward and backward.
+    fully_shard(module)
+    return module
+
+
+def is_fsdp(loss_fn: nn.Module) -> bool:
+    """Whether the training module is sharded with FSDP2 (its parameters are DTensors)."""
+    return isinstance(loss_fn, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_parameters(loss_fn: nn.Module) -> Iterator[None]:
+    """Gather the student's full parameters for the block (evaluation, saving); a no-op unless FSDP.
+
+    Every rank must enter the block (the gather is a collective); inside it the student is a plain module.
+    """
+    if not is_fsdp(loss_fn):
+        yield
+        return
+    loss_fn.unshard()
+    try:
+        yield
+    finally:
+        loss_fn.reshard()
+
+
+def plain_copy(model: nn.Module, loss_fn: nn.Module) -> nn.Module:
+    """``model`` itself, or under FSDP (inside :func:`full_parameters`) a copy with its own storage to save.
+
+    FSDP's gathered parameters are views into its all-gather buffers, which the safetensors writer cannot read.
+    """
+    return copy.deepcopy(model) if is_fsdp(loss_fn) else model
+
+
+def algo_state(algo, loss_fn: nn.Module, ctx: DistContext) -> dict | None:
+    """``algo.state_dict()`` with full (unsharded) tensors on rank 0, None on the other ranks.
+
+    Under FSDP the student and optimiser state are gathered with torch.distributed.checkpoint's
+    full-state-dict API (a collective: every rank calls this) and stored in the single-process format, so
+    the checkpoint resumes on any number of processes and with either strategy.
+    """
+    if not is_fsdp(loss_fn):
+        return algo.state_dict() if ctx.is_main else None
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(loss_fn, options=options)
+    optim_state = get_optimizer_state_dict(loss_fn, algo.optimizer, options=options)
+    if not ctx.is_main:
+        return None
+    state = {k: v for k, v in algo.state_dict().items() if k not in ("policy", "optimizer")}
+    state["policy"] = {k.removeprefix("policy."): v for k, v in model_state.items()}
+    order = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
+    state["optimizer"] = {
+        "state": {order[name]: value for name, value in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [order[n] for n in g["params"]]} for g in optim_state["param_groups"]],
+    }
+    return state
+
+
+def load_algo_state(algo, state: dict, loss_fn: nn.Module) -> None:
+    """Restore :func:`algo_state`'s dict (or a plain ``algo.state_dict()``) into ``algo`` on every rank."""
+    if not is_fsdp(loss_fn):
+        algo.load_state_dict(state)
+        return
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(loss_fn, {f"policy.{k}": v for k, v in state["policy"].items()}, options=options)
+    names = [n for n, p in loss_fn.named_parameters() if p.requires_grad]
+    optim = state["optimizer"]
+    set_optimizer_state_dict(
+        loss_fn,
+        algo.optimizer,
+        {
+            "state": {names[i]: value for i, value in optim["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]],
+        },
+        options=options,
+    )
+    algo.scheduler.load_state_dict(state["scheduler"])
+    algo.step = int(state["step"])
 
 
 def accumulated_update(
@@ -244,14 +332,25 @@ def accumulated_update(
     if total <= 0:
         raise ValueError("the global batch has no valid response tokens; check the data (empty responses?)")
     weights = [n / total for n in tokens]
-    no_sync = getattr(loss_fn, "no_sync", None)
     algo.zero_grad()
     per_micro = []
     for i, (batch, w) in enumerate(zip(micro_batches, weights)):
-        last = i == len(micro_batches) - 1
-        with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+        with _gradient_sync(loss_fn, i == len(micro_batches) - 1):
             per_micro.append(algo.backward(batch, loss_scale=w * ctx.world_size, loss_fn=loss_fn))
     return algo.optimizer_step(reduce_stats(per_micro, weights))
+
+
+@contextlib.contextmanager
+def _gradient_sync(loss_fn: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) unless ``sync`` (the last micro-batch)."""
+    if isinstance(loss_fn, nn.parallel.DistributedDataParallel) and not sync:
+        with loss_fn.no_sync():
+            yield
+    elif is_fsdp(loss_fn):
+        loss_fn.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
 
 
 class NullWriter:

@@ -31,7 +31,7 @@ from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from algorithms import Algorithm, make_algorithm
+from algorithms import Algorithm, get_spec, make_algorithm
 from envs import BatchedTokenGenerationEnv
 from envs.top_p_wrapper import top_p_restricted_policy
 from tokenrl import distributed
@@ -171,7 +171,7 @@ def resume(ctx: RunContext) -> tuple[Algorithm, int] | None:
         return None
     state = torch.load(path, weights_only=False)
     algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=ctx.cfg.steps)
-    algo.load_state_dict(state["algo"])
+    distributed.load_algo_state(algo, state["algo"], ctx.loss_fn)
     ctx.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     ctx.results.update(state.get("results", {}))
@@ -206,8 +206,9 @@ def warm_start(ctx: RunContext) -> None:
         for _ in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
             sft_stats = train_step(ctx, sft, top_p=None)
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
-    if ctx.dist.is_main:
-        ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
+    with distributed.full_parameters(ctx.loss_fn):
+        if ctx.dist.is_main:
+            ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
 
 
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
@@ -234,9 +235,11 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         if done % cfg.log_every == 0 or done == cfg.steps:
             _log_scalars(ctx.writer, stats, done)
             bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
-        if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps and ctx.dist.is_main:
-            val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
-            _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
+        if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
+            with distributed.full_parameters(ctx.loss_fn):
+                if ctx.dist.is_main:
+                    val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
+                    _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save_train_state(ctx, algo, done)
     return stats
@@ -255,7 +258,7 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
     """Write the student (safetensors and ``save_pretrained``) and ``metrics.json`` (rank 0 only)."""
     if not ctx.dist.is_main:
         return
-    model, out_dir = ctx.model, ctx.out_dir
+    model, out_dir = distributed.plain_copy(ctx.model, ctx.loss_fn), ctx.out_dir
     tmp = os.path.join(out_dir, f"student.safetensors.tmp-{os.getpid()}")
     save_model(model, tmp)  # drops the duplicate of tied embeddings (SmolLM2, Qwen2.5-0.5B) instead of failing
     os.replace(tmp, os.path.join(out_dir, "student.safetensors"))
@@ -286,6 +289,8 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext) -> dic
     apply_threads(cfg.threads)
     cfg.algo_config()  # validate the algorithm's options before any expensive work
     distributed.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist_ctx.world_size)
+    if dist_ctx.enabled and cfg.dist.strategy == "fsdp" and get_spec(cfg.algo_name).cls.uses_target_network:
+        raise ValueError(f"algo={cfg.algo_name} keeps a target network, which dist.strategy=fsdp does not shard; use ddp")
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
         task = build_task(cfg)
@@ -311,7 +316,8 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext) -> dic
     )
     resumed = resume(ctx)
     if resumed is None:
-        reference_evaluations(ctx)
+        with distributed.full_parameters(ctx.loss_fn):
+            reference_evaluations(ctx)
         warm_start(ctx)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         resumed = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
@@ -319,9 +325,10 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext) -> dic
     with timed(timings, "train_s"):
         last_stats = train_loop(ctx, algo, start_step)
     save_train_state(ctx, algo, cfg.steps)
-    final_evaluation(ctx)
-    ctx.writer.close()
-    save_outputs(ctx, last_stats, data_dir)
+    with distributed.full_parameters(ctx.loss_fn):
+        final_evaluation(ctx)
+        ctx.writer.close()
+        save_outputs(ctx, last_stats, data_dir)
     return distributed.broadcast_object(ctx.results)
 
 
@@ -368,13 +375,14 @@ def evaluate_student(
 def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> None:
     """Write ``train_state.pt`` (algorithm, RNGs, step, reference results) atomically, on rank 0.
 
-    Under DDP every rank holds the same student, optimiser and batch generator, so rank 0's state resumes a
-    run on any number of processes.
+    Every rank holds the same batch generator, and under DDP the same student and optimiser (FSDP's shards
+    are gathered into the same format first, by every rank), so the state resumes on any number of processes.
     """
+    algo_state = distributed.algo_state(algo, ctx.loss_fn, ctx.dist)
     if not ctx.dist.is_main:
         return
     state = {
-        "algo": algo.state_dict(),
+        "algo": algo_state,
         "generator": ctx.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "step": step,
