@@ -181,7 +181,9 @@ def resume(ctx: RunContext) -> tuple[Algorithm, int] | None:
 def reference_evaluations(ctx: RunContext) -> None:
     """The teacher's own samples and the untrained student, the reference rows of the report."""
     cfg, task = ctx.cfg, ctx.task
-    if not ctx.dist.is_main:  # evaluation runs on rank 0 only (see evaluate_student)
+    if not ctx.dist.is_main:
+        # Evaluation runs on rank 0 alone: its samples are drawn per seed over the whole prompt list, so
+        # sharding the prompts over ranks would change them.
         return
     if cfg.teacher_eval:
         with timed(ctx.timings, "teacher_eval_s"):
@@ -226,9 +228,10 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     for step in bar:
         if rollout_every and step % rollout_every == 0:
             rollout_seed = cfg.seed * 1_000_003 + step
-            rollout_stats = collect_rollouts(
-                ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed, ctx.dist
-            )
+            with distributed.full_parameters(ctx.loss_fn):
+                rollout_stats = collect_rollouts(
+                    ctx.model, task, ctx.buffer, cfg.rollout_prompts, algo.top_p, rollout_seed, ctx.dist
+                )
             _log_scalars(ctx.writer, rollout_stats, step)
         stats = train_step(ctx, algo, top_p=algo.top_p)
         done = step + 1
