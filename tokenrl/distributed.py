@@ -167,7 +167,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Elementwise sum of ``values`` over ranks (float64; identity without a process group)."""
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces GPU tensors only
     dist.all_reduce(t)
     return t.tolist()
 
