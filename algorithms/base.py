@@ -1,7 +1,8 @@
 """What every algorithm shares: optimiser settings, the AdamW + warm-up/cosine schedule and the update step.
 
 An algorithm subclasses :class:`Algorithm` and implements ``compute_loss(batch) -> (loss, stats)`` from a
-pure loss function; ``update`` does the rest (backward, clipping, step, logging of lr and grad norm).
+pure loss function; ``update`` does the rest (backward, clipping, step, logging of lr and grad norm), split into
+``backward`` (per micro-batch) and ``optimizer_step`` for gradient accumulation.
 
 An on-policy algorithm (``needs_rollouts``) also declares how the trainer collects and uses its rollouts,
 through four hooks the trainer calls (``tokenrl.rollouts``), none of which samples or steps an env itself:
@@ -18,7 +19,7 @@ through four hooks the trainer calls (``tokenrl.rollouts``), none of which sampl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,25 +117,58 @@ class Algorithm:
         raise NotImplementedError
 
     def update(self, batch: Batch) -> dict[str, float]:
-        """One gradient step on ``batch``; returns namespaced float stats."""
+        """One gradient step on ``batch``; returns namespaced float stats.
+
+        The same as :meth:`zero_grad`, :meth:`backward` and :meth:`optimizer_step` in a row; gradient
+        accumulation (:func:`tokenrl.distributed.accumulated_update`) calls ``backward`` once per micro-batch.
+        """
+        self.zero_grad()
+        return self.optimizer_step(self.backward(batch))
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(
+        self,
+        batch: Batch,
+        loss_scale: float = 1.0,
+        loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]] | None = None,
+    ) -> dict[str, float]:
+        """Add the gradient of ``loss_scale * loss(batch)`` to the parameters' gradients; returns the stats.
+
+        Args:
+            batch: a (micro-)batch.
+            loss_scale: weight of this micro-batch's loss in the accumulated gradient.
+            loss_fn: computes ``(loss, stats)``; defaults to :meth:`compute_loss` (a DDP/FSDP wrapper of it
+                under torch.distributed, so that the backward synchronises gradients).
+        """
         self.policy.train()
-        loss, stats = self.compute_loss(batch)
+        loss, stats = (loss_fn or self.compute_loss)(batch)
         if self.guard is not None:
             self.guard.check(self.step, "loss/total", float(loss.detach()))
         elif not torch.isfinite(loss):
             raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step {self.step}; stats={stats}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if loss_scale == 1.0 else loss * loss_scale).backward()
+        return stats
+
+    def optimizer_step(self, stats: dict[str, float]) -> dict[str, float]:
+        """Clip the accumulated gradient, step the optimiser and schedule, run :meth:`after_step`.
+
+        Returns ``stats`` with ``optim/lr`` and ``optim/grad_norm`` added.
+        """
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+        # Under FSDP the norm is a DTensor over the ranks' gradient shards.
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if self.guard is not None:
-            self.guard.check(self.step, "optim/grad_norm", float(grad_norm))
+            self.guard.check(self.step, "optim/grad_norm", grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.after_step()
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
-        stats["optim/grad_norm"] = float(grad_norm)
+        stats["optim/grad_norm"] = grad_norm
         return stats
 
     # ----------------------------------------------------------------------------------------------

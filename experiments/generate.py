@@ -6,10 +6,13 @@ the same task settings finds the data in ``data_dir`` and starts at once:
     python experiments/generate.py task=smollm2                 # SmolLM2 teacher data into data_cache/
     python experiments/generate.py task=dolly_gpt2 device=cuda  # the paper's data (a GPU job)
     python experiments/generate.py task=smollm2 task.samples_per_prompt=4 data_dir=/big/disk
+    torchrun --nproc_per_node=4 experiments/generate.py task=dolly_gpt2 device=cuda   # shards split over ranks
 
-An interrupted generation resumes from its last complete shard; every shard is checked against its SHA-256
-in the manifest, and a damaged one is named (delete it and rerun: only that shard is regenerated). Prints the data directory, the number of
-trajectories, the bytes per token of the stored top-p sets and set-size statistics.
+Under torchrun rank r generates the shards i with i % world_size == r; the merged data set is the
+single-process one file for file (every shard's seed depends only on its index). An interrupted generation
+resumes from its last complete shard; every shard is checked against its SHA-256 in the manifest, and a
+damaged one is named (delete it and rerun: only that shard is regenerated). Prints the data directory, the
+number of trajectories, the bytes per token of the stored top-p sets and set-size statistics.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from tokenrl.config import make_run_config, register_configs
+from tokenrl.distributed import process_group
 from tokenrl.trainer import apply_threads, build_task, load_data
 from tokenrl.validation import check_student_tokenizer, validate
 
@@ -32,11 +36,14 @@ def main(cfg: DictConfig) -> None:
     run_cfg = make_run_config(cfg)
     validate(run_cfg)
     apply_threads(run_cfg.threads)
-    task = build_task(run_cfg)
-    check_student_tokenizer(run_cfg, task.tokenizer)
-    start = time.time()
-    buffer, data_dir, cached = load_data(run_cfg, task)
-    seconds = time.time() - start
+    with process_group(run_cfg.device, run_cfg.dist.timeout_min) as (dist_ctx, _):
+        task = build_task(run_cfg)
+        check_student_tokenizer(run_cfg, task.tokenizer)
+        start = time.time()
+        buffer, data_dir, cached = load_data(run_cfg, task, dist_ctx)
+        seconds = time.time() - start
+    if not dist_ctx.is_main:
+        return
     sizes = buffer.set_sizes()
     percentiles = np.percentile(sizes, [50, 90, 99]) if len(sizes) else np.zeros(3)
     print(f"data dir: {data_dir} ({'loaded from cache' if cached else 'generated'} in {seconds:.1f}s)")

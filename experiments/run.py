@@ -4,6 +4,7 @@
     python experiments/run.py algo=bc               # swap the algorithm with one word
     python experiments/run.py algo=iql_bd algo.top_p=1.0 steps=200
     python experiments/run.py -m algo=bc,kd,iql_bd,soft_q seed=0,1,2
+    torchrun --nproc_per_node=2 experiments/run.py hydra.run.dir=outputs/ddp   # data-parallel (README)
 
 Artifacts go to Hydra's run directory (printed at the end): metrics.json, tb/, student.safetensors,
 student/, checkpoints/, config.yaml. Continue an interrupted run with `resume=true hydra.run.dir=<its dir>`.
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tokenrl.config import make_run_config, register_configs
+from tokenrl.distributed import env_rank
 from tokenrl.trainer import run
 
 register_configs()
@@ -44,11 +46,14 @@ def _summary(metrics: dict, out_dir: str) -> str:
 def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     config_file = os.path.join(out_dir, "config.yaml")
-    if not (cfg.resume and os.path.exists(config_file)):  # a resumed run keeps the config it started with
+    # Under torchrun only rank 0 writes (pass hydra.run.dir so that all ranks share it); a resumed run keeps
+    # the config it started with.
+    if env_rank() == 0 and not (cfg.resume and os.path.exists(config_file)):
         with open(config_file, "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = run(make_run_config(cfg), out_dir)
-    print(_summary(metrics, out_dir))
+    if env_rank() == 0:
+        print(_summary(metrics, out_dir))
     return float(metrics["final_eval"]["eval/teacher_nll"])
 
 

@@ -16,13 +16,14 @@ import pytest
 LAYERS: list[tuple[str, list[str]]] = [
     # Pure functions on tensors and the teacher protocol: no project imports but these.
     ("core", ["tokenrl", "tokenrl.top_p", "tokenrl.backup", "tokenrl.tabular", "tokenrl.teachers", "tokenrl.divergence"]),
-    # Data, models and what runs them: buffers, teachers, the generation engine, data generation, scoring.
+    # Data, models and what runs them: buffers, teachers, the generation engine, data generation, scoring,
+    # data-parallel plumbing (process group, batch sharding, DDP/FSDP).
     (
         "data and models",
         [
             "tokenrl.buffer", "tokenrl.synthetic", "tokenrl.prompts", "tokenrl.sampling", "tokenrl.models",
             "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.onpolicy_metrics", "tokenrl.policy",
-            "tokenrl.checkpoint",
+            "tokenrl.checkpoint", "tokenrl.distributed",
         ],
     ),
     # Gymnasium environments and one file per algorithm (and the exact BD diagnosis on toy token MDPs).

@@ -62,6 +62,14 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data-parallel training under ``torchrun`` (ignored by a single-process run)."""
+
+    strategy: str = "ddp"  # ddp: replicated student (DistributedDataParallel) | fsdp: sharded student (fully_shard)
+    timeout_min: float = 60.0  # collective timeout; other ranks wait this long while rank 0 evaluates
+
+
+@dataclass
 class RunConfig:
     """Top-level run settings (``algo`` and ``task`` come from their config groups)."""
 
@@ -69,11 +77,13 @@ class RunConfig:
     task: Any = None  # a :data:`TASK_SCHEMAS` dataclass, chosen by ``task.kind``
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0  # training seed: student init, batch sampling, evaluation draws
     steps: int = 1000  # gradient updates of the algorithm
     sft_steps: int = 0  # SFT (BC) warm start on the offline data before the algorithm (the paper's recipe)
     sft_lr: float = 1e-3  # learning rate of the SFT warm start
-    batch_size: int = 32  # trajectories per update
+    batch_size: int = 32  # trajectories per update (the global batch over all ranks and accumulation steps)
+    micro_batch_size: int | None = None  # trajectories per forward/backward (None = batch_size / world size)
     device: str = "cpu"  # torch device
     threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
     log_every: int = 20  # TensorBoard scalar interval

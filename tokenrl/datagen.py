@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenrl.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
+from tokenrl.distributed import barrier
 from tokenrl.teachers import Teacher
 from tokenrl.top_p import check_p, top_p_sparse
 
@@ -164,6 +165,8 @@ def generate_teacher_data(
     pad_id: int = 0,
     cache_batch_size: int = 32,
     progress: bool = True,
+    shard_rank: int = 0,
+    shard_world: int = 1,
 ) -> ReplayBuffer:
     """Sample the teacher on ``prompts`` and store trajectories with their top-p cache, resumably.
 
@@ -185,9 +188,13 @@ def generate_teacher_data(
         pad_id: padding id.
         cache_batch_size: sequences per teacher forward in the cache pass.
         progress: show a tqdm bar.
+        shard_rank, shard_world: generate only the shards ``i`` with ``i % shard_world == shard_rank`` (one
+            process of a sharded generation; every shard's seed depends on ``i`` only, so the files are those
+            of a single-process run).
 
     Returns:
-        The whole dataset as one buffer.
+        The dataset as one buffer (with ``shard_world > 1``: the whole dataset, after every rank's shards are
+        written and recorded).
 
     Raises:
         ValueError: the stored manifest was written with other settings (the field is named).
@@ -196,39 +203,56 @@ def generate_teacher_data(
     return _load_or_generate(
         teacher, sampler, prompts, out_dir, samples_per_prompt=samples_per_prompt, cache_top_p=cache_top_p,
         manifest=manifest, shard_prompts=shard_prompts, seed=seed, pad_id=pad_id,
-        cache_batch_size=cache_batch_size, progress=progress,
+        cache_batch_size=cache_batch_size, progress=progress, shard_rank=shard_rank, shard_world=shard_world,
     )[0]
 
 
-def _load_or_generate(
-    teacher, sampler, prompts, out_dir, *, samples_per_prompt, cache_top_p, manifest, shard_prompts=256, seed=0,
-    pad_id=0, cache_batch_size=32, progress=True,
-) -> tuple[ReplayBuffer, bool]:
-    """:func:`generate_teacher_data`, also returning whether every shard was already on disk."""
-    check_p(cache_top_p)
-    os.makedirs(out_dir, exist_ok=True)
-    remove_orphaned_tmp(out_dir)
-    wanted = data_manifest(
-        manifest, prompts, samples_per_prompt=samples_per_prompt, cache_top_p=cache_top_p,
-        shard_prompts=shard_prompts, seed=seed,
-    )
+def _open_manifest(out_dir: str, wanted: dict) -> dict:
+    """The stored manifest, compared with ``wanted``; written (with no shard recorded yet) when absent."""
     stored = _read_manifest(out_dir)
     if stored is None:
         stored = {**wanted, "shards": {}}
         write_json_atomic(manifest_path(out_dir), stored)
     else:
         _compare_manifest(out_dir, stored, wanted)
-    checksums = stored.setdefault("shards", {})
+    stored.setdefault("shards", {})
+    return stored
+
+
+def _load_or_generate(
+    teacher, sampler, prompts, out_dir, *, samples_per_prompt, cache_top_p, manifest, shard_prompts=256, seed=0,
+    pad_id=0, cache_batch_size=32, progress=True, shard_rank=0, shard_world=1,
+) -> tuple[ReplayBuffer, bool]:
+    """:func:`generate_teacher_data`, also returning whether every shard was already on disk.
+
+    Sharded (``shard_world > 1``, one call per rank): rank 0 writes or checks the manifest first; each rank then
+    writes its own shards without touching the manifest, and rank 0 records every new shard's checksum once
+    all are on disk, so no two processes ever write the manifest.
+    """
+    check_p(cache_top_p)
+    os.makedirs(out_dir, exist_ok=True)
+    sharded = shard_world > 1
+    wanted = data_manifest(
+        manifest, prompts, samples_per_prompt=samples_per_prompt, cache_top_p=cache_top_p,
+        shard_prompts=shard_prompts, seed=seed,
+    )
+    if shard_rank == 0:
+        remove_orphaned_tmp(out_dir)
+        stored = _open_manifest(out_dir, wanted)
+    if sharded:
+        barrier()  # the manifest exists and matches before any rank reads it or writes a shard
+        if shard_rank != 0:
+            stored = _open_manifest(out_dir, wanted)
+    checksums = stored["shards"]
+    names = [os.path.basename(shard_path(out_dir, i)) for i in range(wanted["n_shards"])]
+    complete = all(name in checksums and os.path.exists(shard_path(out_dir, i)) for i, name in enumerate(names))
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
-    complete = True
-    bar = tqdm(range(wanted["n_shards"]), desc="teacher data (shards)", disable=not progress)
+    bar = tqdm(range(shard_rank, wanted["n_shards"], shard_world), desc="teacher data (shards)", disable=not progress)
     for i in bar:
-        path = shard_path(out_dir, i)
-        name = os.path.basename(path)
+        path, name = shard_path(out_dir, i), names[i]
         if os.path.exists(path) and name in checksums:
             buffer.extend(_load_shard(out_dir, path, checksums[name]))
             continue
-        complete = False
         chunk = prompts[i * shard_prompts : (i + 1) * shard_prompts]
         rep_prompts = [list(pr) for pr in chunk for _ in range(samples_per_prompt)]
         samples = sampler(rep_prompts, seed * 1_000_003 + i)
@@ -238,17 +262,33 @@ def _load_or_generate(
         shard = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
         shard.add(rep_prompts, responses, terminated, caches=caches, is_expert=True)
         shard.save(path)
-        digest = file_sha256(path)
-        if name in checksums and checksums[name] != digest:
-            warnings.warn(
-                f"regenerated {path} differs from the checksum recorded when it was first written (a teacher "
-                "that is not bit-reproducible on this device?); recording the new checksum",
-                stacklevel=2,
-            )
-        checksums[name] = digest
-        write_json_atomic(manifest_path(out_dir), stored)
         buffer.extend(shard)
-    return buffer, complete
+        if not sharded:
+            _record_checksum(stored, out_dir, path)
+            write_json_atomic(manifest_path(out_dir), stored)
+    if not sharded:
+        return buffer, complete
+    barrier()  # every rank's shards are on disk
+    if shard_rank == 0:
+        for i, name in enumerate(names):
+            if name not in checksums:
+                _record_checksum(stored, out_dir, shard_path(out_dir, i))
+        write_json_atomic(manifest_path(out_dir), stored)
+    barrier()  # the manifest records every shard
+    return load_teacher_data(out_dir), complete
+
+
+def _record_checksum(stored: dict, out_dir: str, path: str) -> None:
+    """Put ``path``'s SHA-256 into the manifest dict ``stored`` (warning when it replaces a different one)."""
+    name, digest = os.path.basename(path), file_sha256(path)
+    checksums = stored["shards"]
+    if name in checksums and checksums[name] != digest:
+        warnings.warn(
+            f"regenerated {path} differs from the checksum recorded when it was first written (a teacher "
+            "that is not bit-reproducible on this device?); recording the new checksum",
+            stacklevel=3,
+        )
+    checksums[name] = digest
 
 
 def load_teacher_data(out_dir: str, manifest: dict | None = None) -> ReplayBuffer:
@@ -299,7 +339,8 @@ def load_or_generate_data(
 
     Args:
         teacher, sampler, prompts, out_dir: as in :func:`generate_teacher_data`.
-        **generate_kwargs: the keyword arguments of :func:`generate_teacher_data`.
+        **generate_kwargs: the keyword arguments of :func:`generate_teacher_data`; with ``shard_world > 1``
+            (one rank of a torchrun job) each rank generates its shards, waits for the others and loads all.
 
     Returns:
         ``(buffer, was_complete)``.

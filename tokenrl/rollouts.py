@@ -26,6 +26,7 @@ import torch
 from algorithms import Algorithm
 from envs import BatchedTokenGenerationEnv
 from envs.token_env import PolicyFn
+from tokenrl import distributed
 from tokenrl.buffer import ReplayBuffer
 from tokenrl.datagen import compute_top_p_cache
 from tokenrl.models import HFTeacher, IncrementalTeacher
@@ -110,8 +111,13 @@ def collect_rollouts(
     n_prompts: int,
     seed: int,
     clock: StageClock,
+    dist_ctx: distributed.DistContext = distributed.DistContext(),
 ) -> dict[str, float]:
     """Sample rollouts of ``algo.rollout_policy`` on training prompts, score them with the teacher, add them.
+
+    Under torchrun the ``n_prompts`` drawn prompts are split evenly over the ranks; each rank rolls out its
+    part (sampling seed ``seed * world_size + rank``) into its own buffer, and the stats are rank averages
+    (``rollout/n`` the total).
 
     Args:
         model: the student network (put in eval mode while sampling, its mode restored after).
@@ -122,12 +128,22 @@ def collect_rollouts(
         n_prompts: prompts per collection (drawn without replacement, capped at the training set).
         seed: picks the prompts and seeds the env's sampler.
         clock: receives ``time/rollout_s``, ``time/teacher_score_s`` and ``time/buffer_add_s``.
+        dist_ctx: this process's rank and the world size (a world of one by default).
 
     Returns:
         ``rollout/*`` statistics: ``n`` trajectories added, ``mean_len``, ``terminated_frac``, ``buffer_size``.
     """
+    world = dist_ctx.world_size
+    n_prompts = min(n_prompts, len(task.train_prompts))
+    if n_prompts % world:
+        raise ValueError(
+            f"rollout_prompts ({n_prompts} after capping at the training prompts) must be a multiple of the world "
+            f"size ({world}) so that every rank's buffer grows alike; change rollout_prompts"
+        )
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(task.train_prompts), size=min(n_prompts, len(task.train_prompts)), replace=False)
+    idx = rng.choice(len(task.train_prompts), size=n_prompts, replace=False)
+    if world > 1:
+        idx, seed = np.array_split(idx, world)[dist_ctx.rank], seed * world + dist_ctx.rank
     prompts = [task.train_prompts[i] for i in idx]
     with clock.stage("time/rollout_s"):
         env = BatchedTokenGenerationEnv(
@@ -152,9 +168,10 @@ def collect_rollouts(
         )
         n = len(traj.responses)
         algo.after_rollout(range(len(buffer) - n, len(buffer)))
-    return {
-        "rollout/n": float(n),
+    stats = {
+        "rollout/n": float(n * world),
         "rollout/mean_len": float(np.mean([len(r) for r in traj.responses])),
         "rollout/terminated_frac": float(np.mean(traj.terminated)),
         "rollout/buffer_size": float(len(buffer)),
     }
+    return distributed.reduce_stats([stats], [1.0 / world]) if world > 1 else stats

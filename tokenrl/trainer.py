@@ -36,7 +36,8 @@ from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from algorithms import Algorithm, make_algorithm
+from algorithms import Algorithm, get_spec, make_algorithm
+from tokenrl import distributed
 from tokenrl.buffer import ReplayBuffer, write_json_atomic
 from tokenrl.checkpoint import (
     CheckpointError,
@@ -80,6 +81,9 @@ class RunContext:
     timings: dict[str, float]  # seconds per stage, reported under results["train"]
     guard: DivergenceGuard  # running loss / grad-norm ranges; checkpointed
     skipped_steps: int = 0  # updates refused as diverging under on_divergence=skip; checkpointed
+    dist: distributed.DistContext = distributed.DistContext()  # this process's rank (a world of one by default)
+    loss_module: distributed.LossForward | None = None  # its compute_loss is the current algorithm's
+    loss_fn: torch.nn.Module | None = None  # loss_module, wrapped in DDP/FSDP under torchrun
 
 
 @contextlib.contextmanager
@@ -121,8 +125,14 @@ def data_location(cfg: RunConfig, task: Task) -> str:
     return dataset_dir(cfg.data_dir, task.name, data_manifest(task.manifest, task.train_prompts, **data_settings(cfg)))
 
 
-def load_data(cfg: RunConfig, task: Task) -> tuple[ReplayBuffer, str, bool]:
-    """The task's offline teacher data under ``cfg.data_dir``: ``(buffer, data_dir, was_cached)``."""
+def load_data(
+    cfg: RunConfig, task: Task, dist_ctx: distributed.DistContext = distributed.DistContext()
+) -> tuple[ReplayBuffer, str, bool]:
+    """The task's offline teacher data under ``cfg.data_dir``: ``(buffer, data_dir, was_cached)``.
+
+    Under torchrun the ranks generate disjoint shards (shard ``i`` on rank ``i % world_size``) and then all
+    load the whole data set, which is the single-process one file for file.
+    """
     data_dir = data_location(cfg, task)
     buffer, cached = load_or_generate_data(
         task.teacher,
@@ -134,6 +144,8 @@ def load_data(cfg: RunConfig, task: Task) -> tuple[ReplayBuffer, str, bool]:
         cache_batch_size=cfg.task.cache_batch_size,
         progress=cfg.progress,
         **data_settings(cfg),
+        shard_rank=dist_ctx.rank,
+        shard_world=dist_ctx.world_size,
     )
     return buffer, data_dir, cached
 
@@ -221,7 +233,7 @@ def finished_metrics(out_dir: str, state: dict, cfg: RunConfig) -> dict | None:
 def resume(ctx: RunContext, state: dict) -> tuple[Algorithm, int]:
     """Restore the algorithm, RNGs, divergence ranges and results of a checkpoint: ``(algorithm, step)``."""
     algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=ctx.cfg.steps)
-    algo.load_state_dict(state["algo"])
+    distributed.load_algo_state(algo, state["algo"], ctx.loss_fn)
     ctx.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     ctx.guard.load_state_dict(state["guard"])
@@ -234,6 +246,10 @@ def resume(ctx: RunContext, state: dict) -> tuple[Algorithm, int]:
 def reference_evaluations(ctx: RunContext) -> None:
     """The teacher's own samples and the untrained student, the reference rows of the report."""
     cfg, task = ctx.cfg, ctx.task
+    if not ctx.dist.is_main:
+        # Evaluation runs on rank 0 alone: its samples are drawn per seed over the whole prompt list, so
+        # sharding the prompts over ranks would change them.
+        return
     if cfg.teacher_eval:
         with timed(ctx.timings, "teacher_eval_s"):
             prompts, references = _first(task.test_prompts, task.test_references, cfg.eval.n_prompts)
@@ -257,9 +273,11 @@ def warm_start(ctx: RunContext) -> None:
     with timed(ctx.timings, "sft_s"):
         sft = make_algorithm("bc", ctx.policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
         for _ in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
-            sft_stats = sft.update(ctx.buffer.sample(cfg.batch_size, ctx.generator).to(cfg.device))
+            sft_stats = train_step(ctx, sft)
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
-    ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
+    with distributed.full_parameters(ctx.loss_fn):
+        if ctx.dist.is_main:
+            ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
 
 
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
@@ -297,17 +315,16 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         for step in bar:
             # The first step of a resumed run collects too: the algorithm's newest-rollout batch is not checkpointed.
             if rollout_every and (step % rollout_every == 0 or step == start_step):
-                rollout_stats = collect_rollouts(
-                    ctx.model, task, ctx.buffer, algo, cfg.rollout_prompts, cfg.seed * 1_000_003 + step, clock
-                )
+                with distributed.full_parameters(ctx.loss_fn):
+                    rollout_stats = collect_rollouts(
+                        ctx.model, task, ctx.buffer, algo, cfg.rollout_prompts, cfg.seed * 1_000_003 + step, clock,
+                        ctx.dist,
+                    )
                 _log_scalars(ctx.writer, rollout_stats, step)
                 _count_rollouts(ctx.results, rollout_stats)
             generator_state = ctx.generator.get_state()
             try:
-                with clock.stage("time/batch_s"):
-                    batch = algo.sample_batch(ctx.buffer, cfg.batch_size, ctx.generator).to(cfg.device)
-                with clock.stage("time/update_s"):
-                    stats = algo.update(batch)
+                stats = train_step(ctx, algo, clock)
                 ctx.guard.record(stats)
             except DivergenceError as error:
                 if cfg.on_divergence != "skip":
@@ -360,15 +377,19 @@ def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
 
 
 def final_evaluation(ctx: RunContext) -> None:
-    """Evaluate the trained student with every evaluation seed."""
+    """Evaluate the trained student with every evaluation seed (on rank 0)."""
+    if not ctx.dist.is_main:
+        return
     with timed(ctx.timings, "final_eval_s"):
         ctx.results["final_eval"] = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.seeds)
     _log_scalars(ctx.writer, ctx.results["final_eval"], ctx.cfg.steps)
 
 
 def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -> None:
-    """Write the student (safetensors and ``save_pretrained``) and ``metrics.json``."""
-    model, out_dir = ctx.model, ctx.out_dir
+    """Write the student (safetensors and ``save_pretrained``) and ``metrics.json`` (rank 0 only)."""
+    if not ctx.dist.is_main:
+        return
+    model, out_dir = distributed.plain_copy(ctx.model, ctx.loss_fn), ctx.out_dir
     tmp = os.path.join(out_dir, f"student.safetensors.tmp-{os.getpid()}")
     save_model(model, tmp)  # drops the duplicate of tied embeddings (SmolLM2, Qwen2.5-0.5B) instead of failing
     os.replace(tmp, os.path.join(out_dir, "student.safetensors"))
@@ -387,7 +408,9 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
 def run(cfg: RunConfig, out_dir: str) -> dict:
     """Train and evaluate one student; returns the metrics written to ``metrics.json``.
 
-    Every check that can refuse the run comes before any data, model or evaluation work: the config
+    Under ``torchrun`` every rank calls this: they train data-parallel, rank 0 evaluates and writes the
+    outputs, and every rank returns rank 0's metrics. Every check that can refuse the run comes before any
+    data, model or evaluation work: the config
     (:func:`tokenrl.validation.validate`), the checkpoint and its config when ``resume=true``, and the
     student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
     """
@@ -398,45 +421,69 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         if finished is not None:
             print(f"the run in {out_dir} already finished its {cfg.steps} steps; nothing to do (raise steps to extend it)")
             return finished
-    os.makedirs(out_dir, exist_ok=True)
-    for directory in (out_dir, checkpoint_dir(out_dir)):
-        remove_orphaned_tmp(directory)
+    with distributed.process_group(cfg.device, cfg.dist.timeout_min) as (dist_ctx, device):
+        if device != cfg.device:
+            cfg = dataclasses.replace(cfg, device=device)
+        return _run(cfg, out_dir, dist_ctx, resume_state)
+
+
+def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume_state: dict | None) -> dict:
+    if dist_ctx.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        for directory in (out_dir, checkpoint_dir(out_dir)):
+            remove_orphaned_tmp(directory)
     apply_threads(cfg.threads)
+    spec = get_spec(cfg.algo_name)
+    if dist_ctx.enabled and cfg.dist.strategy == "fsdp" and spec.cls.uses_target_network:
+        raise ValueError(f"algo={cfg.algo_name} keeps a target network, which dist.strategy=fsdp does not shard; use ddp")
+    accumulates = distributed.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist_ctx.world_size)[1] > 1
+    if (dist_ctx.enabled or accumulates) and spec.cls.sample_batch is not Algorithm.sample_batch:
+        raise ValueError(
+            f"algo={cfg.algo_name} draws its own training batches (from its newest rollouts), which data-parallel "
+            "training and gradient accumulation do not shard yet; run it in one process without micro_batch_size"
+        )
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
         task = build_task(cfg)
     check_student_tokenizer(cfg, task.tokenizer)
     with timed(timings, "data_s"):
-        buffer, data_dir, cached = load_data(cfg, task)
+        buffer, data_dir, cached = load_data(cfg, task, dist_ctx)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
+    policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
+    loss_module = distributed.LossForward(policy)
     ctx = RunContext(
         cfg=cfg,
         out_dir=out_dir,
         task=task,
         buffer=buffer,
         model=model,
-        policy=CausalLMPolicy(model, vocab_size=task.vocab_size),
+        policy=policy,
         generator=torch.Generator().manual_seed(cfg.seed),
-        writer=SummaryWriter(os.path.join(out_dir, "tb")),
+        writer=SummaryWriter(os.path.join(out_dir, "tb")) if dist_ctx.is_main else distributed.NullWriter(),
         results={"algo": cfg.algo_name, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
         timings=timings,
         guard=DivergenceGuard(cfg.divergence_factor),
+        dist=dist_ctx,
+        loss_module=loss_module,
+        loss_fn=distributed.wrap_for_training(loss_module, dist_ctx, cfg.dist.strategy),
     )
     if resume_state is not None:
         algo, start_step = resume(ctx, resume_state)
         ctx.skipped_steps = int(resume_state["skipped_steps"])
     else:
-        reference_evaluations(ctx)
+        with distributed.full_parameters(ctx.loss_fn):
+            reference_evaluations(ctx)
         warm_start(ctx)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         algo, start_step = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
     with timed(timings, "train_s"):
         last_stats = train_loop(ctx, algo, start_step)
     save_train_state(ctx, algo, cfg.steps)
-    final_evaluation(ctx)
-    ctx.writer.close()
-    save_outputs(ctx, last_stats, data_dir)
-    return ctx.results
+    with distributed.full_parameters(ctx.loss_fn):
+        final_evaluation(ctx)
+        ctx.writer.close()
+        save_outputs(ctx, last_stats, data_dir)
+    return distributed.broadcast_object(ctx.results)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,10 +536,18 @@ def evaluate_student(
     return metrics
 
 
-def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str:
-    """Checkpoint the run after ``step`` updates (see :mod:`tokenrl.checkpoint`); returns the file written."""
+def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str | None:
+    """Checkpoint the run after ``step`` updates (see :mod:`tokenrl.checkpoint`); returns the file written.
+
+    Every rank holds the same batch generator, and under DDP the same student and optimiser (FSDP's shards
+    are gathered into the same format first, by every rank), so the state resumes on any number of processes;
+    rank 0 writes it (the other ranks return None).
+    """
+    algo_state = distributed.algo_state(algo, ctx.loss_fn, ctx.dist)
+    if not ctx.dist.is_main:
+        return None
     state = {
-        "algo": algo.state_dict(),
+        "algo": algo_state,
         "generator": ctx.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "step": step,
@@ -511,6 +566,30 @@ def _count_rollouts(results: dict[str, Any], rollout_stats: dict[str, float]) ->
     totals["rollout/collections"] += 1
     totals["rollout/trajectories"] += int(rollout_stats["rollout/n"])
     totals.update({k: v for k, v in rollout_stats.items() if k != "rollout/n"})
+
+
+def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None) -> dict[str, float]:
+    """One optimiser step of ``algo`` on the next global batch (``time/batch_s`` and ``time/update_s`` on ``clock``).
+
+    In one process without gradient accumulation the algorithm draws its batch itself
+    (:meth:`~algorithms.base.Algorithm.sample_batch`); otherwise every rank draws the same global index list
+    from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.distributed`).
+    """
+    cfg = ctx.cfg
+    clock = clock or StageClock()
+    micro, _ = distributed.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, ctx.dist.world_size)
+    with clock.stage("time/batch_s"):
+        if not ctx.dist.enabled and micro == cfg.batch_size:
+            batches = [algo.sample_batch(ctx.buffer, cfg.batch_size, ctx.generator).to(cfg.device)]
+        else:
+            indices = distributed.global_indices(ctx.buffer, cfg.batch_size, ctx.generator)
+            batches = [
+                ctx.buffer.collate(part, top_p=algo.top_p).to(cfg.device)
+                for part in distributed.local_micro_batches(indices, ctx.dist, micro)
+            ]
+    ctx.loss_module.compute_loss = algo.compute_loss
+    with clock.stage("time/update_s"):
+        return distributed.accumulated_update(algo, batches, ctx.loss_fn, ctx.dist)
 
 
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:

@@ -1,0 +1,73 @@
+"""``experiments/run.py`` with observers, for tests/test_distributed.py (launched by torchrun or plain python).
+
+    python tests/distributed_worker.py TRACE_DIR SNAPSHOT_STEP run.py-overrides...
+
+Runs the real entry point and, without changing what it computes, records per rank into
+``TRACE_DIR/rank<r>.pt``: the global batch indices this rank trained on at every optimiser step, the
+student's (full) parameters after every step, and every file the trainer wrote (TensorBoard writer, metrics,
+student, train state). The train state written at step ``SNAPSHOT_STEP`` is also copied to
+``TRACE_DIR/train_state_step<k>.pt`` (later checkpoints overwrite the run's own copy).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import runpy
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tokenrl import distributed, trainer  # noqa: E402
+
+trace_dir, snapshot_step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+rank = distributed.env_rank()
+trace = {"indices": [], "params": [], "algos": [], "writes": [], "pid": os.getpid()}
+
+
+def _record_indices(indices, ctx, micro_batch_size):
+    parts = _local_micro_batches(indices, ctx, micro_batch_size)
+    trace["indices"].append([i for part in parts for i in part])
+    return parts
+
+
+def _record_params(algo, micro_batches, loss_fn, ctx):
+    stats = _accumulated_update(algo, micro_batches, loss_fn, ctx)
+    # FSDP parameters are DTensor shards: gather the full tensors (a collective every rank runs here).
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in algo.policy.parameters()]
+    trace["params"].append(torch.cat([p.detach().reshape(-1).clone() for p in full]))
+    trace["algos"].append(algo.name)
+    return stats
+
+
+def _writes(name, fn):
+    def wrapper(*args, **kwargs):
+        trace["writes"].append(name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _torch_save(obj, path, *args, **kwargs):
+    trace["writes"].append("torch.save")
+    if isinstance(obj, dict) and obj.get("step") == snapshot_step and "algo" in obj:
+        _save(obj, os.path.join(trace_dir, f"train_state_step{snapshot_step}.pt"))
+    return _save(obj, path, *args, **kwargs)
+
+
+_local_micro_batches, _accumulated_update, _save = (
+    distributed.local_micro_batches, distributed.accumulated_update, torch.save,
+)
+distributed.local_micro_batches = _record_indices
+distributed.accumulated_update = _record_params
+torch.save = _torch_save
+trainer.SummaryWriter = _writes("SummaryWriter", trainer.SummaryWriter)
+trainer.save_model = _writes("save_model", trainer.save_model)
+trainer.write_json_atomic = _writes("write_json_atomic", trainer.write_json_atomic)
+atexit.register(lambda: _save(trace, os.path.join(trace_dir, f"rank{rank}.pt")))
+
+sys.argv = [os.path.join(ROOT, "experiments", "run.py"), *overrides]
+runpy.run_path(sys.argv[0], run_name="__main__")
