@@ -357,7 +357,8 @@ class HFTeacher:
     Args:
         model: the causal LM.
         tokenizer: its tokenizer (defines ``vocab_size`` and ``eos_token_id``).
-        max_batch: rows per forward pass in :meth:`sequence_logits` (bounds the ``[B, T, V]`` activation).
+        max_batch: rows per forward pass in :meth:`sequence_logits` (bounds the ``[B, T, V]`` activation) and
+            :meth:`position_logits` (bounds the body's activations).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 8):
