@@ -152,13 +152,17 @@ def token_nll(
     rows_N, cols_N = state_positions(prompt_lens_B, lengths_B - prompt_lens_B)
     targets_N = tokens_BT.cpu()[rows_N, cols_N + 1]
     size = chunk_positions(teacher.vocab_size, chunk)
-    nll, done = [], 0
+    # Results go into a preallocated tensor: small per-chunk tensors kept alive between the large chunk
+    # temporaries fragment glibc's heap, and the process then grows with the number of chunks.
+    nll_N = torch.zeros(len(rows_N), dtype=torch.float64)
+    done = 0
     for logits_nV in teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size):
+        n = logits_nV.shape[0]
         logits_nV = logits_nV.double()
-        target_n = targets_N[done : done + logits_nV.shape[0]].to(logits_nV.device)
-        done += logits_nV.shape[0]
-        nll.append((torch.logsumexp(logits_nV, -1) - logits_nV.gather(1, target_n[:, None])[:, 0]).cpu())
-    return torch.cat(nll) if nll else torch.zeros(0, dtype=torch.float64)
+        target_n = targets_N[done : done + n].to(logits_nV.device)
+        nll_N[done : done + n] = (torch.logsumexp(logits_nV, -1) - logits_nV.gather(1, target_n[:, None])[:, 0]).cpu()
+        done += n
+    return nll_N
 
 
 def kl_both_directions(
@@ -196,7 +200,10 @@ def kl_both_directions(
     size = chunk_positions(vocab, chunk)
     student = causal_lm_position_logits(model, tokens_BT, lengths_B, rows_N, cols_N, vocab, size)
     teacher_chunks = teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size)
-    kl_st, kl_ts = [], []
+    # Preallocated results (see token_nll).
+    kl_st_N = torch.zeros(len(rows_N), dtype=torch.float64)
+    kl_ts_N = torch.zeros(len(rows_N), dtype=torch.float64)
+    done = 0
     for student_nV, teacher_nV in zip(student, teacher_chunks):
         if student_nV.shape[-1] != teacher_nV.shape[-1]:
             raise ValueError(
@@ -206,12 +213,11 @@ def kl_both_directions(
         logp_s_nV = torch.log_softmax(student_nV.double(), dim=-1)
         logp_t_nV = torch.log_softmax(teacher_nV.to(student_nV.device).double(), dim=-1)
         p_s_nV, p_t_nV = logp_s_nV.exp(), logp_t_nV.exp()
-        kl_st.append(torch.where(p_s_nV > 0, p_s_nV * (logp_s_nV - logp_t_nV), 0.0).sum(-1).cpu())
-        kl_ts.append(torch.where(p_t_nV > 0, p_t_nV * (logp_t_nV - logp_s_nV), 0.0).sum(-1).cpu())
-    if not kl_st:
-        empty = torch.zeros(0, dtype=torch.float64)
-        return empty, empty.clone()
-    return torch.cat(kl_st), torch.cat(kl_ts)
+        n = student_nV.shape[0]
+        kl_st_N[done : done + n] = torch.where(p_s_nV > 0, p_s_nV * (logp_s_nV - logp_t_nV), 0.0).sum(-1).cpu()
+        kl_ts_N[done : done + n] = torch.where(p_t_nV > 0, p_t_nV * (logp_t_nV - logp_s_nV), 0.0).sum(-1).cpu()
+        done += n
+    return kl_st_N, kl_ts_N
 
 
 def top_p_sets(
