@@ -20,6 +20,7 @@ Two workloads:
 
     python benchmarks/memory.py                             # random150k, held-out 16x64, 32x64, 16x128
     python benchmarks/memory.py --smollm2 --heldout 16,64    # plus the SmolLM2 task
+    python benchmarks/memory.py --smollm2 --skip-random --stages evaluation
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heldout", nargs="+", default=["16,64", "32,64", "16,128"], help="N,L evaluation sizes (random150k)")
     ap.add_argument("--smollm2", action="store_true", help="also measure the SmolLM2 task")
+    ap.add_argument("--skip-random", action="store_true", help="do not measure the random150k workload")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to measure")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "STAGE", "HELDOUT"), help=argparse.SUPPRESS)
@@ -262,8 +264,8 @@ def main() -> None:
         return
 
     sizes = [tuple(int(x) for x in h.split(",")) for h in args.heldout]
-    runs = [("random150k", stage, sizes[0]) for stage in STAGES[:-1]]
-    runs += [("random150k", "evaluation", size) for size in sizes]
+    runs = [] if args.skip_random else [("random150k", stage, sizes[0]) for stage in STAGES[:-1]]
+    runs += [] if args.skip_random else [("random150k", "evaluation", size) for size in sizes]
     if args.smollm2:
         runs += [("smollm2", stage, sizes[0]) for stage in STAGES]
     runs = [run for run in runs if run[1] in args.stages]
