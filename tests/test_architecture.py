@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "tokenrl.buffer", "tokenrl.synthetic", "tokenrl.prompts", "tokenrl.sampling", "tokenrl.models",
             "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.onpolicy_metrics", "tokenrl.policy",
-            "tokenrl.checkpoint", "tokenrl.distributed",
+            "tokenrl.checkpoint", "tokenrl.distributed", "tokenrl.scoring",
         ],
     ),
     # Gymnasium environments and one file per algorithm (and the exact BD diagnosis on toy token MDPs).

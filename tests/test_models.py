@@ -93,8 +93,12 @@ def _permute_for_gguf(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_llama_gguf(path: str) -> tuple[LlamaForCausalLM, list[str]]:
-    """A float32 llama GGUF with a byte-level BPE tokenizer, and the model it was written from."""
+def write_tiny_llama_gguf(path: str, tied: bool = False) -> tuple[LlamaForCausalLM, list[str]]:
+    """A float32 llama GGUF with a byte-level BPE tokenizer, and the model it was written from.
+
+    ``tied``: the model ties its output embedding to the input one, and the file has no ``output.weight``
+    (as SmolLM2's GGUF).
+    """
     gguf = pytest.importorskip("gguf")
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -105,7 +109,7 @@ def write_tiny_llama_gguf(path: str) -> tuple[LlamaForCausalLM, list[str]]:
     config = LlamaConfig(
         vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=64,
-        tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos,
+        tie_word_embeddings=tied, bos_token_id=eos, eos_token_id=eos,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -131,7 +135,8 @@ def write_tiny_llama_gguf(path: str) -> tuple[LlamaForCausalLM, list[str]]:
     writer.add_eos_token_id(eos)
     writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
-    writer.add_tensor("output.weight", weights["lm_head.weight"])
+    if not tied:
+        writer.add_tensor("output.weight", weights["lm_head.weight"])
     block_names = {
         "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -152,16 +157,26 @@ def write_tiny_llama_gguf(path: str) -> tuple[LlamaForCausalLM, list[str]]:
     return model, tokens
 
 
-@pytest.mark.parametrize("how", ["directory+gguf_file", "direct .gguf path"])
+@pytest.mark.parametrize("how", ["directory+gguf_file", "direct .gguf path", "tied embeddings"])
 def test_load_from_gguf(tmp_path, how):
     path = str(tmp_path / "tiny.gguf")
-    reference, tokens = write_tiny_llama_gguf(path)
+    reference, tokens = write_tiny_llama_gguf(path, tied=how == "tied embeddings")
     if how == "directory+gguf_file":
         model, tokenizer = load_causal_lm(str(tmp_path), gguf_file="tiny.gguf")
     else:
         model, tokenizer = load_causal_lm(path)
     assert len(tokenizer) == len(tokens)
     assert tokenizer.eos_token == "<|endoftext|>"
+    # The meta-device load leaves no tensor behind on meta and no weight uninitialised: every parameter and
+    # buffer (RoPE frequencies included) equals the model the file was written from.
+    loaded = dict(model.named_parameters()) | dict(model.named_buffers())
+    expected = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert loaded.keys() == expected.keys()
+    for name, tensor in loaded.items():
+        assert tensor.device.type == "cpu", name
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+    if how == "tied embeddings":
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     tokens_BT = torch.tensor([tokenizer.encode(" the cat sat")])
     torch.testing.assert_close(model(tokens_BT).logits, reference(tokens_BT).logits)
 

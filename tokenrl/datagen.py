@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tokenrl import scoring
 from tokenrl.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
 from tokenrl.distributed import barrier
 from tokenrl.teachers import Teacher
-from tokenrl.top_p import check_p, top_p_sparse
+from tokenrl.top_p import check_p
 
 #: sampler(prompts, seed) -> [(response_tokens, terminated)], EOS included as last token when terminated
 Sampler = Callable[[Sequence[Sequence[int]], int], list[tuple[list[int], bool]]]
@@ -57,6 +58,9 @@ def compute_top_p_cache(
 ) -> list[TopPCache]:
     """Teacher-forced top-p sets at the ``len(response) + 1`` states of each trajectory.
 
+    Teacher logits are computed only at those states, a chunk at a time (:func:`tokenrl.scoring.top_p_sets`),
+    so memory does not grow with the prompt length, the batch size or the vocabulary.
+
     Args:
         teacher: any :class:`~tokenrl.teachers.Teacher`.
         prompts, responses: token lists of equal count.
@@ -74,19 +78,20 @@ def compute_top_p_cache(
         ps, rs = prompts[start : start + batch_size], responses[start : start + batch_size]
         full = [list(a) + list(b) for a, b in zip(ps, rs)]
         tokens_BL, lengths_B = right_pad(full, pad_id)
-        logits_BLV = teacher.sequence_logits(tokens_BL, lengths_B)
+        prompt_lens_B = torch.tensor([len(a) for a in ps], dtype=torch.long)
+        # The sets of all R + 1 states of every row, flattened row-major, then cut per trajectory.
+        sizes, ids, logprobs = [], [], []
+        for sets in scoring.top_p_sets(teacher, tokens_BL, lengths_B, prompt_lens_B, p, max_k=max_k, pad_id=pad_id):
+            sizes.append(sets.sizes.cpu().numpy().astype(np.int32))
+            ids.append(sets.ids[sets.mask].cpu().numpy().astype(np.int32))
+            logprobs.append(sets.logprobs[sets.mask].cpu().numpy().astype(np.float16))
+        sizes_N, ids_M, logprobs_M = np.concatenate(sizes), np.concatenate(ids), np.concatenate(logprobs)
+        state_ends = np.cumsum([len(r) + 1 for r in rs])
+        member_ends = np.cumsum(sizes_N)[state_ends - 1]
         for b in range(len(ps)):
-            pl, rl = len(ps[b]), len(rs[b])
-            # State s_t is the prefix prompt + response[:t]; its next-token logits sit at column pl - 1 + t.
-            sets = top_p_sparse(logits_BLV[b, pl - 1 : pl + rl], p, max_k=max_k, pad_id=pad_id)
-            sizes = sets.sizes.cpu().numpy().astype(np.int32)
-            out.append(
-                TopPCache(
-                    sizes=sizes,
-                    ids=sets.ids[sets.mask].cpu().numpy().astype(np.int32),
-                    logprobs=sets.logprobs[sets.mask].cpu().numpy().astype(np.float16),
-                )
-            )
+            states = slice(state_ends[b] - len(rs[b]) - 1, state_ends[b])
+            members = slice(member_ends[b - 1] if b else 0, member_ends[b])
+            out.append(TopPCache(sizes=sizes_N[states], ids=ids_M[members], logprobs=logprobs_M[members]))
     return out
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
-from tokenrl.backup import kl, project_to_set
+from tokenrl import scoring
 from tokenrl.datagen import right_pad
 from tokenrl.sampling import check_prompts, sample_responses
 from tokenrl.teachers import Teacher
@@ -43,15 +43,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _response_mask(prompt_lens_B: torch.Tensor, response_lens_B: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, width]`` bool, True at the logit positions that predict response tokens.
-
-    Logit position ``t`` predicts token ``t + 1``, so response tokens ``[P, P + R)`` are predicted at
-    ``[P - 1, P + R - 1)``.
-    """
-    t_T = torch.arange(width)
-    start_B1 = (prompt_lens_B - 1)[:, None]
-    return (t_T[None, :] >= start_B1) & (t_T[None, :] < start_B1 + response_lens_B[:, None])
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -70,10 +61,11 @@ def teacher_nll(
     """Exact teacher NLL of every response token given the prompt and the previous response tokens.
 
     Args:
-        teacher: any :class:`tokenrl.teachers.Teacher` (its logits are log-softmaxed here).
+        teacher: any :class:`tokenrl.teachers.Teacher` (its logits at the response positions are
+            log-softmaxed here in float64, a chunk at a time: see :func:`tokenrl.scoring.token_nll`).
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists (may be empty).
-        batch_size: sequences per ``teacher.sequence_logits`` call.
+        batch_size: sequences per ``teacher.position_logits`` call.
 
     Returns:
         ``N`` float64 arrays, array ``i`` of shape ``[len(responses[i])]``.
@@ -87,12 +79,9 @@ def teacher_nll(
             tokens_BT, lengths_B = right_pad(
                 [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
             )
-            logprobs_BTV = project_to_set(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu())
-            # Logit position t scores token t + 1.
-            token_logprobs_BT = logprobs_BTV[:, :-1].gather(2, tokens_BT[:, 1:, None])[..., 0]
-            for b, (prompt, response) in enumerate(zip(batch_prompts, batch_responses)):
-                first = len(prompt) - 1
-                out.append(-token_logprobs_BT[b, first : first + len(response)].numpy())
+            prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
+            nll_N = scoring.token_nll(teacher, tokens_BT, lengths_B, prompt_lens_B).numpy()
+            out.extend(np.split(nll_N, np.cumsum([len(r) for r in batch_responses])[:-1]))
     return out
 
 
@@ -131,14 +120,15 @@ def teacher_forced_kl(
     """Teacher-forced KL between student and teacher, mean per response token, over the full vocabulary.
 
     Both models read the same prefixes (prompt + the given response tokens) and are compared at every
-    response position:
+    response position (logits only at those positions, a chunk at a time: see
+    :func:`tokenrl.scoring.kl_both_directions`):
 
     * ``kl_student_teacher`` = KL(student || teacher) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), the
       "reverse KL" of the distillation literature (mode seeking; MiniLLM's objective);
     * ``kl_teacher_student`` = KL(teacher || student), the "forward KL" (mass covering; word-level KD).
 
     Args:
-        model: the student, a transformers causal LM (``model(input_ids, attention_mask).logits``).
+        model: the student, a transformers causal LM whose logits are ``lm_head(base_model(...))``.
         teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists, typically held-out teacher samples.
@@ -151,7 +141,6 @@ def teacher_forced_kl(
     """
     _check_pairs(prompts, responses)
     vocab = teacher.vocab_size if vocab_size is None else vocab_size
-    device = _model_device(model)
     total_st, total_ts, n_tokens = 0.0, 0.0, 0
     was_training = model.training
     model.eval()
@@ -163,27 +152,13 @@ def teacher_forced_kl(
                 tokens_BT, lengths_B = right_pad(
                     [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
                 )
-                width = tokens_BT.shape[1]
-                attention_mask_BT = (torch.arange(width)[None, :] < lengths_B[:, None]).long()
-                student_logits_BTV = model(
-                    input_ids=tokens_BT.to(device), attention_mask=attention_mask_BT.to(device)
-                ).logits[..., :vocab]
-                teacher_logits_BTV = teacher.sequence_logits(tokens_BT, lengths_B)
-                if student_logits_BTV.shape[-1] != teacher_logits_BTV.shape[-1]:
-                    raise ValueError(
-                        f"student has {student_logits_BTV.shape[-1]} logits after slicing to vocab_size={vocab}, "
-                        f"teacher has {teacher_logits_BTV.shape[-1]}; they must share a vocabulary"
-                    )
-                logp_s_BTV = project_to_set(student_logits_BTV.double())
-                logp_t_BTV = project_to_set(teacher_logits_BTV.to(device).double())
-                kl_st_BT = kl(logp_s_BTV, logp_t_BTV)
-                kl_ts_BT = kl(logp_t_BTV, logp_s_BTV)
                 prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
-                response_lens_B = torch.tensor([len(r) for r in batch_responses], dtype=torch.long)
-                mask_BT = _response_mask(prompt_lens_B, response_lens_B, width).to(device)
-                total_st += float(kl_st_BT[mask_BT].sum())
-                total_ts += float(kl_ts_BT[mask_BT].sum())
-                n_tokens += int(mask_BT.sum())
+                kl_st_N, kl_ts_N = scoring.kl_both_directions(
+                    model, teacher, tokens_BT, lengths_B, prompt_lens_B, vocab
+                )
+                total_st += float(kl_st_N.sum())
+                total_ts += float(kl_ts_N.sum())
+                n_tokens += len(kl_st_N)
     finally:
         model.train(was_training)
     if n_tokens == 0:

@@ -16,7 +16,7 @@ import copy
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from tokenrl.sampling import KVCacheStepper
+from tokenrl.scoring import causal_lm_position_logits
 
 FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
     "model_type": "llama",
@@ -59,30 +60,35 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _load_gguf_model(
     directory: str, gguf_file: str, dtype: torch.dtype, trust_remote_code: bool
 ) -> PreTrainedModel:
-    """A plain (dequantized, trainable) model from a GGUF file.
+    """A plain (dequantized, trainable) model from a GGUF file, holding about one copy of the weights.
 
     ``from_pretrained(gguf_file=...)`` requires ``accelerate`` and, for supported architectures, keeps the
     weights packed in untrainable GGUF blocks. Students are trained and teachers are run in a float dtype,
-    so we build the model from the file's config and load its dequantized tensors ourselves.
+    so we dequantize the file's tensors ourselves (one at a time, into a dict that becomes the model's
+    parameters) and load them into a model built on the meta device: no randomly initialised copy is ever
+    allocated, so the peak is one float copy of the weights plus the largest tensor being dequantized.
     """
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.utils import cached_file
 
     gguf_path = cached_file(directory, gguf_file)
     config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model, torch_dtype=dtype)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    # A GGUF with tied embeddings has no output.weight: lm_head is re-tied below, so only it may be missing.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton, torch_dtype=dtype)["tensors"]
+    expected = set(skeleton.state_dict())
+    # A GGUF with tied embeddings has no output.weight: lm_head is tied on load, so only it may be missing.
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
+    missing, unexpected = expected - set(tensors) - tied, set(tensors) - expected
+    if missing or unexpected:
         raise ValueError(
-            f"GGUF file {gguf_path} does not match the {type(model).__name__} its metadata describes: "
-            f"missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}."
+            f"GGUF file {gguf_path} does not match the {type(skeleton).__name__} its metadata describes: "
+            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}."
         )
-    model.tie_weights()
-    return model
+    # from_pretrained with a state dict builds on the meta device and takes the tensors as parameters
+    # (no copy); it also materialises non-persistent buffers such as RoPE frequencies, which a plain
+    # load_state_dict(assign=True) into the meta skeleton would leave on the meta device.
+    return type(skeleton).from_pretrained(None, config=config, state_dict=tensors, dtype=dtype)
 
 
 def load_causal_lm(
@@ -331,7 +337,8 @@ class HFTeacher:
     Args:
         model: the causal LM.
         tokenizer: its tokenizer (defines ``vocab_size`` and ``eos_token_id``).
-        max_batch: rows per forward pass in :meth:`sequence_logits` (bounds the ``[B, T, V]`` activation).
+        max_batch: rows per forward pass in :meth:`sequence_logits` (bounds the ``[B, T, V]`` activation) and
+            :meth:`position_logits` (bounds the body's activations).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 8):
@@ -377,6 +384,27 @@ class HFTeacher:
             ).logits
             chunks.append(logits_bTV[..., : self.vocab_size].float().to(tokens_BT.device))
         return torch.cat(chunks)
+
+    @torch.no_grad()
+    def position_logits(
+        self,
+        tokens_BT: torch.Tensor,
+        lengths_B: torch.Tensor,
+        rows_N: torch.Tensor,
+        cols_N: torch.Tensor,
+        chunk: int,
+    ) -> Iterator[torch.Tensor]:
+        """Teacher-forced logits ``[n, V]`` at positions ``(rows_N, cols_N)``, ``chunk`` positions at a time.
+
+        Equals ``sequence_logits(...)[rows_N, cols_N]``: the body runs once per ``max_batch`` rows and only
+        the requested positions are projected to the vocabulary (see
+        :func:`tokenrl.scoring.causal_lm_position_logits`).
+        """
+        blocks = causal_lm_position_logits(
+            self.model, tokens_BT, lengths_B, rows_N, cols_N, self.vocab_size, chunk, self.max_batch
+        )
+        for logits_nV in blocks:
+            yield logits_nV.float().to(tokens_BT.device)
 
 
 class IncrementalTeacher:
@@ -434,3 +462,14 @@ class IncrementalTeacher:
     def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (no cache involved)."""
         return self.teacher.sequence_logits(tokens_BT, lengths_B)
+
+    def position_logits(
+        self,
+        tokens_BT: torch.Tensor,
+        lengths_B: torch.Tensor,
+        rows_N: torch.Tensor,
+        cols_N: torch.Tensor,
+        chunk: int,
+    ) -> Iterator[torch.Tensor]:
+        """Teacher-forced logits at the given positions (no cache involved)."""
+        return self.teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, chunk)

@@ -14,6 +14,7 @@ rate and every top-p set are exact. This is the embedded default task: fast on C
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -160,6 +161,19 @@ class SyntheticLanguage:
     def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced log-probabilities ``[B, T, V]`` (float32)."""
         return self._log_emission_t[self.states(tokens_BT)].float().to(tokens_BT.device)
+
+    def position_logits(
+        self,
+        tokens_BT: torch.Tensor,
+        lengths_B: torch.Tensor,
+        rows_N: torch.Tensor,
+        cols_N: torch.Tensor,
+        chunk: int,
+    ) -> Iterator[torch.Tensor]:
+        """Exact log-probabilities ``[n, V]`` (float32) at the given positions, ``chunk`` at a time."""
+        states_N = self.states(tokens_BT)[rows_N.cpu(), cols_N.cpu()]
+        for start in range(0, len(states_N), chunk):
+            yield self._log_emission_t[states_N[start : start + chunk]].float().to(tokens_BT.device)
 
     def entropy_per_state(self) -> np.ndarray:
         """Entropy (nats) of the next-token distribution of every state, ``[S]``."""

@@ -7,7 +7,7 @@ evaluation only talk to this interface.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -28,5 +28,24 @@ class Teacher(Protocol):
 
     def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``[B, T, V]``: entry ``t`` is the distribution of token ``t + 1``
-        given ``tokens_BT[b, : t + 1]``. Entries at ``t >= lengths_B[b]`` are unspecified."""
+        given ``tokens_BT[b, : t + 1]``. Entries at ``t >= lengths_B[b]`` are unspecified.
+
+        Dense over the whole width: scoring code uses :meth:`position_logits` instead."""
+        ...
+
+    def position_logits(
+        self,
+        tokens_BT: torch.Tensor,
+        lengths_B: torch.Tensor,
+        rows_N: torch.Tensor,
+        cols_N: torch.Tensor,
+        chunk: int,
+    ) -> Iterator[torch.Tensor]:
+        """Teacher-forced logits at positions ``(rows_N[i], cols_N[i])`` only, ``chunk`` positions at a time.
+
+        Equals ``sequence_logits(tokens_BT, lengths_B)[rows_N, cols_N]`` (float32, on the device of
+        ``tokens_BT``) without ever holding ``[B, T, V]``: yields ``[n, V]`` blocks, ``n <= chunk``, in
+        the order of the positions. Positions are row-major with ``cols_N < lengths_B[rows_N]``; see
+        :mod:`tokenrl.scoring`.
+        """
         ...
