@@ -5,8 +5,8 @@
 Runs the real entry point and, without changing what it computes, records per rank into
 ``TRACE_DIR/rank<r>.pt``: the global batch indices this rank trained on at every optimiser step, the
 student's (full) parameters after every step, and every file the trainer wrote (TensorBoard writer, metrics,
-student, train state). The train state written at step ``SNAPSHOT_STEP`` is also copied to
-``TRACE_DIR/train_state_step<k>.pt`` (later checkpoints overwrite the run's own copy).
+student, checkpoints). The checkpoint written at step ``SNAPSHOT_STEP`` is also copied to
+``TRACE_DIR/checkpoint_step<k>.safetensors`` (later checkpoints may delete the run's own copy).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import runpy
+import shutil
 import sys
 
 import torch
@@ -51,19 +52,20 @@ def _writes(name, fn):
     return wrapper
 
 
-def _torch_save(obj, path, *args, **kwargs):
-    trace["writes"].append("torch.save")
-    if isinstance(obj, dict) and obj.get("step") == snapshot_step and "algo" in obj:
-        _save(obj, os.path.join(trace_dir, f"train_state_step{snapshot_step}.pt"))
-    return _save(obj, path, *args, **kwargs)
+def _save_checkpoint(out_dir, state, step, keep):
+    trace["writes"].append("save_checkpoint")
+    path = _save_checkpoint_fn(out_dir, state, step, keep)
+    if step == snapshot_step:
+        shutil.copy(path, os.path.join(trace_dir, f"checkpoint_step{snapshot_step}.safetensors"))
+    return path
 
 
-_local_micro_batches, _accumulated_update, _save = (
-    distributed.local_micro_batches, distributed.accumulated_update, torch.save,
+_local_micro_batches, _accumulated_update, _save, _save_checkpoint_fn = (
+    distributed.local_micro_batches, distributed.accumulated_update, torch.save, trainer.save_checkpoint,
 )
 distributed.local_micro_batches = _record_indices
 distributed.accumulated_update = _record_params
-torch.save = _torch_save
+trainer.save_checkpoint = _save_checkpoint
 trainer.SummaryWriter = _writes("SummaryWriter", trainer.SummaryWriter)
 trainer.save_model = _writes("save_model", trainer.save_model)
 trainer.write_json_atomic = _writes("write_json_atomic", trainer.write_json_atomic)

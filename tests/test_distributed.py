@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from algorithms import make_algorithm
 from tokenrl import distributed
+from tokenrl.checkpoint import checkpoint_path
 from tokenrl.policy import CausalLMPolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,9 +71,13 @@ def runs(tmp_path_factory):
     # The DDP checkpoint resumes on 2 FSDP processes (the sharded load), the FSDP one in 1 process.
     for strategy, nprocs, extra in (("ddp", 2, ["dist.strategy=fsdp"]), ("fsdp", 1, [])):
         resumed_dir = base / f"run_resumed_{strategy}"
-        resumed_dir.mkdir()
-        shutil.copy(runs[strategy]["trace"] / f"train_state_step{SNAPSHOT_STEP}.pt", resumed_dir / "train_state.pt")
-        runs[f"resumed_{strategy}"] = _train(base, f"resumed_{strategy}", nprocs, "data_1proc", "resume=true", *extra)
+        (resumed_dir / "checkpoints").mkdir(parents=True)
+        shutil.copy(
+            runs[strategy]["trace"] / f"checkpoint_step{SNAPSHOT_STEP}.safetensors",
+            checkpoint_path(str(resumed_dir), SNAPSHOT_STEP),
+        )
+        # The same data settings as the checkpoint's run (resume refuses another data_dir).
+        runs[f"resumed_{strategy}"] = _train(base, f"resumed_{strategy}", nprocs, "data_2proc", "resume=true", *extra)
     return runs
 
 
@@ -127,7 +132,7 @@ def test_two_processes_match_one_process_with_accumulation(runs, strategy):
 def test_only_rank0_writes_outputs(runs, strategy):
     rank0, rank1 = runs[strategy]["ranks"]
     assert rank1["writes"] == []
-    assert {"SummaryWriter", "torch.save", "save_model", "write_json_atomic"} <= set(rank0["writes"])
+    assert {"SummaryWriter", "save_checkpoint", "save_model", "write_json_atomic"} <= set(rank0["writes"])
     run_dir = runs[strategy]["run_dir"]
     events = list((run_dir / "tb").iterdir())
     assert len(events) == 1 and events[0].name.endswith(f".{rank0['pid']}.0")

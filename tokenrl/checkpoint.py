@@ -34,7 +34,7 @@ WRITE_DELAY_ENV = "TOKENRL_CHECKPOINT_WRITE_DELAY_S"
 
 RESUME_MAY_CHANGE = frozenset(
     {"steps", "progress", "threads", "device", "resume", "log_every", "checkpoint_every", "checkpoint_seconds",
-     "keep_checkpoints"}
+     "keep_checkpoints", "dist"}
 )
 """Config keys a resumed run may change: the length of the run and how it is executed, watched and saved."""
 

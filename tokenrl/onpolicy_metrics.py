@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tokenrl import scoring
 from tokenrl.backup import project_to_set
 from tokenrl.datagen import right_pad
 from tokenrl.teachers import Teacher
@@ -74,7 +75,6 @@ def sampled_token_logprobs(
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     vocab = teacher.vocab_size if vocab_size is None else vocab_size
-    device = next(model.parameters()).device
     width_L = max((len(r) for r in responses), default=0)
     s_out = torch.zeros(len(prompts), width_L, dtype=torch.float64)
     t_out = torch.zeros_like(s_out)
@@ -85,21 +85,29 @@ def sampled_token_logprobs(
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
                 rows = range(start, min(start + batch_size, len(prompts)))
-                sequences = [list(prompts[i]) + list(responses[i]) for i in rows]
-                tokens_BT, lengths_B = right_pad(sequences, teacher.eos_token_id)
-                attention_BT = (torch.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]).long()
-                out = model(input_ids=tokens_BT.to(device), attention_mask=attention_BT.to(device))
-                s_logits = out.logits[..., :vocab].double().cpu()
-                s_logp_BTV = project_to_set(s_logits, top_p_mask(s_logits, top_p) if top_p < 1.0 else None)
-                t_logp_BTV = project_to_set(teacher.sequence_logits(tokens_BT, lengths_B).double().cpu())
-                for b, i in enumerate(rows):
-                    n_resp = len(responses[i])
-                    # Logit position t scores token t + 1: the response starts after the prompt's last position.
-                    pos = torch.arange(len(prompts[i]) - 1, len(prompts[i]) - 1 + n_resp)
-                    tok = tokens_BT[b, pos + 1]
-                    s_out[i, :n_resp] = s_logp_BTV[b, pos, tok]
-                    t_out[i, :n_resp] = t_logp_BTV[b, pos, tok]
-                    mask_out[i, :n_resp] = True
+                tokens_BT, lengths_B = right_pad(
+                    [list(prompts[i]) + list(responses[i]) for i in rows], teacher.eos_token_id
+                )
+                prompt_lens_B = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
+                response_lens_B = torch.tensor([len(responses[i]) for i in rows], dtype=torch.long)
+                # Only the response positions, a chunk of logits at a time (memory-flat in batch x length x V).
+                rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
+                tokens_N = tokens_BT[rows_N, cols_N + 1]
+                s_logp_N = torch.zeros(len(rows_N), dtype=torch.float64)
+                done = 0
+                for logits_nV in scoring.causal_lm_position_logits(model, tokens_BT, lengths_B, rows_N, cols_N, vocab):
+                    logits_nV = logits_nV.double()
+                    n = logits_nV.shape[0]
+                    logp_nV = project_to_set(logits_nV, top_p_mask(logits_nV, top_p) if top_p < 1.0 else None)
+                    targets_n1 = tokens_N[done : done + n, None].to(logp_nV.device)
+                    s_logp_N[done : done + n] = logp_nV.gather(1, targets_n1)[:, 0].cpu()
+                    done += n
+                t_logp_N = -scoring.token_nll(teacher, tokens_BT, lengths_B, prompt_lens_B)
+                slots_N = cols_N - (prompt_lens_B[rows_N] - 1)
+                out_rows_N = torch.as_tensor(list(rows))[rows_N]
+                s_out[out_rows_N, slots_N] = s_logp_N
+                t_out[out_rows_N, slots_N] = t_logp_N
+                mask_out[out_rows_N, slots_N] = True
     finally:
         model.train(was_training)
     return s_out, t_out, mask_out
@@ -124,7 +132,8 @@ def on_policy_reverse_kl_of_model(
         states (same expectation, lower variance; unrestricted student, so it equals the first only at
         ``top_p = 1``).
     """
-    from tokenrl.evaluation import sample_responses, teacher_forced_kl
+    from tokenrl.evaluation import teacher_forced_kl
+    from tokenrl.sampling import sample_responses
 
     responses = sample_responses(
         model, prompts, max_new_tokens, teacher.eos_token_id, pad_token_id, seed,
