@@ -85,7 +85,7 @@ class BellmanDistillConfig(AlgoConfig):
     q_shift: str = "set"  # subtract the max logit over: set (fixed) | vocab (paper) | vocab_detached (no grad)
     chi2_on: str = "expert"  # where phi's square applies: expert | expert_and_policy | vocab (released code)
     expert_term: str = "math"  # math: Q(s, a_expert); vocab_mean: released code's masked-Q vocabulary mean
-    value: str = "soft"  # V_p: soft (logsumexp over the set) | released (entropy-regularised, smoothed projection)
+    value: str = "soft"  # V_p: soft (log-sum-exp over the set) | released (entropy-regularised, smoothed projection)
     epsilon: float = 1e-8  # value=released: the projection's additive smoothing (0 gives NaN; unpublished)
     released_vocab_size: int = 0  # |V| the released-code terms divide by (release: 151936); 0 = the model's
     mask_eos: bool = False  # drop the EOS step from the BD terms, as the release (EOS = pad) does
@@ -137,7 +137,7 @@ def iq_bd_loss(
         chi2_on, expert_term, value, top_p, epsilon, mask_eos, ce_coef, mass_coef, kd_coef: see
             :class:`BellmanDistillConfig` (``top_p`` and ``epsilon`` are read by ``value = "released"`` only).
         lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (needed when ``ce_coef > 0``).
-        lse_BS: ``[B, S]`` the student's ``logsumexp`` over the whole vocabulary (needed by the set-mass term,
+        lse_BS: ``[B, S]`` the student's log-normaliser over the whole vocabulary (needed by the set-mass term,
             the KD term and the released value).
         teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probabilities of the candidates (needed by the
             set-mass and KD terms).
@@ -153,7 +153,7 @@ def iq_bd_loss(
         raise ValueError(f"value must be one of {VALUE_CHOICES}, got {value!r}")
     needs_lse = value == "released" or mass_coef > 0 or kd_coef > 0
     if needs_lse and lse_BS is None:
-        raise ValueError("value='released', mass_coef > 0 and kd_coef > 0 need lse_BS (the vocabulary logsumexp)")
+        raise ValueError("value='released', mass_coef > 0 and kd_coef > 0 need lse_BS (the vocabulary log-normaliser)")
     if (mass_coef > 0 or kd_coef > 0) and teacher_logprobs_BSK is None:
         raise ValueError("mass_coef > 0 and kd_coef > 0 need teacher_logprobs_BSK (the cache's set log-probs)")
     T = action_slot_BT.shape[1]

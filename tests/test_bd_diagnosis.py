@@ -92,7 +92,7 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
         gamma=opts.gamma, alpha=opts.alpha, q_min=opts.q_min, vocab_size=V,
         chi2_on="expert" if opts.form == "math" else "vocab",
         expert_term="math" if opts.form == "math" else "vocab_mean",
-        bc_coef=opts.ce_coef, lm_nll_BT=nll,
+        ce_coef=opts.ce_coef, lm_nll_BT=nll,
     )
     return loss
 

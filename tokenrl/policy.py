@@ -45,7 +45,7 @@ class VocabStats:
 
     Attributes:
         max_BS: ``[B, S]`` max logit over the vocabulary, or None.
-        lse_BS: ``[B, S]`` ``logsumexp`` of the logits over the vocabulary, or None.
+        lse_BS: ``[B, S]`` log-normaliser (log-sum-exp) of the logits over the vocabulary, or None.
         nll_BT: ``[B, T]`` ``-log softmax(logits)[action]`` of the given actions, or None.
     """
 
@@ -133,7 +133,7 @@ class CausalLMPolicy(nn.Module):
             actions_BT: ``[B, T]`` long token ids (``T <= S``) whose NLL is wanted at the first T positions,
                 or None for no NLL.
             need_max: compute the max logit over the vocabulary (Bellman Distill's paper Q shift).
-            need_lse: compute the log-normaliser ``logsumexp`` over the vocabulary.
+            need_lse: compute the log-normaliser (log-sum-exp) over the vocabulary.
             chunk_tokens: positions per chunk.
 
         Returns:
