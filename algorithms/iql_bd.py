@@ -1,34 +1,48 @@
 """Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
 
-Registered as ``iql_bd`` (``algo=iql_bd`` on the command line); the class is :class:`BellmanDistill`.
+Registered as ``iql_bd`` (the default, fixed variant), ``iql_bd_math`` (the paper's math form) and
+``iql_bd_released`` (the released code's form); ``algo=<name>`` on the command line, one class each.
 
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
-no target network. With Q(s, .) = the student's logits (shifted by their max over the vocabulary, clipped
-below at ``q_min``), A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS),
-BD maximises over expert transitions (s, a, s') of the offline data D:
+no target network. With Q(s, .) = the student's logits (shifted by a max, clipped below at ``q_min``),
+A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS), BD maximises
+over expert transitions (s, a, s') of the offline data D:
 
     J(Q) = E_D[ phi( Q(s, a) - gamma V_p(s') ) ] - E_D[ V_p(s) - gamma V_p(s') ],
     phi(x) = x - x^2 / (4 alpha)                                   (chi^2 regulariser)
 
-The student policy is softmax(Q) projected onto A_p(s). Only logits inside A_p(s) (and the vocabulary max,
-found without gradient and re-gathered) enter the loss, so with the sparse head its memory is O(|A_p|) per
-position. An expert action outside A_p(s) has no Q in the top-p MDP: its phi term is dropped and counted in
+The student policy is softmax(Q) projected onto A_p(s). The TD part reads only logits inside A_p(s), so with
+the sparse head its memory is O(|A_p|) per position; whatever needs the whole vocabulary (the paper's max
+shift, the set-mass term, the LM terms) comes from ONE chunked pass (:meth:`CausalLMPolicy.vocab_stats`).
+An expert action outside A_p(s) has no Q in the top-p MDP: its phi term is dropped and counted in
 ``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary IQ-Learn (no restriction).
 
-The top-p MDP only ranks the tokens inside A_p(s): the loss says nothing about the rest of the vocabulary
-except through the max shift. ``ce_coef`` adds the paper's LM term (full-vocabulary cross-entropy on the
-expert tokens), which keeps the student's mass outside the set in check; RESULTS.md measures both.
+Which variant is the default, and why (docs/bd_diagnosis.md): the paper shifts Q by the max logit over the
+*vocabulary*, which pins the value level (Q <= 0, V_p >= 0 while the argmax is in the set). The chi^2 penalty
+wants levels V_p(s') ~ Q(s, a) / gamma <= 0, reachable only by putting a token *outside* the set at the max,
+so the exact optimum moves mass out of the teacher's set (argmax outside at 58% of states on the toy), and
+``algo=iql_bd_math`` ends worse than its SFT start on the synthetic task. The default ``iql_bd`` shifts by
+the max over the set (``q_shift="set"``: the incentive is gone, the TD part is purely O(K)) and adds a
+set-mass term ``mass_coef * KL(Bern(M_teacher) || Bern(m_student))`` that gives the student the teacher's mass
+on the set (the cache knows it), since under the set shift BD no longer constrains the outside mass. The
+measured comparison of the candidate settings on the synthetic task is in docs/bd_diagnosis.md.
 
-Options beyond the math form (defaults are the math form):
+Options (see :class:`BellmanDistillConfig`):
+* ``q_shift``: ``"set"`` (default), ``"vocab"`` (paper: the max logit over the vocabulary, gradient through
+  it) or ``"vocab_detached"`` (the same constant without gradient).
 * ``chi2_on``: where phi's square is applied. ``"expert"`` (as written above); ``"expert_and_policy"``
   (IQ-Learn's stable variant: the square averaged over the expert action and the student's own actions
   a' ~ pi_p(.|s) at the same state, bootstrapping with the expert's next state); ``"vocab"`` (the released
   BD code: the square over the whole vocabulary of the masked Q, zeros outside the set).
 * ``expert_term = "vocab_mean"``: the released code's expert term, the masked Q averaged over the vocabulary
   instead of Q at the expert token.
-* ``q_shift``: ``"vocab"`` (paper: subtract the max logit over the vocabulary, gradient through it),
-  ``"vocab_detached"`` (the same constant without gradient) or ``"set"`` (the max over A_p(s); purely O(K)).
+* ``value = "released"``: the released projection softmax(logits) * mask / p + ``epsilon``, renormalised over
+  ``released_vocab_size`` tokens, and V = its entropy-regularised expectation of the masked Q
+  (:func:`tokenrl.backup.released_state_values`); ``mask_eos`` drops the EOS step from the BD terms (the
+  release pads with EOS).
+* LM terms: ``ce_coef`` (full-vocabulary CE on the expert tokens), ``kd_coef`` (token KD to the teacher's
+  cached set), ``mass_coef`` (the set-mass term).
 """
 
 from __future__ import annotations
