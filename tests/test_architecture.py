@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.onpolicy_metrics", "tokenrl.policy",
         ],
     ),
-    # Gymnasium environments and one file per algorithm.
-    ("envs and algorithms", ["envs", "envs.*", "algorithms", "algorithms.*"]),
+    # Gymnasium environments and one file per algorithm (and the exact BD diagnosis, built on the toy MDPs).
+    ("envs and algorithms", ["envs", "envs.*", "algorithms", "algorithms.*", "tokenrl.bd_tabular"]),
     # Tasks: a teacher, prompts, references and samplers, each built from its own config dataclass.
     ("tasks", ["tokenrl.tasks", "tokenrl.hf_task"]),
     # The run config schemas (and their Hydra registration).
