@@ -181,7 +181,7 @@ def test_presets_train_a_step_with_finite_loss(name, synthetic_buffer):
     assert math.isfinite(stats["loss/total"])
     cfg = make_config(name)
     if name == "iql_bd":
-        assert cfg.q_shift == "set" and cfg.mass_coef > 0 and "loss/set_mass_kl" in stats
+        assert cfg.q_shift == "set" and cfg.alpha == 1.0 and cfg.ce_coef > 0 and "loss/lm" in stats
     elif name == "iql_bd_math":
         assert cfg.q_shift == "vocab" and cfg.mass_coef == 0 and "loss/set_mass_kl" not in stats
     else:
