@@ -25,9 +25,10 @@ so the exact optimum moves mass out of the teacher's set (argmax outside at 58% 
 ``algo=iql_bd_math`` ends worse than its SFT start on the synthetic task. The default ``iql_bd`` shifts by
 the max over the set (``q_shift="set"``: the incentive is gone, the TD part is purely O(K)), keeps the LM
 term (``ce_coef=1``: under the set shift it is the only thing that holds the mass outside the set down) and
-uses ``alpha=1`` (the chi^2 penalty's in-set bias shrinks as 1/alpha). Measured on the synthetic task (seed 0,
-docs/bd_diagnosis.md), it is the only candidate that ends better than its SFT start on teacher NLL and
-KL(student||teacher); alpha 0.1 ends worse, and the set-mass term (``mass_coef``, which matches the
+uses ``alpha=1`` (the chi^2 penalty's in-set bias shrinks as 1/alpha). Measured on the synthetic task
+(docs/bd_diagnosis.md), it is the only candidate that ends better than its SFT start on teacher NLL,
+KL(student||teacher) and the on-policy reverse KL (3 seeds; it is worse on KL(teacher||student)); alpha 0.1
+ends worse, and the set-mass term (``mass_coef``, which matches the
 student's total mass on the set to the teacher's, tabularly exact) hurts with a network: it fixes the outside
 mass's total but not where it goes, and the student's samples drift to tokens the teacher rates low.
 
