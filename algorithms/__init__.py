@@ -14,7 +14,14 @@ from typing import Any
 from algorithms.base import AlgoConfig, Algorithm
 from algorithms.bc import BC, BCConfig
 from algorithms.gkd import GKD, GKDConfig
-from algorithms.iql_bd import BellmanDistill, BellmanDistillConfig
+from algorithms.iql_bd import (
+    BellmanDistill,
+    BellmanDistillConfig,
+    BellmanDistillMath,
+    BellmanDistillMathConfig,
+    BellmanDistillReleased,
+    BellmanDistillReleasedConfig,
+)
 from algorithms.kd import KD, KDConfig
 from algorithms.minillm import MiniLLM, MiniLLMConfig
 from algorithms.soft_q import SoftQ, SoftQConfig
@@ -68,6 +75,8 @@ def make_algorithm(name: str, policy, config: AlgoConfig | dict | None = None, t
 register("bc", BC, BCConfig)
 register("kd", KD, KDConfig)
 register("iql_bd", BellmanDistill, BellmanDistillConfig)
+register("iql_bd_math", BellmanDistillMath, BellmanDistillMathConfig)
+register("iql_bd_released", BellmanDistillReleased, BellmanDistillReleasedConfig)
 register("soft_q", SoftQ, SoftQConfig)
 register("gkd", GKD, GKDConfig)
 register("minillm", MiniLLM, MiniLLMConfig)

@@ -1,34 +1,52 @@
 """Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
 
-Registered as ``iql_bd`` (``algo=iql_bd`` on the command line); the class is :class:`BellmanDistill`.
+Registered as ``iql_bd`` (the default, fixed variant), ``iql_bd_math`` (the paper's math form) and
+``iql_bd_released`` (the released code's form); ``algo=<name>`` on the command line, one class each.
 
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
-no target network. With Q(s, .) = the student's logits (shifted by their max over the vocabulary, clipped
-below at ``q_min``), A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS),
-BD maximises over expert transitions (s, a, s') of the offline data D:
+no target network. With Q(s, .) = the student's logits (shifted by a max, clipped below at ``q_min``),
+A_p(s) = the teacher's top-p set and V_p(s) = log sum_{a in A_p(s)} exp Q(s, a) (0 after EOS), BD maximises
+over expert transitions (s, a, s') of the offline data D:
 
     J(Q) = E_D[ phi( Q(s, a) - gamma V_p(s') ) ] - E_D[ V_p(s) - gamma V_p(s') ],
     phi(x) = x - x^2 / (4 alpha)                                   (chi^2 regulariser)
 
-The student policy is softmax(Q) projected onto A_p(s). Only logits inside A_p(s) (and the vocabulary max,
-found without gradient and re-gathered) enter the loss, so with the sparse head its memory is O(|A_p|) per
-position. An expert action outside A_p(s) has no Q in the top-p MDP: its phi term is dropped and counted in
+The student policy is softmax(Q) projected onto A_p(s). The TD part reads only logits inside A_p(s), so with
+the sparse head its memory is O(|A_p|) per position; whatever needs the whole vocabulary (the paper's max
+shift, the set-mass term, the LM terms) comes from ONE chunked pass (:meth:`CausalLMPolicy.vocab_stats`).
+An expert action outside A_p(s) has no Q in the top-p MDP: its phi term is dropped and counted in
 ``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary IQ-Learn (no restriction).
 
-The top-p MDP only ranks the tokens inside A_p(s): the loss says nothing about the rest of the vocabulary
-except through the max shift. ``ce_coef`` adds the paper's LM term (full-vocabulary cross-entropy on the
-expert tokens), which keeps the student's mass outside the set in check; RESULTS.md measures both.
+Which variant is the default, and why (docs/bd_diagnosis.md): the paper shifts Q by the max logit over the
+*vocabulary*, which pins the value level (Q <= 0, V_p >= 0 while the argmax is in the set). The chi^2 penalty
+wants levels V_p(s') ~ Q(s, a) / gamma <= 0, reachable only by putting a token *outside* the set at the max,
+so the exact optimum moves mass out of the teacher's set (argmax outside at 58% of states on the toy), and
+``algo=iql_bd_math`` ends worse than its SFT start on the synthetic task. The default ``iql_bd`` shifts by
+the max over the set (``q_shift="set"``: the incentive is gone, the TD part is purely O(K)), keeps the LM
+term (``ce_coef=1``: under the set shift it is the only thing that holds the mass outside the set down) and
+uses ``alpha=1`` (the chi^2 penalty's in-set bias shrinks as 1/alpha). Measured on the synthetic task
+(docs/bd_diagnosis.md), it is the only candidate that ends better than its SFT start on teacher NLL,
+KL(student||teacher) and the on-policy reverse KL (3 seeds; it is worse on KL(teacher||student)); alpha 0.1
+ends worse, and the set-mass term (``mass_coef``, which matches the
+student's total mass on the set to the teacher's, tabularly exact) hurts with a network: it fixes the outside
+mass's total but not where it goes, and the student's samples drift to tokens the teacher rates low.
 
-Options beyond the math form (defaults are the math form):
+Options (see :class:`BellmanDistillConfig`):
+* ``q_shift``: ``"set"`` (default), ``"vocab"`` (paper: the max logit over the vocabulary, gradient through
+  it) or ``"vocab_detached"`` (the same constant without gradient).
 * ``chi2_on``: where phi's square is applied. ``"expert"`` (as written above); ``"expert_and_policy"``
   (IQ-Learn's stable variant: the square averaged over the expert action and the student's own actions
   a' ~ pi_p(.|s) at the same state, bootstrapping with the expert's next state); ``"vocab"`` (the released
   BD code: the square over the whole vocabulary of the masked Q, zeros outside the set).
 * ``expert_term = "vocab_mean"``: the released code's expert term, the masked Q averaged over the vocabulary
   instead of Q at the expert token.
-* ``q_shift``: ``"vocab"`` (paper: subtract the max logit over the vocabulary, gradient through it),
-  ``"vocab_detached"`` (the same constant without gradient) or ``"set"`` (the max over A_p(s); purely O(K)).
+* ``value = "released"``: the released projection softmax(logits) * mask / p + ``epsilon``, renormalised over
+  ``released_vocab_size`` tokens, and V = its entropy-regularised expectation of the masked Q
+  (:func:`tokenrl.backup.released_state_values`); ``mask_eos`` drops the EOS step from the BD terms (the
+  release pads with EOS).
+* LM terms: ``ce_coef`` (full-vocabulary CE on the expert tokens), ``kd_coef`` (token KD to the teacher's
+  cached set), ``mass_coef`` (the set-mass term).
 """
 
 from __future__ import annotations
@@ -44,10 +62,14 @@ from tokenrl.backup import (
     gather_action,
     implicit_reward,
     iq_learn_value_term,
+    kl,
     masked_mean,
     next_state_values,
     project_to_set,
+    released_state_values,
+    set_mass_kl,
     shifted_q,
+    soft_value,
     state_values,
     upcast,
 )
@@ -56,6 +78,7 @@ from tokenrl.buffer import Batch
 CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
 EXPERT_TERM_CHOICES = ("math", "vocab_mean")
 Q_SHIFT_CHOICES = ("vocab", "vocab_detached", "set")
+VALUE_CHOICES = ("soft", "released")
 
 
 def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | None:
@@ -67,16 +90,26 @@ def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | No
 
 @dataclass
 class BellmanDistillConfig(AlgoConfig):
-    """Bellman Distill (inverse soft-Q learning) settings (paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10)."""
+    """Bellman Distill (inverse soft-Q learning) settings; the defaults are the fixed variant (``algo=iql_bd``).
+
+    Presets: ``algo=iql_bd`` (fixed: set shift, alpha 1, CE), ``algo=iql_bd_math`` (the paper's math form),
+    ``algo=iql_bd_released`` (the released code's form). Paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10.
+    """
 
     top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
     gamma: float = 0.99  # discount
-    alpha: float = 0.1  # chi^2 regulariser strength: phi(x) = x - x^2 / (4 alpha)
+    alpha: float = 1.0  # chi^2 regulariser strength: phi(x) = x - x^2 / (4 alpha) (paper: 0.1)
     q_min: float = -10.0  # Q = logits - max logit, clipped below at q_min
-    q_shift: str = "vocab"  # subtract the max logit over: vocab (paper) | vocab_detached (no grad through it) | set
+    q_shift: str = "set"  # subtract the max logit over: set (fixed) | vocab (paper) | vocab_detached (no grad)
     chi2_on: str = "expert"  # where phi's square applies: expert | expert_and_policy | vocab (released code)
     expert_term: str = "math"  # math: Q(s, a_expert); vocab_mean: released code's masked-Q vocabulary mean
-    ce_coef: float = 0.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
+    value: str = "soft"  # V_p: soft (log-sum-exp over the set) | released (entropy-regularised, smoothed projection)
+    epsilon: float = 1e-8  # value=released: the projection's additive smoothing (0 gives NaN; unpublished)
+    released_vocab_size: int = 0  # |V| the released-code terms divide by (release: 151936); 0 = the model's
+    mask_eos: bool = False  # drop the EOS step from the BD terms, as the release (EOS = pad) does
+    mass_coef: float = 0.0  # weight of KL(Bern(teacher's set mass) || Bern(student's set mass))
+    ce_coef: float = 1.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
+    kd_coef: float = 0.0  # weight of token KD to the teacher's cached set (the release's LM term: 0.5 CE + 0.5 KD)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
 
 
@@ -95,8 +128,16 @@ def iq_bd_loss(
     vocab_size: int,
     chi2_on: str = "expert",
     expert_term: str = "math",
+    value: str = "soft",
+    top_p: float = 0.8,
+    epsilon: float = 1e-8,
+    mask_eos: bool = False,
     ce_coef: float = 0.0,
     lm_nll_BT: torch.Tensor | None = None,
+    mass_coef: float = 0.0,
+    kd_coef: float = 0.0,
+    lse_BS: torch.Tensor | None = None,
+    teacher_logprobs_BSK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD loss ``-J(Q)`` (+ optional LM term) from the student's logits on each state's action set.
 
@@ -110,9 +151,14 @@ def iq_bd_loss(
         lengths_B: ``[B]`` response lengths.
         terminated_B: ``[B]`` True where the response ended with EOS (``V = 0`` after it).
         gamma, alpha, q_min: see :class:`BellmanDistillConfig`.
-        vocab_size: |V|, used by the released-code options.
-        chi2_on, expert_term, ce_coef: see :class:`BellmanDistillConfig`.
+        vocab_size: |V| the released-code options weigh the vocabulary at (may exceed the logits' width).
+        chi2_on, expert_term, value, top_p, epsilon, mask_eos, ce_coef, mass_coef, kd_coef: see
+            :class:`BellmanDistillConfig` (``top_p`` and ``epsilon`` are read by ``value = "released"`` only).
         lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (needed when ``ce_coef > 0``).
+        lse_BS: ``[B, S]`` the student's log-normaliser over the whole vocabulary (needed by the set-mass term,
+            the KD term and the released value).
+        teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probabilities of the candidates (needed by the
+            set-mass and KD terms).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
@@ -121,12 +167,33 @@ def iq_bd_loss(
         raise ValueError(f"chi2_on must be one of {CHI2_CHOICES}, got {chi2_on!r}")
     if expert_term not in EXPERT_TERM_CHOICES:
         raise ValueError(f"expert_term must be one of {EXPERT_TERM_CHOICES}, got {expert_term!r}")
+    if value not in VALUE_CHOICES:
+        raise ValueError(f"value must be one of {VALUE_CHOICES}, got {value!r}")
+    needs_lse = value == "released" or mass_coef > 0 or kd_coef > 0
+    if needs_lse and lse_BS is None:
+        raise ValueError("value='released', mass_coef > 0 and kd_coef > 0 need lse_BS (the vocabulary log-normaliser)")
+    if (mass_coef > 0 or kd_coef > 0) and teacher_logprobs_BSK is None:
+        raise ValueError("mass_coef > 0 and kd_coef > 0 need teacher_logprobs_BSK (the cache's set log-probs)")
     T = action_slot_BT.shape[1]
+    lm_action_mask_BT = action_mask_BT
+    if mask_eos:
+        # The release pads with EOS: the EOS step leaves the BD terms and the response is bootstrapped from
+        # the state where EOS was chosen, as a truncated one (the LM terms still see EOS).
+        t_T = torch.arange(T, device=action_slot_BT.device)[None, :]
+        eos_step_BT = terminated_B[:, None] & (t_T == lengths_B[:, None] - 1)
+        action_mask_BT = action_mask_BT & ~eos_step_BT
+        action_slot_BT = torch.where(eos_step_BT, torch.full_like(action_slot_BT, -1), action_slot_BT)
+        lengths_B = lengths_B - terminated_B.long()
+        terminated_B = torch.zeros_like(terminated_B)
     logits_BSK = upcast(logits_BSK)
     max_logit_BS = None if max_logit_BS is None else upcast(max_logit_BS)
+    lse_BS = None if lse_BS is None else upcast(lse_BS)
     q_BSK = shifted_q(logits_BSK, mask_BSK, q_min, max_logit_BS)
     state_ok_BS = mask_BSK.any(-1)
-    v_BS = state_values(q_BSK, mask_BSK)
+    if value == "released":
+        v_BS = released_state_values(q_BSK, logits_BSK, mask_BSK, lse_BS, top_p, epsilon, vocab_size)
+    else:
+        v_BS = state_values(q_BSK, mask_BSK)
     v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
     in_set_BT = action_slot_BT >= 0  # -1 marks both an action outside the set and padding
 
@@ -144,16 +211,17 @@ def iq_bd_loss(
         sq = masked_mean(r_BT.square(), expert_ok_BT)
     else:
         # r(s, a') for every candidate a' at the expert's state, bootstrapped from the expert's next state.
-        r_all_BTK = implicit_reward(q_BSK[:, :T], v_next_BT, gamma)
         mask_BTK = mask_BSK[:, :T]
+        # Zeroed off the set before squaring: with the set shift an empty set's Q is huge (inf when squared).
+        r_all_sq_BTK = implicit_reward(q_BSK[:, :T], v_next_BT, gamma).masked_fill(~mask_BTK, 0.0).square()
         if chi2_on == "expert_and_policy":
             pi_BTK = project_to_set(q_BSK[:, :T], mask_BTK, log=False).detach()
-            policy_sq_BT = (pi_BTK * r_all_BTK.square()).sum(-1)
+            policy_sq_BT = (pi_BTK * r_all_sq_BTK).sum(-1)
             sq = 0.5 * (masked_mean(r_BT.square(), expert_ok_BT) + masked_mean(policy_sq_BT, action_mask_BT))
         else:
             # Released code: mean over the whole vocabulary of (Q_masked - gamma V')^2, zeros outside the set.
             set_size_BT = mask_BTK.sum(-1).float()
-            in_set_sq_BT = (r_all_BTK.square() * mask_BTK).sum(-1)
+            in_set_sq_BT = r_all_sq_BTK.sum(-1)
             outside_sq_BT = (vocab_size - set_size_BT) * (gamma * v_next_BT).square()
             sq = masked_mean((in_set_sq_BT + outside_sq_BT) / vocab_size, action_mask_BT)
     chi2 = chi2_penalty(sq, alpha)
@@ -178,9 +246,25 @@ def iq_bd_loss(
     if ce_coef > 0:
         if lm_nll_BT is None:
             raise ValueError("ce_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
-        nll = masked_mean(lm_nll_BT, action_mask_BT)
+        nll = masked_mean(lm_nll_BT, lm_action_mask_BT)
         loss = loss + ce_coef * nll
         stats["loss/lm"] = nll
+    if mass_coef > 0 or kd_coef > 0:
+        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], lse_BS[:, :T]
+        t_lp_BTK = upcast(teacher_logprobs_BSK[:, :T]).to(logits_BSK.dtype)
+    if mass_coef > 0:
+        mass = masked_mean(set_mass_kl(s_logits_BTK, mask_BTK, lse_BT, t_lp_BTK), lm_action_mask_BT)
+        loss = loss + mass_coef * mass
+        stats["loss/set_mass_kl"] = mass
+    if kd_coef > 0:
+        # Token KD to the teacher's cached set: KL(teacher renormalised on A_p || student over the vocabulary).
+        kd_BT = kl(project_to_set(t_lp_BTK, mask_BTK), s_logits_BTK - lse_BT[..., None], mask_BTK)
+        kd = masked_mean(kd_BT, lm_action_mask_BT)
+        loss = loss + kd_coef * kd
+        stats["loss/kd"] = kd
+    if lse_BS is not None:
+        log_m_s_BT = soft_value(logits_BSK[:, :T], mask_BSK[:, :T]) - lse_BS[:, :T]
+        stats["top_p/student_set_mass"] = masked_mean(log_m_s_BT.exp(), lm_action_mask_BT)
     stats["loss/total"] = loss
     return loss, stats
 
@@ -194,19 +278,24 @@ class BellmanDistill(Algorithm):
         cfg = self.config
         if cfg.q_shift not in Q_SHIFT_CHOICES:
             raise ValueError(f"iql_bd.q_shift must be one of {Q_SHIFT_CHOICES}, got {cfg.q_shift!r}")
+        if cfg.kd_coef > 0 and cfg.top_p >= 1.0:
+            raise ValueError("iql_bd.kd_coef > 0 needs top_p < 1 (KD reads the teacher's cached set); set kd_coef=0")
+        full_vocab = cfg.top_p >= 1.0
+        # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
+        mass_coef = 0.0 if full_vocab else cfg.mass_coef
         h_BSD = self.policy.state_hidden(batch)
-        cq = self.policy.candidate_q(
-            batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD, with_vocab_max=cfg.q_shift != "set"
+        cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
+        # One chunked pass over the vocabulary for everything that needs it (flat memory, exact gradients).
+        stats_v = self.policy.vocab_stats(
+            h_BSD,
+            batch.actions_BT if cfg.ce_coef > 0 else None,
+            need_max=cfg.q_shift != "set",
+            need_lse=cfg.value == "released" or mass_coef > 0 or cfg.kd_coef > 0,
         )
-        lm_nll_BT = None
-        if cfg.ce_coef > 0:
-            # The LM term needs the full softmax: with it a BD step costs as much as an SFT step.
-            T = batch.actions_BT.shape[1]
-            lm_nll_BT = self.policy.token_nll(h_BSD[:, :T], batch.actions_BT)
         loss, stats = iq_bd_loss(
             cq.logits_BSK,
             cq.mask_BSK,
-            _shift(cq.vocab_max_BS, cfg.q_shift),
+            _shift(stats_v.max_BS, cfg.q_shift),
             cq.action_slot_BT,
             batch.action_mask_BT,
             batch.lengths_B,
@@ -214,10 +303,62 @@ class BellmanDistill(Algorithm):
             gamma=cfg.gamma,
             alpha=cfg.alpha,
             q_min=cfg.q_min,
-            vocab_size=self.policy.vocab_size,
+            vocab_size=cfg.released_vocab_size or self.policy.vocab_size,
             chi2_on=cfg.chi2_on,
             expert_term=cfg.expert_term,
+            value=cfg.value,
+            top_p=cfg.top_p,
+            epsilon=cfg.epsilon,
+            mask_eos=cfg.mask_eos,
             ce_coef=cfg.ce_coef,
-            lm_nll_BT=lm_nll_BT,
+            lm_nll_BT=stats_v.nll_BT,
+            mass_coef=mass_coef,
+            kd_coef=cfg.kd_coef,
+            lse_BS=stats_v.lse_BS,
+            teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )
         return loss, float_stats(stats)
+
+
+@dataclass
+class BellmanDistillMathConfig(BellmanDistillConfig):
+    """The paper's math form (``algo=iql_bd_math``): vocabulary-max Q shift, phi at the expert token, LM term."""
+
+    alpha: float = 0.1
+    q_shift: str = "vocab"
+    mass_coef: float = 0.0
+    ce_coef: float = 1.0
+
+
+@dataclass
+class BellmanDistillReleasedConfig(BellmanDistillConfig):
+    """The released code's form (``algo=iql_bd_released``), as described in ``/work/shared/bellman-distill.md``.
+
+    Vocabulary-mean expert term and chi^2 over the vocabulary, both weighted at the release's |V| = 151936;
+    EOS masked out of the BD terms (it is the pad token there); projection ``softmax(Q) * mask / p + epsilon``
+    renormalised, with V the entropy-regularised expectation under it; LM term 0.5 CE + 0.5 token KD.
+    ``epsilon`` and the LM weight are unpublished: 1e-8 and 1 here.
+    """
+
+    alpha: float = 0.1
+    q_shift: str = "vocab"
+    chi2_on: str = "vocab"
+    expert_term: str = "vocab_mean"
+    value: str = "released"
+    released_vocab_size: int = 151936
+    mask_eos: bool = True
+    mass_coef: float = 0.0
+    ce_coef: float = 0.5
+    kd_coef: float = 0.5
+
+
+class BellmanDistillMath(BellmanDistill):
+    """Bellman Distill in the paper's math form (see :class:`BellmanDistillMathConfig`)."""
+
+    name = "iql_bd_math"
+
+
+class BellmanDistillReleased(BellmanDistill):
+    """Bellman Distill as the released code computes it (see :class:`BellmanDistillReleasedConfig`)."""
+
+    name = "iql_bd_released"

@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from tokenrl.backup import restrict_to_set
 from tokenrl.bd_tabular import (
     BDOptions,
     completion,
@@ -88,13 +89,13 @@ def main() -> None:
             forced_choices = [None]
             if shift == "vocab":
                 q_pure = pure[(form, 0.8, "vocab", -10.0, "sft")]
-                forced_choices.append(q_pure.masked_fill(~prob.set_mask(0.8), float("-inf")).amax(-1) < -1e-9)
+                forced_choices.append(restrict_to_set(q_pure, prob.set_mask(0.8)).amax(-1) < -1e-9)
             for forced in forced_choices:
                 loss, q, pg = solve_q(prob, opts, q_values(sft, prob.set_mask(0.8), opts), forced_out_S=forced)
                 if best is None or loss < best[0]:
                     best = (loss, q, pg, forced)
             loss, q, pg, forced = best
-            theta = q.masked_fill(~prob.set_mask(0.8), float("-inf"))
+            theta = restrict_to_set(q, prob.set_mask(0.8))
             if forced is not None:
                 theta[forced, (~prob.set_mask(0.8)).to(torch.int64).argmax(-1)[forced]] = 0.0
             print(fmt_row(f"BD+CE {form} shift={shift}", f"{loss:.4f} {pg:.0e}", metrics(theta, prob, opts, q_SV=q)))

@@ -93,7 +93,9 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
         gamma=opts.gamma, alpha=opts.alpha, q_min=opts.q_min, vocab_size=V,
         chi2_on="expert" if opts.form == "math" else "vocab",
         expert_term="math" if opts.form == "math" else "vocab_mean",
-        bc_coef=opts.ce_coef, lm_nll_BT=nll,
+        ce_coef=opts.ce_coef, lm_nll_BT=nll,
+        mass_coef=opts.mass_coef, lse_BS=torch.logsumexp(logits, -1),
+        teacher_logprobs_BSK=torch.from_numpy(np.log(lang.teacher_SV))[state_idx],
     )
     return loss
 
@@ -119,6 +121,31 @@ def test_weighted_objective_is_the_real_loss(lang):
         real.backward()
         assert torch.allclose(ours, real, atol=1e-12), (form, p, shift, q_min, ce, float(ours), float(real))
         assert torch.allclose(th1.grad, th2.grad, atol=1e-12), (form, p, shift, q_min, ce)
+
+
+def test_fixed_variant_objective_is_the_real_loss(lang):
+    """The fix (set shift + set-mass term, with and without CE, alpha 0.1 and 1) as iq_bd_loss computes it
+    equals the tabular objective the diagnosis solved, value and gradient."""
+    rng = np.random.default_rng(2)
+    trajs = enumerate_trajectories(lang, data_policy(lang, 0.8))
+    mult = rng.integers(1, 4, size=len(trajs))
+    w = np.zeros((lang.n_states, lang.vocab_size))
+    for (tokens, states, _, _), m in zip(trajs, mult):
+        for s, a in zip(states, tokens):
+            w[s, a] += m
+    prob = Problem(lang, torch.from_numpy(w / w.sum()))
+    theta = torch.from_numpy(rng.normal(0.0, 2.0, (lang.n_states, lang.vocab_size)))
+    for p, ce, alpha in itertools.product((0.5, 0.8, 1.0), (0.0, 1.0), (0.1, 1.0)):
+        opts = BDOptions(p=p, shift="set", q_min=-10.0, ce_coef=ce, mass_coef=1.0, alpha=alpha, gamma=GAMMA)
+        th1 = theta.clone().requires_grad_(True)
+        th2 = theta.clone().requires_grad_(True)
+        ours, real = bd_loss(th1, prob, opts), batch_loss(lang, th2, trajs, mult, opts)
+        ours.backward()
+        real.backward()
+        assert torch.allclose(ours, real, atol=1e-12), (p, ce, alpha, float(ours), float(real))
+        assert torch.allclose(th1.grad, th2.grad, atol=1e-12), (p, ce, alpha)
+        if p < 1:  # the mass term is present: the same loss without it differs
+            assert not torch.allclose(bd_loss(theta, prob, BDOptions(**{**opts.__dict__, "mass_coef": 0.0})), ours)
 
 
 def test_math_form_is_projected_bc_minus_reward_penalty(prob):

@@ -30,6 +30,7 @@ Conventions (see :class:`tokenrl.buffer.Batch`):
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -298,3 +299,99 @@ class TargetNetwork:
     def load_state_dict(self, state: dict) -> None:
         """Restore the target copy from :meth:`state_dict`."""
         self.net.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Set mass and the released Bellman Distill projection
+# ------------------------------------------------------------------------------------------------
+def log1mexp(log_x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(log_x))`` for ``log_x <= 0``, stable near 0 (``-expm1``).
+
+    ``log_x`` is first clipped to ``<= -eps`` of its dtype: a mass that rounds to 1 (or just above it)
+    would otherwise give ``-inf`` or NaN and an infinite gradient.
+    """
+    return torch.log(-torch.expm1(log_x.clamp_max(-torch.finfo(log_x.dtype).eps)))
+
+
+def bernoulli_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(Bern(p) || Bern(q))`` elementwise, from the log-probabilities of the event.
+
+    ``p log(p / q) + (1 - p) log((1 - p) / (1 - q))``, with ``0 log 0 = 0``: the result is 0 for ``p = q``,
+    finite for ``p in {0, 1}``, and its gradient in ``log_q`` never NaN.
+
+    Args:
+        log_p: ``[...]`` log p (p = the target probability, no gradient needed).
+        log_q: ``[...]`` log q (``<= 0``).
+    """
+    p = log_p.exp()
+    first = torch.where(p > 0, p * (log_p - log_q), 0.0)
+    second = (1.0 - p) * (log1mexp(log_p) - log1mexp(log_q))
+    return first + torch.where(p < 1, second, 0.0)
+
+
+def set_mass_kl(
+    logits_BTK: torch.Tensor, mask_BTK: torch.Tensor, lse_BT: torch.Tensor, teacher_logprobs_BTK: torch.Tensor
+) -> torch.Tensor:
+    """KL between the teacher's and the student's probability of landing in the teacher's set, per state.
+
+    ``KL(Bern(M_t) || Bern(m_s))`` with ``M_t = sum_{a in A_p(s)} pi_teacher(a|s)`` and
+    ``m_s = sum_{a in A_p(s)} pi_student(a|s)`` (both normalised over the whole vocabulary). It is 0 exactly
+    when the student puts the teacher's mass on the set, whatever it does inside the set.
+
+    Args:
+        logits_BTK: ``[B, T, K]`` student logits of the set's candidates.
+        mask_BTK: ``[B, T, K]`` set membership.
+        lse_BT: ``[B, T]`` the student's ``logsumexp`` over the whole vocabulary at the same states.
+        teacher_logprobs_BTK: ``[B, T, K]`` teacher log-probabilities of the candidates (full-distribution values).
+
+    Returns:
+        ``[B, T]`` KL per state (0 where the set is empty).
+    """
+    ok = mask_BTK.any(-1)
+    # An empty set reads its (finite, padded) row instead: a logsumexp over nothing has a NaN gradient.
+    mask_BTK = mask_BTK | ~ok[..., None]
+    log_m_s = soft_value(logits_BTK, mask_BTK) - lse_BT
+    log_m_t = soft_value(teacher_logprobs_BTK.to(logits_BTK.dtype), mask_BTK).clamp_max(0.0)
+    kl_BT = bernoulli_kl(torch.where(ok, log_m_t, NEG_INF), torch.where(ok, log_m_s, NEG_INF))
+    return torch.where(ok, kl_BT, 0.0)
+
+
+def released_state_values(
+    q_BSK: torch.Tensor,
+    logits_BSK: torch.Tensor,
+    mask_BSK: torch.Tensor,
+    lse_BS: torch.Tensor,
+    top_p: float,
+    epsilon: float,
+    vocab_size: int,
+) -> torch.Tensor:
+    """State values of the released Bellman Distill code: an entropy-regularised expectation.
+
+    The released code projects the student onto the set as ``pi = softmax(logits) * mask / p + epsilon``,
+    renormalised over the vocabulary, and takes ``V(s) = sum_a pi(a) (Q_masked(a) - log pi(a))`` with
+    ``Q_masked = 0`` outside the set. The ``vocab_size - |A_p(s)|`` tokens outside the set all carry
+    ``epsilon`` and ``Q = 0``, so they are summed in closed form: O(K) per state at any vocabulary size.
+    With ``epsilon = 0`` the release computes ``0 log 0`` outside the set (NaN); here ``epsilon`` must be > 0.
+
+    Args:
+        q_BSK: ``[B, S, K]`` Q-values of the candidates (shifted and clipped).
+        logits_BSK: ``[B, S, K]`` student logits of the candidates.
+        mask_BSK: ``[B, S, K]`` set membership.
+        lse_BS: ``[B, S]`` the student's ``logsumexp`` over the whole vocabulary.
+        top_p: the nominal p the release divides by.
+        epsilon: the release's additive smoothing (> 0).
+        vocab_size: the vocabulary size the tokens outside the set are counted at.
+
+    Returns:
+        ``[B, S]`` values, 0 where the set is empty.
+    """
+    if epsilon <= 0:
+        raise ValueError(f"the released projection needs epsilon > 0 (0 gives 0 * log 0 = NaN), got {epsilon}")
+    w_BSK = torch.where(mask_BSK, (logits_BSK - lse_BS[..., None]).exp() / top_p + epsilon, 0.0)
+    n_out_BS = vocab_size - mask_BSK.sum(-1).to(w_BSK.dtype)
+    z_BS = w_BSK.sum(-1) + n_out_BS * epsilon
+    log_pi_BSK = torch.where(mask_BSK, torch.log(w_BSK.clamp_min(epsilon)) - torch.log(z_BS)[..., None], 0.0)
+    in_set_BS = (w_BSK / z_BS[..., None] * (q_BSK - log_pi_BSK)).masked_fill(~mask_BSK, 0.0).sum(-1)
+    log_pi_out_BS = math.log(epsilon) - torch.log(z_BS)
+    v_BS = in_set_BS - n_out_BS * log_pi_out_BS.exp() * log_pi_out_BS
+    return torch.where(mask_BSK.any(-1), v_BS, torch.zeros_like(v_BS))

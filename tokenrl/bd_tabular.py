@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from envs.toy_mdps import token_prefixes
+from tokenrl.backup import kl, project_to_set, restrict_to_set, shifted_q, soft_value
+from tokenrl.backup import set_mass_kl as backup_set_mass_kl
 from tokenrl.tabular import project_policy, top_p_support
 
 SHIFT_CHOICES = ("vocab", "set", "none")
@@ -234,18 +236,13 @@ def _wmean(x_SV: torch.Tensor, w_SV: torch.Tensor) -> torch.Tensor:
 
 def q_values(theta_SV: torch.Tensor, set_SV: torch.Tensor, opts: BDOptions) -> torch.Tensor:
     """``[S, V]`` Q-values of the student (only entries in ``set_SV`` are ever read)."""
-    if opts.shift == "vocab":
-        q = theta_SV - theta_SV.amax(-1, keepdim=True)
-    elif opts.shift == "set":
-        q = theta_SV - theta_SV.masked_fill(~set_SV, float("-inf")).amax(-1, keepdim=True)
-    else:
-        q = theta_SV
-    return q.clamp_min(opts.q_min) if opts.q_min is not None else q
+    shift_S = {"vocab": theta_SV.amax(-1), "set": None, "none": theta_SV.new_zeros(theta_SV.shape[0])}[opts.shift]
+    return shifted_q(theta_SV, set_SV, opts.q_min, shift_S)
 
 
 def soft_values(q_SV: torch.Tensor, set_SV: torch.Tensor) -> torch.Tensor:
     """``[S]`` V_p(s) = log sum_{a in A_p(s)} exp Q(s, a)."""
-    return torch.logsumexp(q_SV.masked_fill(~set_SV, float("-inf")), -1)
+    return soft_value(q_SV, set_SV)
 
 
 def next_values(v_S: torch.Tensor, child_SV: torch.Tensor) -> torch.Tensor:
@@ -254,15 +251,9 @@ def next_values(v_S: torch.Tensor, child_SV: torch.Tensor) -> torch.Tensor:
 
 
 def set_mass_kl(theta_SV: torch.Tensor, set_SV: torch.Tensor, teacher_SV: torch.Tensor) -> torch.Tensor:
-    """``[S]`` KL(Bern(M_t) || Bern(m_s)) between the teacher's and the student's mass on the set."""
-    log_m_s = torch.logsumexp(theta_SV.masked_fill(~set_SV, float("-inf")), -1) - torch.logsumexp(theta_SV, -1)
-    log_1m_s = torch.log(-torch.expm1(log_m_s).clamp_max(-1e-300))
-    m_t = (teacher_SV * set_SV).sum(-1).clamp(1e-300, 1.0)
-    out_t = (1.0 - m_t).clamp_min(0.0)
-    xlogx = torch.where(out_t > 0, out_t * torch.log(out_t.clamp_min(1e-300)), torch.zeros_like(out_t))
-    # exactly 0 where the set holds all the teacher's mass (p = 1): the term is then absent
-    kl = m_t * (torch.log(m_t) - log_m_s) + xlogx - out_t * log_1m_s
-    return torch.where(out_t > 0, kl, torch.zeros_like(kl))
+    """``[S]`` KL(Bern(M_t) || Bern(m_s)) between the teacher's and the student's mass on the set (the real
+    loss's :func:`tokenrl.backup.set_mass_kl` with the states as the batch)."""
+    return backup_set_mass_kl(theta_SV, set_SV, soft_value(theta_SV), torch.log(teacher_SV))
 
 
 def bd_loss(theta_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.Tensor:
@@ -312,10 +303,11 @@ def projected_ce(q_SV: torch.Tensor, prob: Problem, set_SV: torch.Tensor, extra_
     """Cross-entropy of the data tokens under ``softmax(Q)`` over the set (plus ``exp(0)`` per state where
     ``extra_S``: an outside token held at the max), i.e. the LM term once every other outside logit is at
     ``-inf``, where the LM term alone puts it."""
-    z = q_SV.masked_fill(~set_SV, float("-inf"))
+    z, mask = q_SV, set_SV
     if extra_S is not None:
-        z = torch.cat([z, torch.where(extra_S, 0.0, float("-inf"))[:, None].to(z.dtype)], -1)
-    lse = torch.logsumexp(z, -1, keepdim=True)
+        z = torch.cat([z, z.new_zeros(z.shape[0], 1)], -1)
+        mask = torch.cat([mask, extra_S[:, None]], -1)
+    lse = soft_value(z, mask)[:, None]
     nll = torch.where(set_SV, lse - q_SV, torch.zeros_like(q_SV))
     return _wmean(nll, prob.w_SV * set_SV)
 
@@ -388,7 +380,7 @@ def solve_q(
     # Pin the set's max at 0 where the max must lie in the set: at the start's largest entry, then re-pinned
     # at the first solution's.
     for _ in range(2):
-        top = q0.masked_fill(~set_SV, float("-inf")).argmax(-1, keepdim=True)
+        top = restrict_to_set(q0, set_SV).argmax(-1, keepdim=True)
         lo_pin = torch.where(free_S[:, None], lo_SV, lo_SV.scatter(-1, top, 0.0))
         loss, q, pg = run(lo_pin, hi_SV, q0)
         if bool(free_S.all()):
@@ -411,11 +403,11 @@ def completion(q_SV: torch.Tensor, prob: Problem, opts: BDOptions, outside_mass:
     the teacher's outside mass uniformly instead.
     """
     set_SV = prob.set_mask(opts.p)
-    theta = q_SV.masked_fill(~set_SV, float("-inf"))
+    theta = restrict_to_set(q_SV, set_SV)
     if outside_mass is not None:
         # the set-mass fix: the teacher's outside mass, spread uniformly over the outside tokens
         m_t = (prob.teacher_SV * set_SV).sum(-1)
-        log_in = torch.logsumexp(theta, -1)
+        log_in = soft_value(theta)
         n_out = (~set_SV).sum(-1).clamp_min(1)
         fill = log_in + torch.log((1 - m_t).clamp_min(1e-300) / m_t) - torch.log(n_out.to(theta.dtype))
         theta = torch.where(set_SV, theta, fill[:, None])
@@ -428,16 +420,13 @@ def completion(q_SV: torch.Tensor, prob: Problem, opts: BDOptions, outside_mass:
 
 def bc_loss(theta_SV: torch.Tensor, prob: Problem) -> torch.Tensor:
     """Cross-entropy of the data tokens (full-vocabulary softmax), data-weighted."""
-    return _wmean(-torch.log_softmax(theta_SV, -1), prob.w_SV)
+    return _wmean(-project_to_set(theta_SV), prob.w_SV)
 
 
 def kd_loss(theta_SV: torch.Tensor, prob: Problem) -> torch.Tensor:
     """Forward KL from the teacher's top-``sample_p`` set distribution to the student (normalised over V)."""
     set_SV = prob.set_mask(prob.sample_p)
-    t = torch.where(set_SV, prob.teacher_SV, torch.zeros((), dtype=theta_SV.dtype))
-    t = t / t.sum(-1, keepdim=True)
-    logt = torch.log(t.clamp_min(1e-300))
-    kl_S = (t * (logt - torch.log_softmax(theta_SV, -1))).sum(-1)
+    kl_S = kl(project_to_set(torch.log(prob.teacher_SV), set_SV), project_to_set(theta_SV), set_SV)
     return _wmean(kl_S[:, None], prob.w_SV)
 
 
@@ -474,19 +463,17 @@ def metrics(
     with torch.no_grad():
         d = state_weights(prob)
         set_SV = prob.set_mask(prob.sample_p)
-        logs = torch.log_softmax(theta_SV, -1)
+        logs = project_to_set(theta_SV)
         s = logs.exp()
         t = prob.teacher_SV
         logt = torch.log(t)
         out = (s * ~set_SV).sum(-1)
         argmax_out = (~set_SV).gather(-1, theta_SV.argmax(-1, keepdim=True))[:, 0].to(t.dtype)
-        kl_ts = (t * (logt - logs)).sum(-1)
-        kl_st = torch.where(s > 0, s * (logs - logt), torch.zeros_like(s)).sum(-1)
+        kl_ts = kl(logt, logs)
+        kl_st = kl(logs, logt)
         # on the smaller of the data's and the loss's sets: tokens outside the loss's set are not seen by it
         kset_SV = set_SV if opts is None or opts.p >= prob.sample_p else prob.set_mask(opts.p)
-        lt_set = torch.log_softmax(logt.masked_fill(~kset_SV, float("-inf")), -1)
-        ls_set = torch.log_softmax(logs.masked_fill(~kset_SV, float("-inf")), -1)
-        kl_set = torch.where(kset_SV, lt_set.exp() * (lt_set - ls_set), torch.zeros_like(t)).sum(-1)
+        kl_set = kl(project_to_set(logt, kset_SV), project_to_set(logs, kset_SV), kset_SV)
         ent = -torch.where(s > 0, s * logs, torch.zeros_like(s)).sum(-1)
         live = d > 0
         res = {

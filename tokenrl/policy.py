@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenrl.backup import token_nll, upcast
+from tokenrl.backup import soft_value, upcast
 from tokenrl.buffer import Batch
 
 
@@ -27,19 +27,31 @@ class CandidateQ:
         mask_BSK: ``[B, S, K]`` bool candidate validity (states past the response end are all False).
         action_slot_BT: ``[B, T]`` slot of the taken action among the candidates, -1 if outside the set or on
             padding (for the dense form the slot is the token id itself).
-        vocab_max_BS: ``[B, S]`` the student's max logit over the whole vocabulary (differentiable through
-            the argmax row), used by Bellman Distill's Q shift; None unless asked for.
     """
 
     logits_BSK: torch.Tensor
     mask_BSK: torch.Tensor
     action_slot_BT: torch.Tensor
-    vocab_max_BS: torch.Tensor | None = None
 
     @property
     def action_in_set_BT(self) -> torch.Tensor:
         """``[B, T]`` bool: the taken action has a Q (it lies in its state's set; False on padding)."""
         return self.action_slot_BT >= 0
+
+
+@dataclass
+class VocabStats:
+    """Per-position statistics of the student's full-vocabulary logits (see :meth:`CausalLMPolicy.vocab_stats`).
+
+    Attributes:
+        max_BS: ``[B, S]`` max logit over the vocabulary, or None.
+        lse_BS: ``[B, S]`` log-normaliser (log-sum-exp) of the logits over the vocabulary, or None.
+        nll_BT: ``[B, T]`` ``-log softmax(logits)[action]`` of the given actions, or None.
+    """
+
+    max_BS: torch.Tensor | None = None
+    lse_BS: torch.Tensor | None = None
+    nll_BT: torch.Tensor | None = None
 
 
 class CausalLMPolicy(nn.Module):
@@ -101,48 +113,63 @@ class CausalLMPolicy(nn.Module):
         """Dense logits at the batch's states, ``[B, S, V]``."""
         return self.dense_logits(self.state_hidden(batch))
 
-    def token_nll(self, h_BTD: torch.Tensor, actions_BT: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-        """Full-vocabulary ``-log softmax(logits)[action]`` per position, ``[B, T]``, with flat memory.
+    def vocab_stats(
+        self,
+        h_BSD: torch.Tensor,
+        actions_BT: torch.Tensor | None = None,
+        need_max: bool = False,
+        need_lse: bool = False,
+        chunk_tokens: int = 1024,
+    ) -> VocabStats:
+        """Everything a loss needs from the full vocabulary, in ONE chunked pass with flat memory.
 
         Positions are processed in chunks under activation checkpointing, so at most one
         ``[chunk_tokens, V]`` block of logits is alive in the forward or the backward pass (instead of
-        ``[B, T, V]``: 1.2 GB at B*T = 2048 and V = 150k in float32). Results equal the dense computation.
+        ``[B, S, V]``: 1.2 GB at B*S = 2048 and V = 150k in float32). Values and gradients equal the dense
+        computation (the max's gradient goes to the argmax entry, split evenly between exact ties).
+
+        Args:
+            h_BSD: ``[B, S, D]`` hidden states.
+            actions_BT: ``[B, T]`` long token ids (``T <= S``) whose NLL is wanted at the first T positions,
+                or None for no NLL.
+            need_max: compute the max logit over the vocabulary (Bellman Distill's paper Q shift).
+            need_lse: compute the log-normaliser (log-sum-exp) over the vocabulary.
+            chunk_tokens: positions per chunk.
+
+        Returns:
+            A :class:`VocabStats` with the requested fields set (float32 or wider) and the rest None.
         """
-        B, T, D = h_BTD.shape
-        h_ND, a_N = h_BTD.reshape(-1, D), actions_BT.reshape(-1)
+        B, S, D = h_BSD.shape
+        need_nll = actions_BT is not None
+        if not (need_max or need_lse or need_nll):
+            return VocabStats()
+        T = actions_BT.shape[1] if need_nll else 0
+        a_BS = torch.zeros(B, S, dtype=torch.long, device=h_BSD.device)
+        if need_nll:
+            a_BS[:, :T] = actions_BT
+        h_ND, a_N = h_BSD.reshape(-1, D), a_BS.reshape(-1)
         chunks = []
         for start in range(0, h_ND.shape[0], chunk_tokens):
             args = (h_ND[start : start + chunk_tokens], a_N[start : start + chunk_tokens])
             if torch.is_grad_enabled() and h_ND.requires_grad:
-                chunks.append(checkpoint(self._nll_block, *args, use_reentrant=False))
+                chunks.append(checkpoint(self._stats_block, *args, use_reentrant=False))
             else:
-                chunks.append(self._nll_block(*args))
-        return torch.cat(chunks).view(B, T) if chunks else h_BTD.new_zeros(B, T)
+                chunks.append(self._stats_block(*args))
+        max_BS, lse_BS, picked_BS = (torch.cat(c).view(B, S) for c in zip(*chunks))
+        return VocabStats(
+            max_BS=max_BS if need_max else None,
+            lse_BS=lse_BS if need_lse else None,
+            nll_BT=(lse_BS - picked_BS)[:, :T] if need_nll else None,
+        )
 
-    def _nll_block(self, h_ND: torch.Tensor, a_N: torch.Tensor) -> torch.Tensor:
-        return token_nll(upcast(self.dense_logits(h_ND)), a_N)
+    def _stats_block(self, h_ND: torch.Tensor, a_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_NV = upcast(self.dense_logits(h_ND))
+        return logits_NV.amax(-1), soft_value(logits_NV), logits_NV.gather(-1, a_N[:, None])[:, 0]
 
-    def vocab_max(self, h_BSD: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """Max logit over the vocabulary, ``[B, S]``, without keeping a ``[B, S, V]`` tensor for backward.
-
-        The argmax is found without gradient in vocabulary chunks; the max is then recomputed from the argmax
-        row of the output embedding, so its gradient is exact (the max's gradient only reaches that row).
-        """
-        with torch.no_grad():
-            w_VD = self.head.weight[: self.vocab_size]
-            bias = getattr(self.head, "bias", None)
-            best_val = torch.full(h_BSD.shape[:-1], float("-inf"), device=h_BSD.device, dtype=w_VD.dtype)
-            best_idx = torch.zeros(h_BSD.shape[:-1], dtype=torch.long, device=h_BSD.device)
-            h = h_BSD.detach().to(w_VD.dtype)
-            for start in range(0, w_VD.shape[0], chunk):
-                logits = h @ w_VD[start : start + chunk].T
-                if bias is not None:
-                    logits = logits + bias[start : start + chunk]
-                val, idx = logits.max(-1)
-                better = val > best_val
-                best_val = torch.where(better, val, best_val)
-                best_idx = torch.where(better, idx + start, best_idx)
-        return self.sparse_logits(h_BSD, best_idx[..., None])[..., 0]
+    def token_nll(self, h_BTD: torch.Tensor, actions_BT: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+        """Full-vocabulary ``-log softmax(logits)[action]`` per position, ``[B, T]``, with flat memory
+        (see :meth:`vocab_stats`)."""
+        return self.vocab_stats(h_BTD, actions_BT, chunk_tokens=chunk_tokens).nll_BT
 
     def candidate_q(
         self,
@@ -150,7 +177,6 @@ class CausalLMPolicy(nn.Module):
         top_p: float,
         sparse: bool = True,
         h_BSD: torch.Tensor | None = None,
-        with_vocab_max: bool = False,
     ) -> CandidateQ:
         """Student logits on each state's action set of the top-p MDP.
 
@@ -163,17 +189,12 @@ class CausalLMPolicy(nn.Module):
             logits = self.dense_logits(h)
             mask = batch.state_mask_BS[:, :, None].expand_as(logits)
             idx = torch.where(batch.action_mask_BT, batch.actions_BT, torch.full_like(batch.actions_BT, -1))
-            return CandidateQ(logits, mask, idx, logits.amax(-1) if with_vocab_max else None)
+            return CandidateQ(logits, mask, idx)
         if abs(batch.top_p - top_p) > 1e-12:
             raise ValueError(f"batch sets were restricted to p={batch.top_p}, but the loss asks for p={top_p}")
-        vmax = None
         if sparse:
             logits = self.sparse_logits(h, batch.cand_ids_BSK)
-            if with_vocab_max:  # an O(|V|) pass without gradient: only when the Q shift needs it
-                vmax = self.vocab_max(h)
         else:
-            dense = self.dense_logits(h)
-            logits = dense.gather(-1, batch.cand_ids_BSK)
-            vmax = dense.amax(-1) if with_vocab_max else None
-        return CandidateQ(logits, batch.cand_mask_BSK, batch.action_slot_BT, vmax)
+            logits = self.dense_logits(h).gather(-1, batch.cand_ids_BSK)
+        return CandidateQ(logits, batch.cand_mask_BSK, batch.action_slot_BT)
 
