@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # The run config schemas (and their Hydra registration).
     ("config", ["tokenrl.config"]),
     # The training run.
-    ("trainer", ["tokenrl.trainer"]),
+    ("trainer", ["tokenrl.trainer", "tokenrl.selection"]),
     # Entry points.
     ("entry points", ["experiments.*", "benchmarks.*"]),
 ]

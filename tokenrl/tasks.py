@@ -34,7 +34,8 @@ class Task:
         val_references: per validation prompt, reference texts for Rouge-L.
         max_new_tokens: response budget (truncation).
         data_sampler: draws the offline data from the teacher (its sampling settings are in ``manifest``).
-        eval_sampler: draws teacher responses with the evaluation's sampling settings (the teacher row).
+        eval_sampler: draws teacher responses at the teacher's own settings (top-p 1.0, temperature 1): the
+            teacher row of the evaluation.
         decode: tokens -> text for Rouge-L.
         manifest: settings that identify the offline data.
         heldout: (prompts, responses) of teacher samples for the teacher-forced KL.
@@ -90,8 +91,13 @@ class SyntheticTaskConfig:
     cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
 
 
-def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval_temperature: float = 1.0) -> Task:
-    """Build the synthetic task: prompts and references are drawn from the language itself."""
+def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
+    """Build the synthetic task: prompts and references are drawn from the language itself.
+
+    References, held-out responses and the teacher's evaluation samples are teacher samples at the teacher's
+    own settings (top-p 1.0, temperature 1), drawn from streams seeded by ``data_seed`` alone, so they do not
+    change with the students' decoding settings (``eval.decode_top_p``, ``eval.temperature``).
+    """
     lang_cfg = cfg.language if isinstance(cfg.language, SyntheticLanguageConfig) else SyntheticLanguageConfig(**cfg.language)
     lang = SyntheticLanguage(lang_cfg)
     rng = np.random.default_rng(cfg.data_seed)
@@ -103,7 +109,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
 
     def refs(ps: list[list[int]]) -> list[list[str]]:
         rep = [p for p in ps for _ in range(cfg.n_references)]
-        samples = lang.sample_continuations(rep, cfg.max_new_tokens, rng, top_p=eval_top_p, temperature=eval_temperature)
+        samples = lang.sample_continuations(rep, cfg.max_new_tokens, rng, top_p=1.0, temperature=1.0)
         texts = [lang.token_to_text(r) for r, _ in samples]
         return [texts[i * cfg.n_references : (i + 1) * cfg.n_references] for i in range(len(ps))]
 
@@ -115,9 +121,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
         return lang.sample_continuations(ps, cfg.max_new_tokens, np.random.default_rng(seed), top_p=cfg.sample_top_p)
 
     def eval_sampler(ps, seed):
-        samples = lang.sample_continuations(
-            ps, cfg.max_new_tokens, np.random.default_rng(10_000 + seed), top_p=eval_top_p, temperature=eval_temperature
-        )
+        samples = lang.sample_continuations(ps, cfg.max_new_tokens, np.random.default_rng(10_000 + seed), top_p=1.0)
         return [r for r, _ in samples]
 
     manifest = {
@@ -130,7 +134,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
         "data_seed": cfg.data_seed,
     }
     return Task(
-        name="synthetic",
+        name=cfg.name,
         teacher=lang,
         vocab_size=lang.vocab_size,
         eos_token_id=lang.eos_token_id,

@@ -37,11 +37,12 @@ from envs.top_p_wrapper import top_p_restricted_policy
 from tokenrl.buffer import ReplayBuffer, write_json_atomic
 from tokenrl.config import EvalConfig, ModelConfig, RunConfig
 from tokenrl.datagen import compute_top_p_cache, load_or_generate_data
-from tokenrl.evaluation import evaluate, evaluate_teacher_samples
+from tokenrl.evaluation import evaluate_decodings, evaluate_teacher_samples
 from tokenrl.hf_task import HFTaskConfig, build_hf_task
 from tokenrl.models import HFTeacher, IncrementalTeacher, make_student, save_student
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.sampling import KVCacheStepper
+from tokenrl.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks import Task, build_synthetic_task
 
 TRAIN_STATE = "train_state.pt"
@@ -62,6 +63,7 @@ class RunContext:
     writer: SummaryWriter
     results: dict[str, Any]  # becomes metrics.json
     timings: dict[str, float]  # seconds per stage, reported under results["train"]
+    selector: BestCheckpoint | None = None  # best-validation weights of the algorithm phase (selection.every)
 
 
 @contextlib.contextmanager
@@ -82,10 +84,10 @@ def apply_threads(threads: int) -> None:
 # Stages
 # --------------------------------------------------------------------------------------------------
 def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.task`` (synthetic or transformers), with the evaluation's sampling settings."""
+    """The task of ``cfg.task`` (synthetic or transformers)."""
     if isinstance(cfg.task, HFTaskConfig):
-        return build_hf_task(cfg.task, eval_top_p=cfg.eval.top_p, eval_temperature=cfg.eval.temperature)
-    return build_synthetic_task(cfg.task, eval_top_p=cfg.eval.top_p, eval_temperature=cfg.eval.temperature)
+        return build_hf_task(cfg.task)
+    return build_synthetic_task(cfg.task)
 
 
 def load_data(cfg: RunConfig, task: Task) -> tuple[ReplayBuffer, str, bool]:
@@ -178,21 +180,27 @@ def reference_evaluations(ctx: RunContext) -> None:
             )
     if cfg.init_eval:
         with timed(ctx.timings, "init_eval_s"):
-            ctx.results["init_eval"] = evaluate_student(ctx.model, task, cfg.eval, cfg.eval.seeds)
+            ctx.results["init_eval"] = evaluate_student(
+                ctx.model, task, cfg.eval, cfg.eval.seeds, set_top_p=cfg.task.cache_top_p
+            )
         _log_scalars(ctx.writer, ctx.results["init_eval"], 0)
 
 
 def warm_start(ctx: RunContext) -> None:
-    """SFT (BC) on the offline data for ``sft_steps`` before the algorithm (the paper's recipe), then evaluate."""
+    """SFT (BC) on the offline data before the algorithm (the paper's recipe), then evaluate.
+
+    ``sft_steps`` updates, or with ``selection.sft_eval_every`` until validation stops improving (at most
+    ``sft_steps``), possibly from the cache: :func:`tokenrl.selection.train_sft`.
+    """
     cfg = ctx.cfg
     if cfg.sft_steps <= 0:
         return
     with timed(ctx.timings, "sft_s"):
-        sft = make_algorithm("bc", ctx.policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
-        for _ in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
-            sft_stats = sft.update(ctx.buffer.sample(cfg.batch_size, ctx.generator).to(cfg.device))
+        ctx.results["sft"], sft_stats = train_sft(cfg, ctx.task, ctx.model, ctx.policy, ctx.buffer, ctx.generator)
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
-    ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
+    ctx.results["sft_eval"] = evaluate_student(
+        ctx.model, ctx.task, cfg.eval, cfg.eval.seeds, set_top_p=cfg.task.cache_top_p
+    )
 
 
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
@@ -221,15 +229,19 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
             val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
             _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
+        if ctx.selector is not None and (done % cfg.selection.every == 0 or done == cfg.steps):
+            ctx.selector.consider(done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save_train_state(ctx, algo, done)
     return stats
 
 
 def final_evaluation(ctx: RunContext) -> None:
-    """Evaluate the trained student with every evaluation seed."""
+    """Evaluate the trained student (the best validated weights with ``selection.every``) with every seed."""
     with timed(ctx.timings, "final_eval_s"):
-        ctx.results["final_eval"] = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.seeds)
+        ctx.results["final_eval"] = evaluate_student(
+            ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.seeds, set_top_p=ctx.cfg.task.cache_top_p
+        )
     _log_scalars(ctx.writer, ctx.results["final_eval"], ctx.cfg.steps)
 
 
@@ -253,6 +265,12 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     apply_threads(cfg.threads)
     cfg.algo_config()  # validate the algorithm's options before any expensive work
+    check_selection(cfg)
+    if cfg.resume and cfg.selection.every and os.path.exists(os.path.join(out_dir, TRAIN_STATE)):
+        raise ValueError(
+            "resume=true with selection.every > 0: the best weights before the interruption are not in "
+            f"{TRAIN_STATE}; rerun without resume, or with selection.every=0"
+        )
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
         task = build_task(cfg)
@@ -278,9 +296,15 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         resumed = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
     algo, start_step = resumed
+    if cfg.selection.every:
+        ctx.selector = BestCheckpoint(ctx.model, lambda m: validation_score(m, task, cfg))
+        ctx.selector.consider(0)  # the SFT start competes too
     with timed(timings, "train_s"):
         last_stats = train_loop(ctx, algo, start_step)
     save_train_state(ctx, algo, cfg.steps)
+    if ctx.selector is not None:
+        ctx.selector.restore()
+        ctx.results["selection"] = {"metric": cfg.selection.metric, **ctx.selector.summary()}
     final_evaluation(ctx)
     ctx.writer.close()
     save_outputs(ctx, last_stats, data_dir)
@@ -302,25 +326,30 @@ def evaluate_student(
     seeds: Sequence[int],
     prompts: list[list[int]] | None = None,
     references: list[list[str]] | None = None,
+    set_top_p: float | None = None,
 ) -> dict:
-    """:func:`tokenrl.evaluation.evaluate` of ``model`` on the task's test prompts (or the given ones)."""
+    """:func:`tokenrl.evaluation.evaluate_decodings` of ``model`` on the task's test prompts (or the given ones).
+
+    Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics.
+    """
     prompts, references = _first(
         task.test_prompts if prompts is None else prompts,
         task.test_references if references is None else references,
         eval_cfg.n_prompts,
     )
-    return evaluate(
+    return evaluate_decodings(
         model,
         task.teacher,
         prompts,
         references,
         task.decode,
+        decode_top_p=eval_cfg.decode_top_p,
+        set_top_p=set_top_p,
         eos_token_id=task.eos_token_id,
         pad_token_id=task.pad_token_id,
         max_new_tokens=task.max_new_tokens,
         seeds=list(seeds),
         temperature=eval_cfg.temperature,
-        top_p=eval_cfg.top_p,
         heldout=task.heldout,
         batch_size=eval_cfg.batch_size,
         vocab_size=task.vocab_size,
