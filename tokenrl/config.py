@@ -54,7 +54,7 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature
     # Student sampling top-p values, reported side by side (MiniLLM: 1.0, BD release: 0.8): the first under
     # eval/..., each other one under eval_p<p>/... The teacher row and the references always sample at top-p 1.0.
-    decode_top_p: list[float] = field(default_factory=lambda: [1.0])
+    decode_top_p: list[float] = field(default_factory=lambda: [1.0, 0.8])
     batch_size: int = 128  # sequences per sampling batch
     n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
     val_every: int = 0  # validation (teacher-forced KL + one sampling seed) every n steps; 0 = off
