@@ -228,7 +228,7 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
             bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
         if cfg.eval.val_every and done % cfg.eval.val_every == 0 and done < cfg.steps:
             val = evaluate_student(ctx.model, task, cfg.eval, [0], task.val_prompts, task.val_references)
-            _log_scalars(ctx.writer, {k.replace("eval/", "val/"): v for k, v in val.items()}, done)
+            _log_scalars(ctx.writer, {k.replace("eval", "val", 1): v for k, v in val.items()}, done)
         if ctx.selector is not None and (done % cfg.selection.every == 0 or done == cfg.steps):
             ctx.selector.consider(done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
