@@ -134,6 +134,8 @@ def sft_cache_path(cfg: RunConfig, task: Task) -> str:
         "seed": cfg.seed,
         "device": cfg.device,
     }
+    if cfg.selection.metric in SAMPLED:  # sampled validation depends on the decoding too
+        key["decoding"] = [cfg.eval.decode_top_p[0], cfg.eval.temperature]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(cfg.data_dir, task.data_key(), "sft_starts", f"{digest}.pt")
 
