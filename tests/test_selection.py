@@ -77,3 +77,10 @@ def test_sft_stops_early_keeps_its_best_and_is_reused_from_the_cache(tmp_path):
     assert second["sft_eval"] == first["sft_eval"]  # the same start for every method
     again = run(make_run_config(cfg), str(tmp_path / "c"))
     assert again["final_eval"] == first["final_eval"]  # a cached start continues exactly as the trained one
+
+
+def test_later_language_options_keep_the_default_data_key():
+    default = build_task(make_run_config(TINY))
+    lm = build_task(make_run_config({**TINY, "task": {**TINY["task"], "language": {"transitions": "last_token"}}}))
+    assert "transitions" not in default.manifest["teacher"] and lm.manifest["teacher"]["transitions"] == "last_token"
+    assert default.data_key() != lm.data_key()

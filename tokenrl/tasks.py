@@ -126,7 +126,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
 
     manifest = {
         "task": "synthetic",
-        "teacher": {"kind": "SyntheticLanguage", **asdict(lang_cfg)},
+        "teacher": {"kind": "SyntheticLanguage", **_language_manifest(lang_cfg)},
         "tokenizer": f"synthetic-{lang_cfg.vocab_size}",
         "sample_top_p": cfg.sample_top_p,
         "temperature": 1.0,
@@ -161,6 +161,18 @@ def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
         },
         info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
     )
+
+
+# Language options added after data caches existed: listed in the manifest only when set, so that the caches
+# of languages drawn before them (which these defaults reproduce bit for bit) keep their keys.
+_LATER_LANGUAGE_OPTIONS = {"support_log_std": 0.0, "concentration_log_std": 0.0, "transitions": "fsm"}
+
+
+def _language_manifest(lang_cfg: SyntheticLanguageConfig) -> dict:
+    return {
+        k: v for k, v in asdict(lang_cfg).items()
+        if k not in _LATER_LANGUAGE_OPTIONS or v != _LATER_LANGUAGE_OPTIONS[k]
+    }
 
 
 def _mean_state_set_size(lang: SyntheticLanguage, p: float) -> float:
