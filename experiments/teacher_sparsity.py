@@ -6,6 +6,7 @@ several p and the mean probability mass of the teacher's top-1/7/50 tokens (the 
 tokens hold ~96% of the mass, the top 7 >= 90%").
 
     python experiments/teacher_sparsity.py task=smollm2 [+n=40]
+    python experiments/teacher_sparsity.py task=synthetic_lm +n=400     # any task, synthetic ones included
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def main(cfg: DictConfig) -> None:
             mass[k].append(probs[:, :k].sum(-1).numpy())
     n_states = sum(len(x) for x in sizes[P_VALUES[0]])
     print(f"teacher: {task.manifest['teacher']}; {min(n, len(buffer))} trajectories, {n_states} response states")
-    print("| p | mean set size | p50 | p90 | p99 | max |")
-    print("|---|---|---|---|---|---|")
+    print("| p | mean set size | p50 | p90 | p99 | max | single-token sets |")
+    print("|---|---|---|---|---|---|---|")
     for p in P_VALUES:
         s = np.concatenate(sizes[p])
         q = np.percentile(s, [50, 90, 99])
-        print(f"| {p} | {s.mean():.1f} | {q[0]:.0f} | {q[1]:.0f} | {q[2]:.0f} | {s.max()} |")
+        print(f"| {p} | {s.mean():.1f} | {q[0]:.0f} | {q[1]:.0f} | {q[2]:.0f} | {s.max()} | {(s == 1).mean():.1%} |")
     print("\n| top-k tokens | mean teacher mass | states with mass >= 0.9 |")
     print("|---|---|---|")
     for k in TOP_K:

@@ -43,8 +43,10 @@ from torch.utils.tensorboard import SummaryWriter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algorithms import make_algorithm  # noqa: E402
+from tokenrl import distributed  # noqa: E402
 from tokenrl.buffer import ReplayBuffer  # noqa: E402
 from tokenrl.config import RunConfig, make_run_config  # noqa: E402
+from tokenrl.divergence import DivergenceGuard  # noqa: E402
 from tokenrl.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.trainer import (  # noqa: E402
     RunContext,
@@ -154,10 +156,13 @@ def run_all(args: argparse.Namespace) -> dict:
 
 
 def _context(cfg: RunConfig, out: str, name: str, task, buffer, model, seed: int) -> RunContext:
+    policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
+    loss_module = distributed.LossForward(policy)  # one process: the loss is called unwrapped
     return RunContext(
-        cfg=cfg, out_dir=os.path.join(out, "runs"), task=task, buffer=buffer, model=model,
-        policy=CausalLMPolicy(model, vocab_size=task.vocab_size), generator=torch.Generator().manual_seed(seed),
-        writer=SummaryWriter(os.path.join(out, "tb", name)), results={}, timings={},
+        cfg=cfg, out_dir=os.path.join(out, "runs"), task=task, buffer=buffer, model=model, policy=policy,
+        generator=torch.Generator().manual_seed(seed), writer=SummaryWriter(os.path.join(out, "tb", name)),
+        results={}, timings={}, data_dir=os.path.join(out, "data"), guard=DivergenceGuard(cfg.divergence_factor),
+        loss_module=loss_module, loss_fn=loss_module,
     )
 
 

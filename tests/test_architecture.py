@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # The run config schemas (and their Hydra registration).
     ("config", ["tokenrl.config", "tokenrl.validation"]),
     # The training run.
-    ("trainer", ["tokenrl.rollouts", "tokenrl.trainer"]),
+    ("trainer", ["tokenrl.rollouts", "tokenrl.trainer", "tokenrl.selection"]),
     # Entry points.
     ("entry points", ["experiments.*", "benchmarks.*"]),
 ]

@@ -42,7 +42,7 @@ def test_algo_yaml_composes_into_its_dataclass(algo):
     make_config(algo, algo_cfg)  # every YAML key is a field of the algorithm's config
 
 
-@pytest.mark.parametrize("group", ["task", "model"])
+@pytest.mark.parametrize("group", ["task", "model", "selection"])
 def test_group_yamls_compose(group):
     for option in _options(group):
         cfg = _compose([f"{group}={option}"])

@@ -11,7 +11,17 @@ import torch
 
 from tests.reference import sequence_logprob
 from tests.test_sampling import EOS, V, random_prompts, slow_logits, tiny_llama
-from tokenrl.evaluation import evaluate, evaluate_teacher_samples, rouge_l, teacher_forced_kl, teacher_nll
+from tokenrl.evaluation import (
+    SET_METRIC_KEYS,
+    evaluate,
+    evaluate_decodings,
+    evaluate_teacher_samples,
+    rouge_l,
+    set_metrics_per_token,
+    teacher_forced_kl,
+    teacher_forced_set_metrics,
+    teacher_nll,
+)
 from tokenrl.sampling import sample_responses
 from tokenrl.synthetic import SyntheticLanguage
 
@@ -93,6 +103,70 @@ def test_teacher_forced_kl_is_zero_against_itself_and_positive_otherwise(llama):
     assert kl["kl_teacher_student"] == pytest.approx(ts / n, rel=1e-4)
 
 
+def _set_metrics_loop(student_logits: list[float], teacher_logits: list[float], p: float) -> dict[str, float]:
+    """One state's set metrics with plain Python floats: the slow reference of :func:`set_metrics_per_token`."""
+    def softmax(xs):
+        top = max(xs)
+        exps = [math.exp(x - top) for x in xs]
+        return [e / sum(exps) for e in exps]
+
+    ps, pt = softmax(student_logits), softmax(teacher_logits)
+    # The teacher's top-p set: the shortest most-likely-first prefix whose mass reaches p.
+    members, mass = [], 0.0
+    for a in sorted(range(len(pt)), key=lambda a: -pt[a]):
+        members.append(a)
+        mass += pt[a]
+        if mass >= p:
+            break
+    s_in, t_in = sum(ps[a] for a in members), sum(pt[a] for a in members)
+    return {
+        "mass_outside_set": 1.0 - s_in,
+        "kl_teacher_student_on_set": sum(
+            pt[a] / t_in * math.log((pt[a] / t_in) / (ps[a] / s_in)) for a in members
+        ),
+        "student_entropy": -sum(x * math.log(x) for x in ps if x > 0),
+        "teacher_entropy": -sum(x * math.log(x) for x in pt if x > 0),
+    }
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 1.0])
+def test_set_metrics_per_token_match_a_per_state_loop(p):
+    gen = torch.Generator().manual_seed(3)
+    student_NV = torch.randn(7, 11, generator=gen, dtype=torch.float64) * 2
+    # Peaked teachers, so that the sets have 1 to a few members.
+    teacher_NV = torch.randn(7, 11, generator=gen, dtype=torch.float64) * 3
+    fast = set_metrics_per_token(student_NV, teacher_NV, p)
+    assert set(fast) == set(SET_METRIC_KEYS)
+    for n in range(7):
+        slow = _set_metrics_loop(student_NV[n].tolist(), teacher_NV[n].tolist(), p)
+        for key in SET_METRIC_KEYS:
+            assert float(fast[key][n]) == pytest.approx(slow[key], rel=1e-9, abs=1e-12), (key, n)
+    if p == 1.0:  # the set is the whole vocabulary: nothing outside, the full forward KL
+        assert torch.allclose(fast["mass_outside_set"], torch.zeros(7, dtype=torch.float64), atol=1e-12)
+
+
+def test_teacher_forced_set_metrics_average_the_per_token_form(llama, lang):
+    prompts = random_prompts(6, seed=2)
+    responses = sample_responses(llama, prompts, 8, EOS, EOS, seed=0)
+    teacher = ModelTeacher(tiny_llama(seed=1))
+    got = teacher_forced_set_metrics(llama, teacher, prompts, responses, 0.8, batch_size=4)
+    totals, n = dict.fromkeys(SET_METRIC_KEYS, 0.0), 0
+    for prompt, response in zip(prompts, responses):
+        for t in range(len(response)):
+            slow = _set_metrics_loop(
+                slow_logits(llama, prompt + response[:t]).double().tolist(),
+                slow_logits(teacher.model, prompt + response[:t]).double().tolist(), 0.8,
+            )
+            totals = {k: totals[k] + slow[k] for k in SET_METRIC_KEYS}
+            n += 1
+    for key in SET_METRIC_KEYS:
+        assert got[key] == pytest.approx(totals[key] / n, rel=1e-4), key
+    assert 0.0 < got["mass_outside_set"] < 1.0
+    same = teacher_forced_set_metrics(llama, ModelTeacher(llama), prompts, responses, 0.8, batch_size=4)
+    assert same["kl_teacher_student_on_set"] == pytest.approx(0.0, abs=1e-6)
+    assert same["student_entropy"] == pytest.approx(same["teacher_entropy"], rel=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # Full evaluation
 # --------------------------------------------------------------------------------------------------
@@ -137,3 +211,24 @@ def test_evaluate_and_teacher_row_on_synthetic_language(llama, lang):
     )
     assert "eval/rougeL" not in no_rouge and "eval/kl_student_teacher" not in no_rouge
     assert no_rouge["eval/teacher_nll_std_seeds"] == 0.0
+
+
+def test_evaluate_decodings_reports_each_top_p_under_its_own_prefix(llama, lang):
+    prompts = lang.sample_prompts(6, np.random.default_rng(4))
+    pairs = lang.sample_continuations(prompts, 6, np.random.default_rng(5))
+    heldout = (prompts, [r for r, _ in pairs])
+    kwargs = dict(eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=6, seeds=(0,), batch_size=8)
+    both = evaluate_decodings(
+        llama, lang, prompts, None, lang.token_to_text, decode_top_p=[1.0, 0.8], set_top_p=0.8, heldout=heldout, **kwargs
+    )
+    first = evaluate(llama, lang, prompts, None, lang.token_to_text, top_p=1.0, heldout=heldout, **kwargs)
+    second = evaluate(llama, lang, prompts, None, lang.token_to_text, top_p=0.8, **kwargs)
+    for key, value in first.items():
+        assert both[key] == value, key  # the first decoding keeps the eval/ keys, unchanged
+    for key, value in second.items():
+        assert both[key.replace("eval/", "eval_p0.8/")] == value, key
+    assert "eval_p0.8/kl_student_teacher" not in both  # teacher-forced metrics do not depend on decoding
+    for key in SET_METRIC_KEYS:
+        assert math.isfinite(both[f"eval/{key}"])
+    with pytest.raises(ValueError, match="decode_top_p"):
+        evaluate_decodings(llama, lang, prompts, None, lang.token_to_text, decode_top_p=[], **kwargs)

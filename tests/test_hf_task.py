@@ -20,7 +20,6 @@ from tokenrl.trainer import build_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "experiments", "conf")
-EVAL = {"eval_top_p": 1.0, "eval_temperature": 1.0}
 
 # Responses are sentences of the tokenizer's words, so decoded teacher samples and ground truths overlap.
 SENTENCES = [
@@ -90,7 +89,7 @@ def _task_cfg(files, **overrides) -> HFTaskConfig:
 @pytest.mark.parametrize("template", ["chat", "minillm"])
 def test_build_hf_task(tiny_files, template, tmp_path):
     cfg = _task_cfg(tiny_files, template=template, eval_cache_dir=str(tmp_path / "eval"))
-    task = build_hf_task(cfg, **EVAL)
+    task = build_hf_task(cfg)
 
     assert sum(task.info["prompts_dropped_too_long"].values()) == 1
     splits = [set(map(tuple, s)) for s in (task.train_prompts, task.val_prompts, task.test_prompts)]
@@ -129,15 +128,15 @@ def test_build_hf_task(tiny_files, template, tmp_path):
 
     # The build-time teacher samples are cached: a second build reads them back unchanged.
     assert os.listdir(tmp_path / "eval")
-    again = build_hf_task(cfg, **EVAL)
+    again = build_hf_task(cfg)
     assert again.test_references == task.test_references and again.heldout == task.heldout
     assert again.manifest == task.manifest
-    assert build_hf_task(dataclasses.replace(cfg, data_seed=1), **EVAL).manifest != task.manifest
+    assert build_hf_task(dataclasses.replace(cfg, data_seed=1)).manifest != task.manifest
 
 
 @pytest.mark.parametrize("kind", ["pruned", "fresh"])
 def test_build_hf_student(tiny_files, kind):
-    task = build_hf_task(_task_cfg(tiny_files, n_references=1), **EVAL)
+    task = build_hf_task(_task_cfg(tiny_files, n_references=1))
     model_cfg = ModelConfig(kind=kind, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, keep_every=2)
     student = build_student(model_cfg, task, seed=0, device="cpu")
     assert student.get_output_embeddings().weight.shape[0] >= task.vocab_size
@@ -148,9 +147,9 @@ def test_unknown_setting_and_missing_prompts(tiny_files):
     with pytest.raises(TypeError, match="max_promt_tokens"):
         _task_cfg(tiny_files, max_promt_tokens=3)
     with pytest.raises(ValueError, match="task.teacher"):
-        build_hf_task(HFTaskConfig(prompts_file=str(tiny_files / "prompts.jsonl")), **EVAL)
+        build_hf_task(HFTaskConfig(prompts_file=str(tiny_files / "prompts.jsonl")))
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        build_hf_task(_task_cfg(tiny_files, prompts_file=str(tiny_files / "nope.jsonl")), **EVAL)
+        build_hf_task(_task_cfg(tiny_files, prompts_file=str(tiny_files / "nope.jsonl")))
 
 
 def _yaml_names(group: str) -> list[str]:
@@ -239,7 +238,7 @@ def test_online_rollouts_on_a_transformers_task(tiny_files, tmp_path):
     from algorithms import make_algorithm
     from tokenrl.buffer import ReplayBuffer
     from tokenrl.policy import CausalLMPolicy
-    task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")), **EVAL)
+    task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")))
     student = build_student(ModelConfig(kind="pruned"), task, seed=0, device="cpu")
     buffer = ReplayBuffer(pad_id=task.pad_token_id, cache_top_p=0.8)
     algo = make_algorithm("soft_q", CausalLMPolicy(student, vocab_size=task.vocab_size), {"reward": "sqil", "top_p": 0.8})

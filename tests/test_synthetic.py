@@ -291,6 +291,9 @@ def test_token_to_text(lang):
         (dict(smoothing=-0.1), "smoothing"),
         (dict(prompt_len_min=0), "prompt_len_min"),
         (dict(prompt_len_min=5, prompt_len_max=4), "prompt_len"),
+        (dict(vocab_size=16, max_support=16), "max_support"),
+        (dict(support_log_std=-1.0), "support_log_std"),
+        (dict(transitions="bigram"), "transitions"),
     ],
 )
 def test_bad_config_raises(kwargs, word):
@@ -301,3 +304,21 @@ def test_bad_config_raises(kwargs, word):
 def test_smallest_valid_vocab_builds():
     lang = SyntheticLanguage(SyntheticLanguageConfig(vocab_size=10, n_topics=8))
     assert np.all(lang.probs_SV > 0)
+
+
+def test_heavy_tailed_options_give_lm_like_set_sizes_and_last_token_states():
+    """The synthetic_lm options: many single-token top-0.8 sets and a long tail of wide ones."""
+    Q = 16
+    lang = SyntheticLanguage(SyntheticLanguageConfig(
+        vocab_size=256, n_local_states=Q, mean_support=6.0, support_log_std=1.8, max_support=255,
+        concentration=0.5, concentration_log_std=1.5, transitions="last_token",
+    ))
+    sizes = top_p_mask(torch.from_numpy(lang.log_emission_SV[:-1]), 0.8).sum(-1).numpy()
+    assert (sizes == 1).mean() > 0.1 and sizes.max() > 20 and np.median(sizes) < 10
+    # With last_token transitions the next local state depends on the topic and the token only.
+    for z in range(lang.config.n_topics):
+        block = lang.next_state_SV[z * Q : (z + 1) * Q]
+        assert (block == block[0]).all() and ((block >= z * Q) & (block < (z + 1) * Q)).all()
+    default = SyntheticLanguage(SyntheticLanguageConfig(vocab_size=256, max_support=255))
+    default_sizes = top_p_mask(torch.from_numpy(default.log_emission_SV[:-1]), 0.8).sum(-1).numpy()
+    assert default_sizes.max() < sizes.max()  # the default Poisson supports (mean 3) stay narrow

@@ -172,6 +172,19 @@ def kl(logp_p: torch.Tensor, logp_q: torch.Tensor, mask: torch.Tensor | None = N
     return torch.where(p > 0, p * (logp_p - logp_q), 0.0).sum(-1)
 
 
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """``H(p) = -sum_a p(a) log p(a)`` per row; terms with ``p(a) = 0`` count 0.
+
+    Args:
+        logp: ``[..., K]`` log-probabilities (normalised; ``-inf`` for zero-probability entries).
+
+    Returns:
+        ``[...]`` entropy in nats.
+    """
+    p = logp.exp()
+    return torch.where(p > 0, -p * logp, 0.0).sum(-1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bellman backups
 # ------------------------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ class EvalConfig:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # one sampling pass per seed
     temperature: float = 1.0  # sampling temperature
-    top_p: float = 1.0  # sampling top-p of students and teacher (MiniLLM: 1.0, BD release: 0.8)
+    # Student sampling top-p values, reported side by side (MiniLLM: 1.0, BD release: 0.8): the first under
+    # eval/..., each other one under eval_p<p>/... The teacher row and the references always sample at top-p 1.0.
+    decode_top_p: list[float] = field(default_factory=lambda: [1.0, 0.8])
     batch_size: int = 128  # sequences per sampling batch
     n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
     val_every: int = 0  # validation (teacher-forced KL + one sampling seed) every n steps; 0 = off
@@ -70,6 +72,21 @@ class DistConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """How the SFT start and the reported weights are chosen (``selection=fixed`` | ``selection=best``).
+
+    Validation = the teacher-forced ``metric`` on the task's held-out teacher samples (validation prompts),
+    lower is better; see :mod:`tokenrl.selection`.
+    """
+
+    metric: str = "kl_student_teacher"  # a key of tokenrl.selection.VALIDATION_METRICS
+    sft_eval_every: int = 0  # validate the SFT warm start every n steps and stop when it stops improving; 0 = run all sft_steps
+    sft_patience: int = 3  # SFT stops after this many validations without improvement (it keeps the best weights)
+    sft_cache: bool = False  # save the SFT start under data_dir and reuse it (keyed by model, SFT settings, seed)
+    every: int = 0  # validate the algorithm every n steps (step 0 = the SFT start) and report the best weights; 0 = the last
+
+
+@dataclass
 class RunConfig:
     """Top-level run settings (``algo`` and ``task`` come from their config groups)."""
 
@@ -78,9 +95,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     seed: int = 0  # training seed: student init, batch sampling, evaluation draws
     steps: int = 1000  # gradient updates of the algorithm
-    sft_steps: int = 0  # SFT (BC) warm start on the offline data before the algorithm (the paper's recipe)
+    sft_steps: int = 0  # SFT (BC) warm start on the offline data before the algorithm (the paper's recipe); the maximum with selection.sft_eval_every
     sft_lr: float = 1e-3  # learning rate of the SFT warm start
     batch_size: int = 32  # trajectories per update (the global batch over all ranks and accumulation steps)
     micro_batch_size: int | None = None  # trajectories per forward/backward (None = batch_size / world size)
@@ -158,3 +176,4 @@ def register_configs() -> None:
     for kind, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=kind, node=schema)
     cs.store(group="schema/model", name="model", node=ModelConfig)
+    cs.store(group="schema/selection", name="selection", node=SelectionConfig)

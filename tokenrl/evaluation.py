@@ -8,7 +8,12 @@ Because our teachers expose exact next-token distributions we also report
 * the teacher's NLL per response token of the student's samples (how likely the teacher finds what the
   student writes; the teacher's own samples give the floor, its entropy rate), and its value at each
   response position (the exposure-bias curve: errors compound along free-running generations);
-* teacher-forced KL between student and teacher on held-out (teacher) responses, in both directions.
+* teacher-forced KL between student and teacher on held-out (teacher) responses, in both directions, and
+  where the student puts its mass relative to the teacher's top-p set (:func:`teacher_forced_set_metrics`):
+  its mass outside the set, the KL restricted to the set, and both entropies.
+
+Students can be decoded at several top-p values side by side (:func:`evaluate_decodings`): the first gives the
+``eval/...`` keys, each other one ``eval_p<p>/...`` keys.
 
 Metric keys are namespaced ``eval/...``; see :func:`evaluate`. Standard deviations are sample standard
 deviations (``ddof=1``) over sampling seeds, 0.0 for a single seed.
@@ -23,9 +28,11 @@ import torch
 from rouge_score import rouge_scorer
 
 from tokenrl import scoring
+from tokenrl.backup import entropy, kl, project_to_set, soft_value
 from tokenrl.datagen import right_pad
 from tokenrl.sampling import check_prompts, sample_responses
 from tokenrl.teachers import Teacher
+from tokenrl.top_p import top_p_mask
 
 Decode = Callable[[list[int]], str]
 Sampler = Callable[[list[list[int]], int], list[list[int]]]
@@ -37,10 +44,6 @@ def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     check_prompts(prompts)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 
@@ -164,6 +167,107 @@ def teacher_forced_kl(
     if n_tokens == 0:
         return {"kl_student_teacher": float("nan"), "kl_teacher_student": float("nan")}
     return {"kl_student_teacher": total_st / n_tokens, "kl_teacher_student": total_ts / n_tokens}
+
+
+SET_METRIC_KEYS = ("mass_outside_set", "kl_teacher_student_on_set", "student_entropy", "teacher_entropy")
+"""Keys of :func:`set_metrics_per_token` and :func:`teacher_forced_set_metrics`."""
+
+
+def set_metrics_per_token(
+    student_logits_NV: torch.Tensor, teacher_logits_NV: torch.Tensor, set_top_p: float
+) -> dict[str, torch.Tensor]:
+    """Where the student puts its mass relative to the teacher's top-p set, at each of ``N`` states.
+
+    A pure function of one chunk of logits, so that a chunked teacher-forced pass can call it on the
+    response positions it already computes.
+
+    Args:
+        student_logits_NV: ``[N, V]`` student logits (any float dtype; computed in float64).
+        teacher_logits_NV: ``[N, V]`` teacher logits (or log-probabilities) at the same states.
+        set_top_p: p of the teacher's top-p set (the task's ``cache_top_p``: the set the TD methods train on).
+
+    Returns:
+        ``[N]`` float64 tensors keyed by :data:`SET_METRIC_KEYS`:
+
+        * ``mass_outside_set``: ``1 - sum_{a in set} pi_s(a)``;
+        * ``kl_teacher_student_on_set``: KL(teacher || student) with both projected onto the set (how well the
+          student ranks the tokens inside it, whatever mass it leaves outside);
+        * ``student_entropy``, ``teacher_entropy``: entropies over the full vocabulary.
+    """
+    set_NV = top_p_mask(teacher_logits_NV, set_top_p)
+    logp_s_NV = project_to_set(student_logits_NV.double())
+    logp_t_NV = project_to_set(teacher_logits_NV.double())
+    return {
+        # -expm1(log mass inside) keeps precision when almost all mass is inside.
+        "mass_outside_set": -torch.expm1(soft_value(logp_s_NV, set_NV)),
+        "kl_teacher_student_on_set": kl(
+            project_to_set(logp_t_NV, set_NV), project_to_set(logp_s_NV, set_NV), set_NV
+        ),
+        "student_entropy": entropy(logp_s_NV),
+        "teacher_entropy": entropy(logp_t_NV),
+    }
+
+
+def teacher_forced_set_metrics(
+    model: torch.nn.Module,
+    teacher: Teacher,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    set_top_p: float,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """:func:`set_metrics_per_token`, mean per response token, teacher-forced on ``prompts`` + ``responses``.
+
+    Args:
+        model: the student, a transformers causal LM.
+        teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
+        prompts: ``N`` non-empty token lists.
+        responses: ``N`` token lists, typically held-out teacher samples.
+        set_top_p: p of the teacher's top-p set.
+        batch_size: sequences per forward.
+        vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
+
+    Returns:
+        The :data:`SET_METRIC_KEYS` as floats (NaN if there are no response tokens). The model's train/eval
+        mode is restored afterwards.
+    """
+    _check_pairs(prompts, responses)
+    vocab = teacher.vocab_size if vocab_size is None else vocab_size
+    totals = dict.fromkeys(SET_METRIC_KEYS, 0.0)
+    n_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                batch_prompts = prompts[start : start + batch_size]
+                batch_responses = responses[start : start + batch_size]
+                tokens_BT, lengths_B = right_pad(
+                    [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
+                )
+                prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
+                response_lens_B = torch.tensor([len(r) for r in batch_responses], dtype=torch.long)
+                # Only the response positions, a chunk of logits at a time (memory-flat, see tokenrl.scoring).
+                rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
+                size = scoring.chunk_positions(vocab)
+                student_chunks = scoring.causal_lm_position_logits(
+                    model, tokens_BT, lengths_B, rows_N, cols_N, vocab, size
+                )
+                teacher_chunks = teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size)
+                for student_nV, teacher_nV in zip(student_chunks, teacher_chunks):
+                    if student_nV.shape[-1] != teacher_nV.shape[-1]:
+                        raise ValueError(
+                            f"student has {student_nV.shape[-1]} logits after slicing to vocab_size={vocab}, "
+                            f"teacher has {teacher_nV.shape[-1]}; they must share a vocabulary"
+                        )
+                    per_token = set_metrics_per_token(student_nV, teacher_nV.to(student_nV.device), set_top_p)
+                    for key, values_N in per_token.items():
+                        totals[key] += float(values_N.sum())
+                n_tokens += len(rows_N)
+    finally:
+        model.train(was_training)
+    return {key: (total / n_tokens if n_tokens else float("nan")) for key, total in totals.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,4 +442,54 @@ def evaluate_teacher_samples(
     )
     metrics["eval/kl_student_teacher"] = 0.0
     metrics["eval/kl_teacher_student"] = 0.0
+    return metrics
+
+
+def decoding_prefix(index: int, top_p: float) -> str:
+    """Metric namespace of the ``index``-th student decoding: ``eval`` for the first, ``eval_p<top_p>`` after."""
+    return "eval" if index == 0 else f"eval_p{top_p:g}"
+
+
+def evaluate_decodings(
+    model: torch.nn.Module,
+    teacher: Teacher,
+    prompts: list[list[int]],
+    references: list[list[str]] | None,
+    decode: Decode,
+    *,
+    decode_top_p: Sequence[float],
+    set_top_p: float | None = None,
+    heldout: tuple[list[list[int]], list[list[int]]] | None = None,
+    **kwargs,
+) -> dict[str, float | list[float]]:
+    """:func:`evaluate` at several student decoding top-p values, plus the teacher-forced set metrics.
+
+    The sampled metrics of ``decode_top_p[0]`` keep the ``eval/...`` keys; those of every other value ``q``
+    are the same keys under ``eval_p<q>/...`` (e.g. ``eval_p0.8/rougeL``). The teacher-forced metrics do not
+    depend on decoding and are reported once, under ``eval/``.
+
+    Args:
+        model, teacher, prompts, references, decode: as in :func:`evaluate`.
+        decode_top_p: the student's sampling top-p values, at least one.
+        set_top_p: p of the teacher's top-p set for :func:`teacher_forced_set_metrics` (``eval/<key>`` for
+            each of :data:`SET_METRIC_KEYS`); None skips them.
+        heldout: ``(prompts, responses)`` for the teacher-forced metrics; None skips them.
+        **kwargs: the other keyword arguments of :func:`evaluate` (``eos_token_id``, ``seeds``, ...).
+
+    Returns:
+        One flat dict with every decoding's keys.
+    """
+    if not decode_top_p:
+        raise ValueError("eval.decode_top_p needs at least one top-p value, e.g. [1.0] or [1.0, 0.8]")
+    metrics: dict[str, float | list[float]] = {}
+    for i, top_p in enumerate(decode_top_p):
+        one = evaluate(model, teacher, prompts, references, decode, top_p=top_p, heldout=heldout if i == 0 else None, **kwargs)
+        prefix = decoding_prefix(i, top_p)
+        metrics.update({f"{prefix}/{k.removeprefix('eval/')}": v for k, v in one.items()})
+    if heldout is not None and set_top_p is not None:
+        set_metrics = teacher_forced_set_metrics(
+            model, teacher, heldout[0], heldout[1], set_top_p,
+            batch_size=kwargs.get("batch_size", 64), vocab_size=kwargs.get("vocab_size"),
+        )
+        metrics.update({f"eval/{k}": v for k, v in set_metrics.items()})
     return metrics

@@ -8,7 +8,8 @@ here through :func:`tokenrl.trainer.build_task`. The pieces are the ones of
   split deterministically (:func:`tokenrl.prompts.split_examples`) before tokenisation so the split does not
   depend on the teacher; prompts longer than ``max_prompt_tokens`` are then dropped and counted;
 * references (Rouge-L): the ground-truth response where the file has one, plus ``n_references`` teacher
-  samples drawn with the evaluation's top-p/temperature;
+  samples drawn at the teacher's own settings (top-p 1.0, temperature 1), like the teacher's evaluation
+  samples, so neither changes with the students' decoding settings;
 * samplers: batched KV-cache sampling of the teacher (:func:`tokenrl.sampling.sample_responses`).
 
 Teacher samples needed at build time (references, the held-out KL responses) cost as much as a short data
@@ -117,13 +118,11 @@ def _tokens_digest(prompts: Sequence[Sequence[int]]) -> str:
     return hashlib.sha1(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
-def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: float = 1.0) -> Task:
+def build_hf_task(cfg: HFTaskConfig) -> Task:
     """Build a transformers-teacher task from a ``task=<hf task>`` config.
 
     Args:
         cfg: the task settings.
-        eval_top_p, eval_temperature: the evaluation's sampling settings, used for the teacher's reference
-            answers and the teacher's evaluation samples.
 
     Returns:
         The :class:`~tokenrl.tasks.Task`. ``task.teacher`` is an :class:`~tokenrl.models.HFTeacher` (its
@@ -172,7 +171,7 @@ def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: 
         return [(r, bool(r) and r[-1] == eos) for r in responses]
 
     def eval_sampler(prompts, seed):
-        return sample(prompts, _EVAL_SEED_OFFSET + seed, eval_top_p, eval_temperature)
+        return sample(prompts, _EVAL_SEED_OFFSET + seed, 1.0, 1.0)
 
     def decode(tokens: Sequence[int]) -> str:
         return tokenizer.decode(list(tokens), skip_special_tokens=True)
@@ -203,7 +202,7 @@ def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: 
         ref_samples = {}
         for split_name, prompts in (("val", val), ("test", test)):
             draws = [
-                sample(prompts, base + _REFERENCE_SEED_OFFSET + i, eval_top_p, eval_temperature)
+                sample(prompts, base + _REFERENCE_SEED_OFFSET + i, 1.0, 1.0)
                 for i in range(n_refs)
             ]
             ref_samples[split_name] = [[decode(d[j]) for d in draws] for j in range(len(prompts))]
@@ -213,8 +212,10 @@ def build_hf_task(cfg: HFTaskConfig, eval_top_p: float = 1.0, eval_temperature: 
 
     eval_key = {
         "manifest": manifest,
-        "eval_top_p": eval_top_p,
-        "eval_temperature": eval_temperature,
+        # The references' sampling settings (fixed since they stopped following eval.top_p; the names are
+        # kept so that caches drawn at eval.top_p = 1.0 stay valid).
+        "eval_top_p": 1.0,
+        "eval_temperature": 1.0,
         "n_references": cfg.n_references,
         "gen_batch_size": gen_batch,  # sampled tokens depend on the batch composition
         "val": _tokens_digest(val),

@@ -30,9 +30,20 @@ class SyntheticLanguageConfig:
         vocab_size: number of tokens including EOS (id ``eos_token_id``).
         n_topics: number of topics; the first token of a sequence selects one.
         n_local_states: local FSM states per topic.
-        mean_support: mean number of tokens carrying a state's sparse mass (1 + Poisson(mean_support - 1)).
-        max_support: cap on that number.
-        concentration: Dirichlet concentration of the sparse weights (small = peaked).
+        mean_support: mean number of tokens carrying a state's sparse mass (1 + Poisson(mean_support - 1)),
+            or the median of a log-normal with ``support_log_std > 0``.
+        max_support: cap on that number (at most ``vocab_size - 1``).
+        concentration: Dirichlet concentration of the sparse weights (small = peaked), or the median of the
+            per-state concentrations with ``concentration_log_std > 0``.
+        support_log_std: > 0 draws each state's support size from a log-normal (median ``mean_support``, this
+            log-std) instead of the Poisson: a heavy tail of wide states, as in a real LM.
+        concentration_log_std: > 0 draws each state's Dirichlet concentration from a log-normal (median
+            ``concentration``, this log-std): some states near-deterministic, some near-uniform on their support.
+            With both log-stds at 0 (the default) the language is the one drawn before these options existed.
+        transitions: ``fsm``: the local state moves by a random table ``delta[topic, q, token]`` (it depends on
+            the whole history); ``last_token``: the local state is a fixed random class of the last token
+            (``class_topic[token]``), so topic and last token determine the next-token distribution, as in
+            an n-gram model: a student learns it with far less capacity than an FSM tracker.
         smoothing: total probability mass spread uniformly over the whole vocabulary in every state.
         eos_states: fraction of local states that can end the response.
         eos_prob: probability of EOS in those states.
@@ -47,6 +58,9 @@ class SyntheticLanguageConfig:
     mean_support: float = 3.0
     max_support: int = 8
     concentration: float = 0.5
+    support_log_std: float = 0.0
+    concentration_log_std: float = 0.0
+    transitions: str = "fsm"
     smoothing: float = 0.02
     eos_states: float = 0.25
     eos_prob: float = 0.25
@@ -75,6 +89,15 @@ class SyntheticLanguage:
             raise ValueError(
                 f"vocab_size={cfg.vocab_size} is too small for n_topics={cfg.n_topics}: need at least n_topics + 2"
             )
+        if not 1 <= cfg.max_support <= cfg.vocab_size - 1:
+            raise ValueError(f"max_support must be in [1, vocab_size - 1 = {cfg.vocab_size - 1}], got {cfg.max_support}")
+        if cfg.support_log_std < 0 or cfg.concentration_log_std < 0:
+            raise ValueError(
+                f"support_log_std and concentration_log_std must be >= 0 (0 = off), got "
+                f"{cfg.support_log_std}, {cfg.concentration_log_std}"
+            )
+        if cfg.transitions not in ("fsm", "last_token"):
+            raise ValueError(f"transitions must be 'fsm' or 'last_token', got {cfg.transitions!r}")
         if not 0.0 < cfg.smoothing < 1.0:
             raise ValueError(f"smoothing must be in (0, 1) so every sequence has finite likelihood, got {cfg.smoothing}")
         if cfg.prompt_len_min < 1 or cfg.prompt_len_max < cfg.prompt_len_min:
@@ -92,10 +115,17 @@ class SyntheticLanguage:
         eos_q[0] = False  # a response never ends right after the topic token
         for z in range(Z):
             for q in range(Q):
-                k = int(min(cfg.max_support, 1 + rng.poisson(max(cfg.mean_support - 1.0, 0.0))))
+                # The draws of the default options come first and alone, so that language stays bit-identical.
+                if cfg.support_log_std > 0:
+                    k = int(np.clip(np.rint(cfg.mean_support * np.exp(rng.normal(0.0, cfg.support_log_std))), 1, cfg.max_support))
+                else:
+                    k = int(min(cfg.max_support, 1 + rng.poisson(max(cfg.mean_support - 1.0, 0.0))))
                 support = rng.choice(np.arange(1, V), size=k, replace=False)
+                concentration = cfg.concentration
+                if cfg.concentration_log_std > 0:
+                    concentration *= float(np.exp(rng.normal(0.0, cfg.concentration_log_std)))
                 row = np.zeros(V)
-                row[support] = rng.dirichlet(np.full(k, cfg.concentration))
+                row[support] = rng.dirichlet(np.full(k, concentration))
                 if eos_q[q]:
                     row *= 1.0 - cfg.eos_prob
                     row[self.eos_token_id] += cfg.eos_prob
@@ -107,6 +137,9 @@ class SyntheticLanguage:
         probs /= probs.sum(1, keepdims=True)
         next_state = np.empty((n_states, V), dtype=np.int64)
         for z in range(Z):
+            if cfg.transitions == "last_token":
+                next_state[z * Q : (z + 1) * Q] = z * Q + rng.integers(0, Q, size=V)
+                continue
             for q in range(Q):
                 next_state[z * Q + q] = z * Q + rng.integers(0, Q, size=V)
         topic_of_first = (np.arange(V) - 1) % Z

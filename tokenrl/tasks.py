@@ -32,7 +32,8 @@ class Task:
         val_references: per validation prompt, reference texts for Rouge-L.
         max_new_tokens: response budget (truncation).
         data_sampler: draws the offline data from the teacher (its sampling settings are in ``manifest``).
-        eval_sampler: draws teacher responses with the evaluation's sampling settings (the teacher row).
+        eval_sampler: draws teacher responses at the teacher's own settings (top-p 1.0, temperature 1): the
+            teacher row of the evaluation.
         decode: tokens -> text for Rouge-L.
         manifest: settings that identify the offline data.
         heldout: (prompts, responses) of teacher samples for the teacher-forced KL.
@@ -83,8 +84,13 @@ class SyntheticTaskConfig:
     cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
 
 
-def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval_temperature: float = 1.0) -> Task:
-    """Build the synthetic task: prompts and references are drawn from the language itself."""
+def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
+    """Build the synthetic task: prompts and references are drawn from the language itself.
+
+    References, held-out responses and the teacher's evaluation samples are teacher samples at the teacher's
+    own settings (top-p 1.0, temperature 1), drawn from streams seeded by ``data_seed`` alone, so they do not
+    change with the students' decoding settings (``eval.decode_top_p``, ``eval.temperature``).
+    """
     lang_cfg = cfg.language if isinstance(cfg.language, SyntheticLanguageConfig) else SyntheticLanguageConfig(**cfg.language)
     lang = SyntheticLanguage(lang_cfg)
     rng = np.random.default_rng(cfg.data_seed)
@@ -96,7 +102,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
 
     def refs(ps: list[list[int]]) -> list[list[str]]:
         rep = [p for p in ps for _ in range(cfg.n_references)]
-        samples = lang.sample_continuations(rep, cfg.max_new_tokens, rng, top_p=eval_top_p, temperature=eval_temperature)
+        samples = lang.sample_continuations(rep, cfg.max_new_tokens, rng, top_p=1.0, temperature=1.0)
         texts = [lang.token_to_text(r) for r, _ in samples]
         return [texts[i * cfg.n_references : (i + 1) * cfg.n_references] for i in range(len(ps))]
 
@@ -108,14 +114,12 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
         return lang.sample_continuations(ps, cfg.max_new_tokens, np.random.default_rng(seed), top_p=cfg.sample_top_p)
 
     def eval_sampler(ps, seed):
-        samples = lang.sample_continuations(
-            ps, cfg.max_new_tokens, np.random.default_rng(10_000 + seed), top_p=eval_top_p, temperature=eval_temperature
-        )
+        samples = lang.sample_continuations(ps, cfg.max_new_tokens, np.random.default_rng(10_000 + seed), top_p=1.0)
         return [r for r, _ in samples]
 
     manifest = {
         "task": "synthetic",
-        "teacher": {"kind": "SyntheticLanguage", **asdict(lang_cfg)},
+        "teacher": {"kind": "SyntheticLanguage", **_language_manifest(lang_cfg)},
         "tokenizer": f"synthetic-{lang_cfg.vocab_size}",
         "sample_top_p": cfg.sample_top_p,
         "temperature": 1.0,
@@ -123,7 +127,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
         "data_seed": cfg.data_seed,
     }
     return Task(
-        name="synthetic",
+        name=cfg.name,
         teacher=lang,
         vocab_size=lang.vocab_size,
         eos_token_id=lang.eos_token_id,
@@ -150,6 +154,18 @@ def build_synthetic_task(cfg: SyntheticTaskConfig, eval_top_p: float = 1.0, eval
         },
         info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
     )
+
+
+# Language options added after data caches existed: listed in the manifest only when set, so that the caches
+# of languages drawn before them (which these defaults reproduce bit for bit) keep their keys.
+_LATER_LANGUAGE_OPTIONS = {"support_log_std": 0.0, "concentration_log_std": 0.0, "transitions": "fsm"}
+
+
+def _language_manifest(lang_cfg: SyntheticLanguageConfig) -> dict:
+    return {
+        k: v for k, v in asdict(lang_cfg).items()
+        if k not in _LATER_LANGUAGE_OPTIONS or v != _LATER_LANGUAGE_OPTIONS[k]
+    }
 
 
 def _mean_state_set_size(lang: SyntheticLanguage, p: float) -> float:

@@ -52,12 +52,13 @@ from tokenrl.checkpoint import (
 from tokenrl.config import EvalConfig, ModelConfig, RunConfig
 from tokenrl.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
 from tokenrl.divergence import DivergenceError, DivergenceGuard
-from tokenrl.evaluation import evaluate, evaluate_teacher_samples
+from tokenrl.evaluation import evaluate_decodings, evaluate_teacher_samples
 from tokenrl.hf_task import HFTaskConfig, build_hf_task
 from tokenrl.models import HFTeacher, make_student, save_student
 from tokenrl.onpolicy_metrics import on_policy_reverse_kl_of_model
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.rollouts import StageClock, collect_rollouts
+from tokenrl.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks import Task, build_synthetic_task
 from tokenrl.validation import check_student_tokenizer, validate
 
@@ -78,12 +79,14 @@ class RunContext:
     generator: torch.Generator  # batch sampling; checkpointed
     writer: SummaryWriter
     results: dict[str, Any]  # becomes metrics.json
+    data_dir: str  # the offline data's folder (named by its manifest's hash)
     timings: dict[str, float]  # seconds per stage, reported under results["train"]
     guard: DivergenceGuard  # running loss / grad-norm ranges; checkpointed
     skipped_steps: int = 0  # updates refused as diverging under on_divergence=skip; checkpointed
     dist: distributed.DistContext = distributed.DistContext()  # this process's rank (a world of one by default)
     loss_module: distributed.LossForward | None = None  # its compute_loss is the current algorithm's
     loss_fn: torch.nn.Module | None = None  # loss_module, wrapped in DDP/FSDP under torchrun
+    selector: BestCheckpoint | None = None  # best-validation weights of the algorithm phase (selection.every)
 
 
 @contextlib.contextmanager
@@ -104,10 +107,10 @@ def apply_threads(threads: int) -> None:
 # Stages
 # --------------------------------------------------------------------------------------------------
 def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.task`` (synthetic or transformers), with the evaluation's sampling settings."""
+    """The task of ``cfg.task`` (synthetic or transformers)."""
     if isinstance(cfg.task, HFTaskConfig):
-        return build_hf_task(cfg.task, eval_top_p=cfg.eval.top_p, eval_temperature=cfg.eval.temperature)
-    return build_synthetic_task(cfg.task, eval_top_p=cfg.eval.top_p, eval_temperature=cfg.eval.temperature)
+        return build_hf_task(cfg.task)
+    return build_synthetic_task(cfg.task)
 
 
 def data_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -261,23 +264,32 @@ def reference_evaluations(ctx: RunContext) -> None:
             ctx.results["teacher_eval"].update({"eval/onpolicy_kl": 0.0, "eval/onpolicy_kl_exact_state": 0.0})
     if cfg.init_eval:
         with timed(ctx.timings, "init_eval_s"):
-            ctx.results["init_eval"] = evaluate_student(ctx.model, task, cfg.eval, cfg.eval.seeds)
+            ctx.results["init_eval"] = evaluate_student(
+                ctx.model, task, cfg.eval, cfg.eval.seeds, set_top_p=cfg.task.cache_top_p
+            )
         _log_scalars(ctx.writer, ctx.results["init_eval"], 0)
 
 
 def warm_start(ctx: RunContext) -> None:
-    """SFT (BC) on the offline data for ``sft_steps`` before the algorithm (the paper's recipe), then evaluate."""
+    """SFT (BC) on the offline data before the algorithm (the paper's recipe), then evaluate.
+
+    ``sft_steps`` updates, or with ``selection.sft_eval_every`` until validation stops improving (at most
+    ``sft_steps``), possibly from the cache: :func:`tokenrl.selection.train_sft`.
+    """
     cfg = ctx.cfg
     if cfg.sft_steps <= 0:
         return
     with timed(ctx.timings, "sft_s"):
-        sft = make_algorithm("bc", ctx.policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
-        for _ in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
-            sft_stats = train_step(ctx, sft)
+        ctx.results["sft"], sft_stats = train_sft(
+            cfg, ctx.task, ctx.model, ctx.policy, ctx.generator, sft_step=lambda sft: train_step(ctx, sft),
+            data_dir=ctx.data_dir,
+        )
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
     with distributed.full_parameters(ctx.loss_fn):
         if ctx.dist.is_main:
-            ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
+            ctx.results["sft_eval"] = evaluate_student(
+                ctx.model, ctx.task, cfg.eval, cfg.eval.seeds, set_top_p=cfg.task.cache_top_p
+            )
 
 
 def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, float]:
@@ -351,6 +363,8 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
             due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
                 cfg.checkpoint_seconds and time.monotonic() - last_save >= cfg.checkpoint_seconds
             )
+            if ctx.selector is not None and (done % cfg.selection.every == 0 or done == cfg.steps):
+                ctx.selector.consider(done)
             if due or received:
                 save_train_state(ctx, algo, done)
                 last_save = time.monotonic()
@@ -369,19 +383,25 @@ def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
     Each record holds ``step``, ``train_clock_s`` (the training clock so far, validation excluded), the
     clock's per-stage totals and the scalar ``val/*`` metrics.
     """
-    val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, [0], ctx.task.val_prompts, ctx.task.val_references)
-    scalars = {k.replace("eval/", "val/"): v for k, v in val.items() if isinstance(v, (int, float))}
+    with distributed.full_parameters(ctx.loss_fn):
+        if not ctx.dist.is_main:
+            return
+        val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, [0], ctx.task.val_prompts, ctx.task.val_references)
+    # eval/... -> val/..., eval_p0.8/... -> val_p0.8/...
+    scalars = {k.replace("eval", "val", 1): v for k, v in val.items() if isinstance(v, (int, float))}
     _log_scalars(ctx.writer, scalars, step)
     record = {"step": step, "train_clock_s": clock.total_s, **clock.totals, **scalars}
     ctx.results.setdefault("validation", []).append(record)
 
 
 def final_evaluation(ctx: RunContext) -> None:
-    """Evaluate the trained student with every evaluation seed (on rank 0)."""
+    """Evaluate the trained student (the best validated weights with ``selection.every``) with every seed, on rank 0."""
     if not ctx.dist.is_main:
         return
     with timed(ctx.timings, "final_eval_s"):
-        ctx.results["final_eval"] = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.seeds)
+        ctx.results["final_eval"] = evaluate_student(
+            ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.seeds, set_top_p=ctx.cfg.task.cache_top_p
+        )
     _log_scalars(ctx.writer, ctx.results["final_eval"], ctx.cfg.steps)
 
 
@@ -442,6 +462,18 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
             f"algo={cfg.algo_name} draws its own training batches (from its newest rollouts), which data-parallel "
             "training and gradient accumulation do not shard yet; run it in one process without micro_batch_size"
         )
+    check_selection(cfg)
+    sel = cfg.selection
+    if dist_ctx.enabled and (sel.every or sel.sft_eval_every or sel.sft_cache):
+        raise ValueError(
+            "selection.every, selection.sft_eval_every and selection.sft_cache are single-process features for now "
+            "(validation would run on every rank); use selection=fixed under torchrun"
+        )
+    if resume_state is not None and cfg.selection.every:
+        raise ValueError(
+            "resume=true with selection.every > 0: the best weights before the interruption are not in the "
+            "checkpoint; rerun without resume, or with selection.every=0"
+        )
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
         task = build_task(cfg)
@@ -461,6 +493,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         generator=torch.Generator().manual_seed(cfg.seed),
         writer=SummaryWriter(os.path.join(out_dir, "tb")) if dist_ctx.is_main else distributed.NullWriter(),
         results={"algo": cfg.algo_name, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
+        data_dir=data_dir,
         timings=timings,
         guard=DivergenceGuard(cfg.divergence_factor),
         dist=dist_ctx,
@@ -476,9 +509,15 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         warm_start(ctx)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         algo, start_step = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
+    if cfg.selection.every:
+        ctx.selector = BestCheckpoint(ctx.model, lambda m: validation_score(m, task, cfg))
+        ctx.selector.consider(0)  # the SFT start competes too
     with timed(timings, "train_s"):
         last_stats = train_loop(ctx, algo, start_step)
     save_train_state(ctx, algo, cfg.steps)
+    if ctx.selector is not None:
+        ctx.selector.restore()
+        ctx.results["selection"] = {"metric": cfg.selection.metric, **ctx.selector.summary()}
     with distributed.full_parameters(ctx.loss_fn):
         final_evaluation(ctx)
         ctx.writer.close()
@@ -501,28 +540,33 @@ def evaluate_student(
     seeds: Sequence[int],
     prompts: list[list[int]] | None = None,
     references: list[list[str]] | None = None,
+    set_top_p: float | None = None,
 ) -> dict:
-    """:func:`tokenrl.evaluation.evaluate` of ``model`` on the task's test prompts (or the given ones), plus the
-    on-policy reverse KL on the same prompts (``eval/onpolicy_kl``, ``eval/onpolicy_kl_exact_state``; see
-    :func:`tokenrl.onpolicy_metrics.on_policy_reverse_kl_of_model`), sampled with its own seed
-    ``eval.onpolicy_kl_seed`` so the other metrics are those of :func:`evaluate` alone."""
+    """:func:`tokenrl.evaluation.evaluate_decodings` of ``model`` on the task's test prompts (or the given ones),
+    plus the on-policy reverse KL on the same prompts at the first decoding top-p (``eval/onpolicy_kl``,
+    ``eval/onpolicy_kl_exact_state``; see :func:`tokenrl.onpolicy_metrics.on_policy_reverse_kl_of_model`),
+    sampled with its own seed ``eval.onpolicy_kl_seed`` so the other metrics are those of the evaluation alone.
+
+    Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics.
+    """
     prompts, references = _first(
         task.test_prompts if prompts is None else prompts,
         task.test_references if references is None else references,
         eval_cfg.n_prompts,
     )
-    metrics = evaluate(
+    metrics = evaluate_decodings(
         model,
         task.teacher,
         prompts,
         references,
         task.decode,
+        decode_top_p=eval_cfg.decode_top_p,
+        set_top_p=set_top_p,
         eos_token_id=task.eos_token_id,
         pad_token_id=task.pad_token_id,
         max_new_tokens=task.max_new_tokens,
         seeds=list(seeds),
         temperature=eval_cfg.temperature,
-        top_p=eval_cfg.top_p,
         heldout=task.heldout,
         batch_size=eval_cfg.batch_size,
         vocab_size=task.vocab_size,
@@ -530,7 +574,7 @@ def evaluate_student(
     metrics.update(
         on_policy_reverse_kl_of_model(
             model, task.teacher, prompts, task.max_new_tokens, task.pad_token_id, eval_cfg.onpolicy_kl_seed,
-            top_p=eval_cfg.top_p, batch_size=eval_cfg.batch_size, vocab_size=task.vocab_size,
+            top_p=eval_cfg.decode_top_p[0], batch_size=eval_cfg.batch_size, vocab_size=task.vocab_size,
         )
     )
     return metrics

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from algorithms.iql_bd import CHI2_CHOICES, EXPERT_TERM_CHOICES, Q_SHIFT_CHOICES
+from algorithms.iql_bd import CHI2_CHOICES, EXPERT_TERM_CHOICES, Q_SHIFT_CHOICES, VALUE_CHOICES
 from algorithms.soft_q import REWARD_CHOICES
 from tokenrl.config import RunConfig
 from tokenrl.hf_task import TEMPLATES, HFTaskConfig
@@ -61,7 +61,6 @@ _RANGES: dict[str, tuple[Callable, str]] = {
     "rollout_every": (_non_negative, ">= 0"),
     "rollout_prompts": (_positive, "> 0"),
     "eval.temperature": (_positive, "> 0"),
-    "eval.top_p": (_probability, "in (0, 1]"),
     "eval.batch_size": (_positive, "> 0"),
     "eval.val_every": (_non_negative, ">= 0"),
     "model.hidden_size": (_positive, "> 0"),
@@ -105,10 +104,10 @@ _RANGES: dict[str, tuple[Callable, str]] = {
 }
 
 # (algorithm, field) -> allowed values of the algorithms' string options (else checked only at their first use)
+BD_PRESETS = ("iql_bd", "iql_bd_math", "iql_bd_released")  # registry names of the Bellman Distill variants
+_BD_CHOICES = {"q_shift": Q_SHIFT_CHOICES, "chi2_on": CHI2_CHOICES, "expert_term": EXPERT_TERM_CHOICES, "value": VALUE_CHOICES}
 _ALGO_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("iql_bd", "q_shift"): Q_SHIFT_CHOICES,
-    ("iql_bd", "chi2_on"): CHI2_CHOICES,
-    ("iql_bd", "expert_term"): EXPERT_TERM_CHOICES,
+    **{(name, key): choices for name in BD_PRESETS for key, choices in _BD_CHOICES.items()},
     ("kd", "student_norm"): ("vocab", "top_p"),
     ("soft_q", "reward"): REWARD_CHOICES,
 }
@@ -145,6 +144,11 @@ def config_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"algo.{key}={value!r}: must be one of {choices}")
     if not cfg.eval.seeds:
         problems.append("eval.seeds=[]: needs at least one seed; set eval.seeds=[0]")
+    if not cfg.eval.decode_top_p or not all(_probability(p) for p in cfg.eval.decode_top_p):
+        problems.append(
+            f"eval.decode_top_p={list(cfg.eval.decode_top_p)!r}: needs one or more values in (0, 1]; "
+            "set eval.decode_top_p=[1.0,0.8]"
+        )
     if cfg.on_divergence not in ON_DIVERGENCE:
         problems.append(f"on_divergence={cfg.on_divergence!r}: must be one of {ON_DIVERGENCE}")
     problems += _cross_field_problems(cfg)

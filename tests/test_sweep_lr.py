@@ -1,0 +1,52 @@
+"""experiments/sweep_lr.py: the lr pick by validation, and a tiny end-to-end sweep (one subprocess multirun)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_run_smoke import TINY
+
+SWEEP_PATH = Path(__file__).resolve().parents[1] / "experiments" / "sweep_lr.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("experiments_sweep_lr", SWEEP_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["experiments_sweep_lr"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pick_lrs_takes_the_lowest_mean_validation_score(sweep):
+    val = {(1e-4, 0): 1.0, (1e-4, 1): 0.6, (1e-3, 0): 0.7, (1e-3, 1): 0.7, (1e-2, 0): float("nan"), (1e-2, 1): 0.1}
+    records = [
+        {"algo": "bc", "lr": lr, "seed": seed, "val": v, "best_step": 0, "final_eval": {"eval/teacher_nll": v + 1}}
+        for (lr, seed), v in val.items()
+    ]
+    pick = sweep.pick_lrs(records)["bc"]
+    assert pick["val_by_lr"][1e-4] == pytest.approx(0.8) and pick["val_by_lr"][1e-3] == pytest.approx(0.7)
+    assert pick["lr"] == 1e-3  # a diverged (NaN) seed never makes its lr win
+    assert sorted(r["seed"] for r in pick["runs"]) == [0, 1]
+    assert "| bc |" in sweep.to_markdown({"bc": pick}, ("eval/teacher_nll",)) and "1.7000 ± 0.0000" in sweep.to_markdown(
+        {"bc": pick}, ("eval/teacher_nll",)
+    )
+
+
+def test_tiny_sweep_runs_and_reports_the_chosen_lr(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENRL_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "sweep"
+    extra = [*TINY, "sft_steps=4", "selection.sft_eval_every=2", "selection.every=2"]
+    assert sweep.main(["--algos", "bc", "--lrs", "1e-3,1e-2", "--out", str(out), "--", *extra]) == 0
+    records = sweep.collect(out)
+    assert sorted(r["lr"] for r in records) == [1e-3, 1e-2]
+    chosen = min(records, key=lambda r: r["val"])
+    table = (out / "lr_sweep.md").read_text()
+    assert f"| {chosen['lr']:g} |" in table
+    metrics = json.loads(next(out.rglob("metrics.json")).read_text())
+    assert metrics["sft"]["steps_run"] <= 4 and metrics["selection"]["history"][0][0] == 0
