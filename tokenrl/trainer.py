@@ -190,6 +190,7 @@ def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) ->
         dtype=model_cfg.dtype,
         device=device,
         seed=seed,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
     )
     return student
 
@@ -275,6 +276,11 @@ def warm_start(ctx: RunContext) -> None:
         for _ in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
             sft_stats = train_step(ctx, sft)
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
+        # Free the warm start's gradients and AdamW moments (2-3 copies of the student) before the evaluation
+        # and the algorithm's own optimiser: the loss module would otherwise keep ``sft`` alive.
+        sft.zero_grad()
+        ctx.loss_module.compute_loss = None
+        del sft
     with distributed.full_parameters(ctx.loss_fn):
         if ctx.dist.is_main:
             ctx.results["sft_eval"] = evaluate_student(ctx.model, ctx.task, cfg.eval, cfg.eval.seeds)
