@@ -222,3 +222,24 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synthetic_buffer):
     torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_logits_dense_fallback_equals_gather(synthetic_buffer, monkeypatch):
+    """Above SPARSE_GATHER_ELEMENTS the sparse head gathers dense logits instead of weight rows: same iql_bd
+    loss and gradients (float64)."""
+    import tokenrl.policy
+
+    results = []
+    for limit in (1 << 40, 0):  # never / always fall back to the dense logits (K * D > V here)
+        monkeypatch.setattr(tokenrl.policy, "SPARSE_GATHER_ELEMENTS", limit)
+        policy = CausalLMPolicy(tiny_llama(dtype=torch.float64), vocab_size=64)
+        algo = make_algorithm("iql_bd", policy, {"ce_coef": 1.0}, total_steps=10)
+        batch = _batch(synthetic_buffer, algo, n=8)
+        assert batch.cand_ids_BSK.shape[-1] * 32 > 64  # the fallback condition holds at limit 0
+        loss, _ = algo.compute_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
