@@ -21,6 +21,8 @@ Two workloads:
     python benchmarks/memory.py                             # random150k, held-out 16x64, 32x64, 16x128
     python benchmarks/memory.py --smollm2 --heldout 16,64    # plus the SmolLM2 task
     python benchmarks/memory.py --smollm2 --skip-random --stages evaluation
+    python benchmarks/memory.py --smollm2 --skip-random --stages "training step" \
+        --smollm2-override model.gradient_checkpointing=false       # the step without activation checkpointing
 """
 
 from __future__ import annotations
@@ -158,23 +160,24 @@ def _random_stage(stage: str, heldout: tuple[int, int]):
 # --------------------------------------------------------------------------------------------------
 # smollm2: the README's task
 # --------------------------------------------------------------------------------------------------
-def _smollm2_cfg():
+def _smollm2_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from tokenrl.config import make_run_config, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "experiments", "conf"), version_base="1.3"):
-        cfg = compose("config", ["task=smollm2", "model=pruned", "model.keep_every=3", "algo=iql_bd", "batch_size=8"])
+        base = ["task=smollm2", "model=pruned", "model.keep_every=3", "algo=iql_bd", "batch_size=8"]
+        cfg = compose("config", base + overrides)
     return make_run_config(cfg)
 
 
-def _smollm2_stage(stage: str, heldout: tuple[int, int]):
+def _smollm2_stage(stage: str, heldout: tuple[int, int], overrides: list[str]):
     import torch
 
     from tokenrl.trainer import apply_threads, build_student, build_task, data_location, load_data
 
-    cfg = _smollm2_cfg()
+    cfg = _smollm2_cfg(overrides)
     apply_threads(cfg.threads)
     if stage == "task build":
         return lambda: build_task(cfg)
@@ -227,20 +230,20 @@ def _smollm2_stage(stage: str, heldout: tuple[int, int]):
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def _worker(workload: str, stage: str, heldout: tuple[int, int], threads: int) -> None:
+def _worker(workload: str, stage: str, heldout: tuple[int, int], threads: int, overrides: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    build = _random_stage if workload == "random150k" else _smollm2_stage
-    run = build(stage, heldout)
+    run = _random_stage(stage, heldout) if workload == "random150k" else _smollm2_stage(stage, heldout, overrides)
     setup_mb = _vm_hwm_mb()
     start = time.time()
     run()
     print(json.dumps({"setup_mb": setup_mb, "peak_mb": _vm_hwm_mb(), "stage_s": time.time() - start}))
 
 
-def _measure(workload: str, stage: str, heldout: tuple[int, int], threads: int) -> dict:
+def _measure(workload: str, stage: str, heldout: tuple[int, int], threads: int, overrides: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", workload, stage, f"{heldout[0]},{heldout[1]}"]
+    cmd += [f"--smollm2-override={o}" for o in overrides]
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ROOT), "TQDM_DISABLE": "1"}
     out = subprocess.run(cmd + ["--threads", str(threads)], capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
@@ -255,11 +258,15 @@ def main() -> None:
     ap.add_argument("--skip-random", action="store_true", help="do not measure the random150k workload")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to measure")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--smollm2-override", action="append", default=[], metavar="KEY=VALUE",
+        help="extra run-config override of the SmolLM2 workload, e.g. model.gradient_checkpointing=false (repeatable)",
+    )
     ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "STAGE", "HELDOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         workload, stage, heldout = args.worker
-        _worker(workload, stage, tuple(int(x) for x in heldout.split(",")), args.threads)
+        _worker(workload, stage, tuple(int(x) for x in heldout.split(",")), args.threads, args.smollm2_override)
         return
 
     sizes = [tuple(int(x) for x in h.split(",")) for h in args.heldout]
@@ -273,7 +280,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for workload, stage, heldout in runs:
         label = f"{stage} (held-out {heldout[0]} x {heldout[1]})" if stage == "evaluation" and workload == "random150k" else stage
-        r = _measure(workload, stage, heldout, args.threads)
+        r = _measure(workload, stage, heldout, args.threads, args.smollm2_override)
         if "error" in r:
             print(f"| {workload} | {label} | failed: {r['error'][:80]} | | | |", flush=True)
             continue

@@ -45,6 +45,9 @@ class ModelConfig:
     gguf_file: str | None = None  # pretrained: GGUF file inside name_or_path (or a direct path)
     keep_every: int = 2  # pruned: keep every k-th teacher block (and the last)
     dtype: str = "float32"  # parameter dtype
+    # Recompute each decoder block's activations in the backward pass instead of storing them (transformers'
+    # gradient checkpointing): less training memory for ~one extra forward; same loss and gradients.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

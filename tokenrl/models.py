@@ -243,6 +243,7 @@ def make_student(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Build a student that shares the teacher's vocabulary, in train mode: the one student constructor.
 
@@ -262,6 +263,10 @@ def make_student(
         dtype: weight dtype.
         device: where to put the student.
         seed: torch seed of a fresh student's initialisation.
+        gradient_checkpointing: recompute the decoder blocks' activations in the backward pass (transformers'
+            ``gradient_checkpointing_enable``, non-reentrant) instead of keeping them from the forward: training
+            memory drops by the blocks' activations for about one extra forward pass; loss and gradients are
+            unchanged (the students have no dropout to re-draw).
 
     Returns:
         ``(student, tokenizer)``; the tokenizer is the teacher's (None without one) unless ``kind == "pretrained"``.
@@ -297,6 +302,17 @@ def make_student(
         student = _prune_layers(teacher_model, keep_every).to(device=device, dtype=torch_dtype)
     else:
         raise ValueError(f"Unknown student kind {kind!r}; use 'pretrained', 'fresh' or 'pruned'.")
+    if gradient_checkpointing:
+        if not student.supports_gradient_checkpointing:
+            raise ValueError(
+                f"{type(student).__name__} does not support gradient checkpointing; set model.gradient_checkpointing=false"
+            )
+        # Non-reentrant: works when the block inputs do not require grad (frozen embeddings) and with DDP.
+        # transformers 5 renamed gradient_checkpointing_enable (deprecated there) to activation_checkpointing_enable.
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return student.train(), tokenizer
 
 

@@ -18,6 +18,11 @@ from tokenrl.backup import soft_value, upcast
 from tokenrl.buffer import Batch
 
 
+SPARSE_GATHER_ELEMENTS = 1 << 24
+"""Largest gathered head ``[B, S, K, D]`` (elements) :meth:`CausalLMPolicy.sparse_logits` builds before it
+switches to dense logits gathered at the candidates (when those are smaller)."""
+
+
 @dataclass
 class CandidateQ:
     """Student logits on each state's candidate set.
@@ -100,8 +105,16 @@ class CausalLMPolicy(nn.Module):
         return self.head(h_BSD)[..., : self.vocab_size]
 
     def sparse_logits(self, h_BSD: torch.Tensor, ids_BSK: torch.Tensor) -> torch.Tensor:
-        """Logits of the candidate ids only, ``[B, S, K]`` = ``h . W[ids] + b[ids]``."""
+        """Logits of the candidate ids only, ``[B, S, K]`` = ``h . W[ids] + b[ids]``.
+
+        The gathered rows ``W[ids]`` are ``[B, S, K, D]`` (K: the batch's largest candidate set); when that
+        is larger than the dense logits ``[B, S, V]`` and more than :data:`SPARSE_GATHER_ELEMENTS`, the dense
+        logits are computed and gathered instead (equal to float rounding; on SmolLM2, K ~ 1000 and D = 576
+        made the gathered rows and their gradient ~0.9 GB each for a batch of 8).
+        """
         w_VD = self.head.weight
+        if ids_BSK.numel() * w_VD.shape[1] > max(SPARSE_GATHER_ELEMENTS, ids_BSK[..., 0].numel() * w_VD.shape[0]):
+            return self.head(h_BSD.to(w_VD.dtype)).gather(-1, ids_BSK)
         w_BSKD = w_VD[ids_BSK]
         logits = torch.einsum("bsd,bskd->bsk", h_BSD.to(w_VD.dtype), w_BSKD)
         bias = getattr(self.head, "bias", None)

@@ -193,6 +193,7 @@ def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) ->
         dtype=model_cfg.dtype,
         device=device,
         seed=seed,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
     )
     return student
 
@@ -285,6 +286,11 @@ def warm_start(ctx: RunContext) -> None:
             data_dir=ctx.data_dir,
         )
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
+        # Free the warm start's gradients and AdamW moments (2-3 copies of the student) before the evaluation
+        # and the algorithm's own optimiser: the loss module would otherwise keep ``sft`` alive.
+        sft.zero_grad()
+        ctx.loss_module.compute_loss = None
+        del sft
     with distributed.full_parameters(ctx.loss_fn):
         if ctx.dist.is_main:
             ctx.results["sft_eval"] = evaluate_student(
