@@ -192,6 +192,7 @@ def train_sft(
             since_best = 0 if best.consider(steps_run) else since_best + 1
             if since_best >= sel.sft_patience:
                 break
+    sft.zero_grad()  # its gradients are not needed after the warm start
     summary: dict = {"steps_run": steps_run}
     if best is not None:
         best.restore()

@@ -286,11 +286,9 @@ def warm_start(ctx: RunContext) -> None:
             data_dir=ctx.data_dir,
         )
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
-        # Free the warm start's gradients and AdamW moments (2-3 copies of the student) before the evaluation
-        # and the algorithm's own optimiser: the loss module would otherwise keep ``sft`` alive.
-        sft.zero_grad()
+        # Free the warm start's AdamW moments (2 copies of the student) before the evaluation and the
+        # algorithm's own optimiser: the loss module would otherwise keep the SFT algorithm alive.
         ctx.loss_module.compute_loss = None
-        del sft
     with distributed.full_parameters(ctx.loss_fn):
         if ctx.dist.is_main:
             ctx.results["sft_eval"] = evaluate_student(
