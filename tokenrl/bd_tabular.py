@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from envs.toy_mdps import token_prefixes
-from tokenrl.backup import kl, project_to_set, restrict_to_set, shifted_q, soft_value
+from tokenrl.backup import chi2_penalty, chi2_phi, kl, project_to_set, restrict_to_set, shifted_q, soft_value
 from tokenrl.backup import set_mass_kl as backup_set_mass_kl
 from tokenrl.tabular import project_policy, top_p_support
 
@@ -285,7 +285,7 @@ def bd_loss_from_q(q_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.
     value_term = _wmean(v[:, None] - g * v_next, w)
     if opts.form == "math":
         w_in = w * set_SV  # an expert token outside A_p(s) has no Q: its phi term is dropped
-        objective = _wmean(r - r.square() / (4 * alpha), w_in) - value_term
+        objective = _wmean(chi2_phi(r, alpha), w_in) - value_term
     else:
         V = opts.vocab_size or q.shape[1]
         q_in = q.masked_fill(~set_SV, 0.0)
@@ -295,7 +295,7 @@ def bd_loss_from_q(q_SV: torch.Tensor, prob: Problem, opts: BDOptions) -> torch.
         r_all = q[:, None, :] - g * v_next[:, :, None]  # [S, V (expert action), V (token k)]
         in_set_sq = (r_all.square() * set_SV[:, None, :]).sum(-1)
         sq = (in_set_sq + (V - set_size) * (g * v_next).square()) / V
-        objective = _wmean(r_mean, w) - _wmean(sq, w) / (4 * alpha) - value_term
+        objective = _wmean(r_mean, w) - chi2_penalty(_wmean(sq, w), alpha) - value_term
     return -objective
 
 
