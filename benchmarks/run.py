@@ -7,7 +7,7 @@ variants run in fresh subprocesses so their peak memory is their own.
 
     python benchmarks/run.py                   # all figures, rewrites BENCHMARKS.md (~20 min on 2 cores)
     python benchmarks/run.py --figures 1,6     # only these sections are replaced
-    python benchmarks/run.py --quick --out /tmp/b.md   # tiny shapes, one repeat: a smoke test (< 60 s)
+    python benchmarks/run.py --quick --out /tmp/b.md   # tiny shapes, one repeat, one process: a smoke test
 
 Figures: 1 BD step vs SFT step (GPT-2-small shape), 2 offline cache vs teacher forward on every batch,
 3 teacher-data generation vs ``model.generate``, 4 cache bytes per token, 5 peak memory of one step at
@@ -18,6 +18,8 @@ KV-cache loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -70,14 +72,24 @@ def _subprocess_json(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _step_cost(config: str, vocab: int, hidden: int, layers: int, batch: int, seq: int, steps: int) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "step_cost.py"), "--config", config, "--vocab", str(vocab),
-           "--hidden", str(hidden), "--layers", str(layers), "--batch", str(batch), "--seq", str(seq),
-           "--steps", str(steps), "--threads", "1"]
+def _step_cost(config: str, vocab: int, hidden: int, layers: int, batch: int, seq: int, steps: int, quick: bool) -> dict:
+    args = dict(config=config, vocab=vocab, hidden=hidden, layers=layers, batch=batch, seq=seq, steps=steps, threads=1)
+    if quick:  # in this process: a smoke test must not pay one torch import per configuration
+        import step_cost
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            step_cost._worker(argparse.Namespace(**args))
+        return json.loads(out.getvalue().strip().splitlines()[-1])
+    cmd = [sys.executable, os.path.join(HERE, "step_cost.py")]
+    for key, value in args.items():
+        cmd += [f"--{key}", str(value)]
     return _subprocess_json(cmd)
 
 
-def _worker_json(figure: str, params: dict) -> dict:
+def _worker_json(figure: str, params: dict, quick: bool) -> dict:
+    if quick:
+        return WORKERS[figure](params)
     return _subprocess_json([sys.executable, os.path.abspath(__file__), "--worker", figure, json.dumps(params)])
 
 
@@ -88,7 +100,7 @@ def figure_1(quick: bool, repeats: int) -> str:
     from step_cost import CONFIGS
 
     shape = dict(vocab=1000, hidden=64, layers=2, batch=2, seq=16) if quick else dict(vocab=50257, hidden=768, layers=12, batch=4, seq=128)
-    results = {config: _step_cost(config, steps=repeats, **shape) for config in CONFIGS}
+    results = {config: _step_cost(config, steps=repeats, quick=quick, **shape) for config in CONFIGS}
     base = next(iter(CONFIGS))
     times = {c: r["times"] for c, r in results.items()}
     table = _time_table(times, base)
@@ -109,7 +121,7 @@ def figure_1(quick: bool, repeats: int) -> str:
 def figure_5(quick: bool, repeats: int) -> str:
     shape = dict(vocab=20000, hidden=64, layers=2, batch=2, seq=16) if quick else dict(vocab=150000, hidden=256, layers=2, batch=4, seq=128)
     configs = ["sft (bc, chunked full-vocab CE)", "bd dense head (p=0.8)", "bd sparse head (p=0.8)"]
-    results = {c: _step_cost(c, steps=1, **shape) for c in configs}
+    results = {c: _step_cost(c, steps=1, quick=quick, **shape) for c in configs}
     base = results[configs[0]]["peak_mb"]
     lines = ["| step | peak RSS MB (whole process) | x SFT |", "|---|---:|---:|"]
     lines += [f"| {c} | {r['peak_mb']:.0f} | {r['peak_mb'] / base:.2f} |" for c, r in results.items()]
@@ -162,7 +174,7 @@ def _worker_offline(params: dict) -> dict:
 def figure_2(quick: bool, repeats: int) -> str:
     params = dict(vocab=1000, hidden=64, layers=2, t_hidden=128, t_layers=4, seq=16, batch=2) if quick else \
         dict(vocab=32000, hidden=256, layers=2, t_hidden=768, t_layers=12, seq=128, batch=4)
-    r = _worker_json("2", {**params, "repeats": repeats})
+    r = _worker_json("2", {**params, "repeats": repeats}, quick)
     base = "teacher forward + dense masks + dense head (released)"
     times = {base: r["times"][base], **{k: v for k, v in r["times"].items() if k != base}}
     return "\n".join([
@@ -245,7 +257,7 @@ def _worker_generate(params: dict) -> dict:
 def figure_3(quick: bool, repeats: int) -> str:
     params = dict(vocab=2000, layers=2, batch=2, prompt_len=8, new_tokens=8, sharpen=8.0) if quick else \
         dict(vocab=49152, layers=10, batch=8, prompt_len=16, new_tokens=32, sharpen=8.0)
-    r = _worker_json("3", {**params, "repeats": repeats})
+    r = _worker_json("3", {**params, "repeats": repeats}, quick)
     base = "model.generate (KV cache, no top-p cache)"
     lines = _time_table(r["times"], base)
     return "\n".join([
@@ -283,7 +295,7 @@ def _worker_cache(params: dict) -> dict:
 
 def figure_4(quick: bool, repeats: int) -> str:
     params = dict(vocab=5000, n=4, len=16) if quick else dict(vocab=150000, n=16, len=64)
-    r = _worker_json("4", params)
+    r = _worker_json("4", params, quick)
     dense = 2 * params["vocab"]
     lines = ["| p | mean set size | bytes per token | x dense fp16 row |", "|---|---:|---:|---:|"]
     lines += [f"| {p} | {v['mean_set']:.1f} | {v['bytes_per_token']:.1f} | {v['bytes_per_token'] / dense:.5f} "
@@ -321,7 +333,7 @@ def figure_6(quick: bool, repeats: int) -> str:
     from tokenrl.tabular import soft_value_iteration, sparse_soft_value_iteration
 
     n_states, gamma, tol = 32, 0.9, 1e-8
-    sizes = (64, 256) if quick else (64, 256, 1024, 4096, 16384)
+    sizes = (64, 128) if quick else (64, 256, 1024, 4096, 16384)
     lines = ["| A | mean set size | full-action VI s | top-p VI, dense table: x full | top-p VI, sparse: x full |",
              "|---:|---:|---:|---|---|"]
     sparse_s = []
@@ -407,7 +419,7 @@ def _worker_env(params: dict) -> dict:
 def figure_7(quick: bool, repeats: int) -> str:
     params = dict(vocab=2000, layers=2, batch=2, prompt_len=8, new_tokens=8, sharpen=8.0) if quick else \
         dict(vocab=49152, layers=4, batch=8, prompt_len=16, new_tokens=32, sharpen=8.0)
-    r = _worker_json("7", {**params, "repeats": repeats})
+    r = _worker_json("7", {**params, "repeats": repeats}, quick)
     base = "raw KV-cache loop (student + teacher steppers)"
     return "\n".join([
         f"Student and teacher: random Llamas of SmolLM2-135M's width with {params['layers']} layers (vocab "
@@ -433,7 +445,7 @@ FIGURES = {
 WORKERS = {"2": _worker_offline, "3": _worker_generate, "4": _worker_cache, "7": _worker_env}
 
 
-def _header(argv: list[str]) -> str:
+def _header(argv: list[str], quick: bool) -> str:
     import numpy
     import torch
     import transformers
@@ -448,6 +460,8 @@ def _header(argv: list[str]) -> str:
         f"side in one run). Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, numpy {numpy.__version__}. No GPU was available to this run, so the GPU "
         "figure (issue 11, item 8) is not measured.", "",
+        *(["**--quick: tiny shapes, one repeat, every variant in this one process, so the peak-memory columns are "
+           "the process's running peak, not per variant. A smoke test, not a measurement.**", ""] if quick else []),
     ])
 
 
@@ -482,7 +496,7 @@ def main() -> None:
         sections[n] = _section(n, FIGURES[n][1](args.quick, repeats), time.time() - t0)
         print(f"figure {n} done in {time.time() - t0:.0f} s", flush=True)
     argv = sys.argv[1:]
-    text = _header([a for a in argv if not a.startswith("--out")] if "--out" not in argv else argv)
+    text = _header(argv, args.quick)
     text += f"Suite time of this invocation: {time.time() - start:.0f} s.\n\n"
     text += "\n\n".join(sections[n] for n in sorted(sections)) + f"\n\n{END_MARK}\n{tail.lstrip(chr(10))}"
     with open(args.out, "w") as f:
