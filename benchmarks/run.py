@@ -465,9 +465,11 @@ def _header(argv: list[str], quick: bool) -> str:
     ])
 
 
-def _section(n: int, body: str, seconds: float) -> str:
+def _section(n: int, body: str, seconds: float, quick: bool, repeats: int) -> str:
     title, _ = FIGURES[n]
-    return f"<!-- fig {n} -->\n## {n}. {title}\n\n{body}\n\n(section time {seconds:.0f} s)\n<!-- /fig {n} -->"
+    command = f"python benchmarks/run.py --figures {n}" + (" --quick" if quick else f" --repeats {repeats}")
+    return (f"<!-- fig {n} -->\n## {n}. {title}\n\n{body}\n\n(`{command}`, {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"section time {seconds:.0f} s)\n<!-- /fig {n} -->")
 
 
 def main() -> None:
@@ -493,7 +495,7 @@ def main() -> None:
     start = time.time()
     for n in figures:
         t0 = time.time()
-        sections[n] = _section(n, FIGURES[n][1](args.quick, repeats), time.time() - t0)
+        sections[n] = _section(n, FIGURES[n][1](args.quick, repeats), time.time() - t0, args.quick, repeats)
         print(f"figure {n} done in {time.time() - t0:.0f} s", flush=True)
     argv = sys.argv[1:]
     text = _header(argv, args.quick)
