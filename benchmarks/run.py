@@ -5,7 +5,7 @@ Every figure compares variants measured side by side in one run: each repeat tim
 and, per repeat, its ratio to the baseline of that repeat (median and min-max over repeats). Heavy
 variants run in fresh subprocesses so their peak memory is their own.
 
-    python benchmarks/run.py                   # all figures, rewrites BENCHMARKS.md (~20 min on 2 cores)
+    python benchmarks/run.py                   # all figures, rewrites BENCHMARKS.md (~34 min on the loaded 2-core machine: figure 1 13 min)
     python benchmarks/run.py --figures 1,6     # only these sections are replaced
     python benchmarks/run.py --quick --out /tmp/b.md   # tiny shapes, one repeat, one process: a smoke test
 
