@@ -28,27 +28,28 @@ CONFIGS = {
 }
 
 
-def _worker(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
+def random_llama(vocab: int, hidden: int, layers: int, max_len: int):
+    """A random untied Llama (4 heads, MLP 4x hidden) with the given shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from algorithms import make_algorithm
-    from tokenrl.buffer import ReplayBuffer, TopPCache
-    from tokenrl.policy import CausalLMPolicy
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    V, T = args.vocab, args.seq
-    model = LlamaForCausalLM(
+    return LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=V, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2 * T + 64, tie_word_embeddings=False,
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_len, tie_word_embeddings=False,
         )
     )
+
+
+def synthetic_buffer(vocab: int, seq: int, batch: int, seed: int = 0):
+    """``batch`` random trajectories of ``seq`` response tokens with synthetic top-0.8 sets (``ReplayBuffer``)."""
+    import numpy as np
+
+    from tokenrl.buffer import ReplayBuffer, TopPCache
+
+    rng = np.random.default_rng(seed)
+    V, T = vocab, seq
     buf = ReplayBuffer(pad_id=0, cache_top_p=0.8)
-    for _ in range(args.batch):
+    for _ in range(batch):
         resp = rng.integers(1, V, size=T).tolist()
         # Set sizes like an instruct LM's top-0.8 sets: mostly a few tokens, a long tail up to ~100.
         sizes = np.minimum(1 + rng.geometric(0.2, size=T + 1), 128).astype(np.int32)
@@ -60,6 +61,20 @@ def _worker(args: argparse.Namespace) -> None:
             ids.append(others)
             lps.append(np.sort(np.log(rng.dirichlet(np.ones(k))))[::-1])
         buf.add([[1] * 16], [resp], [False], caches=[TopPCache(sizes, np.concatenate(ids).astype(np.int32), np.concatenate(lps).astype(np.float16))])
+    return buf
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from algorithms import make_algorithm
+    from tokenrl.policy import CausalLMPolicy
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    V, T = args.vocab, args.seq
+    model = random_llama(V, args.hidden, args.layers, 2 * T + 64)
+    buf = synthetic_buffer(V, T, args.batch)
     name, extra = CONFIGS[args.config]
     algo = make_algorithm(name, CausalLMPolicy(model, V), extra, total_steps=100)
     batch = buf.collate(list(range(args.batch)), top_p=algo.top_p)
@@ -70,7 +85,8 @@ def _worker(args: argparse.Namespace) -> None:
         algo.update(batch)
         times.append(time.perf_counter() - t0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak_mb, "mean_set": float(buf.set_sizes().mean())}))
+    print(json.dumps({"step_s": statistics.median(times), "times": times, "peak_mb": peak_mb,
+                      "mean_set": float(buf.set_sizes().mean())}))
 
 
 def main() -> None:

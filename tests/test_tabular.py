@@ -18,6 +18,7 @@ from tokenrl.tabular import (
     soft_policy_evaluation,
     soft_value,
     soft_value_iteration,
+    sparse_soft_value_iteration,
     top_p_support,
 )
 
@@ -327,3 +328,40 @@ def test_validation_errors():
         project_policy(np.array([[1.0, 0.0]]), np.array([[False, True]]))
     with pytest.raises(ValueError, match="agree on every supported pair"):
         contraction_modulus(lambda q: q, q_SA, q_SA)
+
+
+@pytest.mark.parametrize("with_terminal", [False, True])
+def test_sparse_value_iteration_matches_dense_top_p_value_iteration(with_terminal):
+    # A deterministic MDP whose top-p sets are small: the sparse solver sees only the set members.
+    rng = np.random.default_rng(3)
+    n_states, n_actions, gamma = 12, 40, 0.9
+    next_SA = rng.integers(0, n_states, size=(n_states, n_actions))
+    P_SAS = np.zeros((n_states, n_actions, n_states))
+    P_SAS[np.arange(n_states)[:, None], np.arange(n_actions), next_SA] = 1.0
+    r_SA = rng.normal(size=(n_states, n_actions))
+    probs_SA = rng.dirichlet(np.full(n_actions, 0.05), size=n_states)
+    support_SA = top_p_support(probs_SA, 0.8)
+    terminal_S = np.zeros(n_states, dtype=bool)
+    if with_terminal:
+        terminal_S[[2, 7]] = True
+        support_SA[2] = False  # a terminal state may have an empty set
+    q_SA, _ = soft_value_iteration(r_SA, P_SAS, gamma, support_SA, terminal_S)
+
+    width = support_SA.sum(-1).max()
+    ids_SK = np.argsort(~support_SA, axis=-1, kind="stable")[:, :width]
+    valid_SK = np.take_along_axis(support_SA, ids_SK, -1)
+    r_SK = np.take_along_axis(r_SA, ids_SK, -1)
+    next_SK = np.take_along_axis(next_SA, ids_SK, -1)
+    q_SK, _ = sparse_soft_value_iteration(r_SK, next_SK, valid_SK, gamma, terminal_S)
+
+    # Both stop within gamma / (1 - gamma) * 1e-10 of the same fixed point.
+    np.testing.assert_allclose(q_SK[valid_SK], np.take_along_axis(q_SA, ids_SK, -1)[valid_SK], rtol=0, atol=1e-8)
+    assert np.all(q_SK[~valid_SK] == 0)
+
+
+def test_sparse_value_iteration_rejects_empty_sets_and_bad_next_states():
+    r_SK, valid_SK = np.zeros((2, 2)), np.array([[True, False], [False, False]])
+    with pytest.raises(ValueError, match="empty action set"):
+        sparse_soft_value_iteration(r_SK, np.zeros((2, 2), dtype=int), valid_SK, 0.9)
+    with pytest.raises(ValueError, match="outside"):
+        sparse_soft_value_iteration(r_SK, np.full((2, 2), 5), np.ones((2, 2), dtype=bool), 0.9)

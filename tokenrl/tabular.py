@@ -36,6 +36,7 @@ __all__ = [
     "soft_policy_evaluation",
     "soft_value",
     "soft_value_iteration",
+    "sparse_soft_value_iteration",
     "top_p_support",
 ]
 
@@ -365,6 +366,74 @@ def soft_value_iteration(
         stacklevel=2,
     )
     return q_SA, max_iters
+
+
+def sparse_soft_value_iteration(
+    r_SK: np.ndarray,
+    next_SK: np.ndarray,
+    valid_SK: np.ndarray,
+    gamma: float,
+    terminal_S: np.ndarray | None = None,
+    tol: float = 1e-10,
+    max_iters: int = 100_000,
+) -> tuple[np.ndarray, int]:
+    """:func:`soft_value_iteration` on a top-p MDP stored sparsely: only the actions of each set.
+
+    Each state keeps its ``K`` set members (padded to the largest set), so one backup costs ``O(S K)``
+    instead of the dense ``O(S A S)``: the cost grows with the set size, not with ``|A|``. Transitions are
+    deterministic (a token MDP's next state is the prefix plus the token).
+
+    Args:
+        r_SK: ``[S, K]`` rewards of the set members (padding entries are ignored).
+        next_SK: ``[S, K]`` int next state of each set member (padding entries are ignored).
+        valid_SK: ``[S, K]`` bool, True for real set members; every non-terminal state keeps at least one.
+        gamma: discount in [0, 1).
+        terminal_S: ``[S]`` bool terminal flags; None means no terminal state.
+        tol: stopping threshold on the sup-norm increment over set members.
+        max_iters: iteration cap; reaching it emits a ``RuntimeWarning`` and returns the last iterate.
+
+    Returns:
+        ``(q_SK, n_iters)``: ``[S, K]`` the (approximate) fixed point on set members (0 at padding) and
+        the number of backups applied.
+
+    Raises:
+        ValueError: on mismatched shapes, next states out of range, an empty set at a non-terminal state,
+            or a bad ``gamma``, ``tol`` or ``max_iters``.
+    """
+    r_SK = np.asarray(r_SK, dtype=np.float64)
+    next_SK = np.asarray(next_SK)
+    valid_SK = np.asarray(valid_SK, dtype=bool)
+    gamma = _check_gamma(gamma)
+    if r_SK.ndim != 2 or next_SK.shape != r_SK.shape or valid_SK.shape != r_SK.shape:
+        raise ValueError(
+            f"r_SK, next_SK and valid_SK must share one [S, K] shape, got {r_SK.shape}, {next_SK.shape}, {valid_SK.shape}"
+        )
+    n_states = r_SK.shape[0]
+    terminal_S = _check_terminal(terminal_S, n_states)
+    next_SK = np.where(valid_SK, next_SK, 0).astype(np.int64)
+    if next_SK.size and (next_SK.min() < 0 or next_SK.max() >= n_states):
+        raise ValueError(f"next_SK holds states outside [0, {n_states})")
+    empty_S = ~valid_SK.any(-1) & ~terminal_S
+    if np.any(empty_S):
+        raise ValueError(f"non-terminal states {np.flatnonzero(empty_S)[:10].tolist()} have an empty action set")
+    if tol <= 0 or max_iters < 1:
+        raise ValueError(f"need tol > 0 and max_iters >= 1, got tol={tol!r}, max_iters={max_iters!r}")
+    r_SK = np.where(valid_SK, r_SK, 0.0)
+    q_SK = np.zeros_like(r_SK)
+    for n_iters in range(1, max_iters + 1):
+        v_S = _soft_value(q_SK, valid_SK, terminal_S)
+        q_next_SK = np.where(valid_SK, r_SK + gamma * v_S[next_SK], 0.0)
+        delta = np.max(np.abs(q_next_SK - q_SK))
+        q_SK = q_next_SK
+        if delta <= tol:
+            return q_SK, n_iters
+    warnings.warn(
+        f"sparse_soft_value_iteration did not converge in {max_iters} iterations "
+        f"(last increment {delta:.3g} > tol {tol:g}); raise max_iters or tol",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return q_SK, max_iters
 
 
 def soft_policy_evaluation(
