@@ -21,6 +21,7 @@ deviations (``ddof=1``) over sampling seeds, 0.0 for a single seed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Callable, Sequence
 
 import numpy as np
@@ -76,15 +77,11 @@ def teacher_nll(
     _check_pairs(prompts, responses)
     out: list[np.ndarray] = []
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            batch_prompts = prompts[start : start + batch_size]
-            batch_responses = responses[start : start + batch_size]
-            tokens_BT, lengths_B = right_pad(
-                [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
-            )
-            prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
+        for tokens_BT, lengths_B, prompt_lens_B, response_lens_B in _padded_batches(
+            prompts, responses, batch_size, teacher
+        ):
             nll_N = scoring.token_nll(teacher, tokens_BT, lengths_B, prompt_lens_B).numpy()
-            out.extend(np.split(nll_N, np.cumsum([len(r) for r in batch_responses])[:-1]))
+            out.extend(np.split(nll_N, np.cumsum(response_lens_B.numpy())[:-1]))
     return out
 
 
@@ -110,6 +107,23 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
             raise ValueError(f"prediction {i} has no references")
         scores.append(max(_ROUGE_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in refs))
     return 100.0 * float(np.mean(scores))
+
+
+def _padded_batches(
+    prompts: list[list[int]], responses: list[list[int]], batch_size: int, teacher: Teacher
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(tokens_BT, lengths_B, prompt_lens_B, response_lens_B)`` of prompt + response, ``batch_size`` rows at a time.
+
+    Rows are right-padded with the teacher's EOS (padding is masked out by ``lengths_B``).
+    """
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts, batch_responses = prompts[start : start + batch_size], responses[start : start + batch_size]
+        tokens_BT, lengths_B = right_pad(
+            [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
+        )
+        prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
+        response_lens_B = torch.tensor([len(r) for r in batch_responses], dtype=torch.long)
+        yield tokens_BT, lengths_B, prompt_lens_B, response_lens_B
 
 
 def teacher_forced_kl(
@@ -149,13 +163,7 @@ def teacher_forced_kl(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(prompts), batch_size):
-                batch_prompts = prompts[start : start + batch_size]
-                batch_responses = responses[start : start + batch_size]
-                tokens_BT, lengths_B = right_pad(
-                    [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
-                )
-                prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
+            for tokens_BT, lengths_B, prompt_lens_B, _ in _padded_batches(prompts, responses, batch_size, teacher):
                 kl_st_N, kl_ts_N = scoring.kl_both_directions(
                     model, teacher, tokens_BT, lengths_B, prompt_lens_B, vocab
                 )
@@ -240,14 +248,9 @@ def teacher_forced_set_metrics(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(prompts), batch_size):
-                batch_prompts = prompts[start : start + batch_size]
-                batch_responses = responses[start : start + batch_size]
-                tokens_BT, lengths_B = right_pad(
-                    [list(p) + list(r) for p, r in zip(batch_prompts, batch_responses)], teacher.eos_token_id
-                )
-                prompt_lens_B = torch.tensor([len(p) for p in batch_prompts], dtype=torch.long)
-                response_lens_B = torch.tensor([len(r) for r in batch_responses], dtype=torch.long)
+            for tokens_BT, lengths_B, prompt_lens_B, response_lens_B in _padded_batches(
+                prompts, responses, batch_size, teacher
+            ):
                 # Only the response positions, a chunk of logits at a time (memory-flat, see tokenrl.scoring).
                 rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
                 size = scoring.chunk_positions(vocab)
