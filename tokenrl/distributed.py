@@ -109,6 +109,10 @@ def process_group(device: str, timeout_min: float = 60.0) -> Iterator[tuple[Dist
         dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     try:
         yield ctx, device
+        if created:
+            # Leave together: a rank that tears gloo down while a peer is still evaluating or saving makes the
+            # peer's transport thread abort the process at exit ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
