@@ -56,6 +56,11 @@ class AlgoConfig:
         if gamma is not None and not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
 
+    def reads_cached_sets(self) -> bool:
+        """True when the loss reads the teacher's cached top-p sets at ``top_p`` (the run's cache must be built at
+        a p at least as large); False when ``top_p = 1`` means the whole vocabulary without the cache."""
+        return True
+
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps."""
@@ -78,6 +83,10 @@ class Algorithm:
     #: True when the algorithm learns from its own rollouts (the trainer then collects them into the buffer);
     #: a subclass may make it a property of its config
     needs_rollouts: bool = False
+    #: True when ``compute_loss`` reads ``batch.teacher_logprobs_BSV`` (the teacher over the whole vocabulary):
+    #: the trainer then adds it to every batch (:func:`tokenrl.scoring.with_teacher_logprobs`); a subclass may
+    #: make it a property of its config
+    needs_teacher_logprobs: bool = False
     #: True when the algorithm keeps a target network: the base class then builds ``self.target`` (a
     #: :class:`~tokenrl.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
     #: step and saves it in :meth:`state_dict`

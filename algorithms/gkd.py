@@ -11,20 +11,24 @@ with both distributions at temperature ``temperature``. As in TRL's ``GKDTrainer
 ``beta = 0`` is the forward KL(teacher || student) and ``beta = 1`` the reverse KL(student || teacher)
 (the endpoints are defined as these KLs, not as the limits of the mixture formula, which vanish).
 
-What the teacher cache supports: the buffer stores only the teacher's top-p set (ids and log-probs) at
-every state, so the loss here is the JSD between the teacher renormalised on that set and the student
-projected onto it (:func:`top_p_generalized_jsd_loss`). ``top_p = 1.0`` uses the whole cached set, which
-is the full vocabulary exactly when the cache was built at p = 1 (``task.cache_top_p=1.0``); a cache built
-at p < 1 carries no teacher mass outside its set, so a full-vocabulary JSD would need a teacher forward in
-the loss, which this algorithm does not do. :func:`generalized_jsd_loss` is the dense form on full logits.
+Two forms, chosen by ``top_p``:
+
+* ``top_p = 1.0`` (the default, the paper's): the JSD over the whole vocabulary (:func:`generalized_jsd_loss`)
+  between the student's dense logits and the teacher's full-vocabulary log-probs at every state of the batch,
+  which the trainer adds to each batch for this algorithm (``batch.teacher_logprobs_BSV``,
+  :func:`tokenrl.scoring.with_teacher_logprobs`), for teacher data and student rollouts alike;
+* ``top_p < 1``: the JSD between the teacher renormalised on its cached top-p set and the student projected
+  onto it (:func:`top_p_generalized_jsd_loss`). Nothing in this loss constrains the student's mass outside
+  the set: on the default synthetic task that mass grows and the student's full-vocabulary samples degrade
+  while the on-set KL falls (RESULTS.md).
 
 The mix of student rollouts (fraction ``lmbda``) and teacher data is declared by the rollout hooks the
 trainer calls: :meth:`GKD.rollout_policy` samples the student at temperature ``temperature``, restricted to
 the teacher's set when ``top_p < 1`` (no gradient through the sampling), and :meth:`GKD.sample_batch` fills
 each batch with ``round(lmbda * batch_size)`` rows of the newest rollout batch and the rest from
 ``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read:
-``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``, ``action_mask_BT``, ``is_expert_B`` and the model
-inputs.
+``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
+(``top_p < 1``), and ``action_mask_BT``, ``is_expert_B`` and the model inputs.
 """
 
 from __future__ import annotations
@@ -36,18 +40,18 @@ import torch
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
 from envs.token_env import PolicyFn
 from tokenrl.backup import kl, masked_mean, project_to_set, upcast
-from tokenrl.buffer import Batch, ReplayBuffer
+from tokenrl.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 
 
 @dataclass
 class GKDConfig(AlgoConfig):
     """GKD settings."""
 
-    top_p: float = 0.8  # JSD over the teacher's top-p set (<= the cache's p; 1.0 = the whole cached set)
+    top_p: float = 1.0  # 1.0: JSD over the whole vocabulary; < 1: over the teacher's cached top-p set (<= the cache's p)
     beta: float = 0.5  # JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
     lmbda: float = 0.5  # fraction of each batch drawn from the newest student rollouts (sample_batch)
-    sparse: bool = True  # student logits on the set as h @ W[ids]^T instead of dense logits
+    sparse: bool = True  # top_p < 1: student logits on the set as h @ W[ids]^T instead of dense logits
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +61,10 @@ class GKDConfig(AlgoConfig):
             raise ValueError(f"gkd.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"gkd.lmbda must be in [0, 1], got {self.lmbda}")
+
+    def reads_cached_sets(self) -> bool:
+        """``top_p = 1`` reads the teacher's full-vocabulary log-probs from the batch, not the cache."""
+        return self.top_p < 1.0
 
 
 def generalized_jsd(
@@ -143,9 +151,14 @@ def top_p_generalized_jsd_loss(
 
 
 class GKD(Algorithm):
-    """On-policy generalized JSD to the cached teacher top-p distribution."""
+    """On-policy generalized JSD to the teacher: over the whole vocabulary, or its cached top-p set (``top_p < 1``)."""
 
     name = "gkd"
+
+    @property
+    def needs_teacher_logprobs(self) -> bool:
+        """``top_p = 1``: the loss reads the teacher's full-vocabulary log-probs from every batch."""
+        return self.top_p >= 1.0
 
     @property
     def needs_rollouts(self) -> bool:
@@ -170,19 +183,21 @@ class GKD(Algorithm):
         cfg = self.config
         T = batch.actions_BT.shape[1]
         h_BTD = self.policy.state_hidden(batch)[:, :T]
-        ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
-        if cfg.sparse:
-            logits_BTK = self.policy.sparse_logits(h_BTD, ids_BTK)
+        stats = {"data/student_frac": float((~batch.is_expert_B).float().mean())}
+        if self.needs_teacher_logprobs:
+            teacher_logp_BTV = require_teacher_logprobs(batch, self.name)[:, :T]
+            loss = generalized_jsd_loss(
+                self.policy.dense_logits(h_BTD), teacher_logp_BTV, cfg.beta, cfg.temperature, batch.action_mask_BT
+            )
         else:
-            logits_BTK = self.policy.dense_logits(h_BTD).gather(-1, ids_BTK)
-        loss = top_p_generalized_jsd_loss(
-            logits_BTK, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT, cfg.beta, cfg.temperature
-        )
-        set_size = masked_mean(mask_BTK.sum(-1).float(), batch.action_mask_BT)
-        stats = {
-            "loss/total": float(loss.detach()),
-            "loss/jsd": float(loss.detach()),
-            "top_p/set_size": float(set_size),
-            "data/student_frac": float((~batch.is_expert_B).float().mean()),
-        }
+            ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
+            if cfg.sparse:
+                logits_BTK = self.policy.sparse_logits(h_BTD, ids_BTK)
+            else:
+                logits_BTK = self.policy.dense_logits(h_BTD).gather(-1, ids_BTK)
+            loss = top_p_generalized_jsd_loss(
+                logits_BTK, batch.cand_logprobs_BSK[:, :T], mask_BTK, batch.action_mask_BT, cfg.beta, cfg.temperature
+            )
+            stats["top_p/set_size"] = float(masked_mean(mask_BTK.sum(-1).float(), batch.action_mask_BT))
+        stats["loss/total"] = stats["loss/jsd"] = float(loss.detach())
         return loss, stats

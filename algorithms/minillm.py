@@ -7,9 +7,13 @@ per-token reward ``r_t = log pi*(y_t|s_t) - log pi_theta(y_t|s_t)``. With ``R_{t
     grad KL = E_y[ sum_t grad KL(pi_theta(.|s_t) || pi*(.|s_t))           (single-step part, exact)
                    - sum_t (R_{t+1} - b_t) grad log pi_theta(y_t|s_t) ]    (long-term part, policy gradient)
 
-The single-step part is computed exactly over the teacher's cached top-p set (student projected onto it,
-teacher renormalised on it; ``top_p = 1.0`` = the whole cache, the full vocabulary when the cache was built
-at p = 1), so only the long-term part is sampled. Of the paper's three tricks all are implemented:
+The single-step part is computed exactly, so only the long-term part is sampled. With ``top_p = 1.0`` (the
+default, the paper's) the single-step KL, the rewards and the importance weights are over the whole
+vocabulary, from the teacher's full-vocabulary log-probs that the trainer adds to every batch for this
+algorithm (``batch.teacher_logprobs_BSV``, :func:`tokenrl.scoring.with_teacher_logprobs`); with ``top_p < 1``
+they are over the teacher's cached top-p set (student projected onto it, teacher renormalised on it,
+rollouts sampled inside it), which leaves the student's mass outside the set unconstrained. Of the paper's
+three tricks all are implemented:
 
 1. single-step decomposition: the exact per-state KL above;
 2. teacher-mixed sampling: rollouts come from ``mix * pi* + (1 - mix) * pi_theta``
@@ -34,11 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
-from algorithms.gkd import generalized_jsd
 from envs.token_env import PolicyFn
 from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.backup import masked_mean, project_to_set, upcast
-from tokenrl.buffer import Batch, ReplayBuffer
+from tokenrl.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 from tokenrl.policy import CausalLMPolicy
 
 
@@ -46,12 +49,12 @@ from tokenrl.policy import CausalLMPolicy
 class MiniLLMConfig(AlgoConfig):
     """MiniLLM settings (the paper: mix 0.2, clip 0.2, length normalisation on)."""
 
-    top_p: float = 0.8  # single-step KL and rewards over the teacher's top-p set (1.0 = the whole cache)
+    top_p: float = 1.0  # 1.0: everything over the whole vocabulary; < 1: over the teacher's cached top-p set
     mix: float = 0.2  # teacher weight of the rollout policy mix * pi* + (1 - mix) * pi_theta (0 = pure student)
     clip_eps: float = 0.2  # importance weights clipped to [1 - clip_eps, 1 + clip_eps]
     length_norm: bool = True  # divide R_{t+1} by the number of future tokens
     baseline: bool = True  # subtract the leave-one-out mean of R_{t+1} over the batch at each position
-    sparse: bool = True  # student logits on the set as h @ W[ids]^T instead of dense logits
+    sparse: bool = True  # top_p < 1: student logits on the set as h @ W[ids]^T instead of dense logits
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,6 +62,10 @@ class MiniLLMConfig(AlgoConfig):
             raise ValueError(f"minillm.mix must be in [0, 1), got {self.mix}")
         if self.clip_eps <= 0:
             raise ValueError(f"minillm.clip_eps must be > 0, got {self.clip_eps}")
+
+    def reads_cached_sets(self) -> bool:
+        """``top_p = 1`` reads the teacher's full-vocabulary log-probs from the batch, not the cache."""
+        return self.top_p < 1.0
 
 
 def mixed_policy_fn(student_fn: PolicyFn, teacher_fn: PolicyFn, mix: float) -> PolicyFn:
@@ -167,13 +174,19 @@ class MiniLLM(Algorithm):
     * :meth:`sample_batch` draws every row from the newest rollout batch (reused PPO-style until the next
       one, the clipping bounding the drift), so all weights are taken against the snapshot that sampled them.
 
-    Batch fields read: ``actions_BT``, ``action_mask_BT``, ``cand_ids_BSK``, ``cand_logprobs_BSK``,
-    ``cand_mask_BSK``, ``is_expert_B`` and the model inputs. Not implemented: the paper's auxiliary
+    Batch fields read: ``actions_BT``, ``action_mask_BT``, ``is_expert_B``, the model inputs, and
+    ``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
+    (``top_p < 1``). Not implemented: the paper's auxiliary
     pre-training (language-modelling) loss.
     """
 
     name = "minillm"
     needs_rollouts = True
+
+    @property
+    def needs_teacher_logprobs(self) -> bool:
+        """``top_p = 1``: the loss reads the teacher's full-vocabulary log-probs from every batch."""
+        return self.top_p >= 1.0
 
     def __init__(self, policy: CausalLMPolicy, config: MiniLLMConfig, total_steps: int = 1000):
         super().__init__(policy, config, total_steps)
@@ -204,9 +217,12 @@ class MiniLLM(Algorithm):
         """Every row from the newest rollout batch (uniform, with replacement)."""
         return sample_rollout_mix(buffer, batch_size, generator, self.newest_rollouts, 1.0, self.top_p)
 
-    def _set_logprobs(self, policy: CausalLMPolicy, batch: Batch, mask_BTK: torch.Tensor) -> torch.Tensor:
+    def _logprobs(self, policy: CausalLMPolicy, batch: Batch, mask_BTK: torch.Tensor | None) -> torch.Tensor:
+        """``[B, T, V]`` log-probs over the vocabulary (``mask_BTK`` None), else ``[B, T, K]`` projected on the set."""
         T = batch.actions_BT.shape[1]
         h_BTD = policy.state_hidden(batch)[:, :T]
+        if mask_BTK is None:
+            return project_to_set(upcast(policy.dense_logits(h_BTD)))
         ids_BTK = batch.cand_ids_BSK[:, :T]
         if self.config.sparse:
             logits_BTK = policy.sparse_logits(h_BTD, ids_BTK)
@@ -217,14 +233,22 @@ class MiniLLM(Algorithm):
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         T = batch.actions_BT.shape[1]
-        mask_BTK = batch.cand_mask_BSK[:, :T]
-        s_logp_BTK = self._set_logprobs(self.policy, batch, mask_BTK)
-        t_logp_BTK = project_to_set(upcast(batch.cand_logprobs_BSK[:, :T]).to(s_logp_BTK.dtype), mask_BTK)
+        if self.needs_teacher_logprobs:
+            # The whole vocabulary: every action has a slot, its token id.
+            mask_BTK = None
+            t_logp_BTK = require_teacher_logprobs(batch, self.name)[:, :T]
+            slot_BT = batch.actions_BT
+            state_ok_BT = batch.action_mask_BT
+        else:
+            mask_BTK = batch.cand_mask_BSK[:, :T]
+            t_logp_BTK = project_to_set(upcast(batch.cand_logprobs_BSK[:, :T]), mask_BTK)
+            slot_BT = action_slots(batch.actions_BT, batch.cand_ids_BSK[:, :T], mask_BTK)
+            state_ok_BT = batch.action_mask_BT & mask_BTK.any(-1)
+        s_logp_BTK = self._logprobs(self.policy, batch, mask_BTK)
+        t_logp_BTK = t_logp_BTK.to(s_logp_BTK.dtype)
         with torch.no_grad():
             self.behaviour.eval()
-            b_logp_BTK = self._set_logprobs(self.behaviour, batch, mask_BTK)
-        state_ok_BT = batch.action_mask_BT & mask_BTK.any(-1)
-        slot_BT = action_slots(batch.actions_BT, batch.cand_ids_BSK[:, :T], mask_BTK)
+            b_logp_BTK = self._logprobs(self.behaviour, batch, mask_BTK)
         valid_BT = state_ok_BT & (slot_BT >= 0)
 
         def taken(x_BTK: torch.Tensor) -> torch.Tensor:
@@ -235,7 +259,7 @@ class MiniLLM(Algorithm):
         behaviour_BT = mixture_logprobs(taken(b_logp_BTK), teacher_logp_BT, cfg.mix)
         # Teacher data was sampled by the teacher: that is its behaviour policy.
         behaviour_BT = torch.where(batch.is_expert_B[:, None], teacher_logp_BT, behaviour_BT)
-        kl_BT = generalized_jsd(s_logp_BTK, t_logp_BTK, 1.0, mask_BTK)
+        kl_BT = kl(s_logp_BTK, t_logp_BTK, mask_BTK)  # KL(pi_theta || pi*) per state
         loss, stats = minillm_loss(
             logp_BT, behaviour_BT, teacher_logp_BT, kl_BT, valid_BT, cfg.clip_eps, cfg.length_norm, cfg.baseline
         )

@@ -6,7 +6,11 @@
 Default reward r(s, a) = log pi*(a | s) (from the teacher cache): with gamma = 1 and p = 1 its soft-optimal
 Q is exactly the teacher's log-probabilities, so the student's softmax recovers the teacher. ``reward =
 "sqil"`` gives SQIL's reward (1 on teacher transitions, 0 on the learner's own), which needs the learner's
-rollouts. The target network is a Polyak-averaged copy of the student. ``top_p = 1`` means no restriction
+rollouts (Reddy et al. 2020, arXiv 1905.11108). With it, a response that ends with EOS enters an absorbing state
+that keeps its transition's reward forever (value ``r / (1 - gamma)``, as in SQIL's and DAC's treatment of
+absorbing states) instead of the value 0: with 0, ending a teacher response would be worth 1 against
+``1 + gamma * V(s') ~ 1 / (1 - gamma)`` for any continuation, and the student learns never to emit EOS. The
+paper's online SQIL uses the full vocabulary (``top_p = 1``). The target network is a Polyak-averaged copy of the student. ``top_p = 1`` means no restriction
 (full vocabulary).
 """
 
@@ -33,6 +37,10 @@ class SoftQConfig(AlgoConfig):
     reward: str = "teacher_logprob"  # teacher_logprob: r = log pi*(a|s); sqil: 1 on teacher data, 0 on rollouts
     target_update_rate: float = 0.01  # Polyak rate of the target network (1.0 = copy every step)
     sparse: bool = True  # gather candidate rows of the output embedding instead of dense logits
+
+    def reads_cached_sets(self) -> bool:
+        """SQIL's reward is not the teacher's: at ``top_p = 1`` (the whole vocabulary) nothing reads the cache."""
+        return not (self.reward == "sqil" and self.top_p >= 1.0)
 
 
 def soft_q_loss(
@@ -85,6 +93,11 @@ class SoftQ(Algorithm):
     def __init__(self, policy: CausalLMPolicy, config: SoftQConfig, total_steps: int = 1000):
         if config.reward not in REWARD_CHOICES:
             raise ValueError(f"soft_q.reward must be one of {REWARD_CHOICES}, got {config.reward!r}")
+        if config.reward == "sqil" and config.gamma >= 1.0:
+            raise ValueError(
+                f"soft_q.reward=sqil needs gamma < 1 (the absorbing state after EOS is worth 1 / (1 - gamma)), "
+                f"got gamma={config.gamma}"
+            )
         super().__init__(policy, config, total_steps)
 
     @property
@@ -103,8 +116,14 @@ class SoftQ(Algorithm):
         else:
             reward_BT = batch.is_expert_B[:, None].to(q_dtype).expand_as(batch.action_mask_BT)
             known_BT = torch.ones_like(batch.action_mask_BT)
+        v_next_BT = td.v_next_BT
+        if cfg.reward == "sqil":
+            # The EOS step of a terminated response leads to SQIL's absorbing state (module docstring).
+            T = reward_BT.shape[1]
+            eos_BT = batch.terminated_B[:, None] & (torch.arange(1, T + 1, device=reward_BT.device) == batch.lengths_B[:, None])
+            v_next_BT = torch.where(eos_BT, reward_BT / (1.0 - cfg.gamma), v_next_BT)
         in_set_BT = td.cq.action_in_set_BT & known_BT
-        loss = soft_q_loss(td.q_sa_BT, reward_BT, td.v_next_BT, in_set_BT, cfg.gamma)
+        loss = soft_q_loss(td.q_sa_BT, reward_BT, v_next_BT, in_set_BT, cfg.gamma)
         return loss, float_stats(
             {
                 "loss/total": loss,

@@ -60,16 +60,24 @@ from tokenrl.trainer import (  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "algo")
 # label -> (algo=<name> YAML, overrides): the comparison of issue 10; iql_bd in its best setting of
-# RESULTS.md (the YAML's LM term, top_p = 1.0).
+# RESULTS.md (the YAML's LM term, top_p = 1.0); the on-policy baselines in their papers' full-vocabulary form
+# (the minillm and gkd YAMLs, soft_q with top_p = 1.0).
 ALGOS = {
     "bc": ("bc", {}),
     "kd": ("kd", {}),
     "iql_bd": ("iql_bd", {"top_p": 1.0}),
     "minillm": ("minillm", {}),
     "gkd": ("gkd", {}),
-    "soft_q_sqil": ("soft_q", {"reward": "sqil"}),
+    "soft_q_sqil": ("soft_q", {"reward": "sqil", "top_p": 1.0}),
 }
-ON_POLICY = ("minillm", "gkd", "soft_q_sqil")
+# The same on-policy algorithms restricted to the teacher's top-0.8 set (rollouts and losses), on request
+# with --algos (not in the default comparison).
+TOP_P_ALGOS = {
+    "minillm_p0.8": ("minillm", {"top_p": 0.8}),
+    "gkd_p0.8": ("gkd", {"top_p": 0.8}),
+    "soft_q_sqil_p0.8": ("soft_q", {"reward": "sqil", "top_p": 0.8}),
+}
+ON_POLICY = ("minillm", "gkd", "soft_q_sqil", *TOP_P_ALGOS)
 # (key, label, higher is better)
 METRICS = (
     ("val/teacher_nll", "teacher NLL", False),
@@ -89,7 +97,7 @@ def copy_buffer(buffer: ReplayBuffer) -> ReplayBuffer:
 
 def algo_node(label: str) -> dict:
     """The ``algo`` node of ``label`` as ``experiments/run.py algo=<name>`` composes it, plus its overrides."""
-    name, overrides = ALGOS[label]
+    name, overrides = {**ALGOS, **TOP_P_ALGOS}[label]
     node = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, f"{name}.yaml")))
     node.pop("defaults", None)
     return {**node, **overrides, "name": name}
@@ -297,7 +305,7 @@ def _ratio(a: float, b: float) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=[*ALGOS, *TOP_P_ALGOS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--val-every-s", type=float, default=10.0, help="validation every n seconds of training clock")
     parser.add_argument(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tokenrl.backup import soft_value
@@ -46,3 +48,20 @@ def sequence_logprob(
     start_t = torch.as_tensor(start).reshape(-1, 1) if torch.is_tensor(start) else torch.full((B, 1), int(start))
     valid = (t >= start_t) & (t < torch.as_tensor(lengths_B).reshape(-1, 1).cpu())
     return torch.where(valid, lp, torch.zeros_like(lp))
+
+
+def teacher_logprobs_loop(teacher, batch) -> torch.Tensor:
+    """``[B, S, V]`` teacher log-probs at every state of ``batch``, one ``next_token_logits`` call per state.
+
+    Padded states hold the uniform distribution, as in :func:`tokenrl.scoring.with_teacher_logprobs`.
+    """
+    B, S = batch.state_mask_BS.shape
+    V, P = teacher.vocab_size, batch.prompt_width
+    out = torch.full((B, S, V), -math.log(V), dtype=torch.float32)
+    for b in range(B):
+        prompt_len, response_len = int(batch.attention_mask_BL[b, :P].sum()), int(batch.lengths_B[b])
+        sequence = batch.input_ids_BL[b, P - prompt_len : P + response_len]
+        for j in range(response_len + 1):
+            logits_1V = teacher.next_token_logits(sequence[None, : prompt_len + j], torch.tensor([prompt_len + j]))
+            out[b, j] = torch.log_softmax(logits_1V[0].float(), -1)
+    return out

@@ -12,10 +12,15 @@ from algorithms import REGISTRY, make_algorithm, make_config
 from algorithms.iql_bd import iq_bd_loss
 from tests.conftest import tiny_llama
 from tokenrl.policy import CausalLMPolicy
+from tokenrl.scoring import with_teacher_logprobs
+from tokenrl.synthetic import SyntheticLanguage
 
 
 def _batch(buf, algo, n=16, seed=0):
-    return buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p)
+    """A batch as the trainer gives it: with the teacher over the whole vocabulary when the algorithm reads it."""
+    batch = buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p)
+    # SyntheticLanguage(): the language the synthetic_buffer fixture was sampled from.
+    return with_teacher_logprobs(batch, SyntheticLanguage(), buf.pad_id) if algo.needs_teacher_logprobs else batch
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

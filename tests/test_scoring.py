@@ -204,3 +204,16 @@ def test_top_p_cache_matches_dense(teacher, monkeypatch, max_k):
         np.testing.assert_array_equal(cache.sizes, sizes)
         np.testing.assert_array_equal(cache.ids, ids)
         np.testing.assert_allclose(cache.logprobs.astype(np.float32), logprobs, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_batch_teacher_logprobs_equal_a_per_state_loop(synthetic_buffer, chunk):
+    """with_teacher_logprobs (position-chunked, left-padded prompts re-laid right-padded) = one call per state."""
+    from tests.reference import teacher_logprobs_loop
+
+    lang = SyntheticLanguage()  # the language the fixture was sampled from
+    batch = synthetic_buffer.sample(7, torch.Generator().manual_seed(3), top_p=1.0)
+    assert batch.lengths_B.unique().numel() > 1 and batch.attention_mask_BL[:, 0].min() == 0, "needs ragged rows"
+    scored = scoring.with_teacher_logprobs(batch, lang, synthetic_buffer.pad_id, chunk=chunk)
+    torch.testing.assert_close(scored.teacher_logprobs_BSV, teacher_logprobs_loop(lang, batch))
+    assert batch.teacher_logprobs_BSV is None  # a copy: the drawn batch is unchanged

@@ -64,6 +64,26 @@ def test_default_config_is_valid(tmp_path):
             validate(make_run_config(compose(config_name="config", overrides=[f"algo={algo}"])))
 
 
+@pytest.mark.parametrize(
+    "algo, refused",
+    [
+        ({"name": "gkd", "top_p": 1.0}, False),  # the whole vocabulary from the teacher, not the cache
+        ({"name": "minillm", "top_p": 1.0}, False),
+        ({"name": "soft_q", "reward": "sqil", "top_p": 1.0}, False),  # SQIL's reward needs no teacher
+        ({"name": "gkd", "top_p": 0.9}, True),
+        ({"name": "soft_q", "top_p": 1.0}, True),  # reward log pi*(a|s) is read from the cache
+        ({"name": "kd", "top_p": 1.0}, True),
+    ],
+)
+def test_cache_p_is_checked_only_where_the_loss_reads_the_cache(tmp_path, algo, refused):
+    cfg = make_run_config({"algo": algo, "task": {"cache_top_p": 0.8}, "data_dir": str(tmp_path / "data")})
+    if refused:
+        with pytest.raises(ConfigError, match="task.cache_top_p=0.8 < algo.top_p"):
+            validate(cfg)
+    else:
+        validate(cfg)
+
+
 def test_appended_unknown_key_is_refused():
     """`+foo=1` adds the key in Hydra; the typed config refuses it, naming it."""
     register_configs()

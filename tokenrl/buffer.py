@@ -66,6 +66,10 @@ class Batch:
         action_logprob_BT: ``[B, T]`` float teacher log-prob of the taken action, read from the stored
             (unrestricted) cache; ``-inf`` where the action is not in it or there is no cache.
         top_p: the p the candidate sets were restricted to.
+        teacher_logprobs_BSV: ``[B, S, V]`` float teacher log-probs over the whole vocabulary at every state
+            (uniform on padding), for losses over the full vocabulary; None unless added by
+            :func:`tokenrl.scoring.with_teacher_logprobs` (the trainer does for algorithms with
+            ``needs_teacher_logprobs``).
     """
 
     input_ids_BL: torch.Tensor
@@ -86,6 +90,7 @@ class Batch:
     action_slot_BT: torch.Tensor
     action_logprob_BT: torch.Tensor
     top_p: float
+    teacher_logprobs_BSV: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         """Move every tensor to ``device``."""
@@ -96,6 +101,17 @@ class Batch:
     def action_in_set_BT(self) -> torch.Tensor:
         """``[B, T]`` bool: the taken action lies in the teacher's top-p set (False on padding)."""
         return self.action_slot_BT >= 0
+
+
+def require_teacher_logprobs(batch: Batch, algo_name: str) -> torch.Tensor:
+    """``batch.teacher_logprobs_BSV``, or a ValueError that names the algorithm and the fix when it is missing."""
+    if batch.teacher_logprobs_BSV is None:
+        raise ValueError(
+            f"{algo_name} with top_p=1.0 (full vocabulary) needs the teacher's log-probs in the batch: add them with "
+            "tokenrl.scoring.with_teacher_logprobs(batch, teacher, pad_id) (the trainer does), or set top_p < 1 "
+            "to use the cached top-p sets"
+        )
+    return batch.teacher_logprobs_BSV
 
 
 @dataclass

@@ -16,12 +16,15 @@ tolerance (tests/test_scoring.py keeps the dense reference).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Iterator
 
 import torch
 
 from tokenrl import backup
 from tokenrl.backup import kl, project_to_set
+from tokenrl.buffer import Batch
 from tokenrl.teachers import Teacher
 from tokenrl.top_p import TopPSet, top_p_sparse
 
@@ -254,3 +257,41 @@ def top_p_sets(
     size = chunk_positions(teacher.vocab_size, chunk)
     for logits_nV in teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size):
         yield top_p_sparse(logits_nV, p, max_k=max_k, pad_id=pad_id)
+
+
+def with_teacher_logprobs(batch: Batch, teacher: Teacher, pad_id: int, chunk: int | None = None) -> Batch:
+    """``batch`` with ``teacher_logprobs_BSV``: the teacher's full-vocabulary log-probs at all its states.
+
+    The teacher sees each row as ``prompt + response`` right-padded (the :class:`~tokenrl.teachers.Teacher`
+    layout) and is scored at the ``R + 1`` states of every row (:func:`state_positions`), a chunk at a time;
+    the result is ``B * S * V`` floats, the size of the student's dense logits on the same batch.
+
+    Args:
+        batch: a :class:`~tokenrl.buffer.Batch` (left-padded prompts, right-padded responses).
+        teacher: any :class:`~tokenrl.teachers.Teacher` over the student's vocabulary.
+        pad_id: id written into the teacher input's padding.
+        chunk: positions per logit block (None: :func:`chunk_positions`).
+
+    Returns:
+        A copy of ``batch`` whose ``teacher_logprobs_BSV`` is ``[B, S, V]`` float32 on the batch's device
+        (``-log V``, the uniform distribution, at padded states).
+    """
+    P, device = batch.prompt_width, batch.input_ids_BL.device
+    prompt_lens_B = batch.attention_mask_BL[:, :P].sum(1)
+    lengths_B = prompt_lens_B + batch.lengths_B
+    # Left-padded prompt -> right-padded sequence: row b starts at column P - prompt_len_b.
+    L = batch.input_ids_BL.shape[1]
+    cols_BL = torch.arange(L, device=device)[None, :]
+    src_BL = (cols_BL + (P - prompt_lens_B)[:, None]).clamp(max=L - 1)
+    tokens_BL = batch.input_ids_BL.gather(1, src_BL).masked_fill(cols_BL >= lengths_B[:, None], pad_id)
+    rows_N, cols_N = state_positions(prompt_lens_B, batch.lengths_B + 1)
+    S, V = batch.state_mask_BS.shape[1], teacher.vocab_size
+    out_BSV = torch.full((len(lengths_B), S, V), -math.log(V), dtype=torch.float32, device=device)
+    states_N = cols_N - (prompt_lens_B.cpu()[rows_N] - 1)
+    start = 0
+    for logits_nV in teacher.position_logits(tokens_BL, lengths_B, rows_N, cols_N, chunk_positions(V, chunk)):
+        n = logits_nV.shape[0]
+        rows, states = rows_N[start : start + n].to(device), states_N[start : start + n].to(device)
+        out_BSV[rows, states] = torch.log_softmax(logits_nV.float(), -1).to(device)
+        start += n
+    return dataclasses.replace(batch, teacher_logprobs_BSV=out_BSV)

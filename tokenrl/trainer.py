@@ -58,6 +58,7 @@ from tokenrl.models import HFTeacher, make_student, save_student
 from tokenrl.onpolicy_metrics import on_policy_reverse_kl_of_model
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.rollouts import StageClock, collect_rollouts
+from tokenrl.scoring import with_teacher_logprobs
 from tokenrl.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks import Task, build_synthetic_task
 from tokenrl.validation import check_student_tokenizer, validate
@@ -621,7 +622,9 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
 
     In one process without gradient accumulation the algorithm draws its batch itself
     (:meth:`~algorithms.base.Algorithm.sample_batch`); otherwise every rank draws the same global index list
-    from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.distributed`).
+    from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.distributed`). For an algorithm
+    with ``needs_teacher_logprobs`` the teacher scores every batch over the whole vocabulary
+    (``time/teacher_score_s``).
     """
     cfg = ctx.cfg
     clock = clock or StageClock()
@@ -635,6 +638,9 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
                 ctx.buffer.collate(part, top_p=algo.top_p).to(cfg.device)
                 for part in distributed.local_micro_batches(indices, ctx.dist, micro)
             ]
+    if algo.needs_teacher_logprobs:
+        with clock.stage("time/teacher_score_s"):
+            batches = [with_teacher_logprobs(b, ctx.task.teacher, ctx.task.pad_token_id) for b in batches]
     ctx.loss_module.compute_loss = algo.compute_loss
     with clock.stage("time/update_s"):
         return distributed.accumulated_update(algo, batches, ctx.loss_fn, ctx.dist)

@@ -159,7 +159,8 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     problems = []
     algo_p = getattr(cfg.algo, "top_p", None)
     cache_p = cfg.task.cache_top_p
-    if algo_p is not None and _probability(algo_p) and _probability(cache_p) and cache_p < algo_p:
+    reads_cache = getattr(cfg.algo, "reads_cached_sets", lambda: True)()
+    if algo_p is not None and reads_cache and _probability(algo_p) and _probability(cache_p) and cache_p < algo_p:
         problems.append(
             f"task.cache_top_p={cache_p} < algo.top_p={algo_p}: the stored teacher sets are smaller than the "
             f"sets the algorithm trains on; set task.cache_top_p>={algo_p} (new data) or algo.top_p<={cache_p}"
