@@ -14,6 +14,12 @@ through four hooks the trainer calls (``tokenrl.rollouts``), none of which sampl
 * :meth:`Algorithm.after_rollout` ``(indices)``: the buffer indices of the rollouts just added;
 * :meth:`Algorithm.sample_batch` ``(buffer, batch_size, generator) -> Batch``: how each training batch is
   drawn (default: uniformly from the whole buffer; GKD and MiniLLM draw from the newest rollouts).
+
+An algorithm whose loss compares the student with the teacher over the whole vocabulary sets
+``needs_teacher_logprobs``; the trainer then adds the teacher's log-probs at every state to each batch
+(``batch.teacher_logprobs_BSV``, :func:`tokenrl.scoring.with_teacher_logprobs`, timed as
+``time/teacher_score_s``), and its config's :meth:`AlgoConfig.reads_cached_sets` tells the run validation
+that the cached top-p sets need not cover ``top_p``.
 """
 
 from __future__ import annotations

@@ -176,8 +176,7 @@ class MiniLLM(Algorithm):
 
     Batch fields read: ``actions_BT``, ``action_mask_BT``, ``is_expert_B``, the model inputs, and
     ``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
-    (``top_p < 1``). Not implemented: the paper's auxiliary
-    pre-training (language-modelling) loss.
+    (``top_p < 1``). Not implemented: the paper's auxiliary pre-training (language-modelling) loss.
     """
 
     name = "minillm"
