@@ -59,13 +59,13 @@ from tokenrl.trainer import (  # noqa: E402
 )
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "algo")
-# label -> (algo=<name> YAML, overrides): the comparison of issue 10; iql_bd in its best setting of
-# RESULTS.md (the YAML's LM term, top_p = 1.0); the on-policy baselines in their papers' full-vocabulary form
+# label -> (algo=<name> YAML, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
+# fixed default: set-max Q shift, top_p 0.8, LM term); the on-policy baselines in their papers' full-vocabulary form
 # (the minillm and gkd YAMLs, soft_q with top_p = 1.0).
 ALGOS = {
     "bc": ("bc", {}),
     "kd": ("kd", {}),
-    "iql_bd": ("iql_bd", {"top_p": 1.0}),
+    "iql_bd": ("iql_bd", {}),
     "minillm": ("minillm", {}),
     "gkd": ("gkd", {}),
     "soft_q_sqil": ("soft_q", {"reward": "sqil", "top_p": 1.0}),
