@@ -177,8 +177,7 @@ def figure_1(quick: bool, repeats: int) -> str:
 def figure_5(quick: bool, repeats: int) -> str:
     shape = dict(vocab=20000, hidden=64, layers=2, batch=2, seq=16) if quick else dict(vocab=150000, hidden=256, layers=2, batch=4, seq=128)
     configs = ["sft (bc, chunked full-vocab CE)", "bd dense head (iql_bd default, sparse=False)",
-               "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)",
-               "bd sparse head, pure BD loss (paper's vocab shift, ce_coef=0)"]
+               "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)"]
     results = {c: _step_cost(c, steps=1, quick=quick, **shape) for c in configs}
     base = results[configs[0]]["peak_mb"]
     lines = ["| step | peak RSS MB (whole process) | x SFT |", "|---|---:|---:|"]
@@ -555,8 +554,8 @@ def _header(argv: list[str], quick: bool) -> str:
         f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, load average {load:.1f} at the start (the "
         "machine was shared with other jobs: absolute times are noise, read the ratios, each measured side by "
         f"side in one run). Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, numpy {numpy.__version__}. No GPU was available to this run, so the GPU "
-        "figure (issue 11, item 8) is not measured.", "",
+        f"{transformers.__version__}, numpy {numpy.__version__}. Figure 8 (GPU, issue 11 item 8): no GPU was "
+        "lent to this task, so it is not measured.", "",
         *(["**--quick: tiny shapes, one repeat, every variant in this one process, so the peak-memory columns are "
            "the process's running peak, not per variant. A smoke test, not a measurement.**", ""] if quick else []),
     ])
