@@ -161,8 +161,8 @@ def figure_1(quick: bool, repeats: int) -> str:
     default = _median_ratio(one, "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)", base)
     parts += ["", _goal("the pure BD loss with the sparse head <= 0.75x an SFT step at GPT-2-small shape.",
                         all(v <= 0.75 for v in pure.values()),
-                        ", ".join(f"{c.split('(')[0].strip()}{' (q_shift=set)' if 'q_shift=set' in c else ' (vocab shift)'} "
-                                  f"{v:.2f}x" for c, v in pure.items()) + ", one thread"),
+                        ", ".join(f"{'set' if 'q_shift=set' in c else 'vocabulary'} shift {v:.2f}x"
+                                  for c, v in pure.items()) + ", one thread"),
               "", _goal("the default `iql_bd` recipe < 1.0x an SFT step.", default < 1.0, f"{default:.2f}x, one thread")]
     return "\n".join([
         f"Every configuration of `benchmarks/step_cost.py` on one random untied Llama of GPT-2-small's shape "
