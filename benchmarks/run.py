@@ -535,9 +535,9 @@ FIGURES = {
     6: ("Tabular top-p value iteration vs full-action value iteration", figure_6, 2),
     7: ("Env rollout throughput vs a raw KV-cache loop", figure_7, 3),
 }
-"""Figure number -> (title, function, default repeats). Repeats are fewest where the spread over repeats was
-small in earlier runs (figures 1, 2: within +-5% of the median) and the variant is expensive; figures 4 and 5
-are deterministic sizes and peaks."""
+"""Figure number -> (title, function, default repeats). Two timed rounds where a round is expensive and the
+earlier spread was far from deciding the goal (figure 1, the suite's costliest steps; figure 2, 0.11-0.13 for a
+0.25 goal; figure 6, ratios orders of magnitude apart); figures 4 and 5 are deterministic sizes and peaks."""
 WORKERS = {"1": _worker_steps, "2": _worker_offline, "3": _worker_generate, "4": _worker_cache, "7": _worker_env}
 
 
