@@ -3,7 +3,8 @@
 Same model and synthetic batch as ``benchmarks/step_cost.py`` (random untied Llama, synthetic top-0.8 sets);
 prints the operators with the largest self CPU time as a markdown table.
 
-    python benchmarks/profile_step.py --config "bd sparse head (p=0.8)" --vocab 50257 --hidden 768 --layers 12
+    python benchmarks/profile_step.py --config "sft (bc, chunked full-vocab CE)" \
+        "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)" --vocab 50257 --hidden 768 --layers 12
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main() -> None:
     from tokenrl.policy import CausalLMPolicy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", nargs="+", default=list(CONFIGS)[:3], choices=list(CONFIGS))
+    ap.add_argument("--config", nargs="+", default=[c for c in CONFIGS if "dense" not in c], choices=list(CONFIGS))
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)

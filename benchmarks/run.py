@@ -2,10 +2,11 @@
 
 Every figure compares variants measured side by side in one run: each repeat times every variant in turn
 (interleaved, so machine load hits all of them alike), and the table reports each variant's median time
-and, per repeat, its ratio to the baseline of that repeat (median and min-max over repeats). Heavy
-variants run in fresh subprocesses so their peak memory is their own.
+and, per repeat, its ratio to the baseline of that repeat (median and min-max over repeats). Figures 1-4
+and 7 each run in a fresh subprocess and figure 5 one per configuration, so a peak memory is its own. Elapsed
+seconds per figure are printed and written into BENCHMARKS.md.
 
-    python benchmarks/run.py                   # all figures, rewrites BENCHMARKS.md (~34 min on the loaded 2-core machine: figure 1 13 min)
+    python benchmarks/run.py                   # all figures, rewrites BENCHMARKS.md (budget: < 25 min on 2 idle cores)
     python benchmarks/run.py --figures 1,6     # only these sections are replaced
     python benchmarks/run.py --quick --out /tmp/b.md   # tiny shapes, one repeat, one process: a smoke test
 
@@ -38,9 +39,12 @@ END_MARK = "<!-- end of run.py output: everything below is kept as is -->"
 # --------------------------------------------------------------------------------------------------
 # Measurement helpers
 # --------------------------------------------------------------------------------------------------
-def _interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each zero-argument callable per repeat, variants interleaved within a repeat (one warm-up)."""
-    for fn in variants.values():
+def _interleaved(variants: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds of each zero-argument callable per repeat, variants interleaved within a repeat.
+
+    ``warmup`` runs every variant once first, untimed (first-call allocations, lazy optimiser state).
+    """
+    for fn in variants.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
@@ -62,6 +66,16 @@ def _time_table(times: dict[str, list[float]], baseline: str, unit_scale: float 
     for name, ts in times.items():
         lines.append(f"| {name} | {statistics.median(ts) * unit_scale:.3g} | {_ratio_cells(ts, times[baseline])} |")
     return lines
+
+
+def _median_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> float:
+    return statistics.median(t / b for t, b in zip(times[variant], times[baseline]))
+
+
+def _goal(text: str, met: bool | None, measured: str) -> str:
+    """The goal line of a figure: the issue's goal, whether this run meets it, and the measured value."""
+    verdict = "not measured" if met is None else ("**met**" if met else "**missed**")
+    return f"Goal (issue 11): {text} In this run: {verdict} ({measured})."
 
 
 def _subprocess_json(cmd: list[str]) -> dict:
@@ -94,33 +108,76 @@ def _worker_json(figure: str, params: dict, quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Figure 1 and 5: one training step (benchmarks/step_cost.py, a fresh process per configuration)
+# Figure 1: one training step, every configuration interleaved in one process; figure 5: peak memory of one
+# step (benchmarks/step_cost.py, a fresh process per configuration)
 # --------------------------------------------------------------------------------------------------
-def figure_1(quick: bool, repeats: int) -> str:
-    from step_cost import CONFIGS
+FIG1_ALL_THREADS = ["sft (bc, chunked full-vocab CE)", "bd sparse head, pure BD loss (paper's vocab shift, ce_coef=0)",
+                    "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)"]
+"""The configurations also timed at all cores (the two goals' rows and their baseline)."""
 
-    shape = dict(vocab=1000, hidden=64, layers=2, batch=2, seq=16) if quick else dict(vocab=50257, hidden=768, layers=12, batch=4, seq=128)
-    results = {config: _step_cost(config, steps=repeats, quick=quick, **shape) for config in CONFIGS}
-    base = next(iter(CONFIGS))
-    times = {c: r["times"] for c, r in results.items()}
-    table = _time_table(times, base)
-    table[0] = table[0][:-1] + "| peak RSS MB | x SFT |"
-    table[1] += "---:|---:|"
-    for i, (c, r) in enumerate(results.items()):
-        table[i + 2] += f" {r['peak_mb']:.0f} | {r['peak_mb'] / results[base]['peak_mb']:.2f} |"
-    cmd = (f"benchmarks/step_cost.py --vocab {shape['vocab']} --layers {shape['layers']} --hidden {shape['hidden']} "
-           f"--batch {shape['batch']} --seq {shape['seq']} --steps {repeats} --threads 1")
+
+def _worker_steps(params: dict) -> dict:
+    import torch
+
+    from algorithms import make_algorithm
+    from step_cost import CONFIGS, random_llama, synthetic_buffer
+    from tokenrl.policy import CausalLMPolicy
+
+    torch.manual_seed(0)
+    V, T, B = params["vocab"], params["seq"], params["batch"]
+    # One model and one AdamW state shared by every configuration: the step costs the same whichever
+    # parameters it starts from, and five Adam states of a GPT-2-small would not fit next to the other jobs.
+    policy = CausalLMPolicy(random_llama(V, params["hidden"], params["layers"], 2 * T + 64), V)
+    buf = synthetic_buffer(V, T, B)
+    algos, steps = {}, {}
+    for config, (name, extra) in CONFIGS.items():
+        algos[config] = make_algorithm(name, policy, extra, total_steps=100)
+        if len(algos) > 1:
+            first = next(iter(algos.values()))
+            algos[config].optimizer, algos[config].scheduler = first.optimizer, first.scheduler
+        batch = buf.collate(list(range(B)), top_p=algos[config].top_p)
+        steps[config] = lambda a=algos[config], b=batch: a.update(b)
+    times = {}
+    for threads in params["threads"]:
+        torch.set_num_threads(threads)
+        chosen = steps if threads == 1 else {c: steps[c] for c in FIG1_ALL_THREADS}
+        # Warm from the one-thread rounds (optimiser state allocated, allocator warm).
+        times[str(threads)] = _interleaved(chosen, params["repeats"], warmup=threads == params["threads"][0])
+    return {"times": times, "mean_set": float(buf.set_sizes().mean())}
+
+
+def figure_1(quick: bool, repeats: int) -> str:
+    shape = dict(vocab=1000, hidden=64, layers=2, batch=2, seq=16) if quick else \
+        dict(vocab=50257, hidden=768, layers=12, batch=4, seq=128)
+    all_threads = os.cpu_count() or 1
+    threads = [1] + ([all_threads] if all_threads > 1 and not quick else [])
+    r = _worker_json("1", {**shape, "repeats": repeats, "threads": threads}, quick)
+    base = "sft (bc, chunked full-vocab CE)"
+    parts = []
+    for n in threads:
+        parts += ["", f"**{n} thread{'s' if n > 1 else ''}**", "", *_time_table(r["times"][str(n)], base)]
+    one = r["times"]["1"]
+    pure = {c: _median_ratio(one, c, base) for c in one if "pure BD" in c}
+    default = _median_ratio(one, "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)", base)
+    parts += ["", _goal("the pure BD loss with the sparse head <= 0.75x an SFT step at GPT-2-small shape.",
+                        all(v <= 0.75 for v in pure.values()),
+                        ", ".join(f"{'set' if 'q_shift=set' in c else 'vocabulary'} shift {v:.2f}x"
+                                  for c, v in pure.items()) + ", one thread"),
+              "", _goal("the default `iql_bd` recipe < 1.0x an SFT step.", default < 1.0, f"{default:.2f}x, one thread")]
     return "\n".join([
-        f"Each configuration in its own process (`{cmd}`), one warm-up step then {repeats} timed steps; ratios are per "
-        f"step index to the SFT step. Model: random untied Llama, {shape['layers']} layers, hidden {shape['hidden']}, "
-        f"vocab {shape['vocab']}; batch {shape['batch']} x {shape['seq']} response tokens; synthetic top-0.8 sets "
-        f"(mean size {results[base]['mean_set']:.1f}); threads 1.", "", *table,
+        f"Every configuration of `benchmarks/step_cost.py` on one random untied Llama of GPT-2-small's shape "
+        f"({shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']}) in one process, steps "
+        f"interleaved (SFT, then each BD configuration, then SFT again, ...), one warm-up round then {repeats} "
+        f"timed rounds; batch {shape['batch']} x {shape['seq']} response tokens after a 16-token prompt; synthetic "
+        f"top-0.8 sets (mean size {r['mean_set']:.1f}). The configurations share the model and one AdamW state "
+        "(the step's cost does not depend on the weights). Peak memory per configuration: figure 5.", *parts,
     ])
 
 
 def figure_5(quick: bool, repeats: int) -> str:
     shape = dict(vocab=20000, hidden=64, layers=2, batch=2, seq=16) if quick else dict(vocab=150000, hidden=256, layers=2, batch=4, seq=128)
-    configs = ["sft (bc, chunked full-vocab CE)", "bd dense head (p=0.8)", "bd sparse head (p=0.8)"]
+    configs = ["sft (bc, chunked full-vocab CE)", "bd dense head (iql_bd default, sparse=False)",
+               "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)"]
     results = {c: _step_cost(c, steps=1, quick=quick, **shape) for c in configs}
     base = results[configs[0]]["peak_mb"]
     lines = ["| step | peak RSS MB (whole process) | x SFT |", "|---|---:|---:|"]
@@ -130,7 +187,8 @@ def figure_5(quick: bool, repeats: int) -> str:
         f"{shape['hidden']}, vocab {shape['vocab']}, untied) and runs two `iql_bd`/`bc` steps on batch "
         f"{shape['batch']} x {shape['seq']} (`benchmarks/step_cost.py --vocab {shape['vocab']} --hidden "
         f"{shape['hidden']} --seq {shape['seq']} --steps 1`). The peak includes the model, its Adam state and the "
-        "Python runtime, which are common to all rows.", "", *lines,
+        "Python runtime, which are common to all rows.", "", *lines, "",
+        "Goal (issue 11): none beyond reporting the peaks (dense vs sparse head, and SFT).",
     ])
 
 
@@ -183,7 +241,11 @@ def figure_2(quick: bool, repeats: int) -> str:
         f"vocab {params['vocab']}, batch {params['batch']} x {params['seq']}, threads 1, {repeats} repeats. Shapes "
         "shrunk from the issue's 12-layer d768 student / 24-layer d1536 teacher to fit the 2-core time budget. "
         "Peak memory of the two recipes is not separated here (one process); see figure 5 for dense vs sparse "
-        "heads.", "", *_time_table(times, base),
+        "heads.", "", *_time_table(times, base), "",
+        _goal(">= 4x faster per step (<= 0.25x) than the released recipe, and lower peak memory.",
+              _median_ratio(times, "offline cache, sparse head (ours)", base) <= 0.25,
+              f"{_median_ratio(times, 'offline cache, sparse head (ours)', base):.2f}x the time; peak memory of the two "
+              "recipes not separated in this figure, see figure 5 for the heads"),
     ])
 
 
@@ -222,25 +284,22 @@ def _worker_generate(params: dict) -> dict:
     import numpy as np
     import torch
 
-    from tokenrl.datagen import compute_top_p_cache
-    from tokenrl.sampling import sample_responses
+    from tokenrl.sampling import TeacherSampler
 
     torch.set_num_threads(1)
     model = _smol_like(params)
-    teacher = _hf_teacher(model, params["vocab"])
     rng = np.random.default_rng(0)
-    B, N = params["batch"], params["new_tokens"]
-    prompts = [rng.integers(1, params["vocab"], size=params["prompt_len"]).tolist() for _ in range(B)]
+    B, N, V = params["batch"], params["new_tokens"], params["vocab"]
+    prompts = [rng.integers(1, V, size=params["prompt_len"]).tolist() for _ in range(B)]
     prompt_BT = torch.tensor(prompts)
+    # What experiments/generate.py runs for a transformers teacher (tokenrl.hf_task's data sampler).
+    sampler = TeacherSampler(model, N, eos_token_id=0, pad_token_id=0, batch_size=B, vocab_size=V)
     made = {}
 
     def ours() -> None:
-        responses = sample_responses(model, prompts, N, eos_token_id=0, pad_token_id=0, seed=0, batch_size=B)
-        compute_top_p_cache(teacher, prompts, responses, 0.8, batch_size=B)
-        made["tokens"] = sum(len(r) for r in responses)
-
-    def sampler_only() -> None:
-        sample_responses(model, prompts, N, eos_token_id=0, pad_token_id=0, seed=0, batch_size=B)
+        samples, caches = sampler.with_top_p_cache(prompts, 0, 0.8)
+        made["tokens"] = sum(len(r) for r, _ in samples)
+        made["mean_set"] = float(np.mean(np.concatenate([c.sizes for c in caches])))
 
     def hf_generate() -> None:
         with torch.no_grad():
@@ -250,8 +309,8 @@ def _worker_generate(params: dict) -> dict:
 
     times = _interleaved({"model.generate (KV cache, no top-p cache)": hf_generate,
                           "tokenrl sampler + top-p cache (generate.py)": ours,
-                          "tokenrl sampler only": sampler_only}, params["repeats"])
-    return {"times": times, "tokens": made["tokens"], "hf_tokens": made["hf_tokens"]}
+                          "tokenrl sampler only": lambda: sampler(prompts, 0)}, params["repeats"])
+    return {"times": times, **made}
 
 
 def figure_3(quick: bool, repeats: int) -> str:
@@ -264,9 +323,17 @@ def figure_3(quick: bool, repeats: int) -> str:
         f"A random Llama of SmolLM2-135M's shape with {params['layers']} layers instead of 30 (hidden 576, "
         f"vocab {params['vocab']}, tied, embeddings sharpened {params['sharpen']}x), {params['batch']} prompts of "
         f"{params['prompt_len']} tokens, {params['new_tokens']} new tokens, one batch, threads 1, {repeats} repeats. "
+        "The tokenrl rows are `tokenrl.sampling.TeacherSampler` (the task's data sampler): `with_top_p_cache` "
+        "keeps the top-0.8 set of every logits row it samples from (mean set size "
+        f"{r['mean_set']:.1f}), so the cache costs no second forward. "
         f"tokenrl generated {r['tokens']} tokens (responses stop at EOS), `generate` {r['hf_tokens']} "
         "(`min_new_tokens` forces the full length, so the tokenrl rows are at most as long). The ratio is time per "
-        "batch, so < 1 favours tokenrl only if it also produced as many tokens.", "", *lines,
+        "batch, so < 1 favours tokenrl only if it also produced as many tokens.", "", *lines, "",
+        _goal(">= 1.0x `generate`'s throughput including the top-p cache (time <= 1.0x for as many tokens).",
+              _median_ratio(r["times"], "tokenrl sampler + top-p cache (generate.py)", base) <= 1.0
+              and r["tokens"] >= r["hf_tokens"],
+              f"{_median_ratio(r['times'], 'tokenrl sampler + top-p cache (generate.py)', base):.2f}x the time for "
+              f"{r['tokens']} vs {r['hf_tokens']} tokens"),
     ])
 
 
@@ -279,22 +346,37 @@ def _worker_cache(params: dict) -> dict:
 
     import memory
     from tokenrl.datagen import compute_top_p_cache
+    from tokenrl.top_p import restrict_top_p
 
     torch.set_num_threads(1)
     memory.VOCAB = params["vocab"]
     teacher = memory._random_teacher()
     prompts, responses = memory._random_pairs(params["n"], 8, params["len"], seed=1)
+    ps = sorted(params["p"])
+    # One teacher pass at the largest p; a smaller p's set is a prefix of it (tokenrl.top_p.restrict_top_p,
+    # what training does with a cache stored at a larger p).
+    caches = compute_top_p_cache(teacher, prompts, responses, ps[-1], batch_size=8)
+    sizes = {p: [] for p in ps}
+    for c in caches:
+        starts = np.cumsum(c.sizes) - c.sizes
+        slot_SK = np.arange(int(c.sizes.max()))[None, :]
+        valid_SK = slot_SK < c.sizes[:, None]
+        index_SK = np.minimum(starts[:, None] + slot_SK, len(c.ids) - 1)
+        logprobs_SK = torch.from_numpy(np.where(valid_SK, c.logprobs[index_SK], -np.inf).astype(np.float32))
+        for p in ps:
+            sizes[p].append(restrict_top_p(logprobs_SK, torch.from_numpy(valid_SK), p).sum(-1).numpy())
     out = {}
-    for p in (0.5, 0.8, 0.95):
-        caches = compute_top_p_cache(teacher, prompts, responses, p, batch_size=8)
-        nbytes = sum(c.sizes.nbytes + c.ids.nbytes + c.logprobs.nbytes for c in caches)
-        states = sum(len(c.sizes) for c in caches)
-        out[str(p)] = {"bytes_per_token": nbytes / states, "mean_set": float(np.mean(np.concatenate([c.sizes for c in caches])))}
+    for p in ps:
+        sizes_N = np.concatenate(sizes[p])
+        # Stored per state: an int32 size; per member: an int32 id and a float16 log-prob.
+        out[str(p)] = {"bytes_per_token": (4 * len(sizes_N) + 6 * sizes_N.sum()) / len(sizes_N),
+                       "mean_set": float(sizes_N.mean())}
     return out
 
 
 def figure_4(quick: bool, repeats: int) -> str:
-    params = dict(vocab=5000, n=4, len=16) if quick else dict(vocab=150000, n=16, len=64)
+    params = dict(vocab=5000, n=4, len=16) if quick else dict(vocab=150000, n=8, len=64)
+    params["p"] = [0.5, 0.8, 0.95]
     r = _worker_json("4", params, quick)
     dense = 2 * params["vocab"]
     lines = ["| p | mean set size | bytes per token | x dense fp16 row |", "|---|---:|---:|---:|"]
@@ -304,8 +386,12 @@ def figure_4(quick: bool, repeats: int) -> str:
         f"Top-p cache (`tokenrl.datagen.compute_top_p_cache`: int32 set size per state, int32 ids and float16 "
         f"log-probs per member) of benchmarks/memory.py's random teacher (2-layer Llama, output sharpened 20x so "
         f"its sets are instruct-LM sized) at vocab {params['vocab']}, {params['n']} sequences x {params['len']} "
-        f"tokens, vs a dense fp16 row of {dense} bytes. Sizes are deterministic (no repeats). SmolLM2's own sets "
-        "are not measured here (no download in the suite).", "", *lines,
+        f"tokens, vs a dense fp16 row of {dense} bytes. One cache pass at p = {max(params['p'])}; the smaller p's "
+        "sets are its prefixes (`tokenrl.top_p.restrict_top_p`, as training restricts a cache). Sizes are "
+        "deterministic (no repeats). SmolLM2's own sets are not measured here (no download in the suite).", "",
+        *lines, "",
+        _goal("<= 0.2% of a dense fp16 row at p = 0.8.", r["0.8"]["bytes_per_token"] / dense <= 0.002,
+              f"{100 * r['0.8']['bytes_per_token'] / dense:.3f}%"),
     ])
 
 
@@ -349,7 +435,7 @@ def figure_6(quick: bool, repeats: int) -> str:
             "full": lambda: soft_value_iteration(r_SA, P_SAS, gamma, tol=tol),
             "dense": lambda: soft_value_iteration(r_SA, P_SAS, gamma, support_SA, tol=tol),
             "sparse": lambda: sparse_soft_value_iteration(r_SK, next_SK, valid_SK, gamma, tol=tol),
-        }, repeats)
+        }, repeats, warmup=False)  # numpy: nothing to warm up
         sparse_s.append(statistics.median(times["sparse"]))
         lines.append(f"| {n_actions} | {support_SA.sum(-1).mean():.1f} | {statistics.median(times['full']):.3g} | "
                      f"{_ratio_cells(times['dense'], times['full'])} | {_ratio_cells(times['sparse'], times['full'])} |")
@@ -359,7 +445,11 @@ def figure_6(quick: bool, repeats: int) -> str:
         f"gamma {gamma}, tolerance {tol:g}, {repeats} repeats. Full-action VI is `tokenrl.tabular.soft_value_iteration` "
         "without a support (dense `[S, A, S]` transitions); the dense top-p VI is the same function with the "
         "support mask; the sparse one is `sparse_soft_value_iteration` on the set members only (`[S, K]`). "
-        f"Sparse top-p VI median seconds across |A|: {', '.join(f'{s:.3g}' for s in sparse_s)}.", "", *lines,
+        f"Sparse top-p VI median seconds across |A|: {', '.join(f'{s:.3g}' for s in sparse_s)}.", "", *lines, "",
+        _goal("the top-p cost grows with the set size, not with |A| (read here as: sparse top-p VI at the largest "
+              "|A| within 3x of its time at the smallest, while |A| grows "
+              f"{sizes[-1] // sizes[0]}x).", sparse_s[-1] <= 3 * sparse_s[0],
+              f"{sparse_s[-1] / sparse_s[0]:.2f}x from |A| = {sizes[0]} to {sizes[-1]}"),
     ])
 
 
@@ -426,7 +516,10 @@ def figure_7(quick: bool, repeats: int) -> str:
         f"{params['vocab']}), {params['batch']} prompts of {params['prompt_len']} tokens, up to "
         f"{params['new_tokens']} new tokens, top-0.8 restriction, threads 1, {repeats} repeats. Response tokens: "
         f"env {r['tokens']['env']}, raw loop {r['tokens']['raw']} (both stop a row at EOS; the samples differ "
-        "because the generators are consumed differently).", "", *_time_table(r["times"], base),
+        "because the generators are consumed differently).", "", *_time_table(r["times"], base), "",
+        _goal("env overhead <= 20% (<= 1.20x the raw loop).",
+              _median_ratio(r["times"], "BatchedTokenGenerationEnv.rollout + top-p + IncrementalTeacher", base) <= 1.2,
+              f"{_median_ratio(r['times'], 'BatchedTokenGenerationEnv.rollout + top-p + IncrementalTeacher', base):.2f}x"),
     ])
 
 
@@ -434,15 +527,18 @@ def figure_7(quick: bool, repeats: int) -> str:
 # Driver
 # --------------------------------------------------------------------------------------------------
 FIGURES = {
-    1: ("BD step vs SFT step at GPT-2-small shape", figure_1),
-    2: ("Offline cache vs the released recipe (teacher forward on every batch)", figure_2),
-    3: ("Teacher-data generation vs transformers' generate", figure_3),
-    4: ("Top-p cache bytes per token", figure_4),
-    5: ("Peak memory of one step at vocabulary 150k", figure_5),
-    6: ("Tabular top-p value iteration vs full-action value iteration", figure_6),
-    7: ("Env rollout throughput vs a raw KV-cache loop", figure_7),
+    1: ("BD step vs SFT step at GPT-2-small shape", figure_1, 2),
+    2: ("Offline cache vs the released recipe (teacher forward on every batch)", figure_2, 2),
+    3: ("Teacher-data generation vs transformers' generate", figure_3, 3),
+    4: ("Top-p cache bytes per token", figure_4, 1),
+    5: ("Peak memory of one step at vocabulary 150k", figure_5, 1),
+    6: ("Tabular top-p value iteration vs full-action value iteration", figure_6, 2),
+    7: ("Env rollout throughput vs a raw KV-cache loop", figure_7, 3),
 }
-WORKERS = {"2": _worker_offline, "3": _worker_generate, "4": _worker_cache, "7": _worker_env}
+"""Figure number -> (title, function, default repeats). Two timed rounds where a round is expensive and the
+earlier spread was far from deciding the goal (figure 1, the suite's costliest steps; figure 2, 0.11-0.13 for a
+0.25 goal; figure 6, ratios orders of magnitude apart); figures 4 and 5 are deterministic sizes and peaks."""
+WORKERS = {"1": _worker_steps, "2": _worker_offline, "3": _worker_generate, "4": _worker_cache, "7": _worker_env}
 
 
 def _header(argv: list[str], quick: bool) -> str:
@@ -458,15 +554,15 @@ def _header(argv: list[str], quick: bool) -> str:
         f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, load average {load:.1f} at the start (the "
         "machine was shared with other jobs: absolute times are noise, read the ratios, each measured side by "
         f"side in one run). Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, numpy {numpy.__version__}. No GPU was available to this run, so the GPU "
-        "figure (issue 11, item 8) is not measured.", "",
+        f"{transformers.__version__}, numpy {numpy.__version__}. Figure 8 (GPU, issue 11 item 8): no GPU was "
+        "lent to this task, so it is not measured.", "",
         *(["**--quick: tiny shapes, one repeat, every variant in this one process, so the peak-memory columns are "
            "the process's running peak, not per variant. A smoke test, not a measurement.**", ""] if quick else []),
     ])
 
 
 def _section(n: int, body: str, seconds: float, quick: bool, repeats: int) -> str:
-    title, _ = FIGURES[n]
+    title = FIGURES[n][0]
     command = f"python benchmarks/run.py --figures {n}" + (" --quick" if quick else f" --repeats {repeats}")
     return (f"<!-- fig {n} -->\n## {n}. {title}\n\n{body}\n\n(`{command}`, {time.strftime('%Y-%m-%d %H:%M')}, "
             f"section time {seconds:.0f} s)\n<!-- /fig {n} -->")
@@ -476,7 +572,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--figures", default=",".join(map(str, FIGURES)), help="comma-separated figure numbers")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke test)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, help="timed repeats of every figure (default: each figure's own, see FIGURES)")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -487,19 +583,23 @@ def main() -> None:
     unknown = [f for f in figures if f not in FIGURES]
     if unknown:
         raise SystemExit(f"--figures: unknown figure(s) {unknown}; choose from {sorted(FIGURES)}")
-    repeats = 1 if args.quick else args.repeats
     old = open(args.out).read() if os.path.exists(args.out) else ""
     sections = dict(re.findall(r"<!-- fig (\d+) -->\n(.*?)<!-- /fig \1 -->", old, flags=re.S))
     sections = {int(k): f"<!-- fig {k} -->\n{v}<!-- /fig {k} -->" for k, v in sections.items()}
     tail = old.split(END_MARK, 1)[1] if END_MARK in old else ""
     start = time.time()
+    elapsed = {}
     for n in figures:
         t0 = time.time()
-        sections[n] = _section(n, FIGURES[n][1](args.quick, repeats), time.time() - t0, args.quick, repeats)
-        print(f"figure {n} done in {time.time() - t0:.0f} s", flush=True)
+        repeats = 1 if args.quick else (args.repeats or FIGURES[n][2])
+        body = FIGURES[n][1](args.quick, repeats)
+        elapsed[n] = time.time() - t0
+        sections[n] = _section(n, body, elapsed[n], args.quick, repeats)
+        print(f"figure {n} done in {elapsed[n]:.0f} s (suite so far {time.time() - start:.0f} s)", flush=True)
     argv = sys.argv[1:]
     text = _header(argv, args.quick)
-    text += f"Suite time of this invocation: {time.time() - start:.0f} s.\n\n"
+    per_figure = ", ".join(f"figure {n} {s:.0f} s" for n, s in elapsed.items())
+    text += f"Suite time of this invocation: {time.time() - start:.0f} s ({per_figure}).\n\n"
     text += "\n\n".join(sections[n] for n in sorted(sections)) + f"\n\n{END_MARK}\n{tail.lstrip(chr(10))}"
     with open(args.out, "w") as f:
         f.write(text)

@@ -21,11 +21,13 @@ import time
 
 CONFIGS = {
     "sft (bc, chunked full-vocab CE)": ("bc", {}),
-    "bd dense head (p=0.8)": ("iql_bd", {"sparse": False}),
-    "bd sparse head (p=0.8)": ("iql_bd", {"sparse": True}),
-    "bd sparse, q_shift=set": ("iql_bd", {"sparse": True, "q_shift": "set"}),
-    "bd sparse + LM term (ce_coef=1)": ("iql_bd", {"sparse": True, "ce_coef": 1.0}),
+    "bd sparse head, pure BD loss (paper's vocab shift, ce_coef=0)": ("iql_bd", {"q_shift": "vocab", "ce_coef": 0.0}),
+    "bd sparse head, pure BD loss, q_shift=set (ce_coef=0)": ("iql_bd", {"ce_coef": 0.0}),
+    "iql_bd default (sparse, q_shift=set, LM term ce_coef=1)": ("iql_bd", {}),
+    "bd dense head (iql_bd default, sparse=False)": ("iql_bd", {"sparse": False}),
 }
+"""Step configurations: the SFT baseline, the pure BD loss (both Q shifts), the default ``iql_bd`` recipe
+(``experiments/conf/algo/iql_bd.yaml``), and that recipe with dense logits."""
 
 
 def random_llama(vocab: int, hidden: int, layers: int, max_len: int):

@@ -23,10 +23,12 @@ def test_quick_suite_writes_every_figure_and_keeps_the_earlier_sections(tmp_path
     assert text.index(end_mark) > text.index("<!-- /fig 7 -->")
     assert text.endswith("## Kept section\nfigure 42\n")
     assert "torch " in text and "cores" in text and "--quick" in text
+    assert re.search(r"Suite time of this invocation: \d+ s \(figure 1 \d+ s, .*figure 7 \d+ s\)", text)
     # Every timing table gives the baseline itself a ratio of exactly 1 and finite ratios elsewhere.
     ratios = [float(m) for m in re.findall(r"\| (\d+\.\d\d) \[\d+\.\d\d-\d+\.\d\d\] \|", text)]
     assert ratios and all(r > 0 for r in ratios)
-    # The baseline row of each timing table (figures 1, 2, 3, 7) comes first and is 1 to itself.
+    # The baseline row of each timing table (figures 1, 2, 3, 7; --quick times figure 1 at one thread only)
+    # comes first and is 1 to itself.
     baselines = re.findall(r"\| variant \| median s \| x (.+?): median .*\n.*\n\| (.+?) \| [^|]+ \| (.+?) \|", text)
     assert len(baselines) == 4
     assert all(name == first and cell == "1.00 [1.00-1.00]" for name, first, cell in baselines)

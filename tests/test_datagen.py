@@ -242,3 +242,74 @@ def test_missing_shard_on_load_raises_with_resume_hint(lang, prompts, tmp_path):
 def test_load_without_manifest_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest"):
         load_teacher_data(str(tmp_path / "nothing"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-p sets from the sampling pass (one teacher pass) vs the teacher-forced cache pass (two passes)
+# ------------------------------------------------------------------------------------------------
+def _hf_teacher_and_sampler(temperature: float, top_p: float):
+    from tests.conftest import tiny_llama
+    from tests.test_models import word_tokenizer
+    from tokenrl.models import HFTeacher
+    from tokenrl.sampling import TeacherSampler
+
+    tokenizer = word_tokenizer()
+    # Three padded embedding rows (sliced off by both passes); a larger init gives instruct-LM-like peaked sets.
+    model = tiny_llama(len(tokenizer) + 3, seed=2, num_hidden_layers=2, initializer_range=0.3,
+                       eos_token_id=3, pad_token_id=1, bos_token_id=2)
+    with torch.no_grad():
+        model.lm_head.weight[3] *= 3.0  # EOS likely enough that some responses terminate and others truncate
+    teacher = HFTeacher(model.eval(), tokenizer, max_batch=3)
+    sampler = TeacherSampler(model, MAX_NEW, teacher.eos_token_id, teacher.pad_token_id, temperature=temperature,
+                             top_p=top_p, batch_size=3, vocab_size=teacher.vocab_size)
+    return teacher, sampler
+
+
+def assert_caches_close(got, want) -> None:
+    """Same sets (members per state) and log-probs equal to float16 rounding of float32 noise."""
+    assert np.array_equal(got.sizes, want.sizes)
+    for t0, n in zip(np.cumsum(want.sizes) - want.sizes, want.sizes):
+        order_got, order_want = np.argsort(got.ids[t0 : t0 + n]), np.argsort(want.ids[t0 : t0 + n])
+        assert np.array_equal(got.ids[t0 : t0 + n][order_got], want.ids[t0 : t0 + n][order_want])
+        np.testing.assert_allclose(got.logprobs[t0 : t0 + n][order_got].astype(np.float32),
+                                   want.logprobs[t0 : t0 + n][order_want].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("temperature, top_p, cache_p", [(1.0, 1.0, 0.8), (0.7, 0.9, 0.95), (1.0, 0.8, 1.0)])
+def test_sampling_pass_sets_equal_the_teacher_forced_pass(temperature, top_p, cache_p, tmp_path):
+    teacher, sampler = _hf_teacher_and_sampler(temperature, top_p)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(4, teacher.vocab_size, size=int(rng.integers(1, 6))).tolist() for _ in range(5)]
+
+    def two_pass_sampler(ps, seed):  # a plain Sampler: generate_teacher_data then runs compute_top_p_cache
+        return sampler(ps, seed)
+
+    kw = dict(samples_per_prompt=2, cache_top_p=cache_p, shard_prompts=2, seed=1, progress=False, cache_batch_size=4,
+              pad_id=teacher.pad_token_id)
+    one = generate_teacher_data(teacher, sampler, prompts, str(tmp_path / "one"), manifest=MANIFEST, **kw)
+    two = generate_teacher_data(teacher, two_pass_sampler, prompts, str(tmp_path / "two"), manifest=MANIFEST, **kw)
+    assert len(one) == len(two) == 10
+    for name in ("prompts", "responses"):
+        assert all(np.array_equal(x, y) for x, y in zip(getattr(one, name), getattr(two, name)))
+    assert one.terminated == two.terminated and one.truncated == two.truncated
+    assert any(one.terminated) and not all(one.terminated), "the case needs both terminated and truncated responses"
+    for got, want, response in zip(one.caches, two.caches, one.responses):
+        assert got.sizes.shape == (len(response) + 1,) and got.ids.dtype == np.int32 and got.logprobs.dtype == np.float16
+        assert_caches_close(got, want)
+    # Directly against compute_top_p_cache too, with the samples of the plain call (the sampling is unchanged).
+    samples, caches = sampler.with_top_p_cache(prompts, 7, cache_p)
+    assert samples == sampler(prompts, 7)
+    for got, want in zip(caches, compute_top_p_cache(teacher, prompts, [r for r, _ in samples], cache_p, pad_id=1)):
+        assert_caches_close(got, want)
+
+
+def test_data_of_an_older_format_is_refused_with_the_fix(lang, prompts, tmp_path):
+    out = tmp_path / "data"
+    generate(lang, out, prompts)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format"] = 2
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"data format 2.*format 3.*delete the folder"):
+        load_teacher_data(str(out))
+    with pytest.raises(ValueError, match=r"data format 2.*regenerate"):
+        generate(lang, out, prompts)

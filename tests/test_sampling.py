@@ -131,7 +131,7 @@ def test_kv_cache_logprobs_match_slow_full_forward(make_model):
     prompts = random_prompts(6, seed=3)
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        responses, logprobs = _sample_batch(model, prompts, 12, EOS, EOS, generator, 1.0, 1.0, V)
+        responses, logprobs, _ = _sample_batch(model, prompts, 12, EOS, EOS, generator, 1.0, 1.0, V)
     for prompt, response, row_logprobs in zip(prompts, responses, logprobs):
         assert len(row_logprobs) == len(response) > 0
         for t, token in enumerate(response):

@@ -1,4 +1,8 @@
-"""Offline teacher data: samples from the teacher plus a teacher-forced pass storing its sparse top-p cache.
+"""Offline teacher data: samples from the teacher with the teacher's sparse top-p cache along each.
+
+The cache comes from the sampling pass itself when the sampler can keep it (:class:`TopPCachingSampler`, e.g.
+:class:`tokenrl.sampling.TeacherSampler`: every logits row it samples from is the teacher's at a cached
+state), and otherwise from a second, teacher-forced pass (:func:`compute_top_p_cache`).
 
 Data are written in shards (one :class:`~tokenrl.buffer.ReplayBuffer` file each) next to a
 ``manifest.json`` that records every setting that changes the data (:func:`data_manifest`) and the SHA-256
@@ -16,7 +20,7 @@ import json
 import os
 import re
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +34,19 @@ from tokenrl.top_p import check_p
 
 #: sampler(prompts, seed) -> [(response_tokens, terminated)], EOS included as last token when terminated
 Sampler = Callable[[Sequence[Sequence[int]], int], list[tuple[list[int], bool]]]
+
+
+@runtime_checkable
+class TopPCachingSampler(Protocol):
+    """A :data:`Sampler` that samples from the teacher itself and can return the teacher's top-p sets of its own
+    sampling pass (the logits of every state it samples at), so data generation needs no second forward."""
+
+    def __call__(self, prompts: Sequence[Sequence[int]], seed: int) -> list[tuple[list[int], bool]]: ...
+
+    def with_top_p_cache(
+        self, prompts: Sequence[Sequence[int]], seed: int, p: float
+    ) -> tuple[list[tuple[list[int], bool]], list[TopPCache]]:
+        """The samples of ``self(prompts, seed)`` and one :class:`TopPCache` at ``p`` per sample."""
 
 
 def shard_path(out_dir: str, index: int) -> str:
@@ -95,8 +112,13 @@ def compute_top_p_cache(
     return out
 
 
-DATA_FORMAT = 2
-"""Version of the dataset layout (manifest fields, shard format); part of every manifest."""
+DATA_FORMAT = 3
+"""Version of the dataset layout and content (manifest fields, shard format); part of every manifest.
+
+3: the top-p sets of a :class:`TopPCachingSampler` come from the sampling pass (KV-cached logits), not from a
+second teacher-forced pass; equal to float rounding, but the float16 log-probs (and at a tie on the top-p
+boundary, a set) can differ in the last bit, so shards are not byte-identical to format 2's.
+"""
 
 _NOT_COMPARED = ("shards",)  # manifest entries that describe the files, not the settings
 
@@ -181,7 +203,8 @@ def generate_teacher_data(
     Args:
         teacher: the teacher (for the cache pass).
         sampler: draws responses from the teacher (its sampling top-p/temperature are the caller's choice and
-            belong in ``manifest``).
+            belong in ``manifest``). A :class:`TopPCachingSampler` also supplies the cache from its sampling
+            pass (it must sample from ``teacher`` itself); otherwise the cache is a teacher-forced pass.
         prompts: prompt token lists.
         out_dir: dataset directory (created); holds ``manifest.json`` and ``shard-XXXXX.safetensors``.
         samples_per_prompt: responses drawn per prompt.
@@ -191,7 +214,8 @@ def generate_teacher_data(
         shard_prompts: prompts per shard.
         seed: base seed; shard ``i`` uses ``seed * 1_000_003 + i`` so a resumed run draws the same data.
         pad_id: padding id.
-        cache_batch_size: sequences per teacher forward in the cache pass.
+        cache_batch_size: sequences per teacher forward in the cache pass (not used by a
+            :class:`TopPCachingSampler`).
         progress: show a tqdm bar.
         shard_rank, shard_world: generate only the shards ``i`` with ``i % shard_world == shard_rank`` (one
             process of a sharded generation; every shard's seed depends on ``i`` only, so the files are those
@@ -260,10 +284,15 @@ def _load_or_generate(
             continue
         chunk = prompts[i * shard_prompts : (i + 1) * shard_prompts]
         rep_prompts = [list(pr) for pr in chunk for _ in range(samples_per_prompt)]
-        samples = sampler(rep_prompts, seed * 1_000_003 + i)
+        if isinstance(sampler, TopPCachingSampler):
+            samples, caches = sampler.with_top_p_cache(rep_prompts, seed * 1_000_003 + i, cache_top_p)
+        else:
+            samples = sampler(rep_prompts, seed * 1_000_003 + i)
+            caches = compute_top_p_cache(
+                teacher, rep_prompts, [r for r, _ in samples], cache_top_p, cache_batch_size, pad_id=pad_id
+            )
         responses = [r for r, _ in samples]
         terminated = [t for _, t in samples]
-        caches = compute_top_p_cache(teacher, rep_prompts, responses, cache_top_p, cache_batch_size, pad_id=pad_id)
         shard = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
         shard.add(rep_prompts, responses, terminated, caches=caches, is_expert=True)
         shard.save(path)
@@ -396,6 +425,12 @@ def _read_manifest(out_dir: str) -> dict | None:
         ) from None
     if not isinstance(stored, dict) or "n_shards" not in stored:
         raise DataIntegrityError(f"{path} is not a dataset manifest; delete the folder {out_dir} and regenerate the data")
+    if stored.get("format") != DATA_FORMAT:
+        raise ValueError(
+            f"dataset at {out_dir} has data format {stored.get('format')!r}, this version of tokenrl reads and writes "
+            f"format {DATA_FORMAT} (see tokenrl.datagen.DATA_FORMAT for what changed); delete the folder {out_dir} "
+            "and regenerate the data (a training run with the same settings does it)"
+        )
     return stored
 
 

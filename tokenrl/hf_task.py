@@ -10,7 +10,9 @@ here through :func:`tokenrl.trainer.build_task`. The pieces are the ones of
 * references (Rouge-L): the ground-truth response where the file has one, plus ``n_references`` teacher
   samples drawn at the teacher's own settings (top-p 1.0, temperature 1), like the teacher's evaluation
   samples, so neither changes with the students' decoding settings;
-* samplers: batched KV-cache sampling of the teacher (:func:`tokenrl.sampling.sample_responses`).
+* samplers: batched KV-cache sampling of the teacher (:func:`tokenrl.sampling.sample_responses`); the offline
+  data's sampler (:class:`tokenrl.sampling.TeacherSampler`) keeps the teacher's top-p sets of its own sampling
+  pass, so data generation runs the teacher once.
 
 Teacher samples needed at build time (references, the held-out KL responses) cost as much as a short data
 generation on a real teacher, so they are cached as JSON under ``eval_cache_dir`` when it is set.
@@ -30,7 +32,7 @@ from tokenrl.buffer import write_json_atomic
 from tokenrl.datagen import file_sha256
 from tokenrl.models import HFTeacher, load_causal_lm
 from tokenrl.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
-from tokenrl.sampling import sample_responses
+from tokenrl.sampling import TeacherSampler, sample_responses
 from tokenrl.tasks import Task
 
 TEMPLATES = ("minillm", "chat")
@@ -166,9 +168,10 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
             temperature=temperature, top_p=top_p, batch_size=gen_batch, vocab_size=vocab,
         )
 
-    def data_sampler(prompts, seed):
-        responses = sample(prompts, seed, cfg.sample_top_p, cfg.sample_temperature)
-        return [(r, bool(r) and r[-1] == eos) for r in responses]
+    data_sampler = TeacherSampler(
+        teacher.model, max_new, eos, pad, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p,
+        batch_size=gen_batch, vocab_size=vocab,
+    )
 
     def eval_sampler(prompts, seed):
         return sample(prompts, _EVAL_SEED_OFFSET + seed, 1.0, 1.0)

@@ -1,20 +1,26 @@
 """The generation engine: lock-step next-token logits of a transformers causal LM, with or without a KV cache.
 
 One stepper serves every place that generates: the evaluation's and the data generation's sampler
-(:func:`sample_responses`), and the env rollouts of students and teachers
+(:func:`sample_responses`, :class:`TeacherSampler`), and the env rollouts of students and teachers
 (:class:`tokenrl.models.IncrementalTeacher`). Rows are left-padded so that every row's next token appends at
 the same column, with positions counting real tokens only, so a padded row sees what an unpadded one would.
+The data generation's sampler also keeps the top-p set of every logits row it samples from
+(:func:`sample_with_top_p_cache`): those rows are the teacher's logits at exactly the states the offline
+cache stores, so no second, teacher-forced pass over the data is needed.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from tokenrl.backup import project_to_set
-from tokenrl.top_p import check_p, top_p_mask
+from tokenrl.buffer import TopPCache
+from tokenrl.top_p import check_p, top_p_mask, top_p_sparse
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -155,11 +161,18 @@ def _sample_batch(
     temperature: float,
     top_p: float,
     vocab_size: int | None,
-) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample one batch with a KV cache; also return each sampled token's log-prob.
+    cache_top_p: float | None = None,
+) -> tuple[list[list[int]], list[list[float]], list[TopPCache] | None]:
+    """Sample one batch with a KV cache; also return each sampled token's log-prob and, optionally, top-p sets.
 
     The log-probs are under the model's untempered, untruncated distribution (log-softmax of the logits
     sliced to ``vocab_size``); tests compare them with a slow no-cache forward.
+
+    With ``cache_top_p``, the top-p set (:func:`tokenrl.top_p.top_p_sparse` of the untempered logits) of every
+    state ``prompt + response[:t]``, ``t = 0..len(response)``, is kept as a :class:`~tokenrl.buffer.TopPCache`:
+    the logits of state ``t`` are those step ``t`` samples from, and the state after a row's last token comes
+    from the step after it (one extra cached step once every row has ended). The sampled tokens do not depend
+    on ``cache_top_p``.
     """
     stepper = KVCacheStepper(model, pad_token_id, vocab_size)
     B = len(prompts)
@@ -171,7 +184,10 @@ def _sample_batch(
     finished_B = torch.zeros(B, dtype=torch.bool, device=logits_BV.device)
     tokens_steps: list[torch.Tensor] = []
     logprob_steps: list[torch.Tensor] = []
+    set_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per state: sizes [B], ids / logprobs [B, K]
     for step in range(max_new_tokens):
+        if cache_top_p is not None:
+            set_steps.append(_sets_to_numpy(logits_BV, cache_top_p))
         logprobs_BV = project_to_set(logits_BV)
         if temperature == 0.0:
             token_B = logits_BV.argmax(-1)
@@ -184,13 +200,17 @@ def _sample_batch(
         tokens_steps.append(token_B)
         logprob_steps.append(logprobs_BV.gather(1, token_B[:, None])[:, 0])
         finished_B = finished_B | (token_B == eos_token_id)
-        if bool(finished_B.all()) or step == max_new_tokens - 1:
+        last_step = bool(finished_B.all()) or step == max_new_tokens - 1
+        if last_step and cache_top_p is None:
             break
         logits_BV = stepper.advance(token_B)
+        if last_step:
+            set_steps.append(_sets_to_numpy(logits_BV, cache_top_p))  # the state after the last token
+            break
     stepper.stop()
 
     if not tokens_steps:
-        return [[] for _ in range(B)], [[] for _ in range(B)]
+        return [[] for _ in range(B)], [[] for _ in range(B)], None
     tokens_BN = torch.stack(tokens_steps, dim=1).cpu()
     logprobs_BN = torch.stack(logprob_steps, dim=1).cpu()
     responses, logprobs = [], []
@@ -199,7 +219,27 @@ def _sample_batch(
         length = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
         responses.append(row[:length])
         logprobs.append(logprobs_BN[b, :length].tolist())
-    return responses, logprobs
+    if cache_top_p is None:
+        return responses, logprobs, None
+    caches = []
+    for b, response in enumerate(responses):
+        states = set_steps[: len(response) + 1]
+        sizes = np.array([sizes_B[b] for sizes_B, _, _ in states], dtype=np.int32)
+        ids = np.concatenate([ids_BK[b, :n] for (_, ids_BK, _), n in zip(states, sizes)])
+        lps = np.concatenate([lps_BK[b, :n] for (_, _, lps_BK), n in zip(states, sizes)])
+        caches.append(TopPCache(sizes=sizes, ids=ids, logprobs=lps))
+    return responses, logprobs, caches
+
+
+def _sets_to_numpy(logits_BV: torch.Tensor, p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-p sets of ``[B, V]`` logits in the cache's storage types: sizes ``[B]``, ids int32 and log-probs
+    float16 ``[B, K]`` (each row's first ``sizes[b]`` slots, descending)."""
+    sets = top_p_sparse(logits_BV, p)
+    return (
+        sets.sizes.cpu().numpy().astype(np.int32),
+        sets.ids.cpu().numpy().astype(np.int32),
+        sets.logprobs.cpu().numpy().astype(np.float16),
+    )
 
 
 def sample_responses(
@@ -241,6 +281,57 @@ def sample_responses(
         ``N`` responses (token lists of length ``<= max_new_tokens``, ending with EOS iff terminated).
         The model's train/eval mode is restored afterwards.
     """
+    if max_new_tokens == 0:
+        _check_sampling_args(prompts, max_new_tokens, temperature, top_p, batch_size)
+        return [[] for _ in prompts]
+    responses, _ = _sample(
+        model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size,
+        vocab_size, progress, cache_top_p=None,
+    )
+    return responses
+
+
+def sample_with_top_p_cache(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int,
+    cache_top_p: float,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+    progress: bool = False,
+) -> tuple[list[list[int]], list[TopPCache]]:
+    """:func:`sample_responses`, plus the model's top-p sets at every state of every response.
+
+    The responses are those :func:`sample_responses` draws with the same arguments. The sets are taken from
+    the logits the sampler computes anyway (one cached forward per token, plus one step for the state after
+    the last token), at the untempered distribution: they equal
+    :func:`tokenrl.datagen.compute_top_p_cache` of the same model on the responses (a second, teacher-forced
+    pass) up to float rounding between the cached and the full forward.
+
+    Args:
+        model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size,
+            vocab_size, progress: as in :func:`sample_responses` (``max_new_tokens >= 1``).
+        cache_top_p: p of the stored sets.
+
+    Returns:
+        ``(responses, caches)``: one :class:`~tokenrl.buffer.TopPCache` per response, with
+        ``len(response) + 1`` states (ids int32, log-probs float16, descending probability).
+    """
+    check_p(cache_top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 to cache top-p sets, got {max_new_tokens}")
+    return _sample(
+        model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size,
+        vocab_size, progress, cache_top_p=cache_top_p,
+    )
+
+
+def _check_sampling_args(prompts, max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
     check_p(top_p)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -249,8 +340,14 @@ def sample_responses(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_prompts(prompts)
-    if max_new_tokens == 0:
-        return [[] for _ in prompts]
+
+
+def _sample(
+    model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size, vocab_size,
+    progress, cache_top_p,
+) -> tuple[list[list[int]], list[TopPCache] | None]:
+    """The batched sampling loop of :func:`sample_responses` and :func:`sample_with_top_p_cache`."""
+    _check_sampling_args(prompts, max_new_tokens, temperature, top_p, batch_size)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -260,10 +357,11 @@ def sample_responses(
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []
+    caches: list[TopPCache] = []
     try:
         with torch.inference_mode():
             for start in starts:
-                batch, _ = _sample_batch(
+                batch, _, batch_caches = _sample_batch(
                     model,
                     prompts[start : start + batch_size],
                     max_new_tokens,
@@ -273,8 +371,58 @@ def sample_responses(
                     temperature,
                     top_p,
                     vocab_size,
+                    cache_top_p,
                 )
                 responses.extend(batch)
+                caches.extend(batch_caches or [])
     finally:
         model.train(was_training)
-    return responses
+    return responses, (caches if cache_top_p is not None else None)
+
+
+@dataclass
+class TeacherSampler:
+    """The offline data's sampler on a transformers teacher: ``sampler(prompts, seed) -> [(response, terminated)]``.
+
+    It implements :class:`tokenrl.datagen.TopPCachingSampler`: :meth:`with_top_p_cache` also returns the
+    teacher's top-p sets from the sampling pass itself (:func:`sample_with_top_p_cache`), so data generation
+    runs the teacher once over the data instead of sampling and then scoring every trajectory again.
+
+    Attributes:
+        model: the teacher's causal LM (the same model its :class:`~tokenrl.teachers.Teacher` adapter wraps).
+        max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, batch_size, vocab_size: as in
+            :func:`sample_responses`.
+    """
+
+    model: torch.nn.Module
+    max_new_tokens: int
+    eos_token_id: int
+    pad_token_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    vocab_size: int | None = None
+
+    def _settings(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p, batch_size=self.batch_size, vocab_size=self.vocab_size)
+
+    def _with_flags(self, responses: list[list[int]]) -> list[tuple[list[int], bool]]:
+        return [(r, bool(r) and r[-1] == self.eos_token_id) for r in responses]
+
+    def __call__(self, prompts: Sequence[Sequence[int]], seed: int) -> list[tuple[list[int], bool]]:
+        """``(response, terminated)`` per prompt."""
+        responses = sample_responses(
+            self.model, [list(p) for p in prompts], self.max_new_tokens, self.eos_token_id, self.pad_token_id,
+            seed, **self._settings(),
+        )
+        return self._with_flags(responses)
+
+    def with_top_p_cache(
+        self, prompts: Sequence[Sequence[int]], seed: int, p: float
+    ) -> tuple[list[tuple[list[int], bool]], list[TopPCache]]:
+        """The samples of ``self(prompts, seed)`` and the teacher's top-p sets at ``p`` along each."""
+        responses, caches = sample_with_top_p_cache(
+            self.model, [list(pr) for pr in prompts], self.max_new_tokens, self.eos_token_id, self.pad_token_id,
+            seed, p, **self._settings(),
+        )
+        return self._with_flags(responses), caches

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -46,13 +47,39 @@ def top_p_mask(logits: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tenso
         raise ValueError("logits must have at least one dimension (the vocabulary)")
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
-    # Same ops as TopPLogitsWarper (ascending sort, cumsum of softmax) so ties resolve identically.
-    sorted_logits, sorted_idx = torch.sort(flat, descending=False)
+    # Same ops as TopPLogitsWarper (ascending sort, cumsum of softmax) so ties resolve identically. The kept
+    # tokens are the sort's last positions, so where the first kept value is strictly above the last removed
+    # one the set is "logit >= that value" whatever the order among equal logits: only the sorted values are
+    # needed, and numpy sorts values ~10x faster than torch.sort with indices on CPU (the sort dominated a
+    # sampling step at vocab 49k). Rows with a tie across the boundary take the indexed sort.
+    sorted_logits = _sorted_values(flat)
     cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cum_probs <= (1 - p)
     remove_sorted[..., -min(min_keep, vocab):] = False
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-    return (~remove).reshape(logits.shape)
+    n_removed = remove_sorted.sum(-1, keepdim=True)  # a prefix: the cumsum never decreases
+    first_kept = sorted_logits.gather(1, n_removed.clamp(max=vocab - 1))
+    last_removed = sorted_logits.gather(1, (n_removed - 1).clamp(min=0))
+    mask = (flat >= first_kept) | (n_removed == 0)
+    tied = ((n_removed > 0) & (last_removed == first_kept))[:, 0]
+    if bool(tied.any()):
+        mask[tied] = _mask_by_indexed_sort(flat[tied], p, min_keep)
+    return mask.reshape(logits.shape)
+
+
+def _sorted_values(flat: torch.Tensor) -> torch.Tensor:
+    """``torch.sort(flat).values`` (ascending, last dim), via numpy on CPU where numpy has the dtype."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float16, torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(flat.detach().numpy(), axis=-1))
+    return torch.sort(flat, descending=False).values
+
+
+def _mask_by_indexed_sort(flat: torch.Tensor, p: float, min_keep: int) -> torch.Tensor:
+    """TopPLogitsWarper's rule on ``[N, V]`` logits with torch.sort's own order among equal logits."""
+    sorted_logits, sorted_idx = torch.sort(flat, descending=False)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum_probs <= (1 - p)
+    remove_sorted[..., -min(min_keep, flat.shape[-1]):] = False
+    return ~remove_sorted.scatter(1, sorted_idx, remove_sorted)
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""Where teacher-data generation's time goes, on figure 3's model of ``benchmarks/run.py`` at a chosen depth.
+
+First the process CPU time (not wall time, so a loaded machine disturbs it less) of four paths, interleaved over
+``--rounds``: transformers' ``model.generate``, ``TeacherSampler.with_top_p_cache`` (sampling plus the top-p sets
+of the sampling pass, what ``experiments/generate.py`` runs for a transformers teacher), the sampler alone, and
+the old two-pass path (sampler, then ``compute_top_p_cache``), as ratios to ``generate``. Then torch.profiler on
+one batch of the first two: the operators with the largest self CPU time as markdown tables. Last, the CPU time of
+one top-p mask of ``[batch, vocab]`` logits: ``tokenrl.top_p.top_p_mask`` vs the indexed full sort it falls back
+to on boundary ties (what every step paid before). One thread.
+
+    python benchmarks/profile_generate.py --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from run import _hf_teacher, _smol_like
+    from tokenrl.datagen import compute_top_p_cache
+    from tokenrl.sampling import TeacherSampler
+    from tokenrl.top_p import _mask_by_indexed_sort, top_p_mask
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved CPU-time rounds (after one warm-up)")
+    ap.add_argument("--top", type=int, default=10, help="operators listed per variant")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model = _smol_like(dict(vocab=args.vocab, layers=args.layers, sharpen=8.0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, args.vocab, size=args.prompt_len).tolist() for _ in range(args.batch)]
+    prompt_BT = torch.tensor(prompts)
+    sampler = TeacherSampler(model, args.new_tokens, eos_token_id=0, pad_token_id=0, batch_size=args.batch,
+                             vocab_size=args.vocab)
+
+    def hf_generate() -> None:
+        with torch.no_grad():
+            model.generate(prompt_BT, attention_mask=torch.ones_like(prompt_BT), do_sample=True, top_k=0, top_p=1.0,
+                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+
+    teacher = _hf_teacher(model, args.vocab)
+
+    def two_pass() -> None:
+        samples = sampler(prompts, 0)
+        compute_top_p_cache(teacher, prompts, [r for r, _ in samples], 0.8, batch_size=args.batch)
+
+    variants = {"model.generate": hf_generate,
+                "tokenrl sampler + top-p cache": lambda: sampler.with_top_p_cache(prompts, 0, 0.8),
+                "tokenrl sampler only": lambda: sampler(prompts, 0),
+                "two passes (sampler, then compute_top_p_cache)": two_pass}
+    cpu = {name: [] for name in variants}
+    for round_ in range(args.rounds + 1):
+        for name, fn in variants.items():
+            t0 = time.process_time()
+            fn()
+            if round_:  # round 0 is the warm-up
+                cpu[name].append(time.process_time() - t0)
+    print(f"| path | CPU s per batch (median of {args.rounds}) | x generate: median [min-max] |\n|---|---:|---|")
+    for name, ts in cpu.items():
+        ratios = [t / b for t, b in zip(ts, cpu["model.generate"])]
+        print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ratios):.2f} "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+    for name in ("tokenrl sampler + top-p cache", "model.generate"):
+        fn = variants[name]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\n{name}: {total / 1e6:.2f} s self CPU time for one batch\n")
+        print("| operator | calls | self CPU s | share |\n|---|---:|---:|---:|")
+        for e in events[: args.top]:
+            print(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.0%} |")
+    with torch.no_grad():
+        logits_BV = model(prompt_BT).logits[:, -1, : args.vocab].float()
+    for name, fn in {"top_p_mask": lambda: top_p_mask(logits_BV, 0.8),
+                     "indexed torch.sort (before)": lambda: _mask_by_indexed_sort(logits_BV, 0.8, 1)}.items():
+        fn()
+        t0 = time.process_time()
+        for _ in range(20):
+            fn()
+        print(f"\n{name} of [{args.batch}, {args.vocab}] logits: {(time.process_time() - t0) / 20 * 1e3:.1f} ms CPU")
+
+
+if __name__ == "__main__":
+    main()
