@@ -39,6 +39,23 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32, **confi
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**fields, **config})).to(dtype)
 
 
+LossAndGrads = tuple[torch.Tensor, list[torch.Tensor]]  # (detached loss, one gradient per parameter)
+
+
+def backward_and_grads(loss: torch.Tensor, module: torch.nn.Module) -> LossAndGrads:
+    """Backpropagates ``loss``; returns it detached and a copy of the gradient of every parameter of ``module``."""
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+
+def assert_same_loss_and_grads(a: LossAndGrads, b: LossAndGrads, loss_rtol: float, grad_rtol: float) -> None:
+    """Two results of :func:`backward_and_grads` agree: the losses within ``loss_rtol``, each gradient within
+    ``grad_rtol`` (absolute tolerance 1e-12 for both)."""
+    torch.testing.assert_close(a[0], b[0], rtol=loss_rtol, atol=1e-12)
+    for grad_a, grad_b in zip(a[1], b[1]):
+        torch.testing.assert_close(grad_a, grad_b, rtol=grad_rtol, atol=1e-12)
+
+
 @pytest.fixture(scope="session")
 def synthetic_buffer():
     """60 teacher trajectories of the default synthetic language with a top-0.8 cache (some truncated)."""
