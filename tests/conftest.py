@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -37,6 +38,16 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32, **confi
         bos_token_id=None,
     )
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**fields, **config})).to(dtype)
+
+
+def load_experiment(name: str):
+    """``experiments/<name>.py`` loaded as the module ``experiments_<name>`` (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while it executes.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 LossAndGrads = tuple[torch.Tensor, list[torch.Tensor]]  # (detached loss, one gradient per parameter)
