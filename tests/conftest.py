@@ -67,6 +67,14 @@ def assert_same_loss_and_grads(a: LossAndGrads, b: LossAndGrads, loss_rtol: floa
         torch.testing.assert_close(grad_a, grad_b, rtol=grad_rtol, atol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def lang():
+    """The default synthetic language (the exact teacher of the default task)."""
+    from tokenrl.synthetic import SyntheticLanguage
+
+    return SyntheticLanguage()
+
+
 @pytest.fixture(scope="session")
 def synthetic_buffer():
     """60 teacher trajectories of the default synthetic language with a top-0.8 cache (some truncated)."""

@@ -23,17 +23,11 @@ from tokenrl.evaluation import (
     teacher_nll,
 )
 from tokenrl.sampling import sample_responses
-from tokenrl.synthetic import SyntheticLanguage
 
 
 @pytest.fixture(scope="module")
 def llama():
     return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def lang() -> SyntheticLanguage:
-    return SyntheticLanguage()
 
 
 class ModelTeacher:
