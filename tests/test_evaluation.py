@@ -45,8 +45,8 @@ class ModelTeacher:
         logits_BTV = self.sequence_logits(tokens_BT, lengths_B)
         return logits_BTV[torch.arange(len(lengths_B)), lengths_B - 1]
 
-    def position_logits(self, tokens_BT, lengths_B, rows_N, cols_N, chunk):
-        yield from self.sequence_logits(tokens_BT, lengths_B)[rows_N, cols_N].split(chunk)
+    def position_logits(self, at, chunk):
+        yield from self.sequence_logits(at.tokens_BT, at.lengths_B)[at.rows_N, at.cols_N].split(chunk)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -252,12 +252,10 @@ def teacher_forced_set_metrics(
                 prompts, responses, batch_size, teacher
             ):
                 # Only the response positions, a chunk of logits at a time (memory-flat, see tokenrl.scoring).
-                rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
+                at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, response_lens_B)
                 size = scoring.chunk_positions(vocab)
-                student_chunks = scoring.causal_lm_position_logits(
-                    model, tokens_BT, lengths_B, rows_N, cols_N, vocab, size
-                )
-                teacher_chunks = teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size)
+                student_chunks = scoring.causal_lm_position_logits(model, at, vocab, size)
+                teacher_chunks = teacher.position_logits(at, size)
                 for student_nV, teacher_nV in zip(student_chunks, teacher_chunks):
                     if student_nV.shape[-1] != teacher_nV.shape[-1]:
                         raise ValueError(
@@ -267,7 +265,7 @@ def teacher_forced_set_metrics(
                     per_token = set_metrics_per_token(student_nV, teacher_nV.to(student_nV.device), set_top_p)
                     for key, values_N in per_token.items():
                         totals[key] += float(values_N.sum())
-                n_tokens += len(rows_N)
+                n_tokens += len(at)
     finally:
         model.train(was_training)
     return {key: (total / n_tokens if n_tokens else float("nan")) for key, total in totals.items()}

@@ -30,6 +30,7 @@ from transformers import (
 
 from tokenrl.sampling import KVCacheStepper
 from tokenrl.scoring import causal_lm_position_logits
+from tokenrl.teachers import TokenPositions
 
 FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
     "model_type": "llama",
@@ -402,25 +403,15 @@ class HFTeacher:
         return torch.cat(chunks)
 
     @torch.no_grad()
-    def position_logits(
-        self,
-        tokens_BT: torch.Tensor,
-        lengths_B: torch.Tensor,
-        rows_N: torch.Tensor,
-        cols_N: torch.Tensor,
-        chunk: int,
-    ) -> Iterator[torch.Tensor]:
-        """Teacher-forced logits ``[n, V]`` at positions ``(rows_N, cols_N)``, ``chunk`` positions at a time.
+    def position_logits(self, at: TokenPositions, chunk: int) -> Iterator[torch.Tensor]:
+        """Teacher-forced logits ``[n, V]`` at the positions of ``at``, ``chunk`` positions at a time.
 
-        Equals ``sequence_logits(...)[rows_N, cols_N]``: the body runs once per ``max_batch`` rows and only
-        the requested positions are projected to the vocabulary (see
+        Equals ``sequence_logits(...)[at.rows_N, at.cols_N]``: the body runs once per ``max_batch`` rows and
+        only the requested positions are projected to the vocabulary (see
         :func:`tokenrl.scoring.causal_lm_position_logits`).
         """
-        blocks = causal_lm_position_logits(
-            self.model, tokens_BT, lengths_B, rows_N, cols_N, self.vocab_size, chunk, self.max_batch
-        )
-        for logits_nV in blocks:
-            yield logits_nV.float().to(tokens_BT.device)
+        for logits_nV in causal_lm_position_logits(self.model, at, self.vocab_size, chunk, self.max_batch):
+            yield logits_nV.float().to(at.tokens_BT.device)
 
 
 class IncrementalTeacher:

@@ -91,11 +91,12 @@ def sampled_token_logprobs(
                 prompt_lens_B = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
                 response_lens_B = torch.tensor([len(responses[i]) for i in rows], dtype=torch.long)
                 # Only the response positions, a chunk of logits at a time (memory-flat in batch x length x V).
-                rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
+                at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, response_lens_B)
+                rows_N, cols_N = at.rows_N, at.cols_N
                 tokens_N = tokens_BT[rows_N, cols_N + 1]
                 s_logp_N = torch.zeros(len(rows_N), dtype=torch.float64)
                 done = 0
-                for logits_nV in scoring.causal_lm_position_logits(model, tokens_BT, lengths_B, rows_N, cols_N, vocab):
+                for logits_nV in scoring.causal_lm_position_logits(model, at, vocab):
                     logits_nV = logits_nV.double()
                     n = logits_nV.shape[0]
                     logp_nV = project_to_set(logits_nV, top_p_mask(logits_nV, top_p) if top_p < 1.0 else None)
