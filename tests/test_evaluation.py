@@ -215,14 +215,19 @@ def test_evaluate_decodings_reports_each_top_p_under_its_own_prefix(llama, lang)
     both = evaluate_decodings(
         llama, lang, prompts, None, lang.token_to_text, decode_top_p=[1.0, 0.8], set_top_p=0.8, heldout=heldout, **kwargs
     )
-    first = evaluate(llama, lang, prompts, None, lang.token_to_text, top_p=1.0, heldout=heldout, **kwargs)
+    first = evaluate(
+        llama, lang, prompts, None, lang.token_to_text, top_p=1.0, heldout=heldout, set_top_p=0.8, **kwargs
+    )
     second = evaluate(llama, lang, prompts, None, lang.token_to_text, top_p=0.8, **kwargs)
+    assert set(both) == set(first) | {key.replace("eval/", "eval_p0.8/") for key in second}
     for key, value in first.items():
         assert both[key] == value, key  # the first decoding keeps the eval/ keys, unchanged
     for key, value in second.items():
         assert both[key.replace("eval/", "eval_p0.8/")] == value, key
     assert "eval_p0.8/kl_student_teacher" not in both  # teacher-forced metrics do not depend on decoding
+    set_metrics = teacher_forced_set_metrics(llama, lang, *heldout, 0.8, batch_size=8)
     for key in SET_METRIC_KEYS:
-        assert math.isfinite(both[f"eval/{key}"])
+        assert math.isfinite(both[f"eval/{key}"]) and both[f"eval/{key}"] == set_metrics[key]
+        assert f"eval_p0.8/{key}" not in both
     with pytest.raises(ValueError, match="decode_top_p"):
         evaluate_decodings(llama, lang, prompts, None, lang.token_to_text, decode_top_p=[], **kwargs)
