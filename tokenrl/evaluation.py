@@ -47,8 +47,6 @@ def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
     check_prompts(prompts)
 
 
-
-
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
