@@ -29,6 +29,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from envs.checks import reset_options
 from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv, _validate_prompt
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
@@ -204,10 +205,7 @@ class TokenGenerationVectorEnv(VectorEnv):
         """Start ``num_envs`` episodes (``options={"prompts": [...]}`` gives their prompts)."""
         if seed is not None or self._np_random is None:
             self._np_random, self._np_random_seed = seeding.np_random(seed)
-        options = options or {}
-        unknown = set(options) - {"prompts"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; the only option is 'prompts'")
+        options = reset_options(options, "prompts")
         prompts = options.get("prompts") or self._draw(self.num_envs)
         if len(prompts) != self.num_envs:
             raise ValueError(f"got {len(prompts)} prompts for {self.num_envs} envs")

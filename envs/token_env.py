@@ -23,6 +23,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
+from envs.checks import check_step, reset_options
+
 RewardFn = Callable[[np.ndarray, int, bool], float]
 """``reward_fn(tokens, action, terminated) -> reward`` of :class:`TokenGenerationEnv`; ``tokens`` is the
 state the action is taken in (prompt + response so far, before the action)."""
@@ -151,10 +153,7 @@ class TokenGenerationEnv(gym.Env):
             ValueError: on unknown option keys, an invalid prompt, or no prompt source at all.
         """
         super().reset(seed=seed)
-        options = options or {}
-        unknown = set(options) - {"prompt"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; the only option is 'prompt'")
+        options = reset_options(options, "prompt")
         if "prompt" in options:
             prompt = options["prompt"]
         elif self._prompt_sampler is not None:
@@ -181,12 +180,7 @@ class TokenGenerationEnv(gym.Env):
             RuntimeError: before the first reset or after the episode ended.
             ValueError: if ``action`` is not a token id.
         """
-        if not self._has_reset:
-            raise RuntimeError("step() called before reset()")
-        if self._episode_over:
-            raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not a token id in [0, {self.vocab_size})")
+        check_step(self._has_reset, self._episode_over, self.action_space, action, "a token id")
         action = int(action)
         terminated = action == self.eos_token_id
         reward = 0.0 if self._reward_fn is None else float(self._reward_fn(self.tokens, action, terminated))

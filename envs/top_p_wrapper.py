@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from envs.checks import check_step
 from envs.token_env import PolicyFn
 from tokenrl.backup import project_to_set, restrict_to_set
 from tokenrl.teachers import Teacher
@@ -77,12 +78,7 @@ class TopPActionWrapper(gym.Wrapper):
             RuntimeError: before reset or after the episode ended.
             ValueError: if ``action`` is not a token id, or (``on_outside="raise"``) is outside the set.
         """
-        if self._set_ids is None:
-            raise RuntimeError("step() called before reset()")
-        if self._episode_over:
-            raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not a token id in [0, {self.action_space.n})")
+        check_step(self._set_ids is not None, self._episode_over, self.action_space, action, "a token id")
         in_top_p = bool(np.any(self._set_ids == int(action)))
         extra: dict[str, Any] = {"action_in_top_p": in_top_p}
         if not in_top_p and self.on_outside == "raise":

@@ -21,6 +21,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.checks import check_step, reset_options
+
 # The array validators of the tabular operators, reused so both layers reject the same inputs the same way.
 from tokenrl.tabular import _check_distribution_rows, _check_mdp, _check_support, _check_terminal
 
@@ -292,10 +294,7 @@ class TabularMDPEnv(gym.Env):
             ValueError: on unknown option keys or a start state that is out of range or terminal.
         """
         super().reset(seed=seed)
-        options = options or {}
-        unknown = set(options) - {"state"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; the only option is 'state'")
+        options = reset_options(options, "state")
         if "state" in options:
             state = int(options["state"])
             if not (0 <= state < self.mdp.n_states) or self.mdp.terminal_S[state]:
@@ -312,12 +311,7 @@ class TabularMDPEnv(gym.Env):
             RuntimeError: before reset or after the episode ended.
             ValueError: if ``action`` is not in the action space.
         """
-        if self._state is None:
-            raise RuntimeError("step() called before reset()")
-        if self._episode_over:
-            raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not an action in [0, {self.mdp.n_actions})")
+        check_step(self._state is not None, self._episode_over, self.action_space, action, "an action")
         state, action = self._state, int(action)
         reward = float(self.mdp.r_SA[state, action])
         next_state = int(self.np_random.choice(self.mdp.n_states, p=self.mdp.P_SAS[state, action]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -37,6 +38,41 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype=torch.float32, **confi
         bos_token_id=None,
     )
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**fields, **config})).to(dtype)
+
+
+def load_experiment(name: str):
+    """``experiments/<name>.py`` loaded as the module ``experiments_<name>`` (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while it executes.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+LossAndGrads = tuple[torch.Tensor, list[torch.Tensor]]  # (detached loss, one gradient per parameter)
+
+
+def backward_and_grads(loss: torch.Tensor, module: torch.nn.Module) -> LossAndGrads:
+    """Backpropagates ``loss``; returns it detached and a copy of the gradient of every parameter of ``module``."""
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+
+def assert_same_loss_and_grads(a: LossAndGrads, b: LossAndGrads, loss_rtol: float, grad_rtol: float) -> None:
+    """Two results of :func:`backward_and_grads` agree: the losses within ``loss_rtol``, each gradient within
+    ``grad_rtol`` (absolute tolerance 1e-12 for both)."""
+    torch.testing.assert_close(a[0], b[0], rtol=loss_rtol, atol=1e-12)
+    for grad_a, grad_b in zip(a[1], b[1]):
+        torch.testing.assert_close(grad_a, grad_b, rtol=grad_rtol, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def lang():
+    """The default synthetic language (the exact teacher of the default task)."""
+    from tokenrl.synthetic import SyntheticLanguage
+
+    return SyntheticLanguage()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 
 from algorithms import REGISTRY, make_algorithm, make_config
 from algorithms.iql_bd import iq_bd_loss
-from tests.conftest import tiny_llama
+from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.scoring import with_teacher_logprobs
 from tokenrl.synthetic import SyntheticLanguage
@@ -144,13 +144,8 @@ def test_sparse_head_equals_dense(name, extra, synthetic_buffer):
             torch.testing.assert_close(
                 policy.dense_logits(h).gather(-1, batch.cand_ids_BSK), policy.sparse_logits(h, batch.cand_ids_BSK)
             )
-        loss, _ = algo.compute_loss(batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        results.append(backward_and_grads(algo.compute_loss(batch)[0], policy))
+    assert_same_loss_and_grads(*results, loss_rtol=1e-10, grad_rtol=1e-9)
 
 
 def test_top_p_one_means_full_vocabulary(synthetic_buffer):
@@ -190,11 +185,8 @@ def test_chunked_token_nll_equals_dense(synthetic_buffer):
             loss = masked_mean(policy.token_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
         else:
             loss = bc_loss(policy.dense_logits(h), batch.actions_BT, batch.action_mask_BT)
-        loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        grads.append(backward_and_grads(loss, policy))
+    assert_same_loss_and_grads(*grads, loss_rtol=1e-12, grad_rtol=1e-10)
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(synthetic_buffer):
@@ -206,7 +198,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synthetic_buffer):
         "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
         "num_attention_heads": 2, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 0, "pad_token_id": 0,
     }
-    results = []
+    results, saved = [], []
     for checkpointing in (False, True):
         student, _ = make_student(
             "fresh", config_overrides=sizes, dtype=torch.float64, seed=3, gradient_checkpointing=checkpointing
@@ -220,13 +212,10 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synthetic_buffer):
             lambda t: saved_bytes.append(t.numel() * t.element_size()) or t, lambda t: t
         ):
             loss, _ = algo.compute_loss(batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()], sum(saved_bytes)))
-    (l1, g1, saved1), (l2, g2, saved2) = results
-    assert saved2 < 0.7 * saved1
-    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        results.append(backward_and_grads(loss, policy))
+        saved.append(sum(saved_bytes))
+    assert saved[1] < 0.7 * saved[0]
+    assert_same_loss_and_grads(*results, loss_rtol=1e-12, grad_rtol=1e-10)
 
 
 def test_sparse_logits_dense_fallback_equals_gather(synthetic_buffer, monkeypatch):
@@ -241,10 +230,5 @@ def test_sparse_logits_dense_fallback_equals_gather(synthetic_buffer, monkeypatc
         algo = make_algorithm("iql_bd", policy, {"ce_coef": 1.0}, total_steps=10)
         batch = _batch(synthetic_buffer, algo, n=8)
         assert batch.cand_ids_BSK.shape[-1] * 32 > 64  # the fallback condition holds at limit 0
-        loss, _ = algo.compute_loss(batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        results.append(backward_and_grads(algo.compute_loss(batch)[0], policy))
+    assert_same_loss_and_grads(*results, loss_rtol=1e-12, grad_rtol=1e-10)

@@ -100,9 +100,10 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
     return loss
 
 
-def test_weighted_objective_is_the_real_loss(lang):
-    """bd_loss with weights = trajectory multiplicities equals iq_bd_loss on that batch, value and gradient."""
-    rng = np.random.default_rng(1)
+def repeated_trajectories(lang, seed):
+    """The data policy's trajectories, each repeated 1-3 times at random, the :class:`Problem` weighted by those
+    counts, and a random ``theta_SV``: ``(trajs, mult, prob, theta)``."""
+    rng = np.random.default_rng(seed)
     trajs = enumerate_trajectories(lang, data_policy(lang, 0.8))
     mult = rng.integers(1, 4, size=len(trajs))
     w = np.zeros((lang.n_states, lang.vocab_size))
@@ -111,39 +112,39 @@ def test_weighted_objective_is_the_real_loss(lang):
             w[s, a] += m
     prob = Problem(lang, torch.from_numpy(w / w.sum()))
     theta = torch.from_numpy(rng.normal(0.0, 2.0, (lang.n_states, lang.vocab_size)))
+    return trajs, mult, prob, theta
+
+
+def both_losses(lang, prob, trajs, mult, theta, opts):
+    """bd_loss and the real batch loss at ``theta`` with their gradients: ``(ours, real, ours_grad, real_grad)``."""
+    th1 = theta.clone().requires_grad_(True)
+    th2 = theta.clone().requires_grad_(True)
+    ours, real = bd_loss(th1, prob, opts), batch_loss(lang, th2, trajs, mult, opts)
+    ours.backward()
+    real.backward()
+    return ours, real, th1.grad, th2.grad
+
+
+def test_weighted_objective_is_the_real_loss(lang):
+    """bd_loss with weights = trajectory multiplicities equals iq_bd_loss on that batch, value and gradient."""
+    trajs, mult, prob, theta = repeated_trajectories(lang, seed=1)
     grid = itertools.product(("math", "released"), (0.5, 0.8, 1.0), ("vocab", "set", "none"), (-10.0, None), (0.0, 1.0))
     for form, p, shift, q_min, ce in grid:
         opts = BDOptions(p=p, form=form, shift=shift, q_min=-1.5 if q_min else None, ce_coef=ce, gamma=GAMMA)
-        th1 = theta.clone().requires_grad_(True)
-        th2 = theta.clone().requires_grad_(True)
-        ours, real = bd_loss(th1, prob, opts), batch_loss(lang, th2, trajs, mult, opts)
-        ours.backward()
-        real.backward()
+        ours, real, ours_grad, real_grad = both_losses(lang, prob, trajs, mult, theta, opts)
         assert torch.allclose(ours, real, atol=1e-12), (form, p, shift, q_min, ce, float(ours), float(real))
-        assert torch.allclose(th1.grad, th2.grad, atol=1e-12), (form, p, shift, q_min, ce)
+        assert torch.allclose(ours_grad, real_grad, atol=1e-12), (form, p, shift, q_min, ce)
 
 
 def test_fixed_variant_objective_is_the_real_loss(lang):
     """The fix (set shift + set-mass term, with and without CE, alpha 0.1 and 1) as iq_bd_loss computes it
     equals the tabular objective the diagnosis solved, value and gradient."""
-    rng = np.random.default_rng(2)
-    trajs = enumerate_trajectories(lang, data_policy(lang, 0.8))
-    mult = rng.integers(1, 4, size=len(trajs))
-    w = np.zeros((lang.n_states, lang.vocab_size))
-    for (tokens, states, _, _), m in zip(trajs, mult):
-        for s, a in zip(states, tokens):
-            w[s, a] += m
-    prob = Problem(lang, torch.from_numpy(w / w.sum()))
-    theta = torch.from_numpy(rng.normal(0.0, 2.0, (lang.n_states, lang.vocab_size)))
+    trajs, mult, prob, theta = repeated_trajectories(lang, seed=2)
     for p, ce, alpha in itertools.product((0.5, 0.8, 1.0), (0.0, 1.0), (0.1, 1.0)):
         opts = BDOptions(p=p, shift="set", q_min=-10.0, ce_coef=ce, mass_coef=1.0, alpha=alpha, gamma=GAMMA)
-        th1 = theta.clone().requires_grad_(True)
-        th2 = theta.clone().requires_grad_(True)
-        ours, real = bd_loss(th1, prob, opts), batch_loss(lang, th2, trajs, mult, opts)
-        ours.backward()
-        real.backward()
+        ours, real, ours_grad, real_grad = both_losses(lang, prob, trajs, mult, theta, opts)
         assert torch.allclose(ours, real, atol=1e-12), (p, ce, alpha, float(ours), float(real))
-        assert torch.allclose(th1.grad, th2.grad, atol=1e-12), (p, ce, alpha)
+        assert torch.allclose(ours_grad, real_grad, atol=1e-12), (p, ce, alpha)
         if p < 1:  # the mass term is present: the same loss without it differs
             assert not torch.allclose(bd_loss(theta, prob, BDOptions(**{**opts.__dict__, "mass_coef": 0.0})), ours)
 

@@ -17,11 +17,6 @@ P_CACHE = 0.95
 PAD = 0
 
 
-@pytest.fixture(scope="module")
-def lang():
-    return SyntheticLanguage()
-
-
 def make_data(lang, n, seed, p_cache=P_CACHE, max_new=10):
     """Teacher samples (some terminated, some truncated) plus uniformly random responses (actions that often
     fall outside the teacher's top-p set), their top-p caches, random rewards and mixed expert flags."""

@@ -23,13 +23,7 @@ from tokenrl.datagen import (
     load_or_generate_data,
     load_teacher_data,
 )
-from tokenrl.synthetic import SyntheticLanguage
 from tokenrl.trainer import build_task, load_data
-
-
-@pytest.fixture(scope="module")
-def lang():
-    return SyntheticLanguage()
 
 
 @pytest.fixture(scope="module")

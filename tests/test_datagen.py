@@ -10,16 +10,10 @@ import torch
 
 from tokenrl.buffer import ReplayBuffer
 from tokenrl.datagen import compute_top_p_cache, generate_teacher_data, load_teacher_data, right_pad
-from tokenrl.synthetic import SyntheticLanguage
 from tokenrl.top_p import top_p_sparse
 
 MAX_NEW = 8
 MANIFEST = {"teacher": "synthetic-seed0", "tokenizer": "synthetic", "sample_top_p": 1.0, "temperature": 1.0}
-
-
-@pytest.fixture(scope="module")
-def lang():
-    return SyntheticLanguage()
 
 
 def sampler_for(lang):

@@ -23,17 +23,11 @@ from tokenrl.evaluation import (
     teacher_nll,
 )
 from tokenrl.sampling import sample_responses
-from tokenrl.synthetic import SyntheticLanguage
 
 
 @pytest.fixture(scope="module")
 def llama():
     return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def lang() -> SyntheticLanguage:
-    return SyntheticLanguage()
 
 
 class ModelTeacher:
@@ -51,8 +45,8 @@ class ModelTeacher:
         logits_BTV = self.sequence_logits(tokens_BT, lengths_B)
         return logits_BTV[torch.arange(len(lengths_B)), lengths_B - 1]
 
-    def position_logits(self, tokens_BT, lengths_B, rows_N, cols_N, chunk):
-        yield from self.sequence_logits(tokens_BT, lengths_B)[rows_N, cols_N].split(chunk)
+    def position_logits(self, at, chunk):
+        yield from self.sequence_logits(at.tokens_BT, at.lengths_B)[at.rows_N, at.cols_N].split(chunk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,14 +215,19 @@ def test_evaluate_decodings_reports_each_top_p_under_its_own_prefix(llama, lang)
     both = evaluate_decodings(
         llama, lang, prompts, None, lang.token_to_text, decode_top_p=[1.0, 0.8], set_top_p=0.8, heldout=heldout, **kwargs
     )
-    first = evaluate(llama, lang, prompts, None, lang.token_to_text, top_p=1.0, heldout=heldout, **kwargs)
+    first = evaluate(
+        llama, lang, prompts, None, lang.token_to_text, top_p=1.0, heldout=heldout, set_top_p=0.8, **kwargs
+    )
     second = evaluate(llama, lang, prompts, None, lang.token_to_text, top_p=0.8, **kwargs)
+    assert set(both) == set(first) | {key.replace("eval/", "eval_p0.8/") for key in second}
     for key, value in first.items():
         assert both[key] == value, key  # the first decoding keeps the eval/ keys, unchanged
     for key, value in second.items():
         assert both[key.replace("eval/", "eval_p0.8/")] == value, key
     assert "eval_p0.8/kl_student_teacher" not in both  # teacher-forced metrics do not depend on decoding
+    set_metrics = teacher_forced_set_metrics(llama, lang, *heldout, 0.8, batch_size=8)
     for key in SET_METRIC_KEYS:
-        assert math.isfinite(both[f"eval/{key}"])
+        assert math.isfinite(both[f"eval/{key}"]) and both[f"eval/{key}"] == set_metrics[key]
+        assert f"eval_p0.8/{key}" not in both
     with pytest.raises(ValueError, match="decode_top_p"):
         evaluate_decodings(llama, lang, prompts, None, lang.token_to_text, decode_top_p=[], **kwargs)

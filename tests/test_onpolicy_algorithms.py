@@ -12,7 +12,7 @@ import torch
 from algorithms import make_algorithm
 from algorithms.gkd import generalized_jsd_loss, top_p_generalized_jsd_loss
 from algorithms.soft_q import soft_td_terms
-from tests.conftest import tiny_llama
+from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
 from tests.reference import teacher_logprobs_loop
 from tests.test_gkd import _loop_jsd
 from tokenrl.buffer import Batch, ReplayBuffer
@@ -45,14 +45,8 @@ def test_sparse_head_equals_dense(name, synthetic_buffer):
     for sparse in (True, False):
         policy = CausalLMPolicy(tiny_llama(dtype=torch.float64), vocab_size=64)
         algo = make_algorithm(name, policy, {"sparse": sparse, "top_p": 0.8}, total_steps=10)
-        batch = _sample(synthetic_buffer, algo)
-        loss, _ = algo.compute_loss(batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        results.append(backward_and_grads(algo.compute_loss(_sample(synthetic_buffer, algo))[0], policy))
+    assert_same_loss_and_grads(*results, loss_rtol=1e-10, grad_rtol=1e-9)
 
 
 def test_gkd_loss_is_the_set_jsd_of_the_student(synthetic_buffer):

@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import tiny_llama
 from tests.tiny_token_mdp import TinyTokenMDP
-from tokenrl.evaluation import teacher_forced_kl
-from tokenrl.onpolicy_metrics import on_policy_reverse_kl, on_policy_reverse_kl_of_model, sampled_token_logprobs
+from tokenrl.evaluation import teacher_forced_kl, teacher_nll
+from tokenrl.onpolicy_metrics import on_policy_reverse_kl, on_policy_reverse_kl_of_model, student_token_logprobs
 
 
 def test_estimate_matches_enumeration():
@@ -49,7 +49,10 @@ def test_model_convenience_on_synthetic_teacher():
     assert metrics["eval/onpolicy_kl_exact_state"] == pytest.approx(
         teacher_forced_kl(model, lang, prompts, responses, batch_size=4)["kl_student_teacher"]
     )
-    s, t, mask = sampled_token_logprobs(model, lang, prompts, responses, batch_size=4)
+    s, mask = student_token_logprobs(model, prompts, responses, lang.eos_token_id, batch_size=4)
+    t = torch.zeros_like(s)
+    for i, nll in enumerate(teacher_nll(lang, prompts, responses)):
+        t[i, : len(nll)] = -torch.from_numpy(nll)
     assert metrics["eval/onpolicy_kl"] == pytest.approx(on_policy_reverse_kl(s, t, mask))
     # Reference for one row: a forward on that row alone, read at the response positions.
     i = int(np.argmax([len(r) for r in responses]))

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-REPORT_PATH = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
+from tests.conftest import load_experiment
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("experiments_report", REPORT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    # experiments/ is not a package; dataclasses look their module up in sys.modules while it executes.
-    sys.modules["experiments_report"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("report")
 
 
 # (algo, seed) -> final teacher NLL / Rouge-L; the expected row stats are computed from these.

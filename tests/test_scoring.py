@@ -122,9 +122,11 @@ def teacher(request) -> Teacher:
 
 def test_state_positions_match_a_loop():
     prompt_lens_B, n_states_B = torch.tensor(PROMPT_LENS), torch.tensor(RESPONSE_LENS)
-    rows_N, cols_N = scoring.state_positions(prompt_lens_B, n_states_B)
+    tokens_BT, lengths_B = right_pad([[1] * (p + n) for p, n in zip(PROMPT_LENS, RESPONSE_LENS)], 0)
+    at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, n_states_B)
     expected = [(b, p - 1 + j) for b, (p, n) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)) for j in range(n)]
-    assert list(zip(rows_N.tolist(), cols_N.tolist())) == expected
+    assert list(zip(at.rows_N.tolist(), at.cols_N.tolist())) == expected
+    assert len(at) == len(expected) and at.tokens_BT is tokens_BT and at.lengths_B is lengths_B
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
@@ -132,11 +134,12 @@ def test_position_logits_equal_sequence_logits(teacher, chunk):
     assert isinstance(teacher, Teacher)
     prompts, responses = ragged_pairs(teacher.vocab_size)
     tokens_BT, lengths_B = right_pad([p + r for p, r in zip(prompts, responses)], 0)
-    rows_N, cols_N = scoring.state_positions(torch.tensor(PROMPT_LENS), lengths_B - torch.tensor(PROMPT_LENS) + 1)
-    blocks = list(teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, chunk))
+    prompt_lens_B = torch.tensor(PROMPT_LENS)
+    at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, lengths_B - prompt_lens_B + 1)
+    blocks = list(teacher.position_logits(at, chunk))
     assert all(block.shape[0] <= chunk and block.dtype == torch.float32 for block in blocks)
     assert [block.shape[0] for block in blocks[:-1]] == [chunk] * (len(blocks) - 1)
-    dense_NV = teacher.sequence_logits(tokens_BT, lengths_B)[rows_N, cols_N]
+    dense_NV = teacher.sequence_logits(tokens_BT, lengths_B)[at.rows_N, at.cols_N]
     torch.testing.assert_close(torch.cat(blocks), dense_NV, rtol=1e-5, atol=1e-5)
 
 

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_experiment
 from tests.test_run_smoke import TINY
-
-SWEEP_PATH = Path(__file__).resolve().parents[1] / "experiments" / "sweep_lr.py"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("experiments_sweep_lr", SWEEP_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["experiments_sweep_lr"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("sweep_lr")
 
 
 def test_pick_lrs_takes_the_lowest_mean_validation_score(sweep):

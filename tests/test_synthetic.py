@@ -13,11 +13,6 @@ from tokenrl.top_p import top_p_mask
 EOS = SyntheticLanguage.eos_token_id
 
 
-@pytest.fixture(scope="module")
-def lang():
-    return SyntheticLanguage()
-
-
 def walk(lang, tokens, state=None):
     """Slow reference: the FSM state after each token of a list (one Python step per token)."""
     s = lang.start_state if state is None else state

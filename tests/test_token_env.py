@@ -9,15 +9,9 @@ from gymnasium.utils.env_checker import check_env
 
 from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
 from tests.reference import sequence_logprob
-from tokenrl.synthetic import SyntheticLanguage
 
 V = 64
 EOS = 0
-
-
-@pytest.fixture(scope="module")
-def lang():
-    return SyntheticLanguage()
 
 
 def make_env(lang, max_new_tokens=6, **kwargs):

@@ -14,16 +14,10 @@ from envs.top_p_wrapper import (
     teacher_top_p_set,
     top_p_restricted_policy,
 )
-from tokenrl.synthetic import SyntheticLanguage
 from tokenrl.top_p import top_p_mask, top_p_sparse
 
 EOS = 0
 PROMPT = [3, 17, 5, 9]
-
-
-@pytest.fixture(scope="module")
-def lang():
-    return SyntheticLanguage()
 
 
 def make_wrapped(teacher, p=0.8, on_outside="flag", max_new_tokens=6, max_prompt_len=8, prompt_sampler=None):

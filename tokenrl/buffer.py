@@ -37,8 +37,20 @@ class TopPCache:
     logprobs: np.ndarray
 
 
+class ActionSlots:
+    """The ``action_slot_BT`` convention of :class:`Batch` and :class:`tokenrl.policy.CandidateQ`: the slot of the
+    taken action among its state's candidates, -1 when it lies outside the set and on padding."""
+
+    action_slot_BT: torch.Tensor
+
+    @property
+    def action_in_set_BT(self) -> torch.Tensor:
+        """``[B, T]`` bool: the taken action lies in its state's set (False on padding)."""
+        return self.action_slot_BT >= 0
+
+
 @dataclass
-class Batch:
+class Batch(ActionSlots):
     """A padded batch of trajectories: ``B`` rows, ``T`` response slots, ``S = T + 1`` states, ``K`` set width
     (shape letters as in :mod:`tokenrl.backup`).
 
@@ -96,11 +108,6 @@ class Batch:
         """Move every tensor to ``device``."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()})
-
-    @property
-    def action_in_set_BT(self) -> torch.Tensor:
-        """``[B, T]`` bool: the taken action lies in the teacher's top-p set (False on padding)."""
-        return self.action_slot_BT >= 0
 
 
 def require_teacher_logprobs(batch: Batch, algo_name: str) -> torch.Tensor:

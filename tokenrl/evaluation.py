@@ -47,8 +47,6 @@ def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
     check_prompts(prompts)
 
 
-
-
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
@@ -252,12 +250,10 @@ def teacher_forced_set_metrics(
                 prompts, responses, batch_size, teacher
             ):
                 # Only the response positions, a chunk of logits at a time (memory-flat, see tokenrl.scoring).
-                rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
+                at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, response_lens_B)
                 size = scoring.chunk_positions(vocab)
-                student_chunks = scoring.causal_lm_position_logits(
-                    model, tokens_BT, lengths_B, rows_N, cols_N, vocab, size
-                )
-                teacher_chunks = teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size)
+                student_chunks = scoring.causal_lm_position_logits(model, at, vocab, size)
+                teacher_chunks = teacher.position_logits(at, size)
                 for student_nV, teacher_nV in zip(student_chunks, teacher_chunks):
                     if student_nV.shape[-1] != teacher_nV.shape[-1]:
                         raise ValueError(
@@ -267,7 +263,7 @@ def teacher_forced_set_metrics(
                     per_token = set_metrics_per_token(student_nV, teacher_nV.to(student_nV.device), set_top_p)
                     for key, values_N in per_token.items():
                         totals[key] += float(values_N.sum())
-                n_tokens += len(rows_N)
+                n_tokens += len(at)
     finally:
         model.train(was_training)
     return {key: (total / n_tokens if n_tokens else float("nan")) for key, total in totals.items()}
@@ -337,11 +333,12 @@ def evaluate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     heldout: tuple[list[list[int]], list[list[int]]] | None = None,
+    set_top_p: float | None = None,
     batch_size: int = 64,
     vocab_size: int | None = None,
     progress: bool = False,
 ) -> dict[str, float | list[float]]:
-    """Evaluate a student: sample with every seed, score with the teacher and Rouge-L, plus teacher-forced KL.
+    """Evaluate a student: sample with every seed, score with the teacher and Rouge-L, plus teacher-forced metrics.
 
     Args:
         model: the student (see :func:`tokenrl.sampling.sample_responses`).
@@ -355,8 +352,10 @@ def evaluate(
         seeds: one sampling pass per seed; scalar metrics are averaged over seeds.
         temperature: sampling temperature (0 = greedy).
         top_p: sampling top-p threshold.
-        heldout: ``(prompts, responses)`` for the teacher-forced KL (e.g. teacher samples on held-out
-            prompts); None skips the KL keys.
+        heldout: ``(prompts, responses)`` for the teacher-forced metrics (e.g. teacher samples on held-out
+            prompts); None skips them.
+        set_top_p: p of the teacher's top-p set for :func:`teacher_forced_set_metrics` on ``heldout``; None
+            skips them.
         batch_size: sequences per forward.
         vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
         progress: show tqdm bars while sampling.
@@ -371,6 +370,8 @@ def evaluate(
         * ``eval/eos_rate``: fraction of responses that ended with EOS before ``max_new_tokens``;
         * ``eval/kl_student_teacher``, ``eval/kl_teacher_student``: teacher-forced KLs on ``heldout``
           (see :func:`teacher_forced_kl`; only if ``heldout`` is given);
+        * ``eval/<key>`` for each of :data:`SET_METRIC_KEYS`: :func:`teacher_forced_set_metrics` on ``heldout``
+          (only if ``heldout`` and ``set_top_p`` are given);
         * ``eval/nll_by_position`` (list): mean teacher NLL at response position ``t`` over all seeds
           and responses that reach it, and ``eval/nll_by_position_count`` (list) the number of tokens
           behind each entry.
@@ -401,6 +402,11 @@ def evaluate(
         kl = teacher_forced_kl(model, teacher, heldout_prompts, heldout_responses, batch_size, vocab)
         metrics["eval/kl_student_teacher"] = kl["kl_student_teacher"]
         metrics["eval/kl_teacher_student"] = kl["kl_teacher_student"]
+        if set_top_p is not None:
+            set_metrics = teacher_forced_set_metrics(
+                model, teacher, heldout_prompts, heldout_responses, set_top_p, batch_size, vocab
+            )
+            metrics.update({f"eval/{k}": v for k, v in set_metrics.items()})
     return metrics
 
 
@@ -454,30 +460,22 @@ def decoding_prefix(index: int, top_p: float) -> str:
 
 
 def evaluate_decodings(
-    model: torch.nn.Module,
-    teacher: Teacher,
-    prompts: list[list[int]],
-    references: list[list[str]] | None,
-    decode: Decode,
-    *,
+    *args,
     decode_top_p: Sequence[float],
-    set_top_p: float | None = None,
     heldout: tuple[list[list[int]], list[list[int]]] | None = None,
     **kwargs,
 ) -> dict[str, float | list[float]]:
-    """:func:`evaluate` at several student decoding top-p values, plus the teacher-forced set metrics.
+    """:func:`evaluate` at several student decoding top-p values.
 
     The sampled metrics of ``decode_top_p[0]`` keep the ``eval/...`` keys; those of every other value ``q``
-    are the same keys under ``eval_p<q>/...`` (e.g. ``eval_p0.8/rougeL``). The teacher-forced metrics do not
-    depend on decoding and are reported once, under ``eval/``.
+    are the same keys under ``eval_p<q>/...`` (e.g. ``eval_p0.8/rougeL``). The teacher-forced metrics on
+    ``heldout`` do not depend on decoding and are computed once, with the first decoding (``eval/...``).
 
     Args:
-        model, teacher, prompts, references, decode: as in :func:`evaluate`.
+        *args: the positional arguments of :func:`evaluate` (``model, teacher, prompts, references, decode``).
         decode_top_p: the student's sampling top-p values, at least one.
-        set_top_p: p of the teacher's top-p set for :func:`teacher_forced_set_metrics` (``eval/<key>`` for
-            each of :data:`SET_METRIC_KEYS`); None skips them.
-        heldout: ``(prompts, responses)`` for the teacher-forced metrics; None skips them.
-        **kwargs: the other keyword arguments of :func:`evaluate` (``eos_token_id``, ``seeds``, ...).
+        heldout: as in :func:`evaluate`.
+        **kwargs: the other keyword arguments of :func:`evaluate` (``eos_token_id``, ``seeds``, ``set_top_p``, ...).
 
     Returns:
         One flat dict with every decoding's keys.
@@ -486,13 +484,7 @@ def evaluate_decodings(
         raise ValueError("eval.decode_top_p needs at least one top-p value, e.g. [1.0] or [1.0, 0.8]")
     metrics: dict[str, float | list[float]] = {}
     for i, top_p in enumerate(decode_top_p):
-        one = evaluate(model, teacher, prompts, references, decode, top_p=top_p, heldout=heldout if i == 0 else None, **kwargs)
+        one = evaluate(*args, top_p=top_p, heldout=heldout if i == 0 else None, **kwargs)
         prefix = decoding_prefix(i, top_p)
         metrics.update({f"{prefix}/{k.removeprefix('eval/')}": v for k, v in one.items()})
-    if heldout is not None and set_top_p is not None:
-        set_metrics = teacher_forced_set_metrics(
-            model, teacher, heldout[0], heldout[1], set_top_p,
-            batch_size=kwargs.get("batch_size", 64), vocab_size=kwargs.get("vocab_size"),
-        )
-        metrics.update({f"eval/{k}": v for k, v in set_metrics.items()})
     return metrics

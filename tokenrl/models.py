@@ -30,6 +30,7 @@ from transformers import (
 
 from tokenrl.sampling import KVCacheStepper
 from tokenrl.scoring import causal_lm_position_logits
+from tokenrl.teachers import TokenPositions
 
 FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
     "model_type": "llama",
@@ -402,25 +403,15 @@ class HFTeacher:
         return torch.cat(chunks)
 
     @torch.no_grad()
-    def position_logits(
-        self,
-        tokens_BT: torch.Tensor,
-        lengths_B: torch.Tensor,
-        rows_N: torch.Tensor,
-        cols_N: torch.Tensor,
-        chunk: int,
-    ) -> Iterator[torch.Tensor]:
-        """Teacher-forced logits ``[n, V]`` at positions ``(rows_N, cols_N)``, ``chunk`` positions at a time.
+    def position_logits(self, at: TokenPositions, chunk: int) -> Iterator[torch.Tensor]:
+        """Teacher-forced logits ``[n, V]`` at the positions of ``at``, ``chunk`` positions at a time.
 
-        Equals ``sequence_logits(...)[rows_N, cols_N]``: the body runs once per ``max_batch`` rows and only
-        the requested positions are projected to the vocabulary (see
+        Equals ``sequence_logits(...)[at.rows_N, at.cols_N]``: the body runs once per ``max_batch`` rows and
+        only the requested positions are projected to the vocabulary (see
         :func:`tokenrl.scoring.causal_lm_position_logits`).
         """
-        blocks = causal_lm_position_logits(
-            self.model, tokens_BT, lengths_B, rows_N, cols_N, self.vocab_size, chunk, self.max_batch
-        )
-        for logits_nV in blocks:
-            yield logits_nV.float().to(tokens_BT.device)
+        for logits_nV in causal_lm_position_logits(self.model, at, self.vocab_size, chunk, self.max_batch):
+            yield logits_nV.float().to(at.tokens_BT.device)
 
 
 class IncrementalTeacher:
@@ -431,7 +422,8 @@ class IncrementalTeacher:
     only the new tokens through the teacher's :class:`~tokenrl.sampling.KVCacheStepper` (``advance``). Any other
     call restarts it (``start``). So ``envs.top_p_restricted_policy`` and ``TopPActionWrapper`` run one cached
     teacher step per env step. A row that stops growing (it finished) is fed padding from then on; its logits
-    are meaningless and the env ignores them.
+    are meaningless and the env ignores them. ``sequence_logits`` and ``position_logits`` are the uncached
+    adapter's own.
 
     Args:
         teacher: the uncached adapter.
@@ -442,6 +434,9 @@ class IncrementalTeacher:
         self.vocab_size = teacher.vocab_size
         self.eos_token_id = teacher.eos_token_id
         self.pad_token_id = teacher.pad_token_id
+        # Teacher-forced scoring involves no cache: the uncached adapter's methods serve as they are.
+        self.sequence_logits = teacher.sequence_logits
+        self.position_logits = teacher.position_logits
         self._prev_tokens_BT: torch.Tensor | None = None
         self._prev_lengths_B: torch.Tensor | None = None
         self._active_B: torch.Tensor | None = None
@@ -475,17 +470,3 @@ class IncrementalTeacher:
         self._prev_tokens_BT, self._prev_lengths_B = tokens_BT.clone(), lengths_B.clone()
         return logits.to(tokens_BT.device)
 
-    def sequence_logits(self, tokens_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (no cache involved)."""
-        return self.teacher.sequence_logits(tokens_BT, lengths_B)
-
-    def position_logits(
-        self,
-        tokens_BT: torch.Tensor,
-        lengths_B: torch.Tensor,
-        rows_N: torch.Tensor,
-        cols_N: torch.Tensor,
-        chunk: int,
-    ) -> Iterator[torch.Tensor]:
-        """Teacher-forced logits at the given positions (no cache involved)."""
-        return self.teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, chunk)

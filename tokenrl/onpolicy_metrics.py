@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tokenrl import scoring
@@ -47,37 +48,36 @@ def on_policy_reverse_kl(
     return float(diff.sum() / n)
 
 
-def sampled_token_logprobs(
+def student_token_logprobs(
     model: torch.nn.Module,
-    teacher: Teacher,
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
+    pad_token_id: int,
     top_p: float = 1.0,
     batch_size: int = 64,
     vocab_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student and teacher log-probs of every response token, teacher-forced on prompt + response.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's log-probs of every response token, teacher-forced on prompt + response.
 
     Args:
         model: the student, a transformers causal LM.
-        teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists (the student's samples).
+        pad_token_id: id in the right padding of each batch (masked out).
         top_p: the student's sampling top-p: its log-probs are those of its distribution projected onto its
             own top-p set (the distribution the samples came from); 1.0 = unrestricted.
         batch_size: sequences per forward.
-        vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
+        vocab_size: logits are sliced to ``[:vocab_size]``; None keeps all.
 
     Returns:
-        ``(student_logp_NL, teacher_logp_NL, mask_NL)``: float64 ``[N, L]`` (L = longest response) and bool.
+        ``(logp_NL, mask_NL)``: float64 ``[N, L]`` (L = longest response, 0 on padding) and bool, True on
+        the response tokens.
     """
     check_p(top_p)
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-    vocab = teacher.vocab_size if vocab_size is None else vocab_size
     width_L = max((len(r) for r in responses), default=0)
-    s_out = torch.zeros(len(prompts), width_L, dtype=torch.float64)
-    t_out = torch.zeros_like(s_out)
+    logp_out = torch.zeros(len(prompts), width_L, dtype=torch.float64)
     mask_out = torch.zeros(len(prompts), width_L, dtype=torch.bool)
     was_training = model.training
     model.eval()
@@ -85,32 +85,29 @@ def sampled_token_logprobs(
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
                 rows = range(start, min(start + batch_size, len(prompts)))
-                tokens_BT, lengths_B = right_pad(
-                    [list(prompts[i]) + list(responses[i]) for i in rows], teacher.eos_token_id
-                )
+                tokens_BT, lengths_B = right_pad([list(prompts[i]) + list(responses[i]) for i in rows], pad_token_id)
                 prompt_lens_B = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long)
                 response_lens_B = torch.tensor([len(responses[i]) for i in rows], dtype=torch.long)
                 # Only the response positions, a chunk of logits at a time (memory-flat in batch x length x V).
-                rows_N, cols_N = scoring.state_positions(prompt_lens_B, response_lens_B)
+                at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, response_lens_B)
+                rows_N, cols_N = at.rows_N, at.cols_N
                 tokens_N = tokens_BT[rows_N, cols_N + 1]
-                s_logp_N = torch.zeros(len(rows_N), dtype=torch.float64)
+                logp_N = torch.zeros(len(rows_N), dtype=torch.float64)
                 done = 0
-                for logits_nV in scoring.causal_lm_position_logits(model, tokens_BT, lengths_B, rows_N, cols_N, vocab):
+                for logits_nV in scoring.causal_lm_position_logits(model, at, vocab_size):
                     logits_nV = logits_nV.double()
                     n = logits_nV.shape[0]
                     logp_nV = project_to_set(logits_nV, top_p_mask(logits_nV, top_p) if top_p < 1.0 else None)
                     targets_n1 = tokens_N[done : done + n, None].to(logp_nV.device)
-                    s_logp_N[done : done + n] = logp_nV.gather(1, targets_n1)[:, 0].cpu()
+                    logp_N[done : done + n] = logp_nV.gather(1, targets_n1)[:, 0].cpu()
                     done += n
-                t_logp_N = -scoring.token_nll(teacher, tokens_BT, lengths_B, prompt_lens_B)
                 slots_N = cols_N - (prompt_lens_B[rows_N] - 1)
                 out_rows_N = torch.as_tensor(list(rows))[rows_N]
-                s_out[out_rows_N, slots_N] = s_logp_N
-                t_out[out_rows_N, slots_N] = t_logp_N
+                logp_out[out_rows_N, slots_N] = logp_N
                 mask_out[out_rows_N, slots_N] = True
     finally:
         model.train(was_training)
-    return s_out, t_out, mask_out
+    return logp_out, mask_out
 
 
 def on_policy_reverse_kl_of_model(
@@ -132,13 +129,19 @@ def on_policy_reverse_kl_of_model(
         states (same expectation, lower variance; unrestricted student, so it equals the first only at
         ``top_p = 1``).
     """
-    from tokenrl.evaluation import teacher_forced_kl
+    from tokenrl.evaluation import teacher_forced_kl, teacher_nll
     from tokenrl.sampling import sample_responses
 
     responses = sample_responses(
         model, prompts, max_new_tokens, teacher.eos_token_id, pad_token_id, seed,
         top_p=top_p, batch_size=batch_size, vocab_size=vocab_size,
     )
-    s_logp, t_logp, mask = sampled_token_logprobs(model, teacher, prompts, responses, top_p, batch_size, vocab_size)
+    vocab = teacher.vocab_size if vocab_size is None else vocab_size
+    s_logp, mask = student_token_logprobs(model, prompts, responses, teacher.eos_token_id, top_p, batch_size, vocab)
+    nll_per_response = teacher_nll(teacher, prompts, responses, batch_size)
+    t_logp = torch.zeros_like(s_logp)
+    if nll_per_response:
+        # The mask is row-major over the response tokens, the order of the concatenated per-response NLLs.
+        t_logp[mask] = -torch.from_numpy(np.concatenate(nll_per_response))
     exact = teacher_forced_kl(model, teacher, prompts, responses, batch_size, vocab_size)["kl_student_teacher"]
     return {"eval/onpolicy_kl": on_policy_reverse_kl(s_logp, t_logp, mask), "eval/onpolicy_kl_exact_state": exact}

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tokenrl.backup import soft_value, upcast
-from tokenrl.buffer import Batch
+from tokenrl.buffer import ActionSlots, Batch
 
 
 SPARSE_GATHER_ELEMENTS = 1 << 24
@@ -24,7 +24,7 @@ switches to dense logits gathered at the candidates (when those are smaller)."""
 
 
 @dataclass
-class CandidateQ:
+class CandidateQ(ActionSlots):
     """Student logits on each state's candidate set.
 
     Attributes:
@@ -37,11 +37,6 @@ class CandidateQ:
     logits_BSK: torch.Tensor
     mask_BSK: torch.Tensor
     action_slot_BT: torch.Tensor
-
-    @property
-    def action_in_set_BT(self) -> torch.Tensor:
-        """``[B, T]`` bool: the taken action has a Q (it lies in its state's set; False on padding)."""
-        return self.action_slot_BT >= 0
 
 
 @dataclass

@@ -9,8 +9,9 @@ positions only (``[N, D]``), and projects them to logits ``chunk`` positions at 
 ``chunk * V`` whatever the batch size and sequence length. The default chunk holds
 :data:`CHUNK_ELEMENTS` logits, so it is flat in the vocabulary size too.
 
-Positions are given as flat row-major index pairs ``(rows_N, cols_N)``: logit position ``(b, t)``
-predicts token ``t + 1`` of row ``b``. Every function here equals the dense computation to float
+Positions are given as flat row-major index pairs ``(rows_N, cols_N)`` bundled with their batch in a
+:class:`~tokenrl.teachers.TokenPositions` (:func:`state_positions`): logit position ``(b, t)`` predicts
+token ``t + 1`` of row ``b``. Every function here equals the dense computation to float
 tolerance (tests/test_scoring.py keeps the dense reference).
 """
 
@@ -25,7 +26,7 @@ import torch
 from tokenrl import backup
 from tokenrl.backup import kl, project_to_set
 from tokenrl.buffer import Batch
-from tokenrl.teachers import Teacher
+from tokenrl.teachers import Teacher, TokenPositions
 from tokenrl.top_p import TopPSet, top_p_sparse
 
 CHUNK_ELEMENTS = 1 << 22
@@ -41,7 +42,9 @@ def chunk_positions(vocab_size: int, chunk: int | None = None) -> int:
     return int(chunk)
 
 
-def state_positions(prompt_lens_B: torch.Tensor, n_states_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def state_positions(
+    tokens_BT: torch.Tensor, lengths_B: torch.Tensor, prompt_lens_B: torch.Tensor, n_states_B: torch.Tensor
+) -> TokenPositions:
     """Logit positions of the first ``n_states_B[b]`` states after each prompt, row-major.
 
     The state after the prompt and ``j`` response tokens has its next-token logits at column
@@ -49,18 +52,20 @@ def state_positions(prompt_lens_B: torch.Tensor, n_states_B: torch.Tensor) -> tu
     of a trajectory uses its ``R + 1`` states (the last one after the final token).
 
     Args:
+        tokens_BT: right-padded prompt + response ids ``[B, T]``.
+        lengths_B: ``[B]`` prompt + response lengths.
         prompt_lens_B: ``[B]`` prompt lengths, each >= 1.
         n_states_B: ``[B]`` states per row, each >= 0.
 
     Returns:
-        ``(rows_N, cols_N)`` long tensors with ``N = n_states_B.sum()``.
+        The batch with ``rows_N, cols_N`` (long, on the CPU), ``N = n_states_B.sum()``.
     """
     prompt_lens_B, n_states_B = prompt_lens_B.long().cpu(), n_states_B.long().cpu()
     rows_N = torch.repeat_interleave(torch.arange(len(n_states_B)), n_states_B)
     # Offset of each position within its row: position i minus the index where its row starts.
     row_starts_B = torch.cumsum(n_states_B, 0) - n_states_B
     offsets_N = torch.arange(len(rows_N)) - row_starts_B[rows_N]
-    return rows_N, prompt_lens_B[rows_N] - 1 + offsets_N
+    return TokenPositions(tokens_BT, lengths_B, rows_N, prompt_lens_B[rows_N] - 1 + offsets_N)
 
 
 def _check_plain_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,10 +83,7 @@ def _check_plain_head(model: torch.nn.Module) -> torch.nn.Module:
 
 def causal_lm_position_logits(
     model: torch.nn.Module,
-    tokens_BT: torch.Tensor,
-    lengths_B: torch.Tensor,
-    rows_N: torch.Tensor,
-    cols_N: torch.Tensor,
+    at: TokenPositions,
     vocab_size: int | None = None,
     chunk: int | None = None,
     max_batch: int | None = None,
@@ -89,15 +91,13 @@ def causal_lm_position_logits(
     """Teacher-forced logits of a transformers causal LM at the given positions, chunk by chunk.
 
     Runs ``model.base_model`` once per ``max_batch`` rows, keeps the final hidden states at
-    ``(rows_N, cols_N)`` and yields ``lm_head`` of ``chunk`` of them at a time. Call it under
+    ``(at.rows_N, at.cols_N)`` and yields ``lm_head`` of ``chunk`` of them at a time. Call it under
     ``torch.no_grad`` (or ``inference_mode``).
 
     Args:
         model: a transformers causal LM whose logits are ``lm_head(base_model(...)[0])`` (Llama family,
             GPT-2, Qwen2, ...).
-        tokens_BT: right-padded token ids ``[B, T]``.
-        lengths_B: ``[B]`` real tokens per row; padding is masked out.
-        rows_N, cols_N: ``[N]`` positions, row-major (rows non-decreasing), each ``cols_N < lengths_B[rows_N]``.
+        at: the right-padded batch and its positions (padding is masked out by ``at.lengths_B``).
         vocab_size: logits are sliced to ``[:vocab_size]`` (drops padded embedding rows); None keeps all.
         chunk: positions per yielded block; None sizes it by :func:`chunk_positions`.
         max_batch: rows per body forward; None runs all rows at once.
@@ -107,17 +107,17 @@ def causal_lm_position_logits(
     """
     head = _check_plain_head(model)
     device = head.weight.device
-    batch, width = tokens_BT.shape
+    batch, width = at.tokens_BT.shape
     step = batch if max_batch is None else max_batch
     positions_T = torch.arange(width, device=device)
-    rows_N, cols_N = rows_N.to(device), cols_N.to(device)
+    rows_N, cols_N = at.rows_N.to(device), at.cols_N.to(device)
     hidden: list[torch.Tensor] = []
     for start in range(0, batch, max(step, 1)):
         in_group_N = (rows_N >= start) & (rows_N < start + step)
         if not bool(in_group_N.any()):
             continue
-        tokens_bT = tokens_BT[start : start + step].to(device)
-        lengths_b = lengths_B[start : start + step].to(device)
+        tokens_bT = at.tokens_BT[start : start + step].to(device)
+        lengths_b = at.lengths_B[start : start + step].to(device)
         attention_mask_bT = (positions_T[None, :] < lengths_b[:, None]).long()
         out = model.base_model(
             input_ids=tokens_bT,
@@ -154,14 +154,14 @@ def token_nll(
     Returns:
         ``[N]`` float64 NLLs of the response tokens, row-major (row ``b`` contributes ``lengths - P``).
     """
-    rows_N, cols_N = state_positions(prompt_lens_B, lengths_B - prompt_lens_B)
-    targets_N = tokens_BT.cpu()[rows_N, cols_N + 1]
+    at = state_positions(tokens_BT, lengths_B, prompt_lens_B, lengths_B - prompt_lens_B)
+    targets_N = tokens_BT.cpu()[at.rows_N, at.cols_N + 1]
     size = chunk_positions(teacher.vocab_size, chunk)
     # Results go into a preallocated tensor: small per-chunk tensors kept alive between the large chunk
     # temporaries fragment glibc's heap, and the process then grows with the number of chunks.
-    nll_N = torch.zeros(len(rows_N), dtype=torch.float64)
+    nll_N = torch.zeros(len(at), dtype=torch.float64)
     done = 0
-    for logits_nV in teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size):
+    for logits_nV in teacher.position_logits(at, size):
         n = logits_nV.shape[0]
         logits_nV = logits_nV.double()
         target_n = targets_N[done : done + n].to(logits_nV.device)
@@ -201,13 +201,13 @@ def kl_both_directions(
         ValueError: student and teacher logits differ in width after slicing.
     """
     vocab = teacher.vocab_size if vocab_size is None else vocab_size
-    rows_N, cols_N = state_positions(prompt_lens_B, lengths_B - prompt_lens_B)
+    at = state_positions(tokens_BT, lengths_B, prompt_lens_B, lengths_B - prompt_lens_B)
     size = chunk_positions(vocab, chunk)
-    student = causal_lm_position_logits(model, tokens_BT, lengths_B, rows_N, cols_N, vocab, size)
-    teacher_chunks = teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size)
+    student = causal_lm_position_logits(model, at, vocab, size)
+    teacher_chunks = teacher.position_logits(at, size)
     # Preallocated results (see token_nll).
-    kl_st_N = torch.zeros(len(rows_N), dtype=torch.float64)
-    kl_ts_N = torch.zeros(len(rows_N), dtype=torch.float64)
+    kl_st_N = torch.zeros(len(at), dtype=torch.float64)
+    kl_ts_N = torch.zeros(len(at), dtype=torch.float64)
     done = 0
     for student_nV, teacher_nV in zip(student, teacher_chunks):
         if student_nV.shape[-1] != teacher_nV.shape[-1]:
@@ -253,9 +253,9 @@ def top_p_sets(
         :class:`~tokenrl.top_p.TopPSet` of ``[n, K]`` tensors for consecutive row-major states (K varies
         between chunks).
     """
-    rows_N, cols_N = state_positions(prompt_lens_B, lengths_B - prompt_lens_B + 1)
+    at = state_positions(tokens_BT, lengths_B, prompt_lens_B, lengths_B - prompt_lens_B + 1)
     size = chunk_positions(teacher.vocab_size, chunk)
-    for logits_nV in teacher.position_logits(tokens_BT, lengths_B, rows_N, cols_N, size):
+    for logits_nV in teacher.position_logits(at, size):
         yield top_p_sparse(logits_nV, p, max_k=max_k, pad_id=pad_id)
 
 
@@ -284,12 +284,13 @@ def with_teacher_logprobs(batch: Batch, teacher: Teacher, pad_id: int, chunk: in
     cols_BL = torch.arange(L, device=device)[None, :]
     src_BL = (cols_BL + (P - prompt_lens_B)[:, None]).clamp(max=L - 1)
     tokens_BL = batch.input_ids_BL.gather(1, src_BL).masked_fill(cols_BL >= lengths_B[:, None], pad_id)
-    rows_N, cols_N = state_positions(prompt_lens_B, batch.lengths_B + 1)
+    at = state_positions(tokens_BL, lengths_B, prompt_lens_B, batch.lengths_B + 1)
+    rows_N = at.rows_N
     S, V = batch.state_mask_BS.shape[1], teacher.vocab_size
     out_BSV = torch.full((len(lengths_B), S, V), -math.log(V), dtype=torch.float32, device=device)
-    states_N = cols_N - (prompt_lens_B.cpu()[rows_N] - 1)
+    states_N = at.cols_N - (prompt_lens_B.cpu()[rows_N] - 1)
     start = 0
-    for logits_nV in teacher.position_logits(tokens_BL, lengths_B, rows_N, cols_N, chunk_positions(V, chunk)):
+    for logits_nV in teacher.position_logits(at, chunk_positions(V, chunk)):
         n = logits_nV.shape[0]
         rows, states = rows_N[start : start + n].to(device), states_N[start : start + n].to(device)
         out_BSV[rows, states] = torch.log_softmax(logits_nV.float(), -1).to(device)

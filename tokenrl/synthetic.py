@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tokenrl.backup import project_to_set
+from tokenrl.teachers import TokenPositions
 
 
 @dataclass
@@ -195,18 +196,11 @@ class SyntheticLanguage:
         """Teacher-forced log-probabilities ``[B, T, V]`` (float32)."""
         return self._log_emission_t[self.states(tokens_BT)].float().to(tokens_BT.device)
 
-    def position_logits(
-        self,
-        tokens_BT: torch.Tensor,
-        lengths_B: torch.Tensor,
-        rows_N: torch.Tensor,
-        cols_N: torch.Tensor,
-        chunk: int,
-    ) -> Iterator[torch.Tensor]:
-        """Exact log-probabilities ``[n, V]`` (float32) at the given positions, ``chunk`` at a time."""
-        states_N = self.states(tokens_BT)[rows_N.cpu(), cols_N.cpu()]
+    def position_logits(self, at: TokenPositions, chunk: int) -> Iterator[torch.Tensor]:
+        """Exact log-probabilities ``[n, V]`` (float32) at the positions of ``at``, ``chunk`` at a time."""
+        states_N = self.states(at.tokens_BT)[at.rows_N.cpu(), at.cols_N.cpu()]
         for start in range(0, len(states_N), chunk):
-            yield self._log_emission_t[states_N[start : start + chunk]].float().to(tokens_BT.device)
+            yield self._log_emission_t[states_N[start : start + chunk]].float().to(at.tokens_BT.device)
 
     def entropy_per_state(self) -> np.ndarray:
         """Entropy (nats) of the next-token distribution of every state, ``[S]``."""

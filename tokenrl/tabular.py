@@ -167,6 +167,26 @@ def _backup(r_SA: np.ndarray, P_SAS: np.ndarray, gamma: float, v_S: np.ndarray) 
     return r_SA + gamma * (P_SAS @ v_S)
 
 
+def _iterate_to_fixed_point(
+    step: Callable[[np.ndarray], np.ndarray], q_SX: np.ndarray, tol: float, max_iters: int, name: str
+) -> tuple[np.ndarray, int]:
+    # The value-iteration loop of both solvers (X = A dense, K sparse): apply `step` until the sup-norm
+    # increment is <= tol.
+    for n_iters in range(1, max_iters + 1):
+        q_next_SX = step(q_SX)
+        delta = np.max(np.abs(q_next_SX - q_SX))
+        q_SX = q_next_SX
+        if delta <= tol:
+            return q_SX, n_iters
+    warnings.warn(
+        f"{name} did not converge in {max_iters} iterations "
+        f"(last increment {delta:.3g} > tol {tol:g}); raise max_iters or tol",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return q_SX, max_iters
+
+
 def top_p_support(probs_SA: np.ndarray, p: float) -> np.ndarray:
     """Top-p (nucleus) action set of every state.
 
@@ -352,20 +372,10 @@ def soft_value_iteration(
     _, r_SA, P_SAS, gamma, support_SA, terminal_S = _check_operator(None, r_SA, P_SAS, gamma, support_SA, terminal_S)
     if tol <= 0 or max_iters < 1:
         raise ValueError(f"need tol > 0 and max_iters >= 1, got tol={tol!r}, max_iters={max_iters!r}")
-    q_SA = np.zeros_like(r_SA)
-    for n_iters in range(1, max_iters + 1):
-        q_next_SA = _backup(r_SA, P_SAS, gamma, _soft_value(q_SA, support_SA, terminal_S))
-        delta = np.max(np.abs(q_next_SA - q_SA))
-        q_SA = q_next_SA
-        if delta <= tol:
-            return q_SA, n_iters
-    warnings.warn(
-        f"soft_value_iteration did not converge in {max_iters} iterations "
-        f"(last increment {delta:.3g} > tol {tol:g}); raise max_iters or tol",
-        RuntimeWarning,
-        stacklevel=2,
+    return _iterate_to_fixed_point(
+        lambda q_SA: _backup(r_SA, P_SAS, gamma, _soft_value(q_SA, support_SA, terminal_S)),
+        np.zeros_like(r_SA), tol, max_iters, "soft_value_iteration",
     )
-    return q_SA, max_iters
 
 
 def sparse_soft_value_iteration(
@@ -419,21 +429,10 @@ def sparse_soft_value_iteration(
     if tol <= 0 or max_iters < 1:
         raise ValueError(f"need tol > 0 and max_iters >= 1, got tol={tol!r}, max_iters={max_iters!r}")
     r_SK = np.where(valid_SK, r_SK, 0.0)
-    q_SK = np.zeros_like(r_SK)
-    for n_iters in range(1, max_iters + 1):
-        v_S = _soft_value(q_SK, valid_SK, terminal_S)
-        q_next_SK = np.where(valid_SK, r_SK + gamma * v_S[next_SK], 0.0)
-        delta = np.max(np.abs(q_next_SK - q_SK))
-        q_SK = q_next_SK
-        if delta <= tol:
-            return q_SK, n_iters
-    warnings.warn(
-        f"sparse_soft_value_iteration did not converge in {max_iters} iterations "
-        f"(last increment {delta:.3g} > tol {tol:g}); raise max_iters or tol",
-        RuntimeWarning,
-        stacklevel=2,
+    return _iterate_to_fixed_point(
+        lambda q_SK: np.where(valid_SK, r_SK + gamma * _soft_value(q_SK, valid_SK, terminal_S)[next_SK], 0.0),
+        np.zeros_like(r_SK), tol, max_iters, "sparse_soft_value_iteration",
     )
-    return q_SK, max_iters
 
 
 def soft_policy_evaluation(
