@@ -13,7 +13,6 @@ to on boundary ties (what every step paid before). One thread.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,21 +25,17 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
+    from profile_step import print_profile, profile_parser
     from run import _hf_teacher, _smol_like
     from tokenrl.datagen import compute_top_p_cache
     from tokenrl.sampling import TeacherSampler
     from tokenrl.top_p import _mask_by_indexed_sort, top_p_mask
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=49152)
-    ap.add_argument("--layers", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=8)
+    ap = profile_parser(__doc__, vocab=49152, layers=10, batch=8, top=10)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved CPU-time rounds (after one warm-up)")
-    ap.add_argument("--top", type=int, default=10, help="operators listed per variant")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = _smol_like(dict(vocab=args.vocab, layers=args.layers, sharpen=8.0))
@@ -78,15 +73,7 @@ def main() -> None:
         print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ratios):.2f} "
               f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
     for name in ("tokenrl sampler + top-p cache", "model.generate"):
-        fn = variants[name]
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events)
-        print(f"\n{name}: {total / 1e6:.2f} s self CPU time for one batch\n")
-        print("| operator | calls | self CPU s | share |\n|---|---:|---:|---:|")
-        for e in events[: args.top]:
-            print(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.0%} |")
+        print_profile(variants[name], f"{name}: {{total}} s self CPU time for one batch", args.top)
     with torch.no_grad():
         logits_BV = model(prompt_BT).logits[:, -1, : args.vocab].float()
     for name, fn in {"top_p_mask": lambda: top_p_mask(logits_BV, 0.8),

@@ -93,3 +93,15 @@ def synthetic_buffer():
     buf.add(prompts, responses, terminated, caches=caches)
     assert 0 < sum(terminated) < len(terminated), "fixture should mix terminated and truncated responses"
     return buf
+
+
+def edit_manifest(data_dir, **fields) -> None:
+    """Overwrite ``fields`` in ``data_dir/manifest.json`` (a user editing the file by hand)."""
+    import json
+
+    path = os.path.join(str(data_dir), "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.update(fields)
+    with open(path, "w") as f:
+        json.dump(manifest, f)

@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from tests.conftest import edit_manifest
 from tests.test_datagen import MANIFEST, assert_buffers_equal, generate
 from tokenrl.buffer import ReplayBuffer
 from tokenrl.config import make_run_config
@@ -133,9 +134,7 @@ def test_manifest_edited_to_fewer_shards_is_refused(lang, prompts, tmp_path):
     """A manifest edited to n_shards=2 used to train on part of the data."""
     out = tmp_path / "data"
     generate(lang, out, prompts)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["n_shards"] = 2
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(out, n_shards=2)
     with pytest.raises(ValueError, match="n_shards: stored 2 vs requested 3"):
         generate(lang, out, prompts)
     with pytest.raises(DataIntegrityError, match="n_shards=2 but has checksums of 3 shards") as err:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import edit_manifest
 from tokenrl.buffer import ReplayBuffer
 from tokenrl.datagen import compute_top_p_cache, generate_teacher_data, load_teacher_data, right_pad
 from tokenrl.top_p import top_p_sparse
@@ -300,9 +301,7 @@ def test_sampling_pass_sets_equal_the_teacher_forced_pass(temperature, top_p, ca
 def test_data_of_an_older_format_is_refused_with_the_fix(lang, prompts, tmp_path):
     out = tmp_path / "data"
     generate(lang, out, prompts)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["format"] = 2
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(out, format=2)
     with pytest.raises(ValueError, match=r"data format 2.*format 3.*delete the folder"):
         load_teacher_data(str(out))
     with pytest.raises(ValueError, match=r"data format 2.*regenerate"):

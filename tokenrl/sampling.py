@@ -5,7 +5,7 @@ One stepper serves every place that generates: the evaluation's and the data gen
 (:class:`tokenrl.models.IncrementalTeacher`). Rows are left-padded so that every row's next token appends at
 the same column, with positions counting real tokens only, so a padded row sees what an unpadded one would.
 The data generation's sampler also keeps the top-p set of every logits row it samples from
-(:func:`sample_with_top_p_cache`): those rows are the teacher's logits at exactly the states the offline
+(:meth:`TeacherSampler.with_top_p_cache`): those rows are the teacher's logits at exactly the states the offline
 cache stores, so no second, teacher-forced pass over the data is needed.
 """
 
@@ -291,46 +291,6 @@ def sample_responses(
     return responses
 
 
-def sample_with_top_p_cache(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    seed: int,
-    cache_top_p: float,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    vocab_size: int | None = None,
-    progress: bool = False,
-) -> tuple[list[list[int]], list[TopPCache]]:
-    """:func:`sample_responses`, plus the model's top-p sets at every state of every response.
-
-    The responses are those :func:`sample_responses` draws with the same arguments. The sets are taken from
-    the logits the sampler computes anyway (one cached forward per token, plus one step for the state after
-    the last token), at the untempered distribution: they equal
-    :func:`tokenrl.datagen.compute_top_p_cache` of the same model on the responses (a second, teacher-forced
-    pass) up to float rounding between the cached and the full forward.
-
-    Args:
-        model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size,
-            vocab_size, progress: as in :func:`sample_responses` (``max_new_tokens >= 1``).
-        cache_top_p: p of the stored sets.
-
-    Returns:
-        ``(responses, caches)``: one :class:`~tokenrl.buffer.TopPCache` per response, with
-        ``len(response) + 1`` states (ids int32, log-probs float16, descending probability).
-    """
-    check_p(cache_top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 to cache top-p sets, got {max_new_tokens}")
-    return _sample(
-        model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size,
-        vocab_size, progress, cache_top_p=cache_top_p,
-    )
-
-
 def _check_sampling_args(prompts, max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
     check_p(top_p)
     if temperature < 0:
@@ -346,7 +306,7 @@ def _sample(
     model, prompts, max_new_tokens, eos_token_id, pad_token_id, seed, temperature, top_p, batch_size, vocab_size,
     progress, cache_top_p,
 ) -> tuple[list[list[int]], list[TopPCache] | None]:
-    """The batched sampling loop of :func:`sample_responses` and :func:`sample_with_top_p_cache`."""
+    """The batched sampling loop of :func:`sample_responses` and :meth:`TeacherSampler.with_top_p_cache`."""
     _check_sampling_args(prompts, max_new_tokens, temperature, top_p, batch_size)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     starts = range(0, len(prompts), batch_size)
@@ -385,7 +345,7 @@ class TeacherSampler:
     """The offline data's sampler on a transformers teacher: ``sampler(prompts, seed) -> [(response, terminated)]``.
 
     It implements :class:`tokenrl.datagen.TopPCachingSampler`: :meth:`with_top_p_cache` also returns the
-    teacher's top-p sets from the sampling pass itself (:func:`sample_with_top_p_cache`), so data generation
+    teacher's top-p sets from the sampling pass itself, so data generation
     runs the teacher once over the data instead of sampling and then scoring every trajectory again.
 
     Attributes:
@@ -420,9 +380,20 @@ class TeacherSampler:
     def with_top_p_cache(
         self, prompts: Sequence[Sequence[int]], seed: int, p: float
     ) -> tuple[list[tuple[list[int], bool]], list[TopPCache]]:
-        """The samples of ``self(prompts, seed)`` and the teacher's top-p sets at ``p`` along each."""
-        responses, caches = sample_with_top_p_cache(
+        """The samples of ``self(prompts, seed)`` and the teacher's top-p sets at ``p`` along each.
+
+        The sets are taken from the logits the sampler computes anyway (one cached forward per token, plus one
+        step for the state after the last token), at the untempered distribution: they equal
+        :func:`tokenrl.datagen.compute_top_p_cache` of the same model on the responses (a second, teacher-forced
+        pass) up to float rounding between the cached and the full forward. Each
+        :class:`~tokenrl.buffer.TopPCache` has ``len(response) + 1`` states (ids int32, log-probs float16,
+        descending probability).
+        """
+        check_p(p)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 to cache top-p sets, got {self.max_new_tokens}")
+        responses, caches = _sample(
             self.model, [list(pr) for pr in prompts], self.max_new_tokens, self.eos_token_id, self.pad_token_id,
-            seed, p, **self._settings(),
+            seed, self.temperature, self.top_p, self.batch_size, self.vocab_size, progress=False, cache_top_p=p,
         )
         return self._with_flags(responses), caches
