@@ -207,8 +207,10 @@ def analyse(data: dict) -> dict:
         start = float(np.mean([recs[0][key] for recs_all in data["runs"].values() for recs in recs_all]))
         best = {label: (c[1].max() if higher else c[1].min()) for label, c in curves.items()}
         best_all = max(best.values()) if higher else min(best.values())
-        # A curve that never improves on the warm start has no time to its best (NaN, "no gain").
-        gained = {label: (b > start) if higher else (b < start) for label, b in best.items()}
+        # A curve that never improves on the warm start has no time to its best (NaN, "no gain"); the start is
+        # a mean over runs, so "improves" means by more than float rounding.
+        tol = 1e-9 * max(1.0, abs(start))
+        gained = {label: (b > start + tol) if higher else (b < start - tol) for label, b in best.items()}
         out[key] = {
             label: {
                 "curve": c, "start": start, "best": float(best[label]), "gained": bool(gained[label]),

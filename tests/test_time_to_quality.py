@@ -57,3 +57,24 @@ def test_tiny_comparison_writes_records_plot_and_section(tmp_path):
     assert (tmp_path / "ttq.png").stat().st_size > 0
     text = md.read_text()
     assert "| minillm | bc |" in text and "One-time costs" in text and "teacher data" in text
+
+
+def test_a_flat_curve_is_no_gain_despite_float_rounding_of_the_start():
+    """The start is the mean over every run's first record: a curve that never moves must not count as a gain
+    when that mean differs from its own value by rounding (it printed as "reached in 0.0 s")."""
+    flat_value = 41.84808436607271  # the mean of 7 copies differs from the mean of 3 in the last digit
+    metrics = [key for key, _, _ in ttq.METRICS]
+
+    def run(values):
+        return [{"train_clock_s": float(i), "step": i, **{key: v for key in metrics}} for i, v in enumerate(values)]
+
+    data = {"runs": {
+        "flat": [run([flat_value] * 3) for _ in range(3)],
+        "moves": [run([flat_value, flat_value - 1.0, flat_value + 1.0]) for _ in range(4)],
+    }}
+    assert np.mean([flat_value] * 7) != np.mean([flat_value] * 3)
+    analysis = ttq.analyse(data)
+    for key, _, higher in ttq.METRICS:
+        assert not analysis[key]["flat"]["gained"] and math.isnan(analysis[key]["flat"]["t95_own"])
+        assert analysis[key]["moves"]["gained"]
+        assert abs(analysis[key]["moves"]["t95_own"] - (2.0 if higher else 1.0)) < 0.02  # on the 200-point grid
