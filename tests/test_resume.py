@@ -258,3 +258,28 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert not _tmp_files(out)  # the orphans of killed writers were removed
     _assert_same_student(tmp_path / "straight", out)
     _assert_same_metrics(straight_metrics, json.loads((out / "metrics.json").read_text()))
+
+
+def test_checkpoint_writes_tensors_in_place_and_copies_only_what_safetensors_refuses(tmp_path):
+    """Whole contiguous tensors are written from their own memory (no second copy of the state while writing);
+    tied, view and non-contiguous tensors are copied and still round-trip."""
+    from tokenrl.checkpoint import _writable
+
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {
+        "whole": base,
+        "tied": base,  # shares storage with "whole" (tied embeddings)
+        "row": base[1],  # a view of a larger storage
+        "transposed": base.t(),  # not contiguous
+        "moment": torch.randn(5, dtype=torch.float64),
+        "step": torch.tensor(3.0),
+        "empty": torch.zeros(0),
+    }
+    writable = _writable(dict(state))
+    assert writable["moment"] is state["moment"] and writable["step"] is state["step"]
+    ptrs = [t.untyped_storage().data_ptr() for t in writable.values() if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)  # no two written tensors share memory
+    path = save_checkpoint(str(tmp_path), state, step=1, keep=1)
+    loaded = load_checkpoint(path)
+    for key, tensor in state.items():
+        torch.testing.assert_close(loaded[key], tensor, rtol=0, atol=0)
