@@ -8,7 +8,8 @@ For each algorithm, one Hydra multirun of ``experiments/run.py`` over ``algo.lr`
 each run reports the best validation score of its checkpoints, step 0 = the SFT start included). Then, per
 algorithm, the lr with the lowest mean validation score over seeds is chosen, and ``OUT/lr_sweep.md`` gets a
 table: the validation score at every lr, the chosen lr, and the test metrics of the chosen lr (mean +- std
-over seeds). Arguments after ``--`` go to every run (task, model, steps, ...). ``--lrs-for ALGO=LR,LR``
+over seeds); ``OUT/chosen.json`` maps each algorithm to its chosen ``lr`` and the run folders at that lr
+(``runs``), for scripts that run more seeds at the chosen lr. Arguments after ``--`` go to every run (task, model, steps, ...). ``--lrs-for ALGO=LR,LR``
 gives one algorithm its own grid; ``--summarize-only`` re-reads an existing ``OUT``.
 """
 
@@ -37,7 +38,8 @@ def sweep_command(algo: str, lrs: list[float], seeds: list[int], out_dir: Path, 
 
 
 def collect(out_dir: Path) -> list[dict]:
-    """One record per run below ``out_dir``: ``algo``, ``lr``, ``seed``, ``val`` (best validation score), ``final_eval``.
+    """One record per run below ``out_dir``: ``algo``, ``lr``, ``seed``, ``val`` (best validation score), ``best_step``,
+    ``final_eval`` and the run folder ``dir``.
 
     Raises:
         ValueError: a run without a ``selection`` result (it was not run with ``selection=best``).
@@ -54,6 +56,7 @@ def collect(out_dir: Path) -> list[dict]:
             "val": float(metrics["selection"]["best_score"]),
             "best_step": metrics["selection"]["best_step"],
             "final_eval": metrics["final_eval"],
+            "dir": str(path.parent),
         })
     return records
 
@@ -123,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"error: no metrics.json under {out}", file=sys.stderr)
         return 1
-    table = to_markdown(pick_lrs(records))
+    picks = pick_lrs(records)
+    table = to_markdown(picks)
     sys.stdout.write(table)
     (out / "lr_sweep.md").write_text(table)
+    chosen = {algo: {"lr": pick["lr"], "runs": sorted(r["dir"] for r in pick["runs"])} for algo, pick in picks.items()}
+    (out / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     return 0
 
 

@@ -48,5 +48,6 @@ def test_tiny_sweep_runs_and_reports_the_chosen_lr(sweep, tmp_path, monkeypatch)
     chosen = min(records, key=lambda r: r["val"])
     table = (out / "lr_sweep.md").read_text()
     assert f"| {chosen['lr']:g} |" in table
+    assert json.loads((out / "chosen.json").read_text()) == {"bc": {"lr": chosen["lr"], "runs": [chosen["dir"]]}}
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     assert metrics["sft"]["steps_run"] <= 4 and metrics["selection"]["history"][0][0] == 0
