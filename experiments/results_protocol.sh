@@ -9,7 +9,7 @@
 #  2. SEEDS of bc, kd and iql_bd at their chosen lrs (seed 0 of these is the sweep's run at the chosen lr,
 #     the same config, not run twice);
 #  3. ABLATION_SEEDS of the p ablation, algo.top_p in P_GRID for the three BD forms (iql_bd, iql_bd_math,
-#     iql_bd_released), and soft_q, all at iql_bd's chosen lr (not swept). At p = 1 the released form runs
+#     iql_bd_released), then soft_q, all at iql_bd's chosen lr (not swept). At p = 1 the released form runs
 #     without its KD half (algo.kd_coef=0: the KD term reads the cached top-0.8 set, which the
 #     full-vocabulary MDP has not);
 #  4. the table (experiments/report.py --protocol).
@@ -28,9 +28,7 @@ run() { python experiments/run.py -m "${PROTOCOL[@]}" "$@"; }
 chosen() { python -c "import json, sys; print(json.load(open('$OUT/lr_sweep/chosen.json'))['$1'][sys.argv[1]])" "$2"; }
 # Seeds other than 0 (seed 0 of a swept setting is the sweep's run); empty if SEEDS is just 0.
 OTHER_SEEDS=$(echo "$SEEDS" | tr ',' '\n' | grep -v '^0$' | paste -sd, || true)
-# P_GRID without 0.8 (iql_bd at 0.8 is step 2's setting) and without 1.0 (the released form's own call).
-IQL_BD_P=$(echo "$P_GRID" | tr ',' '\n' | grep -v '^0.8$' | paste -sd, || true)
-RELEASED_P=$(echo "$P_GRID" | tr ',' '\n' | grep -v '^1.0$' | paste -sd, || true)
+OTHER_P=$(echo "$P_GRID" | tr ',' '\n' | grep -v '^0.8$' || true)   # P_GRID without 0.8, one a line
 
 python experiments/generate.py threads=1   # the shared offline teacher data, once
 if [[ ! -f "$OUT/lr_sweep/chosen.json" ]]; then
@@ -44,18 +42,17 @@ if [[ -n "$OTHER_SEEDS" ]]; then
   run algo=kd algo.lr="$LR_KD" seed="$OTHER_SEEDS" hydra.sweep.dir="$OUT/main/kd"
   run algo=iql_bd algo.lr="$LR_BD" seed="$OTHER_SEEDS" hydra.sweep.dir="$OUT/main/iql_bd_p0.8"
 fi
-if [[ -n "$IQL_BD_P" ]]; then
-  run algo=iql_bd algo.lr="$LR_BD" algo.top_p="$IQL_BD_P" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/iql_bd_p"
-fi
-run algo=iql_bd_math algo.lr="$LR_BD" algo.top_p="$P_GRID" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/iql_bd_math"
-if [[ -n "$RELEASED_P" ]]; then
-  run algo=iql_bd_released algo.lr="$LR_BD" algo.top_p="$RELEASED_P" seed="$ABLATION_SEEDS" \
-    hydra.sweep.dir="$OUT/main/iql_bd_released"
-fi
-if [[ ",$P_GRID," == *",1.0,"* ]]; then
-  run algo=iql_bd_released algo.lr="$LR_BD" algo.top_p=1.0 algo.kd_coef=0.0 seed="$ABLATION_SEEDS" \
-    hydra.sweep.dir="$OUT/main/iql_bd_released_p1"
-fi
+# The p ablation, the most informative runs first (a stream stopped early keeps them): the paper's and the
+# release's forms at the paper's p = 0.8, then the other p values for the three forms.
+td() {  # td ALGO P: one BD form at one p, ABLATION_SEEDS
+  local extra=()
+  [[ $1 == iql_bd_released && $2 == 1.0 ]] && extra=(algo.kd_coef=0.0)
+  run algo="$1" algo.lr="$LR_BD" algo.top_p="$2" "${extra[@]}" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/$1_p$2"
+}
+if [[ ",$P_GRID," == *",0.8,"* ]]; then td iql_bd_math 0.8; td iql_bd_released 0.8; fi
+for p in $OTHER_P; do
+  for algo in iql_bd iql_bd_math iql_bd_released; do td "$algo" "$p"; done
+done
 run algo=soft_q algo.lr="$LR_BD" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/soft_q"
 
 # The table: the sweep's seed-0 runs at the chosen lrs plus every run above.
