@@ -13,14 +13,14 @@
 #     without its KD half (algo.kd_coef=0: the KD term reads the cached top-0.8 set, which the
 #     full-vocabulary MDP has not);
 #  4. the table (experiments/report.py --protocol).
-# SEEDS, ABLATION_SEEDS (default 0,1,2 both) and P_GRID (0.5,0.8,1.0) can be narrowed from the environment;
+# SEEDS, ABLATION_SEEDS (default 0,1,2 both) and P_GRID (0.8,1.0,0.5) can be narrowed from the environment;
 # RESULTS.md says which were.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-multirun/results_protocol}
 SEEDS=${SEEDS:-0,1,2}
 ABLATION_SEEDS=${ABLATION_SEEDS:-0,1,2}
-P_GRID=${P_GRID:-0.5,0.8,1.0}
+P_GRID=${P_GRID:-0.8,1.0,0.5}   # the order the p ablation runs in
 LRS=${LRS:-3e-4,1e-3,3e-3}
 PROTOCOL=(threads=1 progress=false selection=best sft_steps=3000 'eval.decode_top_p=[1.0,0.8]')
 mkdir -p "$OUT"
@@ -43,7 +43,8 @@ if [[ -n "$OTHER_SEEDS" ]]; then
   run algo=iql_bd algo.lr="$LR_BD" seed="$OTHER_SEEDS" hydra.sweep.dir="$OUT/main/iql_bd_p0.8"
 fi
 # The p ablation, the most informative runs first (a stream stopped early keeps them): the paper's and the
-# release's forms at the paper's p = 0.8, then the other p values for the three forms.
+# release's forms at the paper's p = 0.8, then the other p values for the three forms (1.0, the paper's
+# comparison, before 0.5).
 td() {  # td ALGO P: one BD form at one p, ABLATION_SEEDS
   local extra=()
   [[ $1 == iql_bd_released && $2 == 1.0 ]] && extra=(algo.kd_coef=0.0)
