@@ -25,6 +25,8 @@ LRS=${LRS:-3e-4,1e-3,3e-3}
 PROTOCOL=(threads=1 progress=false selection=best sft_steps=3000 'eval.decode_top_p=[1.0,0.8]')
 mkdir -p "$OUT"
 run() { python experiments/run.py -m "${PROTOCOL[@]}" "$@"; }
+# A failed setting (e.g. stopped by the divergence guard) is reported and skipped; the table omits it.
+try() { "$@" || echo "warning: failed, no table row: ${*:2}" | tee -a "$OUT/failed.txt" >&2; }
 chosen() { python -c "import json, sys; print(json.load(open('$OUT/lr_sweep/chosen.json'))['$1'][sys.argv[1]])" "$2"; }
 # Seeds other than 0 (seed 0 of a swept setting is the sweep's run); empty if SEEDS is just 0.
 OTHER_SEEDS=$(echo "$SEEDS" | tr ',' '\n' | grep -v '^0$' | paste -sd, || true)
@@ -48,13 +50,13 @@ fi
 td() {  # td ALGO P: one BD form at one p, ABLATION_SEEDS
   local extra=()
   [[ $1 == iql_bd_released && $2 == 1.0 ]] && extra=(algo.kd_coef=0.0)
-  run algo="$1" algo.lr="$LR_BD" algo.top_p="$2" "${extra[@]}" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/$1_p$2"
+  try run algo="$1" algo.lr="$LR_BD" algo.top_p="$2" "${extra[@]}" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/$1_p$2"
 }
 if [[ ",$P_GRID," == *",0.8,"* ]]; then td iql_bd_math 0.8; td iql_bd_released 0.8; fi
 for p in $OTHER_P; do
   for algo in iql_bd iql_bd_math iql_bd_released; do td "$algo" "$p"; done
 done
-run algo=soft_q algo.lr="$LR_BD" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/soft_q"
+try run algo=soft_q algo.lr="$LR_BD" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/soft_q"
 
 # The table: the sweep's seed-0 runs at the chosen lrs plus every run above.
 mapfile -t SWEPT < <(python -c "import json; [print(d) for a in json.load(open('$OUT/lr_sweep/chosen.json')).values() for d in a['runs']]")
