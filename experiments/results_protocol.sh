@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the fair-protocol tables of RESULTS.md (issue 8) on the default synthetic task: one sequential
-# stream of runs, one torch thread (the whole script is single-process; on 2 cores expect ~3-4 min per run).
+# stream of runs, one torch thread (single-process; 1-4.5 min per run on 2 shared cores, 42 runs at the defaults).
 #   bash experiments/results_protocol.sh [OUT_DIR]
 # Protocol (every run): selection=best (SFT until the validation KL stops improving, at most 3000 steps,
 # cached and shared by every method of a seed; the best validated checkpoint, step 0 = the SFT start
