@@ -18,6 +18,7 @@ folders and plain run folders both work). Expected schema, every key optional ex
       "init_eval": {...},                    # same keys, the student before training
       "teacher_eval": {...},                 # same keys, tokenrl.evaluation.evaluate_teacher_samples
       "sft_eval": {...},                     # same keys, the student after the SFT warm start (if any)
+      "selection": {"best_step": 300, ...},  # selection=best: the chosen checkpoint (column "best step")
       "train": {...}                         # training curves; not used here
     }
 
@@ -25,9 +26,15 @@ Rows: one per algorithm and setting. A config key becomes a row label when it ta
 within one algorithm's runs, or, for keys outside the ``algo.`` group, several values across all runs
 (``algo.*`` keys that differ only between algorithms are implied by the algorithm name). Keys matching
 ``--ignore`` (seeds, Hydra and output paths by default) never do, and top-p keys (last component ``p`` or
-``top_p``) always label when present. Runs sharing a row are that setting's training seeds; the table
+``top_p``) and the keys given with ``--label`` (e.g. ``algo.lr``, to show each algorithm's chosen lr) always
+label when present. Runs sharing a row are that setting's training seeds; the table
 shows mean +- sample std (``ddof=1``) over them and their count. The "teacher" and "untrained student"
-rows pool ``teacher_eval`` / ``init_eval`` over all runs, one value per training seed.
+rows pool ``teacher_eval`` / ``init_eval`` over all runs, one value per training seed. Runs with a
+``selection`` result add a "best step" column: the chosen checkpoint's step per seed, in seed order.
+
+``--protocol`` picks the fair-protocol columns (``PROTOCOL_METRICS``): teacher NLL and Rouge-L at student
+decoding top-p 1.0 and 0.8 side by side, the teacher-forced KL, the on-policy reverse KL, the set metrics
+(mass outside the teacher's set, KL on the set, student entropy) and the response length.
 """
 
 from __future__ import annotations
@@ -49,6 +56,18 @@ DEFAULT_METRICS = (
     ("eval/rougeL", "Rouge-L"),
     ("eval/kl_student_teacher", "KL(s‖t)"),
     ("eval/onpolicy_kl", "on-policy KL(s‖t)"),
+    ("eval/response_len", "resp. len"),
+)
+PROTOCOL_METRICS = (
+    ("eval/teacher_nll", "teacher NLL @1.0"),
+    ("eval_p0.8/teacher_nll", "teacher NLL @0.8"),
+    ("eval/rougeL", "Rouge-L @1.0"),
+    ("eval_p0.8/rougeL", "Rouge-L @0.8"),
+    ("eval/kl_student_teacher", "KL(s‖t)"),
+    ("eval/onpolicy_kl", "on-policy KL(s‖t)"),
+    ("eval/mass_outside_set", "mass outside set"),
+    ("eval/kl_teacher_student_on_set", "KL(t‖s) on set"),
+    ("eval/student_entropy", "entropy"),
     ("eval/response_len", "resp. len"),
 )
 DEFAULT_IGNORE = (
@@ -73,6 +92,8 @@ class Run:
         final_eval: metrics of the trained student.
         init_eval: metrics of the untrained student (may be empty).
         teacher_eval: metrics of the teacher's own samples (may be empty).
+        sft_eval: metrics of the student after the SFT warm start (may be empty).
+        best_step: the checkpoint step ``selection=best`` chose (None without a ``selection`` result).
     """
 
     path: Path
@@ -83,6 +104,7 @@ class Run:
     init_eval: dict[str, Any] = field(default_factory=dict)
     teacher_eval: dict[str, Any] = field(default_factory=dict)
     sft_eval: dict[str, Any] = field(default_factory=dict)
+    best_step: int | None = None
 
 
 @dataclass
@@ -94,12 +116,14 @@ class Row:
         labels: label key -> value (the setting this row stands for).
         stats: metric key -> (mean, std, n) over the row's training seeds.
         n: number of runs in the row.
+        best_steps: the selected checkpoint's step of each run with a ``selection`` result, in seed order.
     """
 
     algo: str
     labels: dict[str, Any]
     stats: dict[str, tuple[float, float, int]]
     n: int
+    best_steps: list[int] = field(default_factory=list)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -164,6 +188,7 @@ def load_run(path: Path) -> Run | None:
         init_eval=metrics.get("init_eval") or {},
         teacher_eval=metrics.get("teacher_eval") or {},
         sft_eval=metrics.get("sft_eval") or {},
+        best_step=(metrics.get("selection") or {}).get("best_step"),
     )
 
 
@@ -171,11 +196,16 @@ def _hashable(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def label_keys(runs: list[Run], ignore: tuple[str, ...] = DEFAULT_IGNORE) -> list[str]:
-    """Config keys that distinguish rows (see the module docstring for the rule)."""
+def label_keys(
+    runs: list[Run], ignore: tuple[str, ...] = DEFAULT_IGNORE, always: tuple[str, ...] = ()
+) -> list[str]:
+    """Config keys that distinguish rows (see the module docstring for the rule); ``always``: forced labels."""
     keys = sorted({k for run in runs for k in run.config})
     chosen = []
     for key in keys:
+        if key in always:
+            chosen.append(key)
+            continue
         if any(fnmatch.fnmatch(key, pattern) for pattern in ignore):
             continue
         if key.split(".")[-1] in TOP_P_NAMES:
@@ -222,14 +252,14 @@ def _baseline_evals(runs: list[Run], field_name: str) -> list[dict[str, Any]]:
 
 
 def build_rows(
-    runs: list[Run], metric_keys: list[str], ignore: tuple[str, ...] = DEFAULT_IGNORE
+    runs: list[Run], metric_keys: list[str], ignore: tuple[str, ...] = DEFAULT_IGNORE, always: tuple[str, ...] = ()
 ) -> tuple[list[str], list[Row]]:
     """Group runs into rows and aggregate their final metrics over training seeds.
 
     Returns:
         ``(label_keys, rows)``: baseline rows first, then the algorithms sorted by name and labels.
     """
-    keys = label_keys(runs, ignore)
+    keys = label_keys(runs, ignore, always)
     rows = []
     for field_name, name in BASELINES:
         evals = _baseline_evals(runs, field_name)
@@ -249,7 +279,10 @@ def build_rows(
             )
         labels = {k: members[0].config.get(k) for k in keys}
         evals = [run.final_eval for run in members]
-        rows.append(Row(algo=members[0].algo, labels=labels, stats=_stats(evals, metric_keys), n=len(members)))
+        best_steps = [run.best_step for run in sorted(members, key=lambda r: str(r.seed)) if run.best_step is not None]
+        rows.append(
+            Row(algo=members[0].algo, labels=labels, stats=_stats(evals, metric_keys), n=len(members), best_steps=best_steps)
+        )
     return keys, rows
 
 
@@ -265,8 +298,9 @@ def _format_value(value: Any) -> str:
 
 
 def to_markdown(keys: list[str], rows: list[Row], metrics: list[tuple[str, str]]) -> str:
-    """Render rows as a GitHub markdown table: labels, then ``mean ± std`` per metric, then n seeds."""
-    header = ["algo", *_column_names(keys), *(title for _, title in metrics), "n seeds"]
+    """Render rows as a GitHub markdown table: labels, ``mean ± std`` per metric, best steps if any, n seeds."""
+    with_steps = any(row.best_steps for row in rows)
+    header = ["algo", *_column_names(keys), *(title for _, title in metrics), *(["best step"] if with_steps else []), "n seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.algo, *(_format_value(row.labels.get(k)) for k in keys)]
@@ -276,6 +310,8 @@ def to_markdown(keys: list[str], rows: list[Row], metrics: list[tuple[str, str]]
                 cells.append(f"{mean:.3f} ± {std:.3f}")
             else:
                 cells.append("–")
+        if with_steps:
+            cells.append(",".join(map(str, row.best_steps)))
         cells.append(str(row.n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -321,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY[=TITLE]",
         help="metric column (repeatable); default: " + ", ".join(k for k, _ in DEFAULT_METRICS),
     )
+    parser.add_argument("--protocol", action="store_true", help="the fair protocol's columns (PROTOCOL_METRICS)")
+    parser.add_argument(
+        "--label", action="append", metavar="KEY", help="config key always shown as a row label (e.g. algo.lr)"
+    )
     parser.add_argument(
         "--ignore",
         action="append",
@@ -329,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    metrics = list(DEFAULT_METRICS)
+    metrics = list(PROTOCOL_METRICS if args.protocol else DEFAULT_METRICS)
     if args.metric:
         metrics = [tuple(m.split("=", 1)) if "=" in m else (m, m.removeprefix("eval/")) for m in args.metric]
     ignore = DEFAULT_IGNORE + tuple(args.ignore or ())
@@ -337,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no usable metrics.json under {', '.join(args.dirs)}", file=sys.stderr)
         return 1
-    keys, rows = build_rows(runs, [k for k, _ in metrics], ignore)
+    keys, rows = build_rows(runs, [k for k, _ in metrics], ignore, tuple(args.label or ()))
     table = to_markdown(keys, rows, metrics)
     sys.stdout.write(table)
     if args.out:

@@ -3,12 +3,14 @@
     python experiments/sweep_lr.py --algos bc,kd,iql_bd --lrs 1e-4,3e-4,1e-3 --seeds 0,1,2 \
         --out multirun/lr_sweep -- sft_steps=3000 eval.decode_top_p=[1.0,0.8]
 
-For each algorithm, one Hydra multirun of ``experiments/run.py`` over ``algo.lr`` x ``seed`` into
-``OUT/<algo>/`` with ``selection=best`` (the converged SFT start is cached and shared by every run of a seed;
+For each algorithm and lr, one Hydra multirun of ``experiments/run.py`` over ``seed`` into
+``OUT/<algo>/lr<lr>/`` with ``selection=best`` (the converged SFT start is cached and shared by every run of a seed;
 each run reports the best validation score of its checkpoints, step 0 = the SFT start included). Then, per
-algorithm, the lr with the lowest mean validation score over seeds is chosen, and ``OUT/lr_sweep.md`` gets a
+algorithm, the lr with the lowest mean validation score over seeds is chosen (a run that failed, e.g. stopped by
+the divergence guard, scores NaN, so its lr is never chosen and the sweep goes on), and ``OUT/lr_sweep.md`` gets a
 table: the validation score at every lr, the chosen lr, and the test metrics of the chosen lr (mean +- std
-over seeds). Arguments after ``--`` go to every run (task, model, steps, ...). ``--lrs-for ALGO=LR,LR``
+over seeds); ``OUT/chosen.json`` maps each algorithm to its chosen ``lr`` and the run folders at that lr
+(``runs``), for scripts that run more seeds at the chosen lr. Arguments after ``--`` go to every run (task, model, steps, ...). ``--lrs-for ALGO=LR,LR``
 gives one algorithm its own grid; ``--summarize-only`` re-reads an existing ``OUT``.
 """
 
@@ -22,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METRICS = ("eval/teacher_nll", "eval/rougeL", "eval_p0.8/rougeL", "eval/kl_student_teacher", "eval/mass_outside_set")
@@ -37,12 +40,23 @@ def sweep_command(algo: str, lrs: list[float], seeds: list[int], out_dir: Path, 
 
 
 def collect(out_dir: Path) -> list[dict]:
-    """One record per run below ``out_dir``: ``algo``, ``lr``, ``seed``, ``val`` (best validation score), ``final_eval``.
+    """One record per run below ``out_dir``: ``algo``, ``lr``, ``seed``, ``val`` (best validation score), ``best_step``,
+    ``final_eval`` and the run folder ``dir``. A run folder with a ``config.yaml`` but no ``metrics.json`` (a
+    failed run) gets ``val`` NaN, ``best_step`` None and an empty ``final_eval``.
 
     Raises:
         ValueError: a run without a ``selection`` result (it was not run with ``selection=best``).
     """
     records = []
+    for config_path in sorted(out_dir.rglob("config.yaml")):
+        if config_path.parent.name == ".hydra" or (config_path.parent / "metrics.json").exists():
+            continue
+        # A run folder without metrics.json: the run failed (diverged, crashed); its lr scores NaN.
+        config = yaml.safe_load(config_path.read_text())
+        records.append({
+            "algo": config["algo"]["name"], "lr": float(config["algo"]["lr"]), "seed": config["seed"],
+            "val": float("nan"), "best_step": None, "final_eval": {}, "dir": str(config_path.parent),
+        })
     for path in sorted(out_dir.rglob("metrics.json")):
         metrics = json.loads(path.read_text())
         if "selection" not in metrics:
@@ -54,6 +68,7 @@ def collect(out_dir: Path) -> list[dict]:
             "val": float(metrics["selection"]["best_score"]),
             "best_step": metrics["selection"]["best_step"],
             "final_eval": metrics["final_eval"],
+            "dir": str(path.parent),
         })
     return records
 
@@ -86,7 +101,7 @@ def to_markdown(picks: dict[str, dict], metrics: tuple[str, ...] = DEFAULT_METRI
         "|---|---|---|---|---|" + "---|" * len(metrics),
     ]
     for algo, pick in picks.items():
-        vals = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in pick["val_by_lr"].items())
+        vals = ", ".join(f"{lr:g}: {'failed' if np.isnan(v) else f'{v:.4f}'}" for lr, v in pick["val_by_lr"].items())
         runs = pick["runs"]
         cells = [_mean_std([r["final_eval"][m] for r in runs if m in r["final_eval"]]) for m in metrics]
         steps = ",".join(str(r["best_step"]) for r in sorted(runs, key=lambda r: r["seed"]))
@@ -118,14 +133,21 @@ def main(argv: list[str] | None = None) -> int:
             grids[algo] = [float(x) for x in lrs.split(",")]
         seeds = [int(s) for s in args.seeds.split(",")]
         for algo, lrs in grids.items():
-            subprocess.run(sweep_command(algo, lrs, seeds, out / algo, extra), check=True, cwd=ROOT)
+            for lr in lrs:
+                # One multirun per lr: Hydra stops a multirun at its first failed job, which would skip the rest.
+                done = subprocess.run(sweep_command(algo, [lr], seeds, out / algo / f"lr{lr:g}", extra), cwd=ROOT)
+                if done.returncode != 0:
+                    print(f"warning: {algo} at lr {lr:g} failed (exit {done.returncode}); it scores NaN", file=sys.stderr)
     records = collect(out)
     if not records:
         print(f"error: no metrics.json under {out}", file=sys.stderr)
         return 1
-    table = to_markdown(pick_lrs(records))
+    picks = pick_lrs(records)
+    table = to_markdown(picks)
     sys.stdout.write(table)
     (out / "lr_sweep.md").write_text(table)
+    chosen = {algo: {"lr": pick["lr"], "runs": sorted(r["dir"] for r in pick["runs"])} for algo, pick in picks.items()}
+    (out / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     return 0
 
 

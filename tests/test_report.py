@@ -117,3 +117,21 @@ def test_report_splits_rows_on_swept_keys(report, tmp_path):
 def test_report_fails_cleanly_without_runs(report, tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     assert "no usable metrics.json" in capsys.readouterr().err
+
+
+def test_report_protocol_columns_forced_label_and_best_steps(report, tmp_path, capsys):
+    """--protocol's columns, --label algo.lr (implied by the algorithm otherwise) and the per-seed best steps."""
+    for algo, lr in (("bd", 1e-3), ("sft", 3e-4)):
+        for seed, step in ((1, 700), (0, 300)):
+            run_dir = tmp_path / f"{algo}_{seed}"
+            run_dir.mkdir()
+            final = {key: float(seed) for key, _ in report.PROTOCOL_METRICS}
+            (run_dir / "metrics.json").write_text(json.dumps({
+                "algo": algo, "seed": seed, "config": {"seed": seed, "algo": {"name": algo, "lr": lr}},
+                "final_eval": final, "selection": {"best_step": step + (algo == "sft")},
+            }))
+    assert report.main([str(tmp_path), "--protocol", "--label", "algo.lr"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| algo | lr | teacher NLL @1.0 | teacher NLL @0.8 |") and "| best step | n seeds |" in lines[0]
+    assert lines[2] == "| bd | 0.001 | " + "0.500 ± 0.707 | " * len(report.PROTOCOL_METRICS) + "300,700 | 2 |"
+    assert lines[3].startswith("| sft | 0.0003 |") and lines[3].endswith("| 301,701 | 2 |")

@@ -30,6 +30,23 @@ def test_pick_lrs_takes_the_lowest_mean_validation_score(sweep):
     )
 
 
+def test_failed_run_scores_nan_and_its_lr_is_not_chosen(sweep, tmp_path):
+    """A run folder with config.yaml but no metrics.json (stopped by the divergence guard) loses, the rest count."""
+    for lr, val in ((1e-3, 0.5), (3e-3, None)):
+        run_dir = tmp_path / "kd" / f"lr{lr:g}" / "0_kd_s0"
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(f"algo:\n  name: kd\n  lr: {lr}\nseed: 0\n")
+        if val is not None:
+            (run_dir / "metrics.json").write_text(json.dumps({
+                "algo": "kd", "seed": 0, "config": {"algo": {"lr": lr}},
+                "selection": {"best_score": val, "best_step": 100}, "final_eval": {},
+            }))
+    records = sweep.collect(tmp_path)
+    failed = next(r for r in records if r["lr"] == 3e-3)
+    assert len(records) == 2 and failed["val"] != failed["val"] and failed["final_eval"] == {}
+    assert sweep.pick_lrs(records)["kd"]["lr"] == 1e-3
+
+
 def test_tiny_sweep_runs_and_reports_the_chosen_lr(sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENRL_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "sweep"
@@ -40,5 +57,6 @@ def test_tiny_sweep_runs_and_reports_the_chosen_lr(sweep, tmp_path, monkeypatch)
     chosen = min(records, key=lambda r: r["val"])
     table = (out / "lr_sweep.md").read_text()
     assert f"| {chosen['lr']:g} |" in table
+    assert json.loads((out / "chosen.json").read_text()) == {"bc": {"lr": chosen["lr"], "runs": [chosen["dir"]]}}
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     assert metrics["sft"]["steps_run"] <= 4 and metrics["selection"]["history"][0][0] == 0

@@ -32,6 +32,8 @@ def _cfg(tmp_path, algo=None, **top):
         ({"alpha": 0.0}, {}, "algo.alpha=0.0"),
         (None, {"task": {"max_new_tokens": 0}}, "task.max_new_tokens=0"),
         ({"top_p": 0.9}, {"task": {"cache_top_p": 0.8}}, "task.cache_top_p=0.8 < algo.top_p=0.9"),
+        ({"name": "kd", "top_p": 1.0}, {"task": {"cache_top_p": 0.8}}, "task.cache_top_p=0.8 < algo.top_p=1.0"),
+        ({"name": "iql_bd_released", "top_p": 1.0}, {}, "algo.kd_coef=0.5 with algo.top_p=1.0"),
         (None, {"eval": {"seeds": []}}, "eval.seeds=[]"),
         (None, {"eval": {"n_prompts": 0}}, "eval.n_prompts=0"),
         (None, {"on_divergence": "ignore"}, "on_divergence='ignore'"),
@@ -47,6 +49,13 @@ def test_bad_setting_is_refused_before_any_work(tmp_path, algo, top, key):
         run(cfg, str(tmp_path / "out"))
     assert key in str(err.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("algo", [{"name": "iql_bd"}, {"name": "iql_bd_released", "kd_coef": 0.0}])
+def test_full_vocabulary_td_needs_no_full_cache(tmp_path, algo):
+    """At p = 1 BD reads dense logits only, so the default top-0.8 cache is enough (soft_q's teacher reward
+    reads the cache: see test_cache_p_is_checked_only_where_the_loss_reads_the_cache)."""
+    validate(_cfg(tmp_path, {**algo, "top_p": 1.0}, task={"cache_top_p": 0.8}))
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
