@@ -293,6 +293,6 @@ def with_teacher_logprobs(batch: Batch, teacher: Teacher, pad_id: int, chunk: in
     for logits_nV in teacher.position_logits(at, chunk_positions(V, chunk)):
         n = logits_nV.shape[0]
         rows, states = rows_N[start : start + n].to(device), states_N[start : start + n].to(device)
-        out_BSV[rows, states] = torch.log_softmax(logits_nV.float(), -1).to(device)
+        out_BSV[rows, states] = project_to_set(logits_nV.float()).to(device)
         start += n
     return dataclasses.replace(batch, teacher_logprobs_BSV=out_BSV)
