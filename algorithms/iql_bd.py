@@ -112,6 +112,11 @@ class BellmanDistillConfig(AlgoConfig):
     kd_coef: float = 0.0  # weight of token KD to the teacher's cached set (the release's LM term: 0.5 CE + 0.5 KD)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
 
+    def reads_cached_sets(self) -> bool:
+        """At ``top_p = 1`` the BD terms take dense logits over the whole vocabulary, not the cached sets (the KD
+        term, which reads them, is refused there by the run validation)."""
+        return self.top_p < 1.0
+
 
 def iq_bd_loss(
     logits_BSK: torch.Tensor,

@@ -24,9 +24,6 @@ ON_DIVERGENCE = ("stop", "skip")
 """``on_divergence`` choices: stop the run after its last good checkpoint, or skip the update and count it."""
 
 MODEL_KINDS = ("fresh", "pretrained", "pruned")
-# At algo.top_p = 1 these train on the whole vocabulary (dense logits, tokenrl.policy.candidate_q) and read
-# no cached teacher set, so any task.cache_top_p serves them (BD's KD term excepted: it needs kd_coef = 0).
-FULL_VOCAB_AT_P1 = ("iql_bd", "iql_bd_math", "iql_bd_released")
 
 
 class ConfigError(ValueError):
@@ -162,9 +159,10 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     problems = []
     algo_p = getattr(cfg.algo, "top_p", None)
     cache_p = cfg.task.cache_top_p
-    full_vocab = algo_p is not None and algo_p >= 1.0 and cfg.algo.name in FULL_VOCAB_AT_P1
-    reads_cache = not full_vocab and getattr(cfg.algo, "reads_cached_sets", lambda: True)()
-    if full_vocab and getattr(cfg.algo, "kd_coef", 0.0) > 0:
+    # Each algorithm config says whether its loss reads the cached sets (at top_p = 1 the full-vocabulary losses
+    # do not, so any task.cache_top_p serves them).
+    reads_cache = getattr(cfg.algo, "reads_cached_sets", lambda: True)()
+    if algo_p is not None and algo_p >= 1.0 and getattr(cfg.algo, "kd_coef", 0.0) > 0:
         problems.append(
             f"algo.kd_coef={cfg.algo.kd_coef} with algo.top_p={algo_p}: the KD term reads the teacher's cached set, "
             "which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1"
