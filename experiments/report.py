@@ -67,6 +67,7 @@ PROTOCOL_METRICS = (
     ("eval/onpolicy_kl", "on-policy KL(s‖t)"),
     ("eval/mass_outside_set", "mass outside set"),
     ("eval/kl_teacher_student_on_set", "KL(t‖s) on set"),
+    ("eval/kl_set_teacher_student", "KL(t_p‖s)"),
     ("eval/student_entropy", "entropy"),
     ("eval/response_len", "resp. len"),
 )

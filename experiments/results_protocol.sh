@@ -14,7 +14,12 @@
 #     full-vocabulary MDP has not);
 #  4. the table (experiments/report.py --protocol).
 # SEEDS, ABLATION_SEEDS (default 0,1,2 both) and P_GRID (0.8,1.0,0.5) can be narrowed from the environment;
-# RESULTS.md says which were.
+# RESULTS.md says which were. Other tasks: TASK_ARGS (overrides given to every run and to the data generation,
+# e.g. "task=synthetic_lm model=small_lm"), SFT_MAX (the SFT cap, default 3000), STEPS (default 1000), EXTRA
+# (more overrides of every run, e.g. "selection.every=20"); LR_BC, LR_KD and LR_BD (all three) skip the sweep
+# and run every seed of bc, kd and iql_bd at those lrs instead (RESULTS.md says where this was done).
+#   TASK_ARGS="task=synthetic_lm model=small_lm" LR_BC=3e-4 LR_KD=3e-4 LR_BD=1e-3 SEEDS=0 ABLATION_SEEDS=0 \
+#       bash experiments/results_protocol.sh multirun/results_protocol_lm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-multirun/results_protocol}
@@ -22,7 +27,10 @@ SEEDS=${SEEDS:-0,1,2}
 ABLATION_SEEDS=${ABLATION_SEEDS:-0,1,2}
 P_GRID=${P_GRID:-0.8,1.0,0.5}   # the order the p ablation runs in
 LRS=${LRS:-3e-4,1e-3,3e-3}
-PROTOCOL=(threads=1 progress=false selection=best sft_steps=3000 'eval.decode_top_p=[1.0,0.8]')
+read -r -a TASK <<< "${TASK_ARGS:-}"
+read -r -a MORE <<< "${EXTRA:-}"
+PROTOCOL=(threads=1 progress=false selection=best sft_steps="${SFT_MAX:-3000}" steps="${STEPS:-1000}"
+          'eval.decode_top_p=[1.0,0.8]' "${TASK[@]}" "${MORE[@]}")
 mkdir -p "$OUT"
 run() { python experiments/run.py -m "${PROTOCOL[@]}" "$@"; }
 # A failed setting (e.g. stopped by the divergence guard) is reported and skipped; the table omits it.
@@ -32,12 +40,18 @@ chosen() { python -c "import json, sys; print(json.load(open('$OUT/lr_sweep/chos
 OTHER_SEEDS=$(echo "$SEEDS" | tr ',' '\n' | grep -v '^0$' | paste -sd, || true)
 OTHER_P=$(echo "$P_GRID" | tr ',' '\n' | grep -v '^0.8$' || true)   # P_GRID without 0.8, one a line
 
-python experiments/generate.py threads=1   # the shared offline teacher data, once
-if [[ ! -f "$OUT/lr_sweep/chosen.json" ]]; then
-  python experiments/sweep_lr.py --algos bc,kd,iql_bd --lrs "$LRS" --seeds 0 --out "$OUT/lr_sweep" -- "${PROTOCOL[@]}"
+python experiments/generate.py threads=1 "${TASK[@]}"   # the shared offline teacher data, once
+SWEEP=1
+if [[ -n "${LR_BC:-}" && -n "${LR_KD:-}" && -n "${LR_BD:-}" ]]; then
+  SWEEP=0; OTHER_SEEDS=$SEEDS   # no sweep: seed 0 runs below with the others
+  echo "fixed lr (no sweep): bc $LR_BC, kd $LR_KD, iql_bd $LR_BD (also every TD variant)"
+else
+  if [[ ! -f "$OUT/lr_sweep/chosen.json" ]]; then
+    python experiments/sweep_lr.py --algos bc,kd,iql_bd --lrs "$LRS" --seeds 0 --out "$OUT/lr_sweep" -- "${PROTOCOL[@]}"
+  fi
+  LR_BC=$(chosen bc lr); LR_KD=$(chosen kd lr); LR_BD=$(chosen iql_bd lr)
+  echo "chosen lr: bc $LR_BC, kd $LR_KD, iql_bd $LR_BD (also every unswept TD variant)"
 fi
-LR_BC=$(chosen bc lr); LR_KD=$(chosen kd lr); LR_BD=$(chosen iql_bd lr)
-echo "chosen lr: bc $LR_BC, kd $LR_KD, iql_bd $LR_BD (also every unswept TD variant)"
 
 if [[ -n "$OTHER_SEEDS" ]]; then
   run algo=bc algo.lr="$LR_BC" seed="$OTHER_SEEDS" hydra.sweep.dir="$OUT/main/bc"
@@ -58,6 +72,9 @@ for p in $OTHER_P; do
 done
 try run algo=soft_q algo.lr="$LR_BD" seed="$ABLATION_SEEDS" hydra.sweep.dir="$OUT/main/soft_q"
 
-# The table: the sweep's seed-0 runs at the chosen lrs plus every run above.
-mapfile -t SWEPT < <(python -c "import json; [print(d) for a in json.load(open('$OUT/lr_sweep/chosen.json')).values() for d in a['runs']]")
+# The table: the sweep's seed-0 runs at the chosen lrs (if swept) plus every run above.
+SWEPT=()
+if [[ $SWEEP == 1 ]]; then
+  mapfile -t SWEPT < <(python -c "import json; [print(d) for a in json.load(open('$OUT/lr_sweep/chosen.json')).values() for d in a['runs']]")
+fi
 python experiments/report.py "${SWEPT[@]}" "$OUT/main" --protocol --label algo.lr --out "$OUT/table.md"

@@ -118,6 +118,8 @@ def _set_metrics_loop(student_logits: list[float], teacher_logits: list[float], 
         "kl_teacher_student_on_set": sum(
             pt[a] / t_in * math.log((pt[a] / t_in) / (ps[a] / s_in)) for a in members
         ),
+        # The data's sampling distribution (the teacher renormalised on its set) against the whole student.
+        "kl_set_teacher_student": sum(pt[a] / t_in * math.log((pt[a] / t_in) / ps[a]) for a in members),
         "student_entropy": -sum(x * math.log(x) for x in ps if x > 0),
         "teacher_entropy": -sum(x * math.log(x) for x in pt if x > 0),
     }
@@ -135,6 +137,11 @@ def test_set_metrics_per_token_match_a_per_state_loop(p):
         slow = _set_metrics_loop(student_NV[n].tolist(), teacher_NV[n].tolist(), p)
         for key in SET_METRIC_KEYS:
             assert float(fast[key][n]) == pytest.approx(slow[key], rel=1e-9, abs=1e-12), (key, n)
+    # The identity the docstring states: the set KL plus the price of the mass left outside.
+    assert torch.allclose(
+        fast["kl_set_teacher_student"],
+        fast["kl_teacher_student_on_set"] - torch.log1p(-fast["mass_outside_set"]), rtol=1e-9, atol=1e-12,
+    )
     if p == 1.0:  # the set is the whole vocabulary: nothing outside, the full forward KL
         assert torch.allclose(fast["mass_outside_set"], torch.zeros(7, dtype=torch.float64), atol=1e-12)
 

@@ -175,7 +175,9 @@ def teacher_forced_kl(
     return {"kl_student_teacher": total_st / n_tokens, "kl_teacher_student": total_ts / n_tokens}
 
 
-SET_METRIC_KEYS = ("mass_outside_set", "kl_teacher_student_on_set", "student_entropy", "teacher_entropy")
+SET_METRIC_KEYS = (
+    "mass_outside_set", "kl_teacher_student_on_set", "kl_set_teacher_student", "student_entropy", "teacher_entropy"
+)
 """Keys of :func:`set_metrics_per_token` and :func:`teacher_forced_set_metrics`."""
 
 
@@ -198,6 +200,10 @@ def set_metrics_per_token(
         * ``mass_outside_set``: ``1 - sum_{a in set} pi_s(a)``;
         * ``kl_teacher_student_on_set``: KL(teacher || student) with both projected onto the set (how well the
           student ranks the tokens inside it, whatever mass it leaves outside);
+        * ``kl_set_teacher_student``: KL(teacher projected onto the set || student over the full vocabulary),
+          ``= kl_teacher_student_on_set - log(1 - mass_outside_set)``. When the offline data is sampled at
+          top-p ``set_top_p`` this is the gap BC closes: the student's cross-entropy on such data minus the
+          top-p teacher's entropy (0 iff the student equals the top-p teacher);
         * ``student_entropy``, ``teacher_entropy``: entropies over the full vocabulary.
     """
     set_NV = top_p_mask(teacher_logits_NV, set_top_p)
@@ -209,6 +215,7 @@ def set_metrics_per_token(
         "kl_teacher_student_on_set": kl(
             project_to_set(logp_t_NV, set_NV), project_to_set(logp_s_NV, set_NV), set_NV
         ),
+        "kl_set_teacher_student": kl(project_to_set(logp_t_NV, set_NV), logp_s_NV, set_NV),
         "student_entropy": entropy(logp_s_NV),
         "teacher_entropy": entropy(logp_t_NV),
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 
@@ -36,7 +37,11 @@ from tokenrl.evaluation import evaluate, teacher_forced_kl, teacher_forced_set_m
 from tokenrl.policy import CausalLMPolicy
 from tokenrl.tasks import Task
 
-TEACHER_FORCED = ("kl_student_teacher", "kl_teacher_student", "mass_outside_set", "kl_teacher_student_on_set")
+log = logging.getLogger(__name__)
+
+TEACHER_FORCED = (
+    "kl_student_teacher", "kl_teacher_student", "mass_outside_set", "kl_teacher_student_on_set", "kl_set_teacher_student"
+)
 SAMPLED = ("teacher_nll", "rougeL")
 VALIDATION_METRICS = TEACHER_FORCED + SAMPLED
 """Valid ``selection.metric`` values (``rougeL`` is negated so that lower is better for every metric)."""
@@ -98,15 +103,19 @@ class BestCheckpoint:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[tuple[int, float]] = []
 
-    def consider(self, step: int) -> bool:
-        """Score the current weights at ``step``; keep a copy when they beat the best. Returns True if so."""
+    def consider(self, step: int, label: str = "validation") -> bool:
+        """Score the current weights at ``step``; keep a copy when they beat the best. Returns True if so.
+
+        Every score is logged (``label``, step, score, best so far), so a long run shows its validation curve.
+        """
         score = float(self.score_fn(self.model))
         self.history.append((step, score))
-        if score < self.best_score:  # NaN never wins
+        improved = score < self.best_score  # NaN never wins
+        if improved:
             self.best_score, self.best_step = score, step
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            return True
-        return False
+        log.info("%s step %d: %.4f (best %.4f at step %s)", label, step, score, self.best_score, self.best_step)
+        return improved
 
     def restore(self) -> None:
         """Load the best weights into the model (no-op before the first :meth:`consider`)."""
@@ -182,14 +191,14 @@ def train_sft(
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
     best = BestCheckpoint(model, lambda m: validation_score(m, task, cfg)) if sel.sft_eval_every else None
     if best is not None:
-        best.consider(0)
+        best.consider(0, "sft validation")
     stats: dict[str, float] = {}
     since_best, steps_run = 0, 0
     for step in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
         stats = sft_step(sft)
         steps_run = step + 1
         if best is not None and (steps_run % sel.sft_eval_every == 0 or steps_run == cfg.sft_steps):
-            since_best = 0 if best.consider(steps_run) else since_best + 1
+            since_best = 0 if best.consider(steps_run, "sft validation") else since_best + 1
             if since_best >= sel.sft_patience:
                 break
     sft.zero_grad()  # its gradients are not needed after the warm start
