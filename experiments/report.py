@@ -95,6 +95,7 @@ class Run:
         teacher_eval: metrics of the teacher's own samples (may be empty).
         sft_eval: metrics of the student after the SFT warm start (may be empty).
         best_step: the checkpoint step ``selection=best`` chose (None without a ``selection`` result).
+        history: ``selection=best``'s validation scores, ``[step, score]`` pairs (empty without one).
     """
 
     path: Path
@@ -106,6 +107,7 @@ class Run:
     teacher_eval: dict[str, Any] = field(default_factory=dict)
     sft_eval: dict[str, Any] = field(default_factory=dict)
     best_step: int | None = None
+    history: list = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +192,7 @@ def load_run(path: Path) -> Run | None:
         teacher_eval=metrics.get("teacher_eval") or {},
         sft_eval=metrics.get("sft_eval") or {},
         best_step=(metrics.get("selection") or {}).get("best_step"),
+        history=(metrics.get("selection") or {}).get("history") or [],
     )
 
 
@@ -324,6 +327,23 @@ def _row_name(row: Row, keys: list[str]) -> str:
     return row.algo + (f"\n{', '.join(settings)}" if settings else "")
 
 
+def curves_markdown(runs: list[Run], keys: list[str]) -> str:
+    """One line per run with ``selection=best``'s validation curve: ``step: score`` for every validation.
+
+    Shows how a run moved even when its reported student is the SFT start (best step 0).
+    """
+    names = _column_names(keys)
+    lines = ["| run | seed | validation score by step (lower is better) |", "|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r.algo, [str(r.config.get(k)) for k in keys], str(r.seed))):
+        if not run.history:
+            continue
+        settings = [f"{n}={run.config[k]}" for n, k in zip(names, keys) if run.config.get(k) is not None]
+        label = run.algo + (f" ({', '.join(settings)})" if settings else "")
+        curve = ", ".join(f"{int(step)}: {score:.4f}" for step, score in run.history)
+        lines.append(f"| {label} | {run.seed} | {curve} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_rows(keys: list[str], rows: list[Row], path: str | Path, metric: str = "eval/teacher_nll") -> None:
     """Save a bar chart of ``metric`` (mean, std error bars over training seeds) per row."""
     import matplotlib
@@ -360,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--protocol", action="store_true", help="the fair protocol's columns (PROTOCOL_METRICS)")
     parser.add_argument(
+        "--curves", action="store_true", help="also print each run's selection=best validation curve (step: score)"
+    )
+    parser.add_argument(
         "--label", action="append", metavar="KEY", help="config key always shown as a row label (e.g. algo.lr)"
     )
     parser.add_argument(
@@ -380,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     keys, rows = build_rows(runs, [k for k, _ in metrics], ignore, tuple(args.label or ()))
     table = to_markdown(keys, rows, metrics)
+    if args.curves:
+        table += "\n" + curves_markdown(runs, keys)
     sys.stdout.write(table)
     if args.out:
         Path(args.out).write_text(table)

@@ -135,3 +135,22 @@ def test_report_protocol_columns_forced_label_and_best_steps(report, tmp_path, c
     assert lines[0].startswith("| algo | lr | teacher NLL @1.0 | teacher NLL @0.8 |") and "| best step | n seeds |" in lines[0]
     assert lines[2] == "| bd | 0.001 | " + "0.500 ± 0.707 | " * len(report.PROTOCOL_METRICS) + "300,700 | 2 |"
     assert lines[3].startswith("| sft | 0.0003 |") and lines[3].endswith("| 301,701 | 2 |")
+
+
+def test_report_curves_list_each_runs_validation_history(report, tmp_path, capsys):
+    """--curves adds one line per run with its selection history, also for a run whose best step is 0."""
+    histories = {"bd": [[0, 4.3], [20, 4.9], [40, 4.75]], "kd": [[0, 4.3], [20, 4.2], [40, 3.8]]}
+    for algo, history in histories.items():
+        run_dir = tmp_path / algo
+        run_dir.mkdir()
+        (run_dir / "metrics.json").write_text(json.dumps({
+            "algo": algo, "seed": 0, "config": {"seed": 0, "algo": {"name": algo, "lr": 1e-3}},
+            "final_eval": {"eval/teacher_nll": 1.0},
+            "selection": {"best_step": min(history, key=lambda h: h[1])[0], "history": history},
+        }))
+    assert report.main([str(tmp_path), "--curves"]) == 0
+    out = capsys.readouterr().out
+    assert "| bd | 0 | 0: 4.3000, 20: 4.9000, 40: 4.7500 |" in out
+    assert "| kd | 0 | 0: 4.3000, 20: 4.2000, 40: 3.8000 |" in out
+    assert report.main([str(tmp_path)]) == 0
+    assert "validation score by step" not in capsys.readouterr().out
