@@ -29,7 +29,9 @@ LAMBDAS = (0.003, 0.01, 0.03, 0.1)
 def tabular_floor(lang: SyntheticLanguage, prompts, responses, top_p: float, lams=LAMBDAS) -> dict[float, float]:
     """Visit-weighted KL(top-p teacher || add-``lam`` count estimate) per smoothing ``lam``."""
     counts = np.zeros((lang.n_states, lang.vocab_size))
-    for prompt, response in zip(prompts, responses):
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        if len(prompt) == 0:
+            raise ValueError(f"trajectory {i} has an empty prompt; the synthetic tasks always start with a topic token")
         if len(response) == 0:
             continue
         tokens = torch.as_tensor(np.concatenate([prompt, response]), dtype=torch.long)[None]

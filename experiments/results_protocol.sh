@@ -31,6 +31,11 @@ read -r -a TASK <<< "${TASK_ARGS:-}"
 read -r -a MORE <<< "${EXTRA:-}"
 PROTOCOL=(threads=1 progress=false selection=best sft_steps="${SFT_MAX:-3000}" steps="${STEPS:-1000}"
           'eval.decode_top_p=[1.0,0.8]' "${TASK[@]}" "${MORE[@]}")
+FIXED_LRS=$(( ${LR_BC:+1}+0 + ${LR_KD:+1}+0 + ${LR_BD:+1}+0 ))
+if (( FIXED_LRS == 1 || FIXED_LRS == 2 )); then
+  echo "error: set all three of LR_BC, LR_KD and LR_BD (fixed lrs, no sweep) or none of them (the lr sweep)" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 run() { python experiments/run.py -m "${PROTOCOL[@]}" "$@"; }
 # A failed setting (e.g. stopped by the divergence guard) is reported and skipped; the table omits it.
@@ -42,7 +47,7 @@ OTHER_P=$(echo "$P_GRID" | tr ',' '\n' | grep -v '^0.8$' || true)   # P_GRID wit
 
 python experiments/generate.py threads=1 "${TASK[@]}"   # the shared offline teacher data, once
 SWEEP=1
-if [[ -n "${LR_BC:-}" && -n "${LR_KD:-}" && -n "${LR_BD:-}" ]]; then
+if (( FIXED_LRS == 3 )); then
   SWEEP=0; OTHER_SEEDS=$SEEDS   # no sweep: seed 0 runs below with the others
   echo "fixed lr (no sweep): bc $LR_BC, kd $LR_KD, iql_bd $LR_BD (also every TD variant)"
 else
@@ -77,4 +82,4 @@ SWEPT=()
 if [[ $SWEEP == 1 ]]; then
   mapfile -t SWEPT < <(python -c "import json; [print(d) for a in json.load(open('$OUT/lr_sweep/chosen.json')).values() for d in a['runs']]")
 fi
-python experiments/report.py "${SWEPT[@]}" "$OUT/main" --protocol --label algo.lr --out "$OUT/table.md"
+python experiments/report.py "${SWEPT[@]}" "$OUT/main" --protocol --label algo.lr --curves --out "$OUT/table.md"
