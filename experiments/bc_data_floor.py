@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tokenrl.config import make_run_config, register_configs
+from tokenrl.backup import project_to_set
 from tokenrl.datagen import load_teacher_data
 from tokenrl.synthetic import SyntheticLanguage
 from tokenrl.top_p import top_p_mask
@@ -39,9 +40,7 @@ def tabular_floor(lang: SyntheticLanguage, prompts, responses, top_p: float, lam
         # the state before response token t is the state after the prefix that ends just before it
         np.add.at(counts, (states[len(prompt) - 1 : len(prompt) - 1 + len(response)], np.asarray(response)), 1)
     logp = torch.as_tensor(lang.log_emission_SV, dtype=torch.float64)
-    mask = top_p_mask(logp, top_p).numpy()
-    t_p = np.where(mask, np.exp(logp.numpy()), 0.0)
-    t_p /= t_p.sum(1, keepdims=True)
+    t_p = project_to_set(logp, top_p_mask(logp, top_p), log=False).numpy()  # the data's sampling distribution
     visits = counts.sum(1)
     weights = visits / visits.sum()
     out = {}
@@ -60,6 +59,9 @@ def main(cfg: DictConfig) -> None:
     if not isinstance(task.teacher, SyntheticLanguage):
         raise SystemExit(f"bc_data_floor needs a synthetic task (exact states); task={run_cfg.task.name} is not one")
     buffer = load_teacher_data(data_location(run_cfg, task), task.manifest)
+    temperature = float(task.manifest.get("temperature", 1.0))
+    if temperature != 1.0:
+        raise SystemExit(f"the data was sampled at temperature {temperature}; bc_data_floor assumes 1.0 (the teacher's own)")
     p = float(run_cfg.task.sample_top_p)
     floor = tabular_floor(task.teacher, buffer.prompts, buffer.responses, p)
     print(f"task {run_cfg.task.name}: {len(buffer)} trajectories, {buffer.n_tokens} response tokens, data top-p {p}")

@@ -209,13 +209,12 @@ def set_metrics_per_token(
     set_NV = top_p_mask(teacher_logits_NV, set_top_p)
     logp_s_NV = project_to_set(student_logits_NV.double())
     logp_t_NV = project_to_set(teacher_logits_NV.double())
+    logp_t_set_NV = project_to_set(logp_t_NV, set_NV)
     return {
         # -expm1(log mass inside) keeps precision when almost all mass is inside.
         "mass_outside_set": -torch.expm1(soft_value(logp_s_NV, set_NV)),
-        "kl_teacher_student_on_set": kl(
-            project_to_set(logp_t_NV, set_NV), project_to_set(logp_s_NV, set_NV), set_NV
-        ),
-        "kl_set_teacher_student": kl(project_to_set(logp_t_NV, set_NV), logp_s_NV, set_NV),
+        "kl_teacher_student_on_set": kl(logp_t_set_NV, project_to_set(logp_s_NV, set_NV), set_NV),
+        "kl_set_teacher_student": kl(logp_t_set_NV, logp_s_NV, set_NV),
         "student_entropy": entropy(logp_s_NV),
         "teacher_entropy": entropy(logp_t_NV),
     }
