@@ -5,7 +5,7 @@ pure loss function; ``update`` does the rest (backward, clipping, step, logging 
 ``backward`` (per micro-batch) and ``optimizer_step`` for gradient accumulation.
 
 An on-policy algorithm (``needs_rollouts``) also declares how the trainer collects and uses its rollouts,
-through four hooks the trainer calls (``tokenrl.rollouts``), none of which samples or steps an env itself:
+through four hooks the trainer calls (``tokenrl.run.rollouts``), none of which samples or steps an env itself:
 
 * :meth:`Algorithm.rollout_policy` ``(student_fn, teacher_fn) -> policy_fn``: the policy the env samples
   from (default: the student, restricted to the teacher's top-p set when ``top_p < 1``);
@@ -17,7 +17,7 @@ through four hooks the trainer calls (``tokenrl.rollouts``), none of which sampl
 
 An algorithm whose loss compares the student with the teacher over the whole vocabulary sets
 ``needs_teacher_logprobs``; the trainer then adds the teacher's log-probs at every state to each batch
-(``batch.teacher_logprobs_BSV``, :func:`tokenrl.scoring.with_teacher_logprobs`, timed as
+(``batch.teacher_logprobs_BSV``, :func:`tokenrl.lm.scoring.with_teacher_logprobs`, timed as
 ``time/teacher_score_s``), and its config's :meth:`AlgoConfig.reads_cached_sets` tells the run validation
 that the cached top-p sets need not cover ``top_p``.
 """
@@ -33,11 +33,11 @@ import torch
 
 from envs.token_env import PolicyFn
 from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.backup import TargetNetwork
-from tokenrl.buffer import Batch, ReplayBuffer
-from tokenrl.divergence import DivergenceGuard
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.top_p import check_p
+from tokenrl.core.backup import TargetNetwork
+from tokenrl.data.buffer import Batch, ReplayBuffer
+from tokenrl.core.divergence import DivergenceGuard
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.core.top_p import check_p
 
 
 @dataclass
@@ -90,11 +90,11 @@ class Algorithm:
     #: a subclass may make it a property of its config
     needs_rollouts: bool = False
     #: True when ``compute_loss`` reads ``batch.teacher_logprobs_BSV`` (the teacher over the whole vocabulary):
-    #: the trainer then adds it to every batch (:func:`tokenrl.scoring.with_teacher_logprobs`); a subclass may
+    #: the trainer then adds it to every batch (:func:`tokenrl.lm.scoring.with_teacher_logprobs`); a subclass may
     #: make it a property of its config
     needs_teacher_logprobs: bool = False
     #: True when the algorithm keeps a target network: the base class then builds ``self.target`` (a
-    #: :class:`~tokenrl.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
+    #: :class:`~tokenrl.core.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
     #: step and saves it in :meth:`state_dict`
     uses_target_network: bool = False
 
@@ -112,7 +112,7 @@ class Algorithm:
         )
         self.step = 0
         #: set by the trainer: asked before the backward pass (loss) and the optimiser step (grad norm), raising
-        #: :class:`~tokenrl.divergence.DivergenceError` to refuse the update before it changes anything
+        #: :class:`~tokenrl.core.divergence.DivergenceError` to refuse the update before it changes anything
         self.guard: DivergenceGuard | None = None
         self.target: TargetNetwork | None = None
         if self.uses_target_network:
@@ -135,7 +135,7 @@ class Algorithm:
         """One gradient step on ``batch``; returns namespaced float stats.
 
         The same as :meth:`zero_grad`, :meth:`backward` and :meth:`optimizer_step` in a row; gradient
-        accumulation (:func:`tokenrl.distributed.accumulated_update`) calls ``backward`` once per micro-batch.
+        accumulation (:func:`tokenrl.run.distributed.accumulated_update`) calls ``backward`` once per micro-batch.
         """
         self.zero_grad()
         return self.optimizer_step(self.backward(batch))

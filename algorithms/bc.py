@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import masked_mean, token_nll, upcast
-from tokenrl.buffer import Batch
+from tokenrl.core.backup import masked_mean, token_nll, upcast
+from tokenrl.data.buffer import Batch
 
 
 @dataclass
@@ -24,7 +24,7 @@ class BCConfig(AlgoConfig):
 def bc_loss(logits_BTV: torch.Tensor, actions_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of ``actions_BT`` under ``softmax(logits_BTV)`` over valid steps.
 
-    The dense form of :meth:`tokenrl.policy.CausalLMPolicy.token_nll` (which :class:`BC` uses to keep memory
+    The dense form of :meth:`tokenrl.lm.policy.CausalLMPolicy.token_nll` (which :class:`BC` uses to keep memory
     flat at large vocabularies); KD's cross-entropy term reuses the dense logits it already has.
     """
     return masked_mean(token_nll(upcast(logits_BTV), actions_BT), mask_BT)

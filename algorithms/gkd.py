@@ -16,7 +16,7 @@ Two forms, chosen by ``top_p``:
 * ``top_p = 1.0`` (the default, the paper's): the JSD over the whole vocabulary (:func:`generalized_jsd_loss`)
   between the student's dense logits and the teacher's full-vocabulary log-probs at every state of the batch,
   which the trainer adds to each batch for this algorithm (``batch.teacher_logprobs_BSV``,
-  :func:`tokenrl.scoring.with_teacher_logprobs`), for teacher data and student rollouts alike;
+  :func:`tokenrl.lm.scoring.with_teacher_logprobs`), for teacher data and student rollouts alike;
 * ``top_p < 1``: the JSD between the teacher renormalised on its cached top-p set and the student projected
   onto it (:func:`top_p_generalized_jsd_loss`). Nothing in this loss constrains the student's mass outside
   the set: on the default synthetic task that mass grows and the student's full-vocabulary samples degrade
@@ -39,8 +39,8 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
 from envs.token_env import PolicyFn
-from tokenrl.backup import kl, masked_mean, project_to_set, upcast
-from tokenrl.buffer import Batch, ReplayBuffer, require_teacher_logprobs
+from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 
 
 @dataclass

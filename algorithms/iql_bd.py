@@ -43,7 +43,7 @@ Options (see :class:`BellmanDistillConfig`):
   instead of Q at the expert token.
 * ``value = "released"``: the released projection softmax(logits) * mask / p + ``epsilon``, renormalised over
   ``released_vocab_size`` tokens, and V = its entropy-regularised expectation of the masked Q
-  (:func:`tokenrl.backup.released_state_values`); ``mask_eos`` drops the EOS step from the BD terms (the
+  (:func:`tokenrl.core.backup.released_state_values`); ``mask_eos`` drops the EOS step from the BD terms (the
   release pads with EOS).
 * LM terms: ``ce_coef`` (full-vocabulary CE on the expert tokens), ``kd_coef`` (token KD to the teacher's
   cached set), ``mass_coef`` (the set-mass term).
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import (
+from tokenrl.core.backup import (
     chi2_penalty,
     chi2_phi,
     gather_action,
@@ -73,7 +73,7 @@ from tokenrl.backup import (
     state_values,
     upcast,
 )
-from tokenrl.buffer import Batch
+from tokenrl.data.buffer import Batch
 
 CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
 EXPERT_TERM_CHOICES = ("math", "vocab_mean")

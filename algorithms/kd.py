@@ -16,8 +16,8 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.bc import bc_loss
-from tokenrl.backup import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
-from tokenrl.buffer import Batch
+from tokenrl.core.backup import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
+from tokenrl.data.buffer import Batch
 
 
 @dataclass

@@ -10,7 +10,7 @@ per-token reward ``r_t = log pi*(y_t|s_t) - log pi_theta(y_t|s_t)``. With ``R_{t
 The single-step part is computed exactly, so only the long-term part is sampled. With ``top_p = 1.0`` (the
 default, the paper's) the single-step KL, the rewards and the importance weights are over the whole
 vocabulary, from the teacher's full-vocabulary log-probs that the trainer adds to every batch for this
-algorithm (``batch.teacher_logprobs_BSV``, :func:`tokenrl.scoring.with_teacher_logprobs`); with ``top_p < 1``
+algorithm (``batch.teacher_logprobs_BSV``, :func:`tokenrl.lm.scoring.with_teacher_logprobs`); with ``top_p < 1``
 they are over the teacher's cached top-p set (student projected onto it, teacher renormalised on it,
 rollouts sampled inside it), which leaves the student's mass outside the set unconstrained. Of the paper's
 three tricks all are implemented:
@@ -40,9 +40,9 @@ import torch
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
 from envs.token_env import PolicyFn
 from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.backup import kl, masked_mean, project_to_set, upcast
-from tokenrl.buffer import Batch, ReplayBuffer, require_teacher_logprobs
-from tokenrl.policy import CausalLMPolicy
+from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
+from tokenrl.lm.policy import CausalLMPolicy
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.backup import TargetNetwork, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
-from tokenrl.buffer import Batch
-from tokenrl.policy import CandidateQ, CausalLMPolicy
+from tokenrl.core.backup import TargetNetwork, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
+from tokenrl.data.buffer import Batch
+from tokenrl.lm.policy import CandidateQ, CausalLMPolicy
 
 REWARD_CHOICES = ("teacher_logprob", "sqil")
 

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from tokenrl.buffer import ReplayBuffer
-from tokenrl.datagen import file_sha256, generate_teacher_data, load_teacher_data, shard_path
-from tokenrl.synthetic import SyntheticLanguage
+from tokenrl.data.buffer import ReplayBuffer
+from tokenrl.tasks.datagen import file_sha256, generate_teacher_data, load_teacher_data, shard_path
+from tokenrl.tasks.synthetic import SyntheticLanguage
 
 
 def _median_seconds(fn, repeats: int) -> float:

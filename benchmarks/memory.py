@@ -70,7 +70,7 @@ def _random_teacher():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from tokenrl.models import HFTeacher
+    from tokenrl.lm.models import HFTeacher
 
     vocab = {"<eos>": 0, **{f"t{i}": i for i in range(1, VOCAB)}}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<eos>")))
@@ -100,8 +100,8 @@ def _random_stage(stage: str, heldout: tuple[int, int]):
         return _random_teacher
 
     if stage == "data generation":
-        from tokenrl.datagen import generate_teacher_data
-        from tokenrl.sampling import sample_responses
+        from tokenrl.tasks.datagen import generate_teacher_data
+        from tokenrl.lm.sampling import sample_responses
 
         teacher = _random_teacher()
         prompts = _random_pairs(32, 8, 0, seed=1)[0]
@@ -121,8 +121,8 @@ def _random_stage(stage: str, heldout: tuple[int, int]):
 
     if stage == "training step":
         from algorithms import make_algorithm
-        from tokenrl.buffer import ReplayBuffer, TopPCache
-        from tokenrl.policy import CausalLMPolicy
+        from tokenrl.data.buffer import ReplayBuffer, TopPCache
+        from tokenrl.lm.policy import CausalLMPolicy
 
         rng = np.random.default_rng(0)
         student = _random_llama(seed=1).train()
@@ -141,7 +141,7 @@ def _random_stage(stage: str, heldout: tuple[int, int]):
         return lambda: algo.update(batch)
 
     if stage == "evaluation":
-        from tokenrl.evaluation import evaluate
+        from tokenrl.evaluation.metrics import evaluate
 
         teacher, student = _random_teacher(), _random_llama(seed=1)
         prompts = _random_pairs(8, 8, 0, seed=3)[0]
@@ -163,7 +163,7 @@ def _random_stage(stage: str, heldout: tuple[int, int]):
 def _smollm2_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from tokenrl.config import make_run_config, register_configs
+    from tokenrl.run.config import make_run_config, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "experiments", "conf"), version_base="1.3"):
@@ -175,7 +175,7 @@ def _smollm2_cfg(overrides: list[str]):
 def _smollm2_stage(stage: str, heldout: tuple[int, int], overrides: list[str]):
     import torch
 
-    from tokenrl.trainer import apply_threads, build_student, build_task, data_location, load_data
+    from tokenrl.run.trainer import apply_threads, build_student, build_task, data_location, load_data
 
     cfg = _smollm2_cfg(overrides)
     apply_threads(cfg.threads)
@@ -184,7 +184,7 @@ def _smollm2_stage(stage: str, heldout: tuple[int, int], overrides: list[str]):
     task = build_task(cfg)
 
     if stage == "data generation":
-        from tokenrl.datagen import generate_teacher_data
+        from tokenrl.tasks.datagen import generate_teacher_data
 
         def run():
             with tempfile.TemporaryDirectory() as out_dir:
@@ -204,14 +204,14 @@ def _smollm2_stage(stage: str, heldout: tuple[int, int], overrides: list[str]):
     student = build_student(cfg.model, task, cfg.seed, "cpu")
     if stage == "training step":
         from algorithms import make_algorithm
-        from tokenrl.policy import CausalLMPolicy
+        from tokenrl.lm.policy import CausalLMPolicy
 
         algo = make_algorithm(cfg.algo_name, CausalLMPolicy(student, task.vocab_size), cfg.algo_config(), total_steps=10)
         batch = buffer.sample(cfg.batch_size, torch.Generator().manual_seed(0), top_p=algo.top_p)
         return lambda: algo.update(batch)
 
     if stage == "evaluation":
-        from tokenrl.evaluation import evaluate
+        from tokenrl.evaluation.metrics import evaluate
 
         ev = cfg.eval
 

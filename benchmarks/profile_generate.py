@@ -5,7 +5,7 @@ First the process CPU time (not wall time, so a loaded machine disturbs it less)
 of the sampling pass, what ``experiments/generate.py`` runs for a transformers teacher), the sampler alone, and
 the old two-pass path (sampler, then ``compute_top_p_cache``), as ratios to ``generate``. Then torch.profiler on
 one batch of the first two: the operators with the largest self CPU time as markdown tables. Last, the CPU time of
-one top-p mask of ``[batch, vocab]`` logits: ``tokenrl.top_p.top_p_mask`` vs the indexed full sort it falls back
+one top-p mask of ``[batch, vocab]`` logits: ``tokenrl.core.top_p.top_p_mask`` vs the indexed full sort it falls back
 to on boundary ties (what every step paid before). One thread.
 
     python benchmarks/profile_generate.py --layers 4
@@ -28,9 +28,9 @@ def main() -> None:
 
     from profile_step import print_profile, profile_parser
     from run import _hf_teacher, _smol_like
-    from tokenrl.datagen import compute_top_p_cache
-    from tokenrl.sampling import TeacherSampler
-    from tokenrl.top_p import _mask_by_indexed_sort, top_p_mask
+    from tokenrl.tasks.datagen import compute_top_p_cache
+    from tokenrl.lm.sampling import TeacherSampler
+    from tokenrl.core.top_p import _mask_by_indexed_sort, top_p_mask
 
     ap = profile_parser(__doc__, vocab=49152, layers=10, batch=8, top=10)
     ap.add_argument("--prompt-len", type=int, default=16)

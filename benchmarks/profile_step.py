@@ -47,7 +47,7 @@ def main() -> None:
 
     from algorithms import make_algorithm
     from step_cost import CONFIGS, random_llama, synthetic_buffer
-    from tokenrl.policy import CausalLMPolicy
+    from tokenrl.lm.policy import CausalLMPolicy
 
     ap = profile_parser(__doc__, vocab=50257, layers=12, batch=4, top=8)
     ap.add_argument("--config", nargs="+", default=[c for c in CONFIGS if "dense" not in c], choices=list(CONFIGS))

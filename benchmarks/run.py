@@ -121,7 +121,7 @@ def _worker_steps(params: dict) -> dict:
 
     from algorithms import make_algorithm
     from step_cost import CONFIGS, random_llama, synthetic_buffer
-    from tokenrl.policy import CausalLMPolicy
+    from tokenrl.lm.policy import CausalLMPolicy
 
     torch.manual_seed(0)
     V, T, B = params["vocab"], params["seq"], params["batch"]
@@ -200,8 +200,8 @@ def _worker_offline(params: dict) -> dict:
 
     from algorithms import make_algorithm
     from step_cost import random_llama, synthetic_buffer
-    from tokenrl.policy import CausalLMPolicy
-    from tokenrl.top_p import top_p_mask
+    from tokenrl.lm.policy import CausalLMPolicy
+    from tokenrl.core.top_p import top_p_mask
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -272,7 +272,7 @@ def _hf_teacher(model, vocab: int):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from tokenrl.models import HFTeacher
+    from tokenrl.lm.models import HFTeacher
 
     words = {"<eos>": 0, **{f"t{i}": i for i in range(1, vocab)}}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<eos>")))
@@ -284,7 +284,7 @@ def _worker_generate(params: dict) -> dict:
     import numpy as np
     import torch
 
-    from tokenrl.sampling import TeacherSampler
+    from tokenrl.lm.sampling import TeacherSampler
 
     torch.set_num_threads(1)
     model = _smol_like(params)
@@ -292,7 +292,7 @@ def _worker_generate(params: dict) -> dict:
     B, N, V = params["batch"], params["new_tokens"], params["vocab"]
     prompts = [rng.integers(1, V, size=params["prompt_len"]).tolist() for _ in range(B)]
     prompt_BT = torch.tensor(prompts)
-    # What experiments/generate.py runs for a transformers teacher (tokenrl.hf_task's data sampler).
+    # What experiments/generate.py runs for a transformers teacher (tokenrl.tasks.hf's data sampler).
     sampler = TeacherSampler(model, N, eos_token_id=0, pad_token_id=0, batch_size=B, vocab_size=V)
     made = {}
 
@@ -323,7 +323,7 @@ def figure_3(quick: bool, repeats: int) -> str:
         f"A random Llama of SmolLM2-135M's shape with {params['layers']} layers instead of 30 (hidden 576, "
         f"vocab {params['vocab']}, tied, embeddings sharpened {params['sharpen']}x), {params['batch']} prompts of "
         f"{params['prompt_len']} tokens, {params['new_tokens']} new tokens, one batch, threads 1, {repeats} repeats. "
-        "The tokenrl rows are `tokenrl.sampling.TeacherSampler` (the task's data sampler): `with_top_p_cache` "
+        "The tokenrl rows are `tokenrl.lm.sampling.TeacherSampler` (the task's data sampler): `with_top_p_cache` "
         "keeps the top-0.8 set of every logits row it samples from (mean set size "
         f"{r['mean_set']:.1f}), so the cache costs no second forward. "
         f"tokenrl generated {r['tokens']} tokens (responses stop at EOS), `generate` {r['hf_tokens']} "
@@ -345,15 +345,15 @@ def _worker_cache(params: dict) -> dict:
     import torch
 
     import memory
-    from tokenrl.datagen import compute_top_p_cache
-    from tokenrl.top_p import restrict_top_p
+    from tokenrl.tasks.datagen import compute_top_p_cache
+    from tokenrl.core.top_p import restrict_top_p
 
     torch.set_num_threads(1)
     memory.VOCAB = params["vocab"]
     teacher = memory._random_teacher()
     prompts, responses = memory._random_pairs(params["n"], 8, params["len"], seed=1)
     ps = sorted(params["p"])
-    # One teacher pass at the largest p; a smaller p's set is a prefix of it (tokenrl.top_p.restrict_top_p,
+    # One teacher pass at the largest p; a smaller p's set is a prefix of it (tokenrl.core.top_p.restrict_top_p,
     # what training does with a cache stored at a larger p).
     caches = compute_top_p_cache(teacher, prompts, responses, ps[-1], batch_size=8)
     sizes = {p: [] for p in ps}
@@ -383,11 +383,11 @@ def figure_4(quick: bool, repeats: int) -> str:
     lines += [f"| {p} | {v['mean_set']:.1f} | {v['bytes_per_token']:.1f} | {v['bytes_per_token'] / dense:.5f} "
               f"({100 * v['bytes_per_token'] / dense:.3f}%) |" for p, v in r.items()]
     return "\n".join([
-        f"Top-p cache (`tokenrl.datagen.compute_top_p_cache`: int32 set size per state, int32 ids and float16 "
+        f"Top-p cache (`tokenrl.tasks.datagen.compute_top_p_cache`: int32 set size per state, int32 ids and float16 "
         f"log-probs per member) of benchmarks/memory.py's random teacher (2-layer Llama, output sharpened 20x so "
         f"its sets are instruct-LM sized) at vocab {params['vocab']}, {params['n']} sequences x {params['len']} "
         f"tokens, vs a dense fp16 row of {dense} bytes. One cache pass at p = {max(params['p'])}; the smaller p's "
-        "sets are its prefixes (`tokenrl.top_p.restrict_top_p`, as training restricts a cache). Sizes are "
+        "sets are its prefixes (`tokenrl.core.top_p.restrict_top_p`, as training restricts a cache). Sizes are "
         "deterministic (no repeats). SmolLM2's own sets are not measured here (no download in the suite).", "",
         *lines, "",
         _goal("<= 0.2% of a dense fp16 row at p = 0.8.", r["0.8"]["bytes_per_token"] / dense <= 0.002,
@@ -401,7 +401,7 @@ def figure_4(quick: bool, repeats: int) -> str:
 def _tabular_case(n_states: int, n_actions: int, seed: int = 0):
     import numpy as np
 
-    from tokenrl.tabular import top_p_support
+    from tokenrl.theory.tabular import top_p_support
 
     rng = np.random.default_rng(seed)
     next_SA = rng.integers(0, n_states, size=(n_states, n_actions))
@@ -416,7 +416,7 @@ def _tabular_case(n_states: int, n_actions: int, seed: int = 0):
 def figure_6(quick: bool, repeats: int) -> str:
     import numpy as np
 
-    from tokenrl.tabular import soft_value_iteration, sparse_soft_value_iteration
+    from tokenrl.theory.tabular import soft_value_iteration, sparse_soft_value_iteration
 
     n_states, gamma, tol = 32, 0.9, 1e-8
     sizes = (64, 128) if quick else (64, 256, 1024, 4096, 16384)
@@ -442,7 +442,7 @@ def figure_6(quick: bool, repeats: int) -> str:
         del P_SAS
     return "\n".join([
         f"Random deterministic MDP with {n_states} states, Zipf teacher (exponent 1.5) and its top-0.8 sets, "
-        f"gamma {gamma}, tolerance {tol:g}, {repeats} repeats. Full-action VI is `tokenrl.tabular.soft_value_iteration` "
+        f"gamma {gamma}, tolerance {tol:g}, {repeats} repeats. Full-action VI is `tokenrl.theory.tabular.soft_value_iteration` "
         "without a support (dense `[S, A, S]` transitions); the dense top-p VI is the same function with the "
         "support mask; the sparse one is `sparse_soft_value_iteration` on the set members only (`[S, K]`). "
         f"Sparse top-p VI median seconds across |A|: {', '.join(f'{s:.3g}' for s in sparse_s)}.", "", *lines, "",
@@ -462,9 +462,9 @@ def _worker_env(params: dict) -> dict:
 
     from envs.token_env import BatchedTokenGenerationEnv
     from envs.top_p_wrapper import top_p_restricted_policy
-    from tokenrl.models import IncrementalTeacher
-    from tokenrl.sampling import KVCacheStepper
-    from tokenrl.top_p import top_p_mask
+    from tokenrl.lm.models import IncrementalTeacher
+    from tokenrl.lm.sampling import KVCacheStepper
+    from tokenrl.core.top_p import top_p_mask
 
     torch.set_num_threads(1)
     V, B, N = params["vocab"], params["batch"], params["new_tokens"]

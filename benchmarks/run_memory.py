@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tokenrl import trainer  # noqa: E402
+from tokenrl.run import trainer  # noqa: E402
 
 STAGES = (
     "build_task", "load_data", "build_student", "reference_evaluations", "evaluate_student", "warm_start",
@@ -57,7 +57,7 @@ class RssSampler:
 
 
 def instrument(sampler: RssSampler, name: str) -> None:
-    """Replace ``tokenrl.trainer.<name>`` by a wrapper that prints its memory line when it returns."""
+    """Replace ``tokenrl.run.trainer.<name>`` by a wrapper that prints its memory line when it returns."""
     fn = getattr(trainer, name)
 
     def wrapper(*args, **kwargs):

@@ -46,7 +46,7 @@ def synthetic_buffer(vocab: int, seq: int, batch: int, seed: int = 0):
     """``batch`` random trajectories of ``seq`` response tokens with synthetic top-0.8 sets (``ReplayBuffer``)."""
     import numpy as np
 
-    from tokenrl.buffer import ReplayBuffer, TopPCache
+    from tokenrl.data.buffer import ReplayBuffer, TopPCache
 
     rng = np.random.default_rng(seed)
     V, T = vocab, seq
@@ -70,7 +70,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from algorithms import make_algorithm
-    from tokenrl.policy import CausalLMPolicy
+    from tokenrl.lm.policy import CausalLMPolicy
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

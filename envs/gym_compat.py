@@ -33,8 +33,8 @@ from envs.checks import reset_options
 from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv, _validate_prompt
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
-from tokenrl.backup import project_to_set
-from tokenrl.tabular import top_p_support
+from tokenrl.core.backup import project_to_set
+from tokenrl.theory.tabular import top_p_support
 
 
 class ActionMasks(gym.Wrapper):
@@ -83,7 +83,7 @@ def make_random_token_mdp_env(
 
 
 class TabularTokenTeacher:
-    """A :class:`tokenrl.teachers.Teacher` reading a token MDP's ``teacher_SA`` at the response prefix.
+    """A :class:`tokenrl.core.teachers.Teacher` reading a token MDP's ``teacher_SA`` at the response prefix.
 
     The response is everything after the first ``prompt_len`` tokens; a prefix of ``max_len`` tokens (where
     the episode truncates, no action left) and positions inside the prompt get uniform logits.

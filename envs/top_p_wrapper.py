@@ -4,7 +4,7 @@ The top-p MDP M_p keeps the states, transitions and reward of the token MDP but 
 A_p(s), the nucleus of the teacher's next-token distribution at s. :class:`TopPActionWrapper` exposes A_p(s)
 of the current state in ``info`` after every reset and step, and decides what an action outside it does.
 For batched rollouts, :func:`teacher_top_p_set` and :func:`restrict_logits_to_top_p` compute the sets of all
-rows from one teacher call. Set selection is always :mod:`tokenrl.top_p`.
+rows from one teacher call. Set selection is always :mod:`tokenrl.core.top_p`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from envs.checks import check_step
 from envs.token_env import PolicyFn
-from tokenrl.backup import project_to_set, restrict_to_set
-from tokenrl.teachers import Teacher
-from tokenrl.top_p import TopPSet, check_p, top_p_mask, top_p_sparse
+from tokenrl.core.backup import project_to_set, restrict_to_set
+from tokenrl.core.teachers import Teacher
+from tokenrl.core.top_p import TopPSet, check_p, top_p_mask, top_p_sparse
 
 ON_OUTSIDE_CHOICES = ("flag", "project", "raise")
 
@@ -43,7 +43,7 @@ class TopPActionWrapper(gym.Wrapper):
     Args:
         env: a token env whose observations hold ``tokens`` (padded ids) and ``length`` (real tokens), such as
             :class:`envs.token_env.TokenGenerationEnv`.
-        teacher: the :class:`tokenrl.teachers.Teacher` defining the sets; same vocabulary as ``env``.
+        teacher: the :class:`tokenrl.core.teachers.Teacher` defining the sets; same vocabulary as ``env``.
         p: top-p threshold in (0, 1].
         on_outside: one of ``"flag"``, ``"project"``, ``"raise"``.
     """
@@ -124,10 +124,10 @@ def teacher_top_p_set(
         tokens_BL: ``[B, L]`` right-padded states (e.g. ``obs["tokens_BL"]`` of the batched env).
         lengths_B: ``[B]`` real tokens per row.
         p: top-p threshold in (0, 1].
-        max_k: optional cap on the set width K (see :func:`tokenrl.top_p.top_p_sparse`).
+        max_k: optional cap on the set width K (see :func:`tokenrl.core.top_p.top_p_sparse`).
 
     Returns:
-        A :class:`tokenrl.top_p.TopPSet` with ``[B, K]`` tensors.
+        A :class:`tokenrl.core.top_p.TopPSet` with ``[B, K]`` tensors.
     """
     return top_p_sparse(teacher.next_token_logits(tokens_BL, lengths_B).detach(), p, max_k=max_k)
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenrl.config import make_run_config, register_configs
-from tokenrl.backup import project_to_set
-from tokenrl.datagen import load_teacher_data
-from tokenrl.synthetic import SyntheticLanguage
-from tokenrl.top_p import top_p_mask
-from tokenrl.trainer import apply_threads, build_task, data_location
+from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.core.backup import project_to_set
+from tokenrl.tasks.datagen import load_teacher_data
+from tokenrl.tasks.synthetic import SyntheticLanguage
+from tokenrl.core.top_p import top_p_mask
+from tokenrl.run.trainer import apply_threads, build_task, data_location
 
 register_configs()
 LAMBDAS = (0.003, 0.01, 0.03, 0.1)

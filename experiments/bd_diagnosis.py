@@ -3,7 +3,7 @@
     python experiments/bd_diagnosis.py            # the full table (a few minutes on one core)
     python experiments/bd_diagnosis.py --quick    # p = 0.8, q_min = -10 only
 
-Every BD row is the exact optimum of the data-weighted BD loss (tokenrl/bd_tabular.py), solved in Q-space to
+Every BD row is the exact optimum of the data-weighted BD loss (tokenrl/theory/bd_tabular.py), solved in Q-space to
 a projected-gradient tolerance (column ``pg``) from the SFT start and from a uniform start. Outside-set
 columns use the *least* outside mass any optimum can have (pure BD fixes the logits on the set only).
 ``slope`` is d(out_mass)/d(step) along the negative BD gradient at the SFT start (positive = BD pushes
@@ -17,8 +17,8 @@ import itertools
 
 import torch
 
-from tokenrl.backup import restrict_to_set
-from tokenrl.bd_tabular import (
+from tokenrl.core.backup import restrict_to_set
+from tokenrl.theory.bd_tabular import (
     BDOptions,
     completion,
     data_policy,

@@ -3,7 +3,7 @@
 Reads finished run folders of ``experiments/run.py`` (``metrics.json`` + ``student.safetensors``) and prints,
 per run, the SFT-start row and the final row. The teacher-forced metrics come from ``metrics.json``
 (``sft_eval`` / ``final_eval``). The on-policy reverse KL ``E_{y ~ student}[log pi_s - log pi_t]`` per token
-(:func:`tokenrl.onpolicy_metrics.on_policy_reverse_kl_of_model`, student sampled at temperature 1, top-p 1,
+(:func:`tokenrl.evaluation.onpolicy.on_policy_reverse_kl_of_model`, student sampled at temperature 1, top-p 1,
 on the test prompts, mean over sampling seeds 0-4) is computed here: for the final student from its saved
 weights, for the SFT start by replaying the run's SFT warm start (same seed, same batches), checked against
 the run's own ``sft_eval`` teacher NLL. The SFT start depends only on the seed, so it is replayed once per seed.
@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_model
 
 from algorithms import make_algorithm
-from tokenrl.config import make_run_config
-from tokenrl.onpolicy_metrics import on_policy_reverse_kl_of_model
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.trainer import apply_threads, build_student, build_task, evaluate_student, load_data
+from tokenrl.run.config import make_run_config
+from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.trainer import apply_threads, build_student, build_task, evaluate_student, load_data
 
 KEYS = ("eval/teacher_nll", "eval/kl_student_teacher", "eval/kl_teacher_student")
 ONPOLICY_SEEDS = (0, 1, 2, 3, 4)

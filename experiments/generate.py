@@ -23,10 +23,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from tokenrl.config import make_run_config, register_configs
-from tokenrl.distributed import process_group
-from tokenrl.trainer import apply_threads, build_task, load_data
-from tokenrl.validation import check_student_tokenizer, validate
+from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.run.distributed import process_group
+from tokenrl.run.trainer import apply_threads, build_task, load_data
+from tokenrl.run.checks import check_student_tokenizer, validate
 
 register_configs()
 

@@ -14,9 +14,9 @@ folders and plain run folders both work). Expected schema, every key optional ex
       "seed": 0,                             # training seed; else config["seed"]
       "config": {...},                       # the run's config, nested or flattened with dotted keys;
                                              # else read from <run dir>/.hydra/config.yaml
-      "final_eval": {"eval/teacher_nll": 2.1, "eval/rougeL": 31.0, ...},  # tokenrl.evaluation.evaluate
+      "final_eval": {"eval/teacher_nll": 2.1, "eval/rougeL": 31.0, ...},  # tokenrl.evaluation.metrics.evaluate
       "init_eval": {...},                    # same keys, the student before training
-      "teacher_eval": {...},                 # same keys, tokenrl.evaluation.evaluate_teacher_samples
+      "teacher_eval": {...},                 # same keys, tokenrl.evaluation.metrics.evaluate_teacher_samples
       "sft_eval": {...},                     # same keys, the student after the SFT warm start (if any)
       "selection": {"best_step": 300, ...},  # selection=best: the chosen checkpoint (column "best step")
       "train": {...}                         # training curves; not used here

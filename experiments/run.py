@@ -18,9 +18,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tokenrl.config import make_run_config, register_configs
-from tokenrl.distributed import env_rank
-from tokenrl.trainer import run
+from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.core.ranks import env_rank
+from tokenrl.run.trainer import run
 
 register_configs()
 

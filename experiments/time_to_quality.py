@@ -13,7 +13,7 @@ What it does, in one process with the run's thread count (``threads``, default 1
 2. trains one SFT warm start (``sft_steps``, seed 0) that every algorithm and seed starts from (skipped when
    every requested run already has its record under ``<out>/runs``, which are reused);
 3. for every algorithm and seed: a fresh copy of the warm-started student and of the teacher data, then
-   :func:`tokenrl.trainer.train_loop` with ``eval.val_every_s``: every that many seconds of the training
+   :func:`tokenrl.run.trainer.train_loop` with ``eval.val_every_s``: every that many seconds of the training
    clock (rollouts, teacher scoring, batch drawing, updates; validation excluded) the student is scored on
    the validation prompts (teacher NLL, teacher-forced KL, on-policy KL, Rouge-L). Records go to
    ``<out>/runs/<algo>_s<seed>.json``;
@@ -43,12 +43,12 @@ from torch.utils.tensorboard import SummaryWriter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algorithms import make_algorithm  # noqa: E402
-from tokenrl import distributed  # noqa: E402
-from tokenrl.buffer import ReplayBuffer  # noqa: E402
-from tokenrl.config import RunConfig, make_run_config  # noqa: E402
-from tokenrl.divergence import DivergenceGuard  # noqa: E402
-from tokenrl.policy import CausalLMPolicy  # noqa: E402
-from tokenrl.trainer import (  # noqa: E402
+from tokenrl.run import distributed  # noqa: E402
+from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
+from tokenrl.run.config import RunConfig, make_run_config  # noqa: E402
+from tokenrl.core.divergence import DivergenceGuard  # noqa: E402
+from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
+from tokenrl.run.trainer import (  # noqa: E402
     RunContext,
     apply_threads,
     build_student,

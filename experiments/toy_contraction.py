@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from envs.toy_mdps import TabularMDP, random_mdp  # noqa: E402
-from tokenrl.tabular import (  # noqa: E402
+from tokenrl.theory.tabular import (  # noqa: E402
     contraction_modulus,
     kappa,
     soft_bellman,

@@ -70,7 +70,7 @@ def assert_same_loss_and_grads(a: LossAndGrads, b: LossAndGrads, loss_rtol: floa
 @pytest.fixture(scope="module")
 def lang():
     """The default synthetic language (the exact teacher of the default task)."""
-    from tokenrl.synthetic import SyntheticLanguage
+    from tokenrl.tasks.synthetic import SyntheticLanguage
 
     return SyntheticLanguage()
 
@@ -78,9 +78,9 @@ def lang():
 @pytest.fixture(scope="session")
 def synthetic_buffer():
     """60 teacher trajectories of the default synthetic language with a top-0.8 cache (some truncated)."""
-    from tokenrl.buffer import ReplayBuffer
-    from tokenrl.datagen import compute_top_p_cache
-    from tokenrl.synthetic import SyntheticLanguage
+    from tokenrl.data.buffer import ReplayBuffer
+    from tokenrl.tasks.datagen import compute_top_p_cache
+    from tokenrl.tasks.synthetic import SyntheticLanguage
 
     lang = SyntheticLanguage()
     rng = np.random.default_rng(0)

@@ -22,10 +22,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tokenrl import distributed, trainer  # noqa: E402
+from tokenrl.core.ranks import env_rank  # noqa: E402
+from tokenrl.run import distributed, trainer  # noqa: E402
 
 trace_dir, snapshot_step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-rank = distributed.env_rank()
+rank = env_rank()
 trace = {"indices": [], "params": [], "algos": [], "writes": [], "pid": os.getpid()}
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from tokenrl.backup import soft_value
-from tokenrl.synthetic import SyntheticLanguage
+from tokenrl.core.backup import soft_value
+from tokenrl.tasks.synthetic import SyntheticLanguage
 
 
 def scatter_mask(cand_ids: torch.Tensor, cand_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def sequence_logprob(
 def teacher_logprobs_loop(teacher, batch) -> torch.Tensor:
     """``[B, S, V]`` teacher log-probs at every state of ``batch``, one ``next_token_logits`` call per state.
 
-    Padded states hold the uniform distribution, as in :func:`tokenrl.scoring.with_teacher_logprobs`.
+    Padded states hold the uniform distribution, as in :func:`tokenrl.lm.scoring.with_teacher_logprobs`.
     """
     B, S = batch.state_mask_BS.shape
     V, P = teacher.vocab_size, batch.prompt_width

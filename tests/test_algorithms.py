@@ -11,9 +11,9 @@ import torch
 from algorithms import REGISTRY, make_algorithm, make_config
 from algorithms.iql_bd import iq_bd_loss
 from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.scoring import with_teacher_logprobs
-from tokenrl.synthetic import SyntheticLanguage
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.scoring import with_teacher_logprobs
+from tokenrl.tasks.synthetic import SyntheticLanguage
 
 
 def _batch(buf, algo, n=16, seed=0):
@@ -180,7 +180,7 @@ def test_chunked_token_nll_equals_dense(synthetic_buffer):
         policy.zero_grad()
         h = policy.state_hidden(batch)[:, :T]
         if chunked:
-            from tokenrl.backup import masked_mean
+            from tokenrl.core.backup import masked_mean
 
             loss = masked_mean(policy.token_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
         else:
@@ -192,7 +192,7 @@ def test_chunked_token_nll_equals_dense(synthetic_buffer):
 def test_gradient_checkpointing_keeps_loss_and_gradients(synthetic_buffer):
     """model.gradient_checkpointing stores less for the backward pass (the decoder blocks' activations are
     recomputed) and leaves the iql_bd loss (sparse head + chunked CE term) and every gradient unchanged."""
-    from tokenrl.models import make_student
+    from tokenrl.lm.models import make_student
 
     sizes = {
         "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
@@ -221,11 +221,11 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synthetic_buffer):
 def test_sparse_logits_dense_fallback_equals_gather(synthetic_buffer, monkeypatch):
     """Above SPARSE_GATHER_ELEMENTS the sparse head gathers dense logits instead of weight rows: same iql_bd
     loss and gradients (float64)."""
-    import tokenrl.policy
+    import tokenrl.lm.policy
 
     results = []
     for limit in (1 << 40, 0):  # never / always fall back to the dense logits (K * D > V here)
-        monkeypatch.setattr(tokenrl.policy, "SPARSE_GATHER_ELEMENTS", limit)
+        monkeypatch.setattr(tokenrl.lm.policy, "SPARSE_GATHER_ELEMENTS", limit)
         policy = CausalLMPolicy(tiny_llama(dtype=torch.float64), vocab_size=64)
         algo = make_algorithm("iql_bd", policy, {"ce_coef": 1.0}, total_steps=10)
         batch = _batch(synthetic_buffer, algo, n=8)

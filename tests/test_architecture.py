@@ -14,26 +14,24 @@ import os
 import pytest
 
 LAYERS: list[tuple[str, list[str]]] = [
-    # Pure functions on tensors and the teacher protocol: no project imports but these.
-    ("core", ["tokenrl", "tokenrl.top_p", "tokenrl.backup", "tokenrl.tabular", "tokenrl.teachers", "tokenrl.divergence"]),
-    # Data, models and what runs them: buffers, teachers, the generation engine, data generation, scoring,
-    # data-parallel plumbing (process group, batch sharding, DDP/FSDP).
-    (
-        "data and models",
-        [
-            "tokenrl.buffer", "tokenrl.synthetic", "tokenrl.prompts", "tokenrl.sampling", "tokenrl.models",
-            "tokenrl.datagen", "tokenrl.evaluation", "tokenrl.onpolicy_metrics", "tokenrl.policy",
-            "tokenrl.checkpoint", "tokenrl.distributed", "tokenrl.scoring",
-        ],
-    ),
-    # Gymnasium environments and one file per algorithm (and the exact BD diagnosis on toy token MDPs).
-    ("envs and algorithms", ["envs", "envs.*", "algorithms", "algorithms.*", "tokenrl.bd_tabular"]),
-    # Tasks: a teacher, prompts, references and samplers, each built from its own config dataclass.
-    ("tasks", ["tokenrl.tasks", "tokenrl.hf_task"]),
-    # The run config schemas (and their Hydra registration).
-    ("config", ["tokenrl.config", "tokenrl.validation"]),
-    # The training run.
-    ("trainer", ["tokenrl.rollouts", "tokenrl.trainer", "tokenrl.selection"]),
+    # Pure functions on tensors, the top-p rule, the teacher protocol, padding, ranks, the divergence guard.
+    ("core", ["tokenrl", "tokenrl.core", "tokenrl.core.*"]),
+    # Exact tabular theory: operators, solvers, toy MDPs and toy languages, the exact BD diagnosis.
+    ("theory", ["tokenrl.theory", "tokenrl.theory.*"]),
+    # The replay buffer and its sparse top-p cache.
+    ("data", ["tokenrl.data", "tokenrl.data.*"]),
+    # Language models: adapters, the student's Q heads, the generation engine, memory-flat scoring.
+    ("lm", ["tokenrl.lm", "tokenrl.lm.*"]),
+    # Tasks: a teacher, prompts, references and samplers, and the offline teacher data they generate.
+    ("tasks", ["tokenrl.tasks", "tokenrl.tasks.*"]),
+    # Every metric of a student against its teacher.
+    ("evaluation", ["tokenrl.evaluation", "tokenrl.evaluation.*"]),
+    # Gymnasium environments and wrappers.
+    ("envs", ["envs", "envs.*"]),
+    # One file per algorithm and the registry.
+    ("algorithms", ["algorithms", "algorithms.*"]),
+    # The training run: config and its checks, trainer stages, checkpoints, selection, rollouts, distribution.
+    ("run", ["tokenrl.run", "tokenrl.run.*"]),
     # Entry points.
     ("entry points", ["experiments.*", "benchmarks.*"]),
 ]
@@ -156,10 +154,10 @@ def test_no_upward_import(graph):
 
 def test_the_graph_sees_the_known_imports(graph):
     """The parser finds top-level, from-package and function-level imports (else the checks prove nothing)."""
-    assert "tokenrl.config" in graph["tokenrl.trainer"]
-    assert "algorithms" in graph["tokenrl.config"]  # from algorithms import REGISTRY (the package)
-    assert "tokenrl.sampling" in graph["tokenrl.models"]
-    assert "tokenrl.top_p" in graph["tokenrl.synthetic"]  # imported inside a method
+    assert "tokenrl.run.config" in graph["tokenrl.run.trainer"]
+    assert "algorithms" in graph["tokenrl.run.config"]  # from algorithms import REGISTRY (the package)
+    assert "tokenrl.lm.sampling" in graph["tokenrl.lm.models"]
+    assert "tokenrl.core.top_p" in graph["tokenrl.tasks.synthetic"]  # imported inside a method
 
 
 def _write(root, files: dict[str, str]) -> dict[str, set[str]]:
@@ -171,20 +169,20 @@ def _write(root, files: dict[str, str]) -> dict[str, set[str]]:
 
 
 def test_checks_fail_on_an_added_cycle_and_upward_import(tmp_path):
-    """A core module that lazily imports the trainer closes a cycle and goes up four layers."""
+    """A core module that lazily imports the trainer closes a cycle and goes up eight layers."""
     clean = {
         "tokenrl/__init__.py": "",
-        "tokenrl/top_p.py": "import torch\n",
-        "tokenrl/config.py": "from tokenrl.top_p import check_p\n",
-        "tokenrl/trainer.py": "from tokenrl import config\nfrom . import top_p\n",
+        "tokenrl/core/top_p.py": "import torch\n",
+        "tokenrl/run/config.py": "from tokenrl.core.top_p import check_p\n",
+        "tokenrl/run/trainer.py": "from tokenrl.run import config\nfrom ..core import top_p\n",
     }
     graph = _write(tmp_path, clean)
-    assert graph["tokenrl.trainer"] == {"tokenrl.config", "tokenrl.top_p"}
+    assert graph["tokenrl.run.trainer"] == {"tokenrl.run.config", "tokenrl.core.top_p"}
     assert find_cycle(graph) is None and upward_imports(graph) == []
 
-    graph = _write(tmp_path, {"tokenrl/top_p.py": "def f():\n    from tokenrl.trainer import run\n"})
+    graph = _write(tmp_path, {"tokenrl/core/top_p.py": "def f():\n    from tokenrl.run.trainer import run\n"})
     assert find_cycle(graph) in (
-        ["tokenrl.top_p", "tokenrl.trainer", "tokenrl.top_p"],
-        ["tokenrl.config", "tokenrl.top_p", "tokenrl.trainer", "tokenrl.config"],
+        ["tokenrl.core.top_p", "tokenrl.run.trainer", "tokenrl.core.top_p"],
+        ["tokenrl.run.config", "tokenrl.core.top_p", "tokenrl.run.trainer", "tokenrl.run.config"],
     )
-    assert upward_imports(graph) == ["tokenrl.top_p (core) imports tokenrl.trainer (trainer)"]
+    assert upward_imports(graph) == ["tokenrl.core.top_p (core) imports tokenrl.run.trainer (run)"]

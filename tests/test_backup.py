@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.reference import scatter_mask, soft_value_dense
-from tokenrl.backup import (
+from tokenrl.core.backup import (
     TargetNetwork,
     chi2_penalty,
     chi2_phi,
@@ -119,7 +119,7 @@ def test_scatter_mask_keeps_a_member_equal_to_pad_id():
 
 def test_soft_value_dense_equals_gather_on_top_p_sets_containing_pad_id():
     """Realistic input: top-p sets from top_p_sparse (pad_id 0) where token 0 (EOS) is a likely token."""
-    from tokenrl.top_p import top_p_sparse
+    from tokenrl.core.top_p import top_p_sparse
 
     logits = torch.randn(4, V, generator=gen(40), dtype=torch.float64)
     logits[0, 0] = 5.0  # EOS in the (small) set of row 0, which is padded up to row 1's size

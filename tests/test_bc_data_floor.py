@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_experiment
-from tokenrl.synthetic import SyntheticLanguage, SyntheticLanguageConfig
+from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
 
 floor = load_experiment("bc_data_floor")
 CFG = SyntheticLanguageConfig(vocab_size=12, n_topics=2, n_local_states=3, mean_support=4.0, max_support=8, seed=1)

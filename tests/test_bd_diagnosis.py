@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms.iql_bd import iq_bd_loss
-from tokenrl.bd_tabular import (
+from tokenrl.theory.bd_tabular import (
     BDOptions,
     Problem,
     action_sets,

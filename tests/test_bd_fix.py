@@ -11,8 +11,8 @@ import torch
 from algorithms import make_algorithm, make_config
 from algorithms.iql_bd import iq_bd_loss
 from tests.conftest import tiny_llama
-from tokenrl.backup import bernoulli_kl, released_state_values, set_mass_kl
-from tokenrl.policy import CausalLMPolicy
+from tokenrl.core.backup import bernoulli_kl, released_state_values, set_mass_kl
+from tokenrl.lm.policy import CausalLMPolicy
 
 
 def _rand_sets(B, S, K, V, seed=0):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from envs.token_env import BatchedTokenGenerationEnv
-from tokenrl.buffer import Batch, ReplayBuffer, TopPCache
-from tokenrl.datagen import compute_top_p_cache
-from tokenrl.synthetic import SyntheticLanguage, SyntheticLanguageConfig
-from tokenrl.top_p import restrict_top_p, top_p_mask
+from tokenrl.data.buffer import Batch, ReplayBuffer, TopPCache
+from tokenrl.tasks.datagen import compute_top_p_cache
+from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
+from tokenrl.core.top_p import restrict_top_p, top_p_mask
 
 P_CACHE = 0.95
 PAD = 0
@@ -302,7 +302,7 @@ def test_save_load_round_trip_is_exact_and_atomic(lang, tmp_path):
 
 def test_failed_save_keeps_the_previous_file(lang, tmp_path, monkeypatch):
     """Atomicity: a crash while writing leaves the old file intact (write to a temp file, then rename)."""
-    import tokenrl.buffer as buffer_mod
+    import tokenrl.data.buffer as buffer_mod
 
     buf, _ = make_buffer(lang, n=6, seed=5)
     path = str(tmp_path / "buf.safetensors")

@@ -12,9 +12,9 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from algorithms import REGISTRY, make_config
 from algorithms.iql_bd import BellmanDistillConfig
-from tokenrl.config import RunConfig, make_run_config, register_configs
-from tokenrl.hf_task import HFTaskConfig
-from tokenrl.tasks import SyntheticTaskConfig
+from tokenrl.run.config import RunConfig, make_run_config, register_configs
+from tokenrl.tasks.hf import HFTaskConfig
+from tokenrl.tasks.base import SyntheticTaskConfig
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "conf")
 register_configs()

@@ -14,9 +14,9 @@ from safetensors.numpy import load_file, save_file
 
 from tests.conftest import edit_manifest
 from tests.test_datagen import MANIFEST, assert_buffers_equal, generate
-from tokenrl.buffer import ReplayBuffer
-from tokenrl.config import make_run_config
-from tokenrl.datagen import (
+from tokenrl.data.buffer import ReplayBuffer
+from tokenrl.run.config import make_run_config
+from tokenrl.tasks.datagen import (
     DataIntegrityError,
     data_manifest,
     dataset_dir,
@@ -24,7 +24,7 @@ from tokenrl.datagen import (
     load_or_generate_data,
     load_teacher_data,
 )
-from tokenrl.trainer import build_task, load_data
+from tokenrl.run.trainer import build_task, load_data
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tests.conftest import edit_manifest
-from tokenrl.buffer import ReplayBuffer
-from tokenrl.datagen import compute_top_p_cache, generate_teacher_data, load_teacher_data, right_pad
-from tokenrl.top_p import top_p_sparse
+from tokenrl.data.buffer import ReplayBuffer
+from tokenrl.core.padding import right_pad
+from tokenrl.tasks.datagen import compute_top_p_cache, generate_teacher_data, load_teacher_data
+from tokenrl.core.top_p import top_p_sparse
 
 MAX_NEW = 8
 MANIFEST = {"teacher": "synthetic-seed0", "tokenizer": "synthetic", "sample_top_p": 1.0, "temperature": 1.0}
@@ -245,8 +246,8 @@ def test_load_without_manifest_raises(tmp_path):
 def _hf_teacher_and_sampler(temperature: float, top_p: float):
     from tests.conftest import tiny_llama
     from tests.test_models import word_tokenizer
-    from tokenrl.models import HFTeacher
-    from tokenrl.sampling import TeacherSampler
+    from tokenrl.lm.models import HFTeacher
+    from tokenrl.lm.sampling import TeacherSampler
 
     tokenizer = word_tokenizer()
     # Three padded embedding rows (sliced off by both passes); a larger init gives instruct-LM-like peaked sets.

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from algorithms import make_algorithm
-from tokenrl import distributed
-from tokenrl.checkpoint import checkpoint_path
-from tokenrl.policy import CausalLMPolicy
+from tokenrl.run import distributed
+from tokenrl.run.checkpoint import checkpoint_path
+from tokenrl.lm.policy import CausalLMPolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")

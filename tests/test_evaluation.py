@@ -1,4 +1,4 @@
-"""Tests of tokenrl.evaluation: exact teacher scores against SyntheticLanguage, Rouge-L edge cases,
+"""Tests of tokenrl.evaluation.metrics: exact teacher scores against SyntheticLanguage, Rouge-L edge cases,
 teacher-forced KL and the full evaluate()."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from tests.reference import sequence_logprob
 from tests.test_sampling import EOS, V, random_prompts, slow_logits, tiny_llama
-from tokenrl.evaluation import (
+from tokenrl.evaluation.metrics import (
     SET_METRIC_KEYS,
     evaluate,
     evaluate_decodings,
@@ -22,7 +22,7 @@ from tokenrl.evaluation import (
     teacher_forced_set_metrics,
     teacher_nll,
 )
-from tokenrl.sampling import sample_responses
+from tokenrl.lm.sampling import sample_responses
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from gymnasium.utils.env_checker import check_env
 from envs import BatchedTokenGenerationEnv, TokenGenerationEnv, TopPActionWrapper
 from envs.top_p_wrapper import top_p_restricted_policy
 from tests.test_models import tiny_llama, word_tokenizer
-from tokenrl.models import HFTeacher, IncrementalTeacher
-from tokenrl.top_p import top_p_mask
+from tokenrl.lm.models import HFTeacher, IncrementalTeacher
+from tokenrl.core.top_p import top_p_mask
 
 
 def _teacher():

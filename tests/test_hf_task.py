@@ -1,4 +1,4 @@
-"""Tests of the transformers tasks (tokenrl.hf_task), their configs and experiments/generate.py, on a tiny
+"""Tests of the transformers tasks (tokenrl.tasks.hf), their configs and experiments/generate.py, on a tiny
 random Llama teacher with a word-level tokenizer saved to a temporary directory (no hub access)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from tests.test_models import tiny_llama, word_tokenizer
-from tokenrl.config import ModelConfig
-from tokenrl.hf_task import HFTaskConfig, build_hf_task, weights_sha256
-from tokenrl.rollouts import StageClock, collect_rollouts
-from tokenrl.trainer import build_student
+from tokenrl.run.config import ModelConfig
+from tokenrl.tasks.hf import HFTaskConfig, build_hf_task, weights_sha256
+from tokenrl.run.rollouts import StageClock, collect_rollouts
+from tokenrl.run.trainer import build_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "experiments", "conf")
@@ -161,7 +161,7 @@ def test_configs_compose(group, name):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tokenrl.config import register_configs
+    from tokenrl.run.config import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
@@ -236,8 +236,8 @@ def test_generate_twice_then_train(tiny_files, tmp_path):
 def test_online_rollouts_on_a_transformers_task(tiny_files, tmp_path):
     """The trainer's online path on a real LM: KV-cached student and teacher, actions inside the teacher's set."""
     from algorithms import make_algorithm
-    from tokenrl.buffer import ReplayBuffer
-    from tokenrl.policy import CausalLMPolicy
+    from tokenrl.data.buffer import ReplayBuffer
+    from tokenrl.lm.policy import CausalLMPolicy
     task = build_hf_task(_task_cfg(tiny_files, eval_cache_dir=str(tmp_path / "eval")))
     student = build_student(ModelConfig(kind="pruned"), task, seed=0, device="cpu")
     buffer = ReplayBuffer(pad_id=task.pad_token_id, cache_top_p=0.8)

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from tests.conftest import tiny_llama as conftest_llama
-from tokenrl.models import (
+from tokenrl.lm.models import (
     HFTeacher,
     check_same_vocabulary,
     decoder_layers,
@@ -29,7 +29,7 @@ from tokenrl.models import (
     save_student,
     usable_vocab_size,
 )
-from tokenrl.teachers import Teacher
+from tokenrl.core.teachers import Teacher
 
 WORDS = "the a cat dog sat ran on under mat rug and then quickly slowly big small red blue".split()
 

@@ -137,7 +137,7 @@ def test_doc_yaml_composes_against_the_generated_schema(doc, tmp_path):
     from hydra.core.config_store import ConfigStore
     from hydra.errors import ConfigCompositionException
 
-    from tokenrl.config import register_configs
+    from tokenrl.run.config import register_configs
 
     (yaml,) = _blocks("yaml")
     conf = tmp_path / "conf"

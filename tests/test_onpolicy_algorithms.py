@@ -15,10 +15,10 @@ from algorithms.soft_q import soft_td_terms
 from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
 from tests.reference import teacher_logprobs_loop
 from tests.test_gkd import _loop_jsd
-from tokenrl.buffer import Batch, ReplayBuffer
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.scoring import with_teacher_logprobs
-from tokenrl.synthetic import SyntheticLanguage
+from tokenrl.data.buffer import Batch, ReplayBuffer
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.scoring import with_teacher_logprobs
+from tokenrl.tasks.synthetic import SyntheticLanguage
 
 TEACHER = SyntheticLanguage()  # the language the synthetic_buffer fixture was sampled from
 

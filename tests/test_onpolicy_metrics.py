@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import tiny_llama
 from tests.tiny_token_mdp import TinyTokenMDP
-from tokenrl.evaluation import teacher_forced_kl, teacher_nll
-from tokenrl.onpolicy_metrics import on_policy_reverse_kl, on_policy_reverse_kl_of_model, student_token_logprobs
+from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+from tokenrl.evaluation.onpolicy import on_policy_reverse_kl, on_policy_reverse_kl_of_model, student_token_logprobs
 
 
 def test_estimate_matches_enumeration():
@@ -38,8 +38,8 @@ def test_empty_mask_is_nan():
 
 def test_model_convenience_on_synthetic_teacher():
     """Sampled log-probs equal a direct forward; the exact-state form equals teacher_forced_kl on the samples."""
-    from tokenrl.evaluation import sample_responses
-    from tokenrl.synthetic import SyntheticLanguage
+    from tokenrl.evaluation.metrics import sample_responses
+    from tokenrl.tasks.synthetic import SyntheticLanguage
 
     lang = SyntheticLanguage()
     model = tiny_llama(vocab_size=lang.vocab_size)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tokenrl.prompts import (
+from tokenrl.tasks.prompts import (
     PromptExample,
     format_prompt,
     load_jsonl_prompts,

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from algorithms.iql_bd import BellmanDistill
-from tokenrl.checkpoint import (
+from tokenrl.run.checkpoint import (
     WRITE_DELAY_ENV,
     CheckpointError,
     ResumeError,
@@ -25,9 +25,9 @@ from tokenrl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tokenrl.config import make_run_config
-from tokenrl.divergence import DivergenceError
-from tokenrl.trainer import run
+from tokenrl.run.config import make_run_config
+from tokenrl.core.divergence import DivergenceError
+from tokenrl.run.trainer import run
 
 
 def _config(data_dir, **top) -> dict:
@@ -263,7 +263,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 def test_checkpoint_writes_tensors_in_place_and_copies_only_what_safetensors_refuses(tmp_path):
     """Whole contiguous tensors are written from their own memory (no second copy of the state while writing);
     tied, view and non-contiguous tensors are copied and still round-trip."""
-    from tokenrl.checkpoint import _writable
+    from tokenrl.run.checkpoint import _writable
 
     base = torch.arange(12.0).reshape(3, 4)
     state = {

@@ -9,13 +9,13 @@ import torch
 from algorithms import make_algorithm
 from algorithms.base import sample_rollout_mix
 from tests.conftest import tiny_llama
-from tokenrl.buffer import ReplayBuffer
-from tokenrl.config import make_run_config
-from tokenrl.evaluation import evaluate
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.rollouts import StageClock, collect_rollouts, once_per_state
-from tokenrl.top_p import top_p_mask
-from tokenrl.trainer import build_task, evaluate_student
+from tokenrl.data.buffer import ReplayBuffer
+from tokenrl.run.config import make_run_config
+from tokenrl.evaluation.metrics import evaluate
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.rollouts import StageClock, collect_rollouts, once_per_state
+from tokenrl.core.top_p import top_p_mask
+from tokenrl.run.trainer import build_task, evaluate_student
 
 V = 8
 

@@ -1,4 +1,4 @@
-"""Tests of tokenrl.sampling: the KV-cache stepper and sampler against a slow full-forward reference."""
+"""Tests of tokenrl.lm.sampling: the KV-cache stepper and sampler against a slow full-forward reference."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from tests.conftest import tiny_llama as conftest_llama
 
-from tokenrl.sampling import KVCacheStepper, _sample_batch, sample_responses
-from tokenrl.top_p import top_p_mask
+from tokenrl.lm.sampling import KVCacheStepper, _sample_batch, sample_responses
+from tokenrl.core.top_p import top_p_mask
 
 V = 64
 EOS = 0

@@ -1,4 +1,4 @@
-"""Position-chunked scoring (tokenrl.scoring) equals the dense [B, T, V] computation it replaced.
+"""Position-chunked scoring (tokenrl.lm.scoring) equals the dense [B, T, V] computation it replaced.
 
 The dense references below are the pre-chunking bodies of ``evaluation.teacher_nll``,
 ``evaluation.teacher_forced_kl`` and ``datagen.compute_top_p_cache``, kept here as the slow oracle. Every
@@ -14,13 +14,14 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tokenrl import scoring
-from tokenrl.datagen import compute_top_p_cache, right_pad
-from tokenrl.evaluation import teacher_forced_kl, teacher_nll
-from tokenrl.models import HFTeacher
-from tokenrl.synthetic import SyntheticLanguage
-from tokenrl.teachers import Teacher
-from tokenrl.top_p import top_p_sparse
+from tokenrl.lm import scoring
+from tokenrl.core.padding import right_pad
+from tokenrl.tasks.datagen import compute_top_p_cache
+from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+from tokenrl.lm.models import HFTeacher
+from tokenrl.tasks.synthetic import SyntheticLanguage
+from tokenrl.core.teachers import Teacher
+from tokenrl.core.top_p import top_p_sparse
 
 # Row 1 has an empty response; with max_batch=2 rows 0-1 form a row group with nothing to score.
 PROMPT_LENS = [3, 1, 5, 2, 4]

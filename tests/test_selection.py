@@ -1,4 +1,4 @@
-"""The fair protocol (tokenrl.selection): best-checkpoint bookkeeping, SFT early stopping and the SFT cache."""
+"""The fair protocol (tokenrl.run.selection): best-checkpoint bookkeeping, SFT early stopping and the SFT cache."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tokenrl.config import make_run_config
-from tokenrl.selection import BestCheckpoint, check_selection
-from tokenrl.trainer import build_task, data_location, run
+from tokenrl.run.config import make_run_config
+from tokenrl.run.selection import BestCheckpoint, check_selection
+from tokenrl.run.trainer import build_task, data_location, run
 
 TINY = {
     "algo": {"name": "bc"},

@@ -7,8 +7,8 @@ import scipy.stats
 import torch
 
 from tests.reference import sequence_logprob
-from tokenrl.synthetic import SyntheticLanguage, SyntheticLanguageConfig
-from tokenrl.top_p import top_p_mask
+from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
+from tokenrl.core.top_p import top_p_mask
 
 EOS = SyntheticLanguage.eos_token_id
 

@@ -8,7 +8,7 @@ import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from envs.toy_mdps import TabularMDP, random_mdp, random_token_mdp
-from tokenrl.tabular import (
+from tokenrl.theory.tabular import (
     contraction_modulus,
     kappa,
     project_policy,

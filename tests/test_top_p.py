@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from tokenrl.top_p import check_p, restrict_top_p, top_p_mask, top_p_sparse
+from tokenrl.core.top_p import check_p, restrict_top_p, top_p_mask, top_p_sparse
 
 V = 50
 

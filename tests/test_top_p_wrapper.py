@@ -14,7 +14,7 @@ from envs.top_p_wrapper import (
     teacher_top_p_set,
     top_p_restricted_policy,
 )
-from tokenrl.top_p import top_p_mask, top_p_sparse
+from tokenrl.core.top_p import top_p_mask, top_p_sparse
 
 EOS = 0
 PROMPT = [3, 17, 5, 9]
@@ -185,7 +185,7 @@ def test_restricted_rollout_stays_inside_the_teacher_set(lang):
 
 
 class TinyLlamaTeacher:
-    """Minimal Teacher over a randomly initialised 1-layer Llama (no KV cache; tokenrl.models has the real one)."""
+    """Minimal Teacher over a randomly initialised 1-layer Llama (no KV cache; tokenrl.lm.models has the real one)."""
 
     vocab_size = 64
     eos_token_id = 0

@@ -8,7 +8,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs.toy_mdps as toy_mdps
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
-from tokenrl.tabular import soft_optimal_policy, soft_value_iteration, top_p_support
+from tokenrl.theory.tabular import soft_optimal_policy, soft_value_iteration, top_p_support
 
 
 def small_mdp() -> TabularMDP:

@@ -10,10 +10,10 @@ from omegaconf.errors import ConfigKeyError
 
 from tests.test_hf_task import _write_teacher
 from tests.test_models import tiny_llama, word_tokenizer
-from tokenrl.config import make_run_config, register_configs
-from tokenrl.prompts import load_jsonl_prompts
-from tokenrl.trainer import run
-from tokenrl.validation import ConfigError, validate
+from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.tasks.prompts import load_jsonl_prompts
+from tokenrl.run.trainer import run
+from tokenrl.run.checks import ConfigError, validate
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "conf")
 

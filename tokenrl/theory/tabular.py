@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tokenrl import backup
-from tokenrl.top_p import check_p, top_p_mask
+from tokenrl.core import backup
+from tokenrl.core.top_p import check_p, top_p_mask
 
 __all__ = [
     "contraction_modulus",
@@ -190,7 +190,7 @@ def _iterate_to_fixed_point(
 def top_p_support(probs_SA: np.ndarray, p: float) -> np.ndarray:
     """Top-p (nucleus) action set of every state.
 
-    Same rule and tie-breaking as :func:`tokenrl.top_p.top_p_mask` (hence transformers' ``TopPLogitsWarper``
+    Same rule and tie-breaking as :func:`tokenrl.core.top_p.top_p_mask` (hence transformers' ``TopPLogitsWarper``
     with ``min_tokens_to_keep=1``): the shortest descending prefix of each row whose mass is ``>= p``.
     ``p = 1`` keeps exactly the actions with non-zero probability.
 

@@ -1,10 +1,10 @@
 """Offline teacher data: samples from the teacher with the teacher's sparse top-p cache along each.
 
 The cache comes from the sampling pass itself when the sampler can keep it (:class:`TopPCachingSampler`, e.g.
-:class:`tokenrl.sampling.TeacherSampler`: every logits row it samples from is the teacher's at a cached
+:class:`tokenrl.lm.sampling.TeacherSampler`: every logits row it samples from is the teacher's at a cached
 state), and otherwise from a second, teacher-forced pass (:func:`compute_top_p_cache`).
 
-Data are written in shards (one :class:`~tokenrl.buffer.ReplayBuffer` file each) next to a
+Data are written in shards (one :class:`~tokenrl.data.buffer.ReplayBuffer` file each) next to a
 ``manifest.json`` that records every setting that changes the data (:func:`data_manifest`) and the SHA-256
 of each shard. Generation resumes at the first missing shard, and a training run loads the shards without
 running the teacher again. Every load compares the manifest with the requested settings (a mismatch names
@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenrl import scoring
-from tokenrl.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
-from tokenrl.distributed import barrier
-from tokenrl.teachers import Teacher
-from tokenrl.top_p import check_p
+from tokenrl.lm import scoring
+from tokenrl.data.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
+from tokenrl.core.padding import right_pad
+from tokenrl.core.ranks import barrier
+from tokenrl.core.teachers import Teacher
+from tokenrl.core.top_p import check_p
 
 #: sampler(prompts, seed) -> [(response_tokens, terminated)], EOS included as last token when terminated
 Sampler = Callable[[Sequence[Sequence[int]], int], list[tuple[list[int], bool]]]
@@ -54,14 +55,6 @@ def shard_path(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, f"shard-{index:05d}.safetensors")
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into ``(tokens_BT, lengths_B)``."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    tokens = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        tokens[b, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    return tokens, lengths
-
 
 @torch.no_grad()
 def compute_top_p_cache(
@@ -75,15 +68,15 @@ def compute_top_p_cache(
 ) -> list[TopPCache]:
     """Teacher-forced top-p sets at the ``len(response) + 1`` states of each trajectory.
 
-    Teacher logits are computed only at those states, a chunk at a time (:func:`tokenrl.scoring.top_p_sets`),
+    Teacher logits are computed only at those states, a chunk at a time (:func:`tokenrl.lm.scoring.top_p_sets`),
     so memory does not grow with the prompt length, the batch size or the vocabulary.
 
     Args:
-        teacher: any :class:`~tokenrl.teachers.Teacher`.
+        teacher: any :class:`~tokenrl.core.teachers.Teacher`.
         prompts, responses: token lists of equal count.
         p: top-p threshold of the cache.
         batch_size: sequences per teacher forward.
-        max_k: optional cap on set sizes (see :func:`tokenrl.top_p.top_p_sparse`).
+        max_k: optional cap on set sizes (see :func:`tokenrl.core.top_p.top_p_sparse`).
         pad_id: padding id for the teacher input.
 
     Returns:
@@ -428,7 +421,7 @@ def _read_manifest(out_dir: str) -> dict | None:
     if stored.get("format") != DATA_FORMAT:
         raise ValueError(
             f"dataset at {out_dir} has data format {stored.get('format')!r}, this version of tokenrl reads and writes "
-            f"format {DATA_FORMAT} (see tokenrl.datagen.DATA_FORMAT for what changed); delete the folder {out_dir} "
+            f"format {DATA_FORMAT} (see tokenrl.tasks.datagen.DATA_FORMAT for what changed); delete the folder {out_dir} "
             "and regenerate the data (a training run with the same settings does it)"
         )
     return stored

@@ -2,7 +2,7 @@
 
 One stepper serves every place that generates: the evaluation's and the data generation's sampler
 (:func:`sample_responses`, :class:`TeacherSampler`), and the env rollouts of students and teachers
-(:class:`tokenrl.models.IncrementalTeacher`). Rows are left-padded so that every row's next token appends at
+(:class:`tokenrl.lm.models.IncrementalTeacher`). Rows are left-padded so that every row's next token appends at
 the same column, with positions counting real tokens only, so a padded row sees what an unpadded one would.
 The data generation's sampler also keeps the top-p set of every logits row it samples from
 (:meth:`TeacherSampler.with_top_p_cache`): those rows are the teacher's logits at exactly the states the offline
@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tokenrl.backup import project_to_set
-from tokenrl.buffer import TopPCache
-from tokenrl.top_p import check_p, top_p_mask, top_p_sparse
+from tokenrl.core.backup import project_to_set
+from tokenrl.core.padding import left_pad
+from tokenrl.data.buffer import TopPCache
+from tokenrl.core.top_p import check_p, top_p_mask, top_p_sparse
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -30,30 +31,6 @@ def cache_keyword(model: torch.nn.Module) -> str:
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-
-def left_pad(tokens_BT: torch.Tensor, lengths_B: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, ...]:
-    """Move right-padded rows to the right edge so every row's last real token sits in the last column.
-
-    Args:
-        tokens_BT: right-padded token ids ``[B, T]``.
-        lengths_B: real tokens per row ``[B]``, each in ``1..T``.
-        pad_token_id: id written into the padding.
-
-    Returns:
-        ``(tokens_BL, attention_mask_BL, position_ids_BL)`` with ``L = max(lengths_B)``; positions count
-        real tokens from 0 (0 on padding).
-    """
-    lengths_B = lengths_B.to(tokens_BT.device)
-    if int(lengths_B.min()) < 1:
-        raise ValueError("Every row needs at least one real token (lengths_B >= 1); start prompts with BOS if empty.")
-    width = int(lengths_B.max())
-    columns_L = torch.arange(width, device=tokens_BT.device)
-    shift_B1 = (width - lengths_B).unsqueeze(1)
-    attention_mask_BL = columns_L.unsqueeze(0) >= shift_B1
-    source_BL = (columns_L.unsqueeze(0) - shift_B1).clamp(min=0)
-    tokens_BL = torch.where(attention_mask_BL, tokens_BT[:, :width].gather(1, source_BL), pad_token_id)
-    position_ids_BL = torch.where(attention_mask_BL, source_BL, 0)
-    return tokens_BL, attention_mask_BL.long(), position_ids_BL
 
 
 class KVCacheStepper:
@@ -168,8 +145,8 @@ def _sample_batch(
     The log-probs are under the model's untempered, untruncated distribution (log-softmax of the logits
     sliced to ``vocab_size``); tests compare them with a slow no-cache forward.
 
-    With ``cache_top_p``, the top-p set (:func:`tokenrl.top_p.top_p_sparse` of the untempered logits) of every
-    state ``prompt + response[:t]``, ``t = 0..len(response)``, is kept as a :class:`~tokenrl.buffer.TopPCache`:
+    With ``cache_top_p``, the top-p set (:func:`tokenrl.core.top_p.top_p_sparse` of the untempered logits) of every
+    state ``prompt + response[:t]``, ``t = 0..len(response)``, is kept as a :class:`~tokenrl.data.buffer.TopPCache`:
     the logits of state ``t`` are those step ``t`` samples from, and the state after a row's last token comes
     from the step after it (one extra cached step once every row has ended). The sampled tokens do not depend
     on ``cache_top_p``.
@@ -259,7 +236,7 @@ def sample_responses(
 
     A batched loop over :class:`KVCacheStepper` instead of ``model.generate``, so no ``generation_config``
     default (top-k 50, repetition penalty, ...) can change the distribution. Each step samples from
-    ``softmax(logits / temperature)`` restricted to its top-p set (:func:`tokenrl.top_p.top_p_mask`, the
+    ``softmax(logits / temperature)`` restricted to its top-p set (:func:`tokenrl.core.top_p.top_p_mask`, the
     same rule as transformers' ``TopPLogitsWarper``). The result is a deterministic function of
     ``seed`` and ``batch_size`` (on a given device).
 
@@ -344,12 +321,12 @@ def _sample(
 class TeacherSampler:
     """The offline data's sampler on a transformers teacher: ``sampler(prompts, seed) -> [(response, terminated)]``.
 
-    It implements :class:`tokenrl.datagen.TopPCachingSampler`: :meth:`with_top_p_cache` also returns the
+    It implements :class:`tokenrl.tasks.datagen.TopPCachingSampler`: :meth:`with_top_p_cache` also returns the
     teacher's top-p sets from the sampling pass itself, so data generation
     runs the teacher once over the data instead of sampling and then scoring every trajectory again.
 
     Attributes:
-        model: the teacher's causal LM (the same model its :class:`~tokenrl.teachers.Teacher` adapter wraps).
+        model: the teacher's causal LM (the same model its :class:`~tokenrl.core.teachers.Teacher` adapter wraps).
         max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, batch_size, vocab_size: as in
             :func:`sample_responses`.
     """
@@ -384,9 +361,9 @@ class TeacherSampler:
 
         The sets are taken from the logits the sampler computes anyway (one cached forward per token, plus one
         step for the state after the last token), at the untempered distribution: they equal
-        :func:`tokenrl.datagen.compute_top_p_cache` of the same model on the responses (a second, teacher-forced
+        :func:`tokenrl.tasks.datagen.compute_top_p_cache` of the same model on the responses (a second, teacher-forced
         pass) up to float rounding between the cached and the full forward. Each
-        :class:`~tokenrl.buffer.TopPCache` has ``len(response) + 1`` states (ids int32, log-probs float16,
+        :class:`~tokenrl.data.buffer.TopPCache` has ``len(response) + 1`` states (ids int32, log-probs float16,
         descending probability).
         """
         check_p(p)

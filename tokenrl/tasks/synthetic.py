@@ -19,8 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tokenrl.backup import project_to_set
-from tokenrl.teachers import TokenPositions
+from tokenrl.core.backup import project_to_set
+from tokenrl.core.teachers import TokenPositions
 
 
 @dataclass
@@ -71,7 +71,7 @@ class SyntheticLanguageConfig:
 
 
 class SyntheticLanguage:
-    """Exact synthetic teacher and data source (implements :class:`tokenrl.teachers.Teacher`).
+    """Exact synthetic teacher and data source (implements :class:`tokenrl.core.teachers.Teacher`).
 
     Args:
         config: the language's parameters.
@@ -239,7 +239,7 @@ class SyntheticLanguage:
         ``terminated`` is True when the response ended with EOS (EOS is the last token), False when it was
         cut at ``max_new_tokens``. ``top_p`` < 1 samples from the teacher's projection onto its top-p set.
         """
-        from tokenrl.top_p import check_p, top_p_mask
+        from tokenrl.core.top_p import check_p, top_p_mask
 
         check_p(top_p)
         if temperature <= 0:

@@ -10,7 +10,7 @@ positions only (``[N, D]``), and projects them to logits ``chunk`` positions at 
 :data:`CHUNK_ELEMENTS` logits, so it is flat in the vocabulary size too.
 
 Positions are given as flat row-major index pairs ``(rows_N, cols_N)`` bundled with their batch in a
-:class:`~tokenrl.teachers.TokenPositions` (:func:`state_positions`): logit position ``(b, t)`` predicts
+:class:`~tokenrl.core.teachers.TokenPositions` (:func:`state_positions`): logit position ``(b, t)`` predicts
 token ``t + 1`` of row ``b``. Every function here equals the dense computation to float
 tolerance (tests/test_scoring.py keeps the dense reference).
 """
@@ -23,11 +23,11 @@ from typing import Iterator
 
 import torch
 
-from tokenrl import backup
-from tokenrl.backup import kl, project_to_set
-from tokenrl.buffer import Batch
-from tokenrl.teachers import Teacher, TokenPositions
-from tokenrl.top_p import TopPSet, top_p_sparse
+from tokenrl.core import backup
+from tokenrl.core.backup import kl, project_to_set
+from tokenrl.data.buffer import Batch
+from tokenrl.core.teachers import Teacher, TokenPositions
+from tokenrl.core.top_p import TopPSet, top_p_sparse
 
 CHUNK_ELEMENTS = 1 << 22
 """Logits per chunk by default (4M: 16 MB in float32, 32 MB per float64 copy)."""
@@ -145,7 +145,7 @@ def token_nll(
     """Teacher NLL of every response token, ``-log softmax(logits)[token]`` in float64.
 
     Args:
-        teacher: any :class:`~tokenrl.teachers.Teacher`.
+        teacher: any :class:`~tokenrl.core.teachers.Teacher`.
         tokens_BT: right-padded prompt + response ids ``[B, T]``.
         lengths_B: ``[B]`` prompt + response lengths.
         prompt_lens_B: ``[B]`` prompt lengths (>= 1); the response is ``tokens_BT[b, P:lengths_B[b]]``.
@@ -186,7 +186,7 @@ def kl_both_directions(
 
     Args:
         model: the student, a transformers causal LM (see :func:`causal_lm_position_logits`), in eval mode.
-        teacher: a :class:`~tokenrl.teachers.Teacher` over the same vocabulary.
+        teacher: a :class:`~tokenrl.core.teachers.Teacher` over the same vocabulary.
         tokens_BT: right-padded prompt + response ids ``[B, T]``.
         lengths_B: ``[B]`` prompt + response lengths.
         prompt_lens_B: ``[B]`` prompt lengths (>= 1).
@@ -240,17 +240,17 @@ def top_p_sets(
     final response token).
 
     Args:
-        teacher: any :class:`~tokenrl.teachers.Teacher`.
+        teacher: any :class:`~tokenrl.core.teachers.Teacher`.
         tokens_BT: right-padded prompt + response ids ``[B, T]``.
         lengths_B: ``[B]`` prompt + response lengths.
         prompt_lens_B: ``[B]`` prompt lengths (>= 1).
         p: top-p threshold.
-        max_k: optional cap on set sizes (see :func:`tokenrl.top_p.top_p_sparse`).
+        max_k: optional cap on set sizes (see :func:`tokenrl.core.top_p.top_p_sparse`).
         pad_id: id in padding slots of the sets.
         chunk: positions per logit block (None: :func:`chunk_positions`).
 
     Yields:
-        :class:`~tokenrl.top_p.TopPSet` of ``[n, K]`` tensors for consecutive row-major states (K varies
+        :class:`~tokenrl.core.top_p.TopPSet` of ``[n, K]`` tensors for consecutive row-major states (K varies
         between chunks).
     """
     at = state_positions(tokens_BT, lengths_B, prompt_lens_B, lengths_B - prompt_lens_B + 1)
@@ -262,13 +262,13 @@ def top_p_sets(
 def with_teacher_logprobs(batch: Batch, teacher: Teacher, pad_id: int, chunk: int | None = None) -> Batch:
     """``batch`` with ``teacher_logprobs_BSV``: the teacher's full-vocabulary log-probs at all its states.
 
-    The teacher sees each row as ``prompt + response`` right-padded (the :class:`~tokenrl.teachers.Teacher`
+    The teacher sees each row as ``prompt + response`` right-padded (the :class:`~tokenrl.core.teachers.Teacher`
     layout) and is scored at the ``R + 1`` states of every row (:func:`state_positions`), a chunk at a time;
     the result is ``B * S * V`` floats, the size of the student's dense logits on the same batch.
 
     Args:
-        batch: a :class:`~tokenrl.buffer.Batch` (left-padded prompts, right-padded responses).
-        teacher: any :class:`~tokenrl.teachers.Teacher` over the student's vocabulary.
+        batch: a :class:`~tokenrl.data.buffer.Batch` (left-padded prompts, right-padded responses).
+        teacher: any :class:`~tokenrl.core.teachers.Teacher` over the student's vocabulary.
         pad_id: id written into the teacher input's padding.
         chunk: positions per logit block (None: :func:`chunk_positions`).
 

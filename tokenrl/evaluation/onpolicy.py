@@ -9,7 +9,7 @@ Its Monte-Carlo estimate (:func:`on_policy_reverse_kl`) is the sum of ``log pi_s
 sampled tokens divided by their number (consistent; exact in expectation up to the ratio's O(1/N) bias).
 Averaging the exact per-state KL(pi_s(.|s_t) || pi_t(.|s_t)) over the same sampled states has the same
 limit with less variance: that is ``teacher_forced_kl(model, teacher, prompts, student_samples)`` of
-:mod:`tokenrl.evaluation`, reported next to it by :func:`on_policy_reverse_kl_of_model`. The gap between
+:mod:`tokenrl.evaluation.metrics`, reported next to it by :func:`on_policy_reverse_kl_of_model`. The gap between
 KL_on and the teacher-forced KL on *teacher* samples is the exposure-bias effect.
 """
 
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tokenrl import scoring
-from tokenrl.backup import project_to_set
-from tokenrl.datagen import right_pad
-from tokenrl.teachers import Teacher
-from tokenrl.top_p import check_p, top_p_mask
+from tokenrl.lm import scoring
+from tokenrl.core.backup import project_to_set
+from tokenrl.core.padding import right_pad
+from tokenrl.core.teachers import Teacher
+from tokenrl.core.top_p import check_p, top_p_mask
 
 
 def on_policy_reverse_kl(
@@ -129,8 +129,8 @@ def on_policy_reverse_kl_of_model(
         states (same expectation, lower variance; unrestricted student, so it equals the first only at
         ``top_p = 1``).
     """
-    from tokenrl.evaluation import teacher_forced_kl, teacher_nll
-    from tokenrl.sampling import sample_responses
+    from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+    from tokenrl.lm.sampling import sample_responses
 
     responses = sample_responses(
         model, prompts, max_new_tokens, teacher.eos_token_id, pad_token_id, seed,

@@ -1,7 +1,7 @@
 """Tasks: a teacher, prompt splits, references, a teacher sampler and a decoder, built from a config.
 
-The default task is the exact synthetic language (:mod:`tokenrl.synthetic`); real-LM tasks built on
-transformers teachers live in :mod:`tokenrl.hf_task`. A training run only talks to the :class:`Task` fields.
+The default task is the exact synthetic language (:mod:`tokenrl.tasks.synthetic`); real-LM tasks built on
+transformers teachers live in :mod:`tokenrl.tasks.hf`. A training run only talks to the :class:`Task` fields.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tokenrl.datagen import Sampler
-from tokenrl.synthetic import SyntheticLanguage, SyntheticLanguageConfig
-from tokenrl.teachers import Teacher
+from tokenrl.tasks.datagen import Sampler
+from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
+from tokenrl.core.teachers import Teacher
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Task:
 
     Attributes:
         name: task name (used in data directory names).
-        teacher: the teacher (implements :class:`~tokenrl.teachers.Teacher`).
+        teacher: the teacher (implements :class:`~tokenrl.core.teachers.Teacher`).
         vocab_size: shared vocabulary size.
         eos_token_id: EOS id (ends responses).
         pad_token_id: id used for padding.
@@ -39,7 +39,7 @@ class Task:
         heldout: (prompts, responses) of teacher samples for the teacher-forced KL.
         tokenizer: the teacher's tokenizer (transformers tasks), None for the synthetic language.
         student_config: model config fields a fresh student takes from the task (vocabulary, special ids)
-            when there is no tokenizer to supply them (see :func:`tokenrl.models.make_student`).
+            when there is no tokenizer to supply them (see :func:`tokenrl.lm.models.make_student`).
         info: extra facts reported in metrics.json.
     """
 
@@ -169,6 +169,6 @@ def _language_manifest(lang_cfg: SyntheticLanguageConfig) -> dict:
 
 
 def _mean_state_set_size(lang: SyntheticLanguage, p: float) -> float:
-    from tokenrl.top_p import top_p_mask
+    from tokenrl.core.top_p import top_p_mask
 
     return float(top_p_mask(torch.from_numpy(lang.log_emission_SV), p).sum(-1).double().mean())

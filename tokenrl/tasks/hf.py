@@ -1,17 +1,17 @@
 """Real-LM tasks: a transformers teacher, instruction prompts, references and samplers, built from a config.
 
 ``task.kind == "hf"`` configs (schema :class:`HFTaskConfig`, e.g. ``task=smollm2``, ``task=dolly_gpt2``) come
-here through :func:`tokenrl.trainer.build_task`. The pieces are the ones of
-:func:`tokenrl.tasks.build_synthetic_task`:
+here through :func:`tokenrl.run.trainer.build_task`. The pieces are the ones of
+:func:`tokenrl.tasks.base.build_synthetic_task`:
 
 * prompts: a Dolly-style JSONL file, rendered with the MiniLLM/BD template or the tokenizer's chat template,
-  split deterministically (:func:`tokenrl.prompts.split_examples`) before tokenisation so the split does not
+  split deterministically (:func:`tokenrl.tasks.prompts.split_examples`) before tokenisation so the split does not
   depend on the teacher; prompts longer than ``max_prompt_tokens`` are then dropped and counted;
 * references (Rouge-L): the ground-truth response where the file has one, plus ``n_references`` teacher
   samples drawn at the teacher's own settings (top-p 1.0, temperature 1), like the teacher's evaluation
   samples, so neither changes with the students' decoding settings;
-* samplers: batched KV-cache sampling of the teacher (:func:`tokenrl.sampling.sample_responses`); the offline
-  data's sampler (:class:`tokenrl.sampling.TeacherSampler`) keeps the teacher's top-p sets of its own sampling
+* samplers: batched KV-cache sampling of the teacher (:func:`tokenrl.lm.sampling.sample_responses`); the offline
+  data's sampler (:class:`tokenrl.lm.sampling.TeacherSampler`) keeps the teacher's top-p sets of its own sampling
   pass, so data generation runs the teacher once.
 
 Teacher samples needed at build time (references, the held-out KL responses) cost as much as a short data
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenrl.buffer import write_json_atomic
-from tokenrl.datagen import file_sha256
-from tokenrl.models import HFTeacher, load_causal_lm
-from tokenrl.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
-from tokenrl.sampling import TeacherSampler, sample_responses
-from tokenrl.tasks import Task
+from tokenrl.data.buffer import write_json_atomic
+from tokenrl.tasks.datagen import file_sha256
+from tokenrl.lm.models import HFTeacher, load_causal_lm
+from tokenrl.tasks.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
+from tokenrl.lm.sampling import TeacherSampler, sample_responses
+from tokenrl.tasks.base import Task
 
 TEMPLATES = ("minillm", "chat")
 """``minillm``: the MiniLLM/BD instruction template; ``chat``: ``tokenizer.apply_chat_template``."""
@@ -82,7 +82,7 @@ class HFTaskConfig:
 def _check(cfg: HFTaskConfig) -> None:
     for required in ("teacher", "prompts_file"):
         if getattr(cfg, required) in (None, "???"):
-            raise ValueError(f"The hf task needs task.{required} (see tokenrl.hf_task.HFTaskConfig).")
+            raise ValueError(f"The hf task needs task.{required} (see tokenrl.tasks.hf.HFTaskConfig).")
     if cfg.template not in TEMPLATES:
         raise ValueError(f"task.template must be one of {TEMPLATES}, got {cfg.template!r}.")
 
@@ -127,7 +127,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
         cfg: the task settings.
 
     Returns:
-        The :class:`~tokenrl.tasks.Task`. ``task.teacher`` is an :class:`~tokenrl.models.HFTeacher` (its
+        The :class:`~tokenrl.tasks.base.Task`. ``task.teacher`` is an :class:`~tokenrl.lm.models.HFTeacher` (its
         ``.model`` is what a ``pruned`` student copies) and ``task.tokenizer`` the teacher's tokenizer.
 
     Raises:

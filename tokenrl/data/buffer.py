@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from tokenrl.top_p import check_p, restrict_top_p
+from tokenrl.core.top_p import check_p, restrict_top_p
 
 BUFFER_FORMAT = "tokenrl-buffer-v2"
 """Format tag of :meth:`ReplayBuffer.save` files (v2: one sorted-JSON metadata entry, byte-reproducible)."""
@@ -38,7 +38,7 @@ class TopPCache:
 
 
 class ActionSlots:
-    """The ``action_slot_BT`` convention of :class:`Batch` and :class:`tokenrl.policy.CandidateQ`: the slot of the
+    """The ``action_slot_BT`` convention of :class:`Batch` and :class:`tokenrl.lm.policy.CandidateQ`: the slot of the
     taken action among its state's candidates, -1 when it lies outside the set and on padding."""
 
     action_slot_BT: torch.Tensor
@@ -52,7 +52,7 @@ class ActionSlots:
 @dataclass
 class Batch(ActionSlots):
     """A padded batch of trajectories: ``B`` rows, ``T`` response slots, ``S = T + 1`` states, ``K`` set width
-    (shape letters as in :mod:`tokenrl.backup`).
+    (shape letters as in :mod:`tokenrl.core.backup`).
 
     The model input is ``[left-padded prompt | right-padded response]``: response token ``t`` sits at column
     ``prompt_width + t`` and the logits of state ``s_t`` are at column ``prompt_width - 1 + t``.
@@ -80,7 +80,7 @@ class Batch(ActionSlots):
         top_p: the p the candidate sets were restricted to.
         teacher_logprobs_BSV: ``[B, S, V]`` float teacher log-probs over the whole vocabulary at every state
             (uniform on padding), for losses over the full vocabulary; None unless added by
-            :func:`tokenrl.scoring.with_teacher_logprobs` (the trainer does for algorithms with
+            :func:`tokenrl.lm.scoring.with_teacher_logprobs` (the trainer does for algorithms with
             ``needs_teacher_logprobs``).
     """
 
@@ -115,7 +115,7 @@ def require_teacher_logprobs(batch: Batch, algo_name: str) -> torch.Tensor:
     if batch.teacher_logprobs_BSV is None:
         raise ValueError(
             f"{algo_name} with top_p=1.0 (full vocabulary) needs the teacher's log-probs in the batch: add them with "
-            "tokenrl.scoring.with_teacher_logprobs(batch, teacher, pad_id) (the trainer does), or set top_p < 1 "
+            "tokenrl.lm.scoring.with_teacher_logprobs(batch, teacher, pad_id) (the trainer does), or set top_p < 1 "
             "to use the cached top-p sets"
         )
     return batch.teacher_logprobs_BSV
@@ -169,7 +169,7 @@ class ReplayBuffer:
             terminated: ended with EOS.
             truncated: cut at max_new_tokens (default: ``not terminated``).
             caches: per trajectory, the teacher's top-p sets at its ``len(response) + 1`` states; required by
-                the TD and KD algorithms (see :func:`tokenrl.datagen.compute_top_p_cache`).
+                the TD and KD algorithms (see :func:`tokenrl.tasks.datagen.compute_top_p_cache`).
             rewards: optional per-token env rewards.
             is_expert: whether the trajectories are teacher data (True) or the learner's rollouts (False).
         """
@@ -268,7 +268,7 @@ class ReplayBuffer:
         if not have_cache and any(c is not None for c in caches):
             raise ValueError(
                 "batch mixes trajectories with and without a teacher top-p cache; add rollouts with caches "
-                "(tokenrl.datagen.compute_top_p_cache) or keep them in a separate buffer"
+                "(tokenrl.tasks.datagen.compute_top_p_cache) or keep them in a separate buffer"
             )
         K = max(int(c.sizes.max()) for c in caches) if have_cache else 1
         cand_ids = np.full((B, S, K), self.pad_id, np.int64)

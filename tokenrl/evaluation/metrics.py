@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
-from tokenrl import scoring
-from tokenrl.backup import entropy, kl, project_to_set, soft_value
-from tokenrl.datagen import right_pad
-from tokenrl.sampling import check_prompts, sample_responses
-from tokenrl.teachers import Teacher
-from tokenrl.top_p import top_p_mask
+from tokenrl.lm import scoring
+from tokenrl.core.backup import entropy, kl, project_to_set, soft_value
+from tokenrl.core.padding import right_pad
+from tokenrl.lm.sampling import check_prompts, sample_responses
+from tokenrl.core.teachers import Teacher
+from tokenrl.core.top_p import top_p_mask
 
 Decode = Callable[[list[int]], str]
 Sampler = Callable[[list[list[int]], int], list[list[int]]]
@@ -63,8 +63,8 @@ def teacher_nll(
     """Exact teacher NLL of every response token given the prompt and the previous response tokens.
 
     Args:
-        teacher: any :class:`tokenrl.teachers.Teacher` (its logits at the response positions are
-            log-softmaxed here in float64, a chunk at a time: see :func:`tokenrl.scoring.token_nll`).
+        teacher: any :class:`tokenrl.core.teachers.Teacher` (its logits at the response positions are
+            log-softmaxed here in float64, a chunk at a time: see :func:`tokenrl.lm.scoring.token_nll`).
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists (may be empty).
         batch_size: sequences per ``teacher.position_logits`` call.
@@ -136,7 +136,7 @@ def teacher_forced_kl(
 
     Both models read the same prefixes (prompt + the given response tokens) and are compared at every
     response position (logits only at those positions, a chunk at a time: see
-    :func:`tokenrl.scoring.kl_both_directions`):
+    :func:`tokenrl.lm.scoring.kl_both_directions`):
 
     * ``kl_student_teacher`` = KL(student || teacher) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), the
       "reverse KL" of the distillation literature (mode seeking; MiniLLM's objective);
@@ -144,7 +144,7 @@ def teacher_forced_kl(
 
     Args:
         model: the student, a transformers causal LM whose logits are ``lm_head(base_model(...))``.
-        teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
+        teacher: a :class:`tokenrl.core.teachers.Teacher` over the same vocabulary.
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists, typically held-out teacher samples.
         batch_size: sequences per forward.
@@ -233,7 +233,7 @@ def teacher_forced_set_metrics(
 
     Args:
         model: the student, a transformers causal LM.
-        teacher: a :class:`tokenrl.teachers.Teacher` over the same vocabulary.
+        teacher: a :class:`tokenrl.core.teachers.Teacher` over the same vocabulary.
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists, typically held-out teacher samples.
         set_top_p: p of the teacher's top-p set.
@@ -255,7 +255,7 @@ def teacher_forced_set_metrics(
             for tokens_BT, lengths_B, prompt_lens_B, response_lens_B in _padded_batches(
                 prompts, responses, batch_size, teacher
             ):
-                # Only the response positions, a chunk of logits at a time (memory-flat, see tokenrl.scoring).
+                # Only the response positions, a chunk of logits at a time (memory-flat, see tokenrl.lm.scoring).
                 at = scoring.state_positions(tokens_BT, lengths_B, prompt_lens_B, response_lens_B)
                 size = scoring.chunk_positions(vocab)
                 student_chunks = scoring.causal_lm_position_logits(model, at, vocab, size)
@@ -347,7 +347,7 @@ def evaluate(
     """Evaluate a student: sample with every seed, score with the teacher and Rouge-L, plus teacher-forced metrics.
 
     Args:
-        model: the student (see :func:`tokenrl.sampling.sample_responses`).
+        model: the student (see :func:`tokenrl.lm.sampling.sample_responses`).
         teacher: the exact teacher that scores the samples.
         prompts: ``N`` non-empty evaluation prompts.
         references: ``N`` lists of reference texts for Rouge-L, or None to skip Rouge-L.

@@ -6,7 +6,7 @@ One collection (:func:`collect_rollouts`) runs three stages, each timed on a :cl
   :meth:`Algorithm.rollout_policy` built from the student's and the teacher's next-token logits
   (KV-cached for transformers models);
 * ``time/teacher_score_s``: the teacher's top-p cache over the new trajectories
-  (:func:`tokenrl.datagen.compute_top_p_cache`), what every loss reads;
+  (:func:`tokenrl.tasks.datagen.compute_top_p_cache`), what every loss reads;
 * ``time/buffer_add_s``: the trajectories go into the buffer (``is_expert=False``) and the algorithm is
   told their indices (:meth:`Algorithm.after_rollout`).
 
@@ -26,12 +26,12 @@ import torch
 from algorithms import Algorithm
 from envs import BatchedTokenGenerationEnv
 from envs.token_env import PolicyFn
-from tokenrl import distributed
-from tokenrl.buffer import ReplayBuffer
-from tokenrl.datagen import compute_top_p_cache
-from tokenrl.models import HFTeacher, IncrementalTeacher
-from tokenrl.sampling import KVCacheStepper
-from tokenrl.tasks import Task
+from tokenrl.run import distributed
+from tokenrl.data.buffer import ReplayBuffer
+from tokenrl.tasks.datagen import compute_top_p_cache
+from tokenrl.lm.models import HFTeacher, IncrementalTeacher
+from tokenrl.lm.sampling import KVCacheStepper
+from tokenrl.tasks.base import Task
 
 
 class StageClock:
@@ -63,7 +63,7 @@ def once_per_state(fn: PolicyFn) -> PolicyFn:
     """``fn`` evaluated once per state: a repeated call on equal ``(tokens_BL, lengths_B)`` returns the last result.
 
     Rollout hooks may ask for the teacher's logits more than once per env step (to restrict the student and to
-    mix the teacher in); a KV-cached teacher (:class:`~tokenrl.models.IncrementalTeacher`) must see each state
+    mix the teacher in); a KV-cached teacher (:class:`~tokenrl.lm.models.IncrementalTeacher`) must see each state
     only once, and a second forward would be wasted anyway.
     """
     last: list = [None, None, None]  # tokens_BL, lengths_B, logits_BV of the previous call
@@ -87,8 +87,8 @@ def once_per_state(fn: PolicyFn) -> PolicyFn:
 def student_and_teacher_fns(model: torch.nn.Module, task: Task) -> tuple[PolicyFn, PolicyFn]:
     """Next-token logits functions of the student and the teacher for lock-step env rollouts.
 
-    Transformers models run one KV-cached step per env step (:class:`~tokenrl.models.IncrementalTeacher`,
-    :class:`~tokenrl.sampling.KVCacheStepper`); the teacher's function is wrapped by :func:`once_per_state`.
+    Transformers models run one KV-cached step per env step (:class:`~tokenrl.lm.models.IncrementalTeacher`,
+    :class:`~tokenrl.lm.sampling.KVCacheStepper`); the teacher's function is wrapped by :func:`once_per_state`.
 
     Returns:
         ``(student_fn, teacher_fn)``, each ``(tokens_BL, lengths_B) -> logits_BV``, without gradient.

@@ -1,7 +1,7 @@
 """The teacher interface: anything that gives next-token logits for a batch of token prefixes.
 
-Implemented by :class:`tokenrl.synthetic.SyntheticLanguage` (exact, the default task) and by the
-transformers adapter in :mod:`tokenrl.models`. The env wrapper, the offline data generator and the
+Implemented by :class:`tokenrl.tasks.synthetic.SyntheticLanguage` (exact, the default task) and by the
+transformers adapter in :mod:`tokenrl.lm.models`. The env wrapper, the offline data generator and the
 evaluation only talk to this interface.
 """
 
@@ -18,7 +18,7 @@ class TokenPositions:
     """A right-padded token batch and the logit positions of it to score.
 
     Logit position ``(b, t)`` is the distribution of token ``t + 1`` of row ``b`` given ``tokens_BT[b, : t + 1]``.
-    Built by :func:`tokenrl.scoring.state_positions`.
+    Built by :func:`tokenrl.lm.scoring.state_positions`.
 
     Attributes:
         tokens_BT: ``[B, T]`` token ids, right-padded.
@@ -63,6 +63,6 @@ class Teacher(Protocol):
 
         Equals ``sequence_logits(at.tokens_BT, at.lengths_B)[at.rows_N, at.cols_N]`` (float32, on the device
         of ``at.tokens_BT``) without ever holding ``[B, T, V]``: yields ``[n, V]`` blocks, ``n <= chunk``, in
-        the order of the positions. See :mod:`tokenrl.scoring`.
+        the order of the positions. See :mod:`tokenrl.lm.scoring`.
         """
         ...

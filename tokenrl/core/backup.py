@@ -17,7 +17,7 @@ D     hidden size
 N     flattened tokens (``B * T`` or a chunk of them)
 ====  =====================================================================================================
 
-Conventions (see :class:`tokenrl.buffer.Batch`):
+Conventions (see :class:`tokenrl.data.buffer.Batch`):
 
 * ``V(s_length) = 0`` when the response ended with EOS (``terminated``) and is bootstrapped otherwise
   (``truncated`` at max_new_tokens);

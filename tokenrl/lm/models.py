@@ -1,7 +1,7 @@
 """Transformers adapters: loading teachers and students, building students, and the teacher interface.
 
 Everything a real-LM task needs from transformers goes through this file: the algorithms and the env
-wrapper only see :class:`tokenrl.teachers.Teacher` (here :class:`HFTeacher`) and plain ``nn.Module``
+wrapper only see :class:`tokenrl.core.teachers.Teacher` (here :class:`HFTeacher`) and plain ``nn.Module``
 students whose logits index the same vocabulary as the teacher's.
 
 Vocabulary rule: teacher and student must share a tokenizer (same id -> token map, same EOS), because the
@@ -28,9 +28,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tokenrl.sampling import KVCacheStepper
-from tokenrl.scoring import causal_lm_position_logits
-from tokenrl.teachers import TokenPositions
+from tokenrl.lm.sampling import KVCacheStepper
+from tokenrl.lm.scoring import causal_lm_position_logits
+from tokenrl.core.teachers import TokenPositions
 
 FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
     "model_type": "llama",
@@ -344,9 +344,9 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
 
 
 class HFTeacher:
-    """:class:`tokenrl.teachers.Teacher` on a transformers causal LM.
+    """:class:`tokenrl.core.teachers.Teacher` on a transformers causal LM.
 
-    ``stepper`` (:class:`tokenrl.sampling.KVCacheStepper`) is its KV-cached lock-step path, used through
+    ``stepper`` (:class:`tokenrl.lm.sampling.KVCacheStepper`) is its KV-cached lock-step path, used through
     :class:`IncrementalTeacher`. All calls run under ``torch.no_grad`` (not ``inference_mode``: teacher logits become loss targets, and
     inference tensors cannot be saved for backward) with the model in eval mode. Returned logits are
     float32, on the device of the input tokens, and sliced to ``vocab_size``.
@@ -408,7 +408,7 @@ class HFTeacher:
 
         Equals ``sequence_logits(...)[at.rows_N, at.cols_N]``: the body runs once per ``max_batch`` rows and
         only the requested positions are projected to the vocabulary (see
-        :func:`tokenrl.scoring.causal_lm_position_logits`).
+        :func:`tokenrl.lm.scoring.causal_lm_position_logits`).
         """
         for logits_nV in causal_lm_position_logits(self.model, at, self.vocab_size, chunk, self.max_batch):
             yield logits_nV.float().to(at.tokens_BT.device)
@@ -419,7 +419,7 @@ class IncrementalTeacher:
 
     :meth:`next_token_logits` keeps the previous call's prefixes: when every row of the new call extends its
     previous prefix by at most one token (the batched env's lock-step; finished rows stop growing) it feeds
-    only the new tokens through the teacher's :class:`~tokenrl.sampling.KVCacheStepper` (``advance``). Any other
+    only the new tokens through the teacher's :class:`~tokenrl.lm.sampling.KVCacheStepper` (``advance``). Any other
     call restarts it (``start``). So ``envs.top_p_restricted_policy`` and ``TopPActionWrapper`` run one cached
     teacher step per env step. A row that stops growing (it finished) is fed padding from then on; its logits
     are meaningless and the env ignores them. ``sequence_logits`` and ``position_logits`` are the uncached

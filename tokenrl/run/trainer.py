@@ -1,7 +1,7 @@
 """The training run behind ``experiments/run.py``: data -> student -> algorithm updates -> evaluation -> artifacts.
 
 Kept free of Hydra so it can be called from Python and tests: :func:`run` takes a
-:class:`~tokenrl.config.RunConfig` (:func:`tokenrl.config.make_run_config` builds one from a composed config
+:class:`~tokenrl.run.config.RunConfig` (:func:`tokenrl.run.config.make_run_config` builds one from a composed config
 or a dict) and an output directory, and writes there
 
 * ``tb/``: TensorBoard events (losses, Q statistics, top-p set sizes, evaluation metrics),
@@ -10,9 +10,9 @@ or a dict) and an output directory, and writes there
 * ``student.safetensors``: the student's weights (atomic write) and ``student/`` (``save_pretrained``),
 * ``checkpoints/step-XXXXXXXX.safetensors``: model, optimiser, schedule, RNGs and step (the last
   ``keep_checkpoints``), written every ``checkpoint_every`` steps, every ``checkpoint_seconds``, on SIGTERM/SIGINT
-  and at the end, so that ``resume=true`` continues an interrupted run (:mod:`tokenrl.checkpoint`).
+  and at the end, so that ``resume=true`` continues an interrupted run (:mod:`tokenrl.run.checkpoint`).
 
-:func:`run` reads as its stages: :func:`tokenrl.validation.validate` and :func:`find_resume_state` (the
+:func:`run` reads as its stages: :func:`tokenrl.run.checks.validate` and :func:`find_resume_state` (the
 refusals come first), :func:`build_task`, :func:`load_data`, :func:`build_student`, then either :func:`resume`
 or :func:`reference_evaluations` and :func:`warm_start`, then :func:`train_loop`, :func:`final_evaluation` and
 :func:`save_outputs`. The stages share a :class:`RunContext`.
@@ -39,9 +39,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from algorithms import Algorithm, get_spec, make_algorithm
-from tokenrl import distributed
-from tokenrl.buffer import ReplayBuffer, write_json_atomic
-from tokenrl.checkpoint import (
+from tokenrl.run import distributed
+from tokenrl.data.buffer import ReplayBuffer, write_json_atomic
+from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
     check_resume_config,
@@ -51,19 +51,19 @@ from tokenrl.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from tokenrl.config import EvalConfig, ModelConfig, RunConfig
-from tokenrl.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
-from tokenrl.divergence import DivergenceError, DivergenceGuard
-from tokenrl.evaluation import evaluate_decodings, evaluate_teacher_samples
-from tokenrl.hf_task import HFTaskConfig, build_hf_task
-from tokenrl.models import HFTeacher, make_student, save_student
-from tokenrl.onpolicy_metrics import on_policy_reverse_kl_of_model
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.rollouts import StageClock, collect_rollouts
-from tokenrl.scoring import with_teacher_logprobs
-from tokenrl.selection import BestCheckpoint, check_selection, train_sft, validation_score
-from tokenrl.tasks import Task, build_synthetic_task
-from tokenrl.validation import check_student_tokenizer, validate
+from tokenrl.run.config import EvalConfig, ModelConfig, RunConfig
+from tokenrl.tasks.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
+from tokenrl.core.divergence import DivergenceError, DivergenceGuard
+from tokenrl.evaluation.metrics import evaluate_decodings, evaluate_teacher_samples
+from tokenrl.tasks.hf import HFTaskConfig, build_hf_task
+from tokenrl.lm.models import HFTeacher, make_student, save_student
+from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.rollouts import StageClock, collect_rollouts
+from tokenrl.lm.scoring import with_teacher_logprobs
+from tokenrl.run.selection import BestCheckpoint, check_selection, train_sft, validation_score
+from tokenrl.tasks.base import Task, build_synthetic_task
+from tokenrl.run.checks import check_student_tokenizer, validate
 
 _KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft_eval")  # results a resumed run must not recompute
 _TIMINGS_KEPT_ON_RESUME = ("teacher_eval_s", "init_eval_s", "sft_s")  # the seconds of those stages
@@ -127,7 +127,7 @@ def build_task(cfg: RunConfig) -> Task:
 
 
 def data_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The data settings of ``cfg.task`` that :func:`tokenrl.datagen.data_manifest` records."""
+    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.datagen.data_manifest` records."""
     return {
         "samples_per_prompt": cfg.task.samples_per_prompt,
         "cache_top_p": cfg.task.cache_top_p,
@@ -183,7 +183,7 @@ def data_stats(buffer: ReplayBuffer, cached: bool) -> dict[str, Any]:
 
 
 def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) -> torch.nn.Module:
-    """The student network of ``task`` (fresh, pretrained or layer-pruned), via :func:`tokenrl.models.make_student`."""
+    """The student network of ``task`` (fresh, pretrained or layer-pruned), via :func:`tokenrl.lm.models.make_student`."""
     torch.manual_seed(seed)
     if task.tokenizer is None and model_cfg.kind != "fresh":
         raise ValueError(f"model.kind={model_cfg.kind!r} needs a transformers task; the synthetic task only takes 'fresh'")
@@ -217,7 +217,7 @@ def find_resume_state(cfg: RunConfig, out_dir: str) -> dict | None:
     Raises:
         CheckpointError: ``resume=true`` but no checkpoint in ``out_dir`` (the message says where it looked),
             or none that passes verification.
-        ResumeError: the checkpoint's config differs outside :data:`tokenrl.checkpoint.RESUME_MAY_CHANGE`, or
+        ResumeError: the checkpoint's config differs outside :data:`tokenrl.run.checkpoint.RESUME_MAY_CHANGE`, or
             the checkpoint is already past ``cfg.steps``.
     """
     if not cfg.resume:
@@ -288,7 +288,7 @@ def warm_start(ctx: RunContext) -> None:
     """SFT (BC) on the offline data before the algorithm (the paper's recipe), then evaluate.
 
     ``sft_steps`` updates, or with ``selection.sft_eval_every`` until validation stops improving (at most
-    ``sft_steps``), possibly from the cache: :func:`tokenrl.selection.train_sft`.
+    ``sft_steps``), possibly from the cache: :func:`tokenrl.run.selection.train_sft`.
     """
     cfg = ctx.cfg
     if cfg.sft_steps <= 0:
@@ -317,7 +317,7 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
     are outside it (a resumed run's clock starts again at 0). Checkpoints are written every
     ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the
-    current update with a checkpoint. A diverging update (see :mod:`tokenrl.divergence`) is refused;
+    current update with a checkpoint. A diverging update (see :mod:`tokenrl.core.divergence`) is refused;
     ``on_divergence=stop`` then saves the state before it and raises, ``skip`` drops the batch and counts it
     in ``train/skipped_steps``.
 
@@ -449,7 +449,7 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     Under ``torchrun`` every rank calls this: they train data-parallel, rank 0 evaluates and writes the
     outputs, and every rank returns rank 0's metrics. Every check that can refuse the run comes before any
     data, model or evaluation work: the config
-    (:func:`tokenrl.validation.validate`), the checkpoint and its config when ``resume=true``, and the
+    (:func:`tokenrl.run.checks.validate`), the checkpoint and its config when ``resume=true``, and the
     student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
     """
     validate(cfg)
@@ -566,9 +566,9 @@ def evaluate_student(
     references: list[list[str]] | None = None,
     set_top_p: float | None = None,
 ) -> dict:
-    """:func:`tokenrl.evaluation.evaluate_decodings` of ``model`` on the task's test prompts (or the given ones),
+    """:func:`tokenrl.evaluation.metrics.evaluate_decodings` of ``model`` on the task's test prompts (or the given ones),
     plus the on-policy reverse KL on the same prompts at the first decoding top-p (``eval/onpolicy_kl``,
-    ``eval/onpolicy_kl_exact_state``; see :func:`tokenrl.onpolicy_metrics.on_policy_reverse_kl_of_model`),
+    ``eval/onpolicy_kl_exact_state``; see :func:`tokenrl.evaluation.onpolicy.on_policy_reverse_kl_of_model`),
     sampled with its own seed ``eval.onpolicy_kl_seed`` so the other metrics are those of the evaluation alone.
 
     Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics.
@@ -605,7 +605,7 @@ def evaluate_student(
 
 
 def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str | None:
-    """Checkpoint the run after ``step`` updates (see :mod:`tokenrl.checkpoint`); returns the file written.
+    """Checkpoint the run after ``step`` updates (see :mod:`tokenrl.run.checkpoint`); returns the file written.
 
     Every rank holds the same batch generator, and under DDP the same student and optimiser (FSDP's shards
     are gathered into the same format first, by every rank), so the state resumes on any number of processes;
@@ -641,7 +641,7 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
 
     In one process without gradient accumulation the algorithm draws its batch itself
     (:meth:`~algorithms.base.Algorithm.sample_batch`); otherwise every rank draws the same global index list
-    from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.distributed`). For an algorithm
+    from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.run.distributed`). For an algorithm
     with ``needs_teacher_logprobs`` the teacher scores every batch over the whole vocabulary
     (``time/teacher_score_s``).
     """

@@ -2,10 +2,10 @@
 
 Every YAML in a config group extends one of these schemas (registered in Hydra's ConfigStore by
 :func:`register_configs`), so an unknown key or a wrongly typed value fails when the config is composed,
-before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.SyntheticTaskConfig`,
-:class:`tokenrl.hf_task.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
+before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.base.SyntheticTaskConfig`,
+:class:`tokenrl.tasks.hf.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
 newly registered algorithm only needs its YAML. Ranges and cross-field constraints of a built config are
-checked by :func:`tokenrl.validation.validate`. Every default lives in a schema and nowhere else:
+checked by :func:`tokenrl.run.checks.validate`. Every default lives in a schema and nowhere else:
 
     >>> cfg = make_run_config({"algo": {"name": "bc"}, "steps": 10})   # Python callers and tests
     >>> cfg.task.samples_per_prompt, cfg.model.hidden_size
@@ -24,8 +24,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms import REGISTRY, AlgoConfig, get_spec
-from tokenrl.hf_task import HFTaskConfig
-from tokenrl.tasks import SyntheticTaskConfig
+from tokenrl.tasks.hf import HFTaskConfig
+from tokenrl.tasks.base import SyntheticTaskConfig
 
 TASK_SCHEMAS: dict[str, type] = {"synthetic": SyntheticTaskConfig, "hf": HFTaskConfig}
 """``task.kind`` -> the schema of that task node."""
@@ -79,10 +79,10 @@ class SelectionConfig:
     """How the SFT start and the reported weights are chosen (``selection=fixed`` | ``selection=best``).
 
     Validation = the teacher-forced ``metric`` on the task's held-out teacher samples (validation prompts),
-    lower is better; see :mod:`tokenrl.selection`.
+    lower is better; see :mod:`tokenrl.run.selection`.
     """
 
-    metric: str = "kl_student_teacher"  # a key of tokenrl.selection.VALIDATION_METRICS
+    metric: str = "kl_student_teacher"  # a key of tokenrl.run.selection.VALIDATION_METRICS
     sft_eval_every: int = 0  # validate the SFT warm start every n steps and stop when it stops improving; 0 = run all sft_steps
     sft_patience: int = 3  # SFT stops after this many validations without improvement (it keeps the best weights)
     sft_cache: bool = False  # save the SFT start under data_dir and reuse it (keyed by model, SFT settings, seed)

@@ -1,9 +1,9 @@
-"""Start-up checks of a resolved :class:`~tokenrl.config.RunConfig`: every bad input is refused before any work.
+"""Start-up checks of a resolved :class:`~tokenrl.run.config.RunConfig`: every bad input is refused before any work.
 
 The schemas already refuse unknown keys and wrongly typed values when the config is composed; :func:`validate`
 adds the ranges and cross-field constraints (cache p >= the algorithm's p, a pretrained student only on a
 transformers task, ...) and reports every problem at once, each naming its key and a fix. It is the first
-call of :func:`tokenrl.trainer.run` and of ``experiments/generate.py``; :func:`check_student_tokenizer`
+call of :func:`tokenrl.run.trainer.run` and of ``experiments/generate.py``; :func:`check_student_tokenizer`
 compares a pretrained student's tokenizer with the teacher's before any data shard is written.
 """
 
@@ -17,8 +17,8 @@ import torch
 
 from algorithms.iql_bd import CHI2_CHOICES, EXPERT_TERM_CHOICES, Q_SHIFT_CHOICES, VALUE_CHOICES
 from algorithms.soft_q import REWARD_CHOICES
-from tokenrl.config import RunConfig
-from tokenrl.hf_task import TEMPLATES, HFTaskConfig
+from tokenrl.run.config import RunConfig
+from tokenrl.tasks.hf import TEMPLATES, HFTaskConfig
 
 ON_DIVERGENCE = ("stop", "skip")
 """``on_divergence`` choices: stop the run after its last good checkpoint, or skip the update and count it."""
@@ -195,7 +195,7 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         task = cfg.task
         for key in ("teacher", "prompts_file"):
             if getattr(task, key) in (None, "???"):
-                problems.append(f"task.{key} is not set: the hf task needs it (see tokenrl.hf_task.HFTaskConfig)")
+                problems.append(f"task.{key} is not set: the hf task needs it (see tokenrl.tasks.hf.HFTaskConfig)")
         if task.prompts_file not in (None, "???") and not os.path.isfile(task.prompts_file):
             problems.append(f"task.prompts_file={task.prompts_file!r}: no such file (cwd {os.getcwd()})")
         if task.template not in TEMPLATES:
@@ -236,16 +236,16 @@ def check_student_tokenizer(cfg: RunConfig, teacher_tokenizer) -> None:
 
     Raises:
         ValueError: naming both tokenizers and the first differing token (see
-            :func:`tokenrl.models.check_same_vocabulary`).
+            :func:`tokenrl.lm.models.check_same_vocabulary`).
     """
     if cfg.model.kind != "pretrained" or teacher_tokenizer is None:
         return
     from transformers import AutoTokenizer
 
-    from tokenrl.models import check_same_vocabulary
+    from tokenrl.lm.models import check_same_vocabulary
 
     path, gguf_file = cfg.model.name_or_path, cfg.model.gguf_file
     if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
-        path, gguf_file = os.path.split(os.path.abspath(path))  # as tokenrl.models.load_causal_lm reads it
+        path, gguf_file = os.path.split(os.path.abspath(path))  # as tokenrl.lm.models.load_causal_lm reads it
     student_tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer)

@@ -1,4 +1,4 @@
-"""Student-side heads: Q-values of a transformers causal LM at the states of a :class:`~tokenrl.buffer.Batch`.
+"""Student-side heads: Q-values of a transformers causal LM at the states of a :class:`~tokenrl.data.buffer.Batch`.
 
 The student's logits are its Q-function. The network itself (any ``AutoModelForCausalLM``) knows nothing
 about training; this module turns a batch into per-state hidden states and then into either dense logits
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenrl.backup import soft_value, upcast
-from tokenrl.buffer import ActionSlots, Batch
+from tokenrl.core.backup import soft_value, upcast
+from tokenrl.data.buffer import ActionSlots, Batch
 
 
 SPARSE_GATHER_ELEMENTS = 1 << 24

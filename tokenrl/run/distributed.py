@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from tokenrl.buffer import Batch, ReplayBuffer
+from tokenrl.core.ranks import launched_by_torchrun
+from tokenrl.data.buffer import Batch, ReplayBuffer
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -71,15 +72,6 @@ class DistContext:
         """True on rank 0, the only rank that writes outputs and evaluates."""
         return self.rank == 0
 
-
-def launched_by_torchrun() -> bool:
-    """Whether the environment describes a torch.distributed world of more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def env_rank() -> int:
-    """This process's rank from the torchrun environment (0 without torchrun); usable before :func:`init`."""
-    return int(os.environ.get("RANK", "0"))
 
 
 @contextlib.contextmanager
@@ -117,11 +109,6 @@ def process_group(device: str, timeout_min: float = 60.0) -> Iterator[tuple[Dist
         if created:
             dist.destroy_process_group()
 
-
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,7 +1,7 @@
 """Exact (sampling-free) Bellman Distill on toy token MDPs, for diagnosing where the loss goes wrong.
 
 A toy language is a teacher next-token distribution at every EOS-free prefix of length ``0 .. max_len``
-(shaped like :mod:`tokenrl.synthetic`: a few tokens carry the mass, a thin uniform tail covers the rest,
+(shaped like :mod:`tokenrl.tasks.synthetic`: a few tokens carry the mass, a thin uniform tail covers the rest,
 some states emit EOS). The offline data are teacher samples drawn at top-p ``sample_p``; instead of
 sampling, every transition ``(s, a)`` is weighted by its expected count under that data policy, normalised
 to sum 1. Because the real loss is a token-weighted mean over a batch (``masked_mean``), the weighted form
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from envs.toy_mdps import token_prefixes
-from tokenrl.backup import chi2_penalty, chi2_phi, kl, project_to_set, restrict_to_set, shifted_q, soft_value
-from tokenrl.backup import set_mass_kl as backup_set_mass_kl
-from tokenrl.tabular import project_policy, top_p_support
+from tokenrl.theory.mdps import token_prefixes
+from tokenrl.core.backup import chi2_penalty, chi2_phi, kl, project_to_set, restrict_to_set, shifted_q, soft_value
+from tokenrl.core.backup import set_mass_kl as backup_set_mass_kl
+from tokenrl.theory.tabular import project_policy, top_p_support
 
 SHIFT_CHOICES = ("vocab", "set", "none")
 FORM_CHOICES = ("math", "released")
@@ -87,7 +87,7 @@ def make_toy_language(
     Each prefix draws ``k = min(V - 1, 1 + Poisson(mean_support - 1))`` non-EOS tokens carrying
     ``Dirichlet(concentration)`` weights; a fraction ``eos_states`` of the non-empty prefixes also put
     ``eos_prob`` on EOS; ``smoothing`` is spread uniformly over the vocabulary (the thin tail that makes every
-    token possible, as in :class:`tokenrl.synthetic.SyntheticLanguage`). As there, the first token is
+    token possible, as in :class:`tokenrl.tasks.synthetic.SyntheticLanguage`). As there, the first token is
     uniform over a few "topic" tokens (here 3), so the data visit many prefixes.
 
     Args:
@@ -252,7 +252,7 @@ def next_values(v_S: torch.Tensor, child_SV: torch.Tensor) -> torch.Tensor:
 
 def set_mass_kl(theta_SV: torch.Tensor, set_SV: torch.Tensor, teacher_SV: torch.Tensor) -> torch.Tensor:
     """``[S]`` KL(Bern(M_t) || Bern(m_s)) between the teacher's and the student's mass on the set (the real
-    loss's :func:`tokenrl.backup.set_mass_kl` with the states as the batch)."""
+    loss's :func:`tokenrl.core.backup.set_mass_kl` with the states as the batch)."""
     return backup_set_mass_kl(theta_SV, set_SV, soft_value(theta_SV), torch.log(teacher_SV))
 
 

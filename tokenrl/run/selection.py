@@ -32,10 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from algorithms import Algorithm, make_algorithm
-from tokenrl.config import RunConfig
-from tokenrl.evaluation import evaluate, teacher_forced_kl, teacher_forced_set_metrics
-from tokenrl.policy import CausalLMPolicy
-from tokenrl.tasks import Task
+from tokenrl.run.config import RunConfig
+from tokenrl.evaluation.metrics import evaluate, teacher_forced_kl, teacher_forced_set_metrics
+from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
