@@ -1,1 +1,1 @@
-"""data"""
+"""Offline data: the ragged replay buffer and the sparse top-p cache of the teacher."""
