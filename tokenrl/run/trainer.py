@@ -44,6 +44,7 @@ from tokenrl.data.buffer import ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
+    _flatten,
     check_resume_config,
     checkpoint_dir,
     checkpoint_path,
@@ -440,6 +441,18 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         **ctx.timings,
     }
     ctx.results["task_info"] = ctx.task.info
+    # The run's hyper-parameters beside its final metrics (TensorBoard's HParams tab compares runs by them), in
+    # tb/hparams, before metrics.json marks the run finished; the writer closed after training reopens for this.
+    hparams = {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in _flatten(dataclasses.asdict(ctx.cfg)).items()
+    }
+    final = {
+        f"hparam/{key}": float(value) for key, value in ctx.results["final_eval"].items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    ctx.writer.add_hparams(hparams, final, run_name="hparams")
+    ctx.writer.close()
     write_json_atomic(os.path.join(out_dir, "metrics.json"), ctx.results)
 
 
