@@ -257,17 +257,10 @@ def test_rerun_runs_nothing_and_dry_run_plans_the_extension(tiny_benchmark):
 
 
 def test_killed_benchmark_resumes_without_redoing_finished_runs(tiny_benchmark, tmp_path):
-    """SIGKILL the command's process group after its first finished run; the rerun completes the rest. Before
-    that, a dry run of the new output directory plans every run and creates none."""
+    """SIGKILL the command's process group after its first finished run; the rerun completes the rest."""
     data = tiny_benchmark[1]  # its data and SFT starts are cached
     out = tmp_path / "out"
     one_seed = ("suite.seeds=[0]", "suite.max_grid_extensions=0", "sft_first=false")  # 4 runs, one launch
-    proc = _benchmark(out, data, *one_seed, "--dry-run")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 runs: 0 finished, 0 failed, 4 pending" in proc.stdout
-    assert "bc                 0.001, 0.01" in proc.stdout and "5 (the task's seconds_per_run)" in proc.stdout
-    assert not (out / "tiny").exists()
-
     proc = _benchmark(out, data, *one_seed, wait=False)
     deadline = time.monotonic() + 300
     while not list(out.rglob("metrics.json")):
