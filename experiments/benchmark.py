@@ -47,7 +47,6 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -59,7 +58,7 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +207,7 @@ class RunSpec:
 
 
 def _override_key(override: str) -> str:
-    """The config key an override sets (``algo.lr=1e-3`` -> ``algo``'s top-level key is ``algo``)."""
+    """The top-level config key an override sets (``algo.lr=1e-3`` -> ``algo``, ``+threads=2`` -> ``threads``)."""
     return override.split("=", 1)[0].lstrip("+~").split(".")[0]
 
 
@@ -288,9 +287,7 @@ def compose_run_config(overrides: list[str]) -> dict[str, Any]:
     return json.loads(_resolved(tuple(overrides)))
 
 
-def expand(
-    suite: SuiteConfig, grids: dict[tuple[str, str], list[float]], compose: Callable[[list[str]], dict]
-) -> list[RunSpec]:
+def expand(suite: SuiteConfig, grids: dict[tuple[str, str], list[float]]) -> list[RunSpec]:
     """Every run of the grids, task by task, method by method, lr by lr, seed innermost.
 
     Raises:
@@ -304,7 +301,7 @@ def expand(
                 for seed in suite.seeds:
                     overrides = run_overrides(suite, task, method, lr, seed)
                     try:
-                        config = compose(overrides)
+                        config = compose_run_config(overrides)
                     except Exception as err:  # noqa: BLE001 - Hydra's and the schemas' errors name the key
                         raise BenchmarkError(f"suite {suite.name!r}: the runs of {task}/{method} do not compose: "
                                              f"{type(err).__name__}: {err}") from err
@@ -460,7 +457,8 @@ def sft_waves(pending: list[RunSpec], states: dict[str, RunState], runs: list[Ru
     for run in pending:
         if (run.task, run.seed) not in started:
             first.setdefault((run.task, run.seed), run)
-    rest = [run for run in pending if run not in first.values()]
+    firsts = {run.key for run in first.values()}
+    rest = [run for run in pending if run.key not in firsts]
     return [wave for wave in (list(first.values()), rest) if wave] if first and rest else [pending]
 
 
@@ -541,8 +539,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 def clear_outputs(run_dir: Path) -> None:
     """Remove a run's outputs (an unfinished attempt), keeping what Hydra and the lock put there."""
     for path in run_dir.iterdir():
-        if path.name not in HYDRA_FILES:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.name in HYDRA_FILES:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run_job(bench: BenchmarkConfig) -> str:
@@ -579,7 +581,8 @@ def run_job(bench: BenchmarkConfig) -> str:
             with open(run_dir / LOG_FILE, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 train(make_run_config(spec.config), str(run_dir))
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded and the others go on
-            (run_dir / ERROR_FILE).write_text(traceback.format_exc() + f"{type(err).__name__}: {err}\n")
+            summary = " ".join(f"{type(err).__name__}: {err}".split())  # one line: the leaderboard shows it
+            (run_dir / ERROR_FILE).write_text(traceback.format_exc() + summary + "\n")
             print(f"[benchmark] {spec.key}: FAILED ({type(err).__name__}: {err}); see {run_dir / ERROR_FILE}", flush=True)
             return "failed"
         print(f"[benchmark] {spec.key}: finished in {time.perf_counter() - start:.0f} s", flush=True)
@@ -608,7 +611,7 @@ class Grid:
         return self.chosen is not None and not self.lrs[0] < self.chosen < self.lrs[-1]
 
 
-def collect_grids(suite: SuiteConfig, grids: dict, runs: list[RunSpec], states: dict[str, RunState]) -> None:
+def collect_grids(grids: dict[tuple[str, str], Grid], runs: list[RunSpec], states: dict[str, RunState]) -> None:
     """Fill each grid's ``scores`` from the states of its runs."""
     for grid in grids.values():
         grid.scores = {lr: [] for lr in grid.lrs}
@@ -686,15 +689,13 @@ def plan_text(suite: SuiteConfig, grids: dict, runs: list[RunSpec], states: dict
     return "\n".join(lines)
 
 
-def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None,
-                 compose: Callable[[list[str]], dict] = compose_run_config) -> int:
+def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None) -> int:
     """The command: expand, skip what is done, launch the rest, extend grids at an edge, write the leaderboard.
 
     Args:
         bench: the composed benchmark config.
         forward: overrides for the launched multirun (the suite's and the launcher's).
         n_jobs: runs at once (for the wall-clock estimate; None if unknown).
-        compose: overrides -> resolved run config (:func:`compose_run_config`).
 
     Returns:
         0 when every run is finished or failed (and the leaderboard is written; with ``dry_run``, always 0),
@@ -703,8 +704,8 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None,
     suite, out = bench.suite, Path(bench.out).resolve()
     check_suite(suite)
     grids = {(t, m): Grid(list(spec.lrs), len(spec.lrs)) for t in suite.tasks for m, spec in suite.methods.items()}
-    for round_ in itertools.count():
-        runs = expand(suite, {k: g.lrs for k, g in grids.items()}, compose)
+    while True:  # a round: expand, launch what is pending, extend the grids whose choice sits at an edge
+        runs = expand(suite, {k: g.lrs for k, g in grids.items()})
         states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
         conflicts = [states[r.key].detail for r in runs if states[r.key].kind == "conflict"]
         if conflicts:
@@ -720,7 +721,7 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None,
                         raise BenchmarkError(f"the launched multirun exited with status {code} (see its output above); "
                                              "rerun the same command to continue")
                 states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
-        collect_grids(suite, grids, runs, states)
+        collect_grids(grids, runs, states)
         new = extensions(suite, grids)
         for key, lrs in new.items():
             print(f"{key[0]}/{key[1]}: the chosen lr {grids[key].chosen:g} is at the grid's edge; adding lr {_lrs_text(lrs)}")
@@ -731,7 +732,8 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None,
         print(plan_text(suite, grids, runs, states, n_jobs))
         return 0
     still = [run.key for run in runs if states[run.key].kind == "pending"]
-    board = leaderboard(suite, grids, runs, states)
+    command = " ".join(["python experiments/benchmark.py", *forward, f"out={bench.out}"])
+    board = leaderboard(suite, grids, runs, states, command)
     write_leaderboard(board, out)
     print(f"leaderboard: {out / 'leaderboard.md'} (and .json, plots)")
     if still:
@@ -752,12 +754,15 @@ def _per_seed(evals: dict[int, dict[str, Any]], key: str) -> dict[int, float]:
 
 
 def leaderboard(suite: SuiteConfig, grids: dict[tuple[str, str], Grid], runs: list[RunSpec],
-                states: dict[str, RunState]) -> dict[str, Any]:
+                states: dict[str, RunState], command: str) -> dict[str, Any]:
     """The leaderboard as data: per task, the lr grids, each method at its chosen lr (per-seed values, mean and
     95% t-interval per metric, paired difference to the reference), the teacher and the SFT start(s)."""
     keys = [key for key, _ in LEADERBOARD_METRICS]
-    board: dict[str, Any] = {"suite": suite.name, "seeds": list(suite.seeds), "protocol": list(suite.protocol),
-                             "selection_metric": suite.selection_metric, "reference": suite.reference, "tasks": {}}
+    board: dict[str, Any] = {
+        "suite": suite.name, "command": command, "seeds": list(suite.seeds), "protocol": list(suite.protocol),
+        "selection_metric": suite.selection_metric, "max_grid_extensions": suite.max_grid_extensions,
+        "reference": suite.reference, "tasks": {},
+    }
     for task, task_spec in suite.tasks.items():
         methods: dict[str, Any] = {}
         teacher: dict[int, dict] = {}
@@ -825,7 +830,7 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
     n_seeds = len(board["seeds"])
     lines = [
         f"# Leaderboard: suite {board['suite']}", "",
-        f"Command: `python experiments/benchmark.py suite={board['suite']}`. Protocol (every run): "
+        f"Command: `{board['command']}`. Protocol (every run): "
         f"`{' '.join(board['protocol'])}`, training seeds {board['seeds']}. Each method at the lr with the best mean "
         f"validation `{board['selection_metric']}` over the seeds (lower is better; the grids are below). Cells: "
         f"mean ± half-width of the 95% t-interval over training seeds (n = {n_seeds} unless marked); ↓ lower is "
@@ -858,7 +863,7 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
                       "[95% t-interval]; an interval that excludes 0 is a difference beyond the seed noise.", ""]
             lines += ["| method | " + " | ".join(header_titles) + " |", "|---" * (len(header_titles) + 1) + "|"]
             for method, info in data["methods"].items():
-                if "paired" in info:
+                if "paired" in info and info["chosen_lr"] is not None:
                     lines.append(f"| {method} | " + " | ".join(_diff_cell(info["paired"][k]) for k, _ in LEADERBOARD_METRICS) + " |")
         lines += ["", f"lr grids: mean validation `{board['selection_metric']}` over seeds per lr (lower is better; "
                   "failed: a seed failed; pending: not run yet).", "",
@@ -872,8 +877,8 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
             if info["chosen_lr"] is None:
                 note = "no lr: " + ("pending runs" if any(e["mean"] is None for e in info["grid"].values()) else "every lr failed")
             elif info["at_edge"]:
-                note = ("**at the grid's edge** " + ("(one lr: not tuned)" if len(info["grid"]) == 1
-                        else f"after {info['extensions']} extension(s), the most allowed"))
+                note = "**at the grid's edge** " + ("(one lr: not tuned)" if len(info["grid"]) == 1 else
+                                                    f"({info['extensions']} of {board['max_grid_extensions']} extensions used)")
             else:
                 note = "inside the grid" + (f" after {info['extensions']} extension(s)" if info["extensions"] else "")
             lines.append(f"| {method} | {', '.join(cells)} | {chosen} | {note} |")

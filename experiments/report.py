@@ -43,9 +43,9 @@ seed, in seed order.
 teacher's value as a dashed line for response length and entropy), each row a point with its 95% interval bar
 and ``n`` in its label.
 
-``--protocol`` picks the fair-protocol columns (``PROTOCOL_METRICS``): teacher NLL and Rouge-L at student
-decoding top-p 1.0 and 0.8 side by side, the teacher-forced KL, the on-policy reverse KL, the set metrics
-(mass outside the teacher's set, KL on the set, student entropy) and the response length.
+``--protocol`` picks the fair-protocol columns (``PROTOCOL_METRICS``): teacher NLL with the response length,
+and Rouge-L, at student decoding top-p 1.0 and 0.8 side by side, the teacher-forced KL, the on-policy reverse
+KL and the set metrics (mass outside the teacher's set, KL on the set, student entropy).
 """
 
 from __future__ import annotations
@@ -65,14 +65,16 @@ from tokenrl.evaluation.stats import Interval, t_interval
 
 DEFAULT_METRICS = (
     ("eval/teacher_nll", "teacher NLL"),
+    ("eval/response_len", "resp. len"),
     ("eval/rougeL", "Rouge-L"),
     ("eval/kl_student_teacher", "KL(s‖t)"),
     ("eval/onpolicy_kl", "on-policy KL(s‖t)"),
-    ("eval/response_len", "resp. len"),
 )
 PROTOCOL_METRICS = (
     ("eval/teacher_nll", "teacher NLL @1.0"),
+    ("eval/response_len", "resp. len @1.0"),
     ("eval_p0.8/teacher_nll", "teacher NLL @0.8"),
+    ("eval_p0.8/response_len", "resp. len @0.8"),
     ("eval/rougeL", "Rouge-L @1.0"),
     ("eval_p0.8/rougeL", "Rouge-L @0.8"),
     ("eval/kl_student_teacher", "KL(s‖t)"),
@@ -81,8 +83,8 @@ PROTOCOL_METRICS = (
     ("eval/kl_teacher_student_on_set", "KL(t‖s) on set"),
     ("eval/kl_set_teacher_student", "KL(t_p‖s)"),
     ("eval/student_entropy", "entropy"),
-    ("eval/response_len", "resp. len"),
 )
+"""The response length stands beside the teacher NLL of the same samples: a short answer scores a low NLL."""
 DEFAULT_IGNORE = (
     "seed", "*.seed", "hydra.*", "*output_dir*", "*run_dir*", "*log_dir*", "*save_dir*",
     # run bookkeeping that does not change the trained student
@@ -435,10 +437,12 @@ def direction(key: str) -> str | None:
     return DIRECTION.get(_generic_key(key))
 
 
-def axis_label(key: str, title: str) -> str:
-    """The x-axis label of a metric's panel: its name and which way is better."""
+def axis_label(key: str, title: str, teacher_line: bool = False) -> str:
+    """The x-axis label of a metric's panel: its name and which way is better (none: compare with the teacher)."""
     better = direction(key)
-    return f"{title} (no direction; teacher dashed)" if better is None else f"{title}, {better} is better"
+    if better is not None:
+        return f"{title}, {better} is better"
+    return f"{title} (no direction; teacher dashed)" if teacher_line else f"{title} (no direction)"
 
 
 def plot_panels(
@@ -480,10 +484,11 @@ def plot_panels(
                             fmt="o", color=color, capsize=3, markersize=5)
             else:
                 ax.plot(interval.mean, y, "o", mfc="none", color=color, markersize=5)
-        if teacher and key in teacher and teacher[key].n and key.split("/")[-1] in TEACHER_LINE:
+        teacher_line = bool(teacher and key in teacher and teacher[key].n and key.split("/")[-1] in TEACHER_LINE)
+        if teacher_line:
             ax.axvline(teacher[key].mean, ls="--", lw=1, color="C3")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel(axis_label(key, name), fontsize=9)
+        ax.set_xlabel(axis_label(key, name, teacher_line), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(shown):]:

@@ -127,7 +127,7 @@ def _suite(bench, name: str, overrides: tuple[str, ...] = (), conf: str = CONF, 
         if first_lr_only:  # composing a run takes 0.1-0.5 s: every method once, not the whole grid
             grids = {key: lrs[:1] for key, lrs in grids.items()}
             suite = bench.SuiteConfig(**{**vars(suite), "seeds": suite.seeds[:1]})
-        return bench_cfg, bench.expand(suite, grids, bench.compose_run_config)
+        return bench_cfg, bench.expand(suite, grids)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in Path(CONF, "suite").glob("*.yaml")))

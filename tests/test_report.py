@@ -98,13 +98,13 @@ def test_report_rows_means_stds_and_plot(report, tmp_path, capsys, config_in_jso
         rouge_mean, rouge_std = expected([FINAL[(algo, s)][1] for s in (0, 1)])
         approx_interval(row.stats["eval/teacher_nll"], nll_mean, nll_std, 2)
         approx_interval(row.stats["eval/rougeL"], rouge_mean, rouge_std, 2)
-        assert f"| {algo} | 0.8 | {nll_mean:.3f} ± {nll_std:.3f} | {rouge_mean:.3f} ± {rouge_std:.3f} |" in stdout
+        assert f"| {algo} | 0.8 | {nll_mean:.3f} ± {nll_std:.3f} | – | {rouge_mean:.3f} ± {rouge_std:.3f} |" in stdout
     # Baselines: one value per training seed, although four runs carry them.
     approx_interval(by_algo["teacher"].stats["eval/teacher_nll"], *expected([1.0, 1.2]), 2)
     approx_interval(by_algo["teacher"].stats["eval/rougeL"], 40.0, 0.0, 2)
     approx_interval(by_algo["untrained student"].stats["eval/teacher_nll"], *expected([7.0, 7.5]), 2)
     assert "eval/rougeL" not in by_algo["untrained student"].stats
-    assert f"| untrained student |  | 7.250 ± {expected([7.0, 7.5])[1]:.3f} | – |" in stdout
+    assert f"| untrained student |  | 7.250 ± {expected([7.0, 7.5])[1]:.3f} | – | – |" in stdout
 
 
 def test_report_splits_rows_on_swept_keys(report, tmp_path):
@@ -140,7 +140,8 @@ def test_report_protocol_columns_forced_label_and_best_steps(report, tmp_path, c
             }))
     assert report.main([str(tmp_path), "--protocol", "--label", "algo.lr"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| algo | lr | teacher NLL @1.0 | teacher NLL @0.8 |") and "| best step | n seeds |" in lines[0]
+    assert lines[0].startswith("| algo | lr | teacher NLL @1.0 | resp. len @1.0 | teacher NLL @0.8 | resp. len @0.8 |")
+    assert "| best step | n seeds |" in lines[0]
     half = expected([0.0, 1.0])[1]
     assert lines[2] == "| bd | 0.001 | " + f"0.500 ± {half:.3f} | " * len(report.PROTOCOL_METRICS) + "300,700 | 2 |"
     assert lines[3].startswith("| sft | 0.0003 |") and lines[3].endswith("| 301,701 | 2 |")
@@ -205,7 +206,8 @@ def test_sft_start_is_one_row_when_shared_and_one_per_start_otherwise(report):
 def test_plot_panels_one_per_metric_with_direction(report, tmp_path):
     assert report.axis_label("eval_p0.8/teacher_nll", "teacher NLL @0.8") == "teacher NLL @0.8, lower is better"
     assert report.axis_label("eval/rougeL", "Rouge-L") == "Rouge-L, higher is better"
-    assert report.axis_label("eval/response_len", "length") == "length (no direction; teacher dashed)"
+    assert report.axis_label("eval/response_len", "length", teacher_line=True) == "length (no direction; teacher dashed)"
+    assert report.axis_label("eval/student_entropy", "entropy") == "entropy (no direction)"
     from tokenrl.evaluation.stats import t_interval
 
     rows = [
