@@ -18,9 +18,9 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
    them); a directory holding another config is an error that names it, never overwritten;
 3. **launches** the rest through Hydra's launcher plugins: it writes them to ``OUT/plan.json`` and starts a
    Hydra multirun of this script sweeping ``run`` over the pending runs' directories, so each job trains one
-   run (:func:`run_job`, calling :func:`tokenrl.run.trainer.run` in that directory). ``hydra/launcher=joblib``
-   (the default, ``hydra.launcher.n_jobs=2``) runs them in local worker processes, ``submitit_slurm`` as
-   cluster jobs. An interrupted run starts again in its directory: the protocol validates the algorithm
+   run (:func:`run_job`, calling :func:`tokenrl.run.trainer.run` in that directory). The default launcher,
+   ``hydra/launcher=joblib_local`` (Hydra's joblib launcher, ``hydra.launcher.n_jobs=2``), runs them in local
+   worker processes; ``submitit_slurm`` (``pip install -e ".[slurm]"``) as cluster jobs. An interrupted run starts again in its directory: the protocol validates the algorithm
    (``selection.every > 0``), and the trainer refuses ``resume=true`` there because its checkpoints do not
    hold the best weights so far; the SFT start is cached, so a restart repeats the algorithm's steps only.
    The first run of each seed goes alone in a first wave, so that the SFT start it caches is not trained
@@ -35,7 +35,8 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
 
 Killing the command (SIGTERM, SIGINT or SIGKILL) and rerunning it redoes no finished run: on a signal the
 launched jobs stop after their current update (the trainer checkpoints), and on Linux the jobs of a killed
-command get SIGTERM as well; a job waits for a lock on its run directory, so two commands never train into one.
+command get SIGTERM as well; a job waits for a lock on its run directory (``flock``: a local file system), so
+two commands never train into one. Cluster jobs already submitted are not cancelled by a signal to the command.
 ``--dry-run`` (``dry_run=true``) prints the grid, its state and the estimated cost, and runs nothing.
 """
 

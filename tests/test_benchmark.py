@@ -148,6 +148,17 @@ def test_every_suite_composes_and_expands(bench, name):
         assert sqil.config["sft_steps"] == 3000 and sqil.config["steps"] == 1000 and sqil.config["threads"] == 1
 
 
+@pytest.mark.parametrize("launcher", ["joblib_local", "joblib", "submitit_slurm"])
+def test_benchmark_config_composes_with_each_launcher(bench, launcher):
+    """The default launcher's settings live in its own option, so another launcher composes without them."""
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose(config_name="benchmark", overrides=["suite=tiny", f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert ("Slurm" if launcher == "submitit_slurm" else "Joblib") in target
+    assert cfg.hydra.launcher.get("n_jobs") == {"joblib_local": 2, "joblib": -1, "submitit_slurm": None}[launcher]
+
+
 def test_run_id_ignores_execution_keys_and_order(bench):
     _, runs = _suite(bench, "tiny")
     run = runs[0]
@@ -180,9 +191,10 @@ def test_unknown_suite_key_fails_at_compose_time(bench, tmp_path):
 def _benchmark(out: Path, data: Path, *overrides: str, suite: str = "tiny", wait: bool = True):
     env = dict(os.environ, TOKENRL_DATA_DIR=str(data), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, SCRIPT, f"suite={suite}", f"out={out}", "hydra.launcher.n_jobs=2", *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+    if not wait:  # its own process group; output to a file (a pipe nobody reads could fill and block it)
+        with open(out.parent / "background.log", "w") as log:
+            return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -203,17 +215,36 @@ def _mtimes(out: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def tiny_benchmark(tmp_path_factory):
-    """The tiny suite plus a method whose runs fail, run once: ``(out, data, first run's process)``."""
+    """The tiny suite plus a method whose runs fail, killed (SIGKILL to its process group) after its first finished
+    run, then run again to the end: ``(out, data, overrides, metrics.json mtimes at the kill, the rerun)``."""
     root = tmp_path_factory.mktemp("bench")
-    out, data, failing = root / "out", root / "data", _failing_suite(root / "conf")
-    proc = _benchmark(out, data, *failing, "suite.max_grid_extensions=0", "sft_first=false", suite="tiny_failing")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, data, failing, proc
+    out, data = root / "out", root / "data"
+    overrides = (*_failing_suite(root / "conf"), "suite.max_grid_extensions=0", "sft_first=false")
+    proc = _benchmark(out, data, *overrides, suite="tiny_failing", wait=False)
+    deadline = time.monotonic() + 600
+    while not list(out.rglob("metrics.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, (root / "background.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    rerun = _benchmark(out, data, *overrides, suite="tiny_failing")
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    return out, data, overrides, killed, rerun
+
+
+def test_killed_benchmark_is_completed_without_redoing_finished_runs(tiny_benchmark):
+    out, _, _, killed, rerun = tiny_benchmark
+    assert 1 <= len(killed) < 8
+    # Jobs of the killed command stop after their current update; one may still have finished its run meanwhile.
+    done, failed = map(int, re.search(r"10 runs: (\d+) finished, (\d+) failed", rerun.stdout).groups())
+    assert len(killed) <= done < 8 and f"launching {10 - done - failed} run(s)" in rerun.stdout
+    assert "Joblib.Parallel(n_jobs=2" in rerun.stdout + rerun.stderr
+    assert {p: p.stat().st_mtime_ns for p in killed} == killed
 
 
 def test_tiny_suite_runs_end_to_end_and_writes_the_leaderboard(tiny_benchmark):
-    out, _, _, proc = tiny_benchmark
-    assert "launching 10 run(s)" in proc.stdout and "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    out = tiny_benchmark[0]
     metrics = sorted(out.rglob("metrics.json"))
     assert len(metrics) == 8
     for path in metrics:
@@ -243,37 +274,15 @@ def test_tiny_suite_runs_end_to_end_and_writes_the_leaderboard(tiny_benchmark):
 
 
 def test_rerun_runs_nothing_and_dry_run_plans_the_extension(tiny_benchmark):
-    out, data, failing, _ = tiny_benchmark
+    out, data, overrides, _, _ = tiny_benchmark
     before = _mtimes(out)
-    proc = _benchmark(out, data, *failing, "suite.max_grid_extensions=0", "sft_first=false", suite="tiny_failing")
+    proc = _benchmark(out, data, *overrides, suite="tiny_failing")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "10 runs: 8 finished, 2 failed, 0 pending" in proc.stdout and "launching" not in proc.stdout
     assert _mtimes(out) == before
     # With one extension allowed, the dry run adds each method's next lr beyond its edge and runs nothing.
-    proc = _benchmark(out, data, *failing, "suite.max_grid_extensions=1", "--dry-run", suite="tiny_failing")
+    proc = _benchmark(out, data, *overrides, "suite.max_grid_extensions=1", "--dry-run", suite="tiny_failing")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "14 runs: 8 finished, 2 failed, 4 pending" in proc.stdout and "estimated cost of the 4 pending" in proc.stdout
+    assert "bc                 0.001, 0.01, 0.1" in proc.stdout
     assert "launching" not in proc.stdout and _mtimes(out) == before
-
-
-def test_killed_benchmark_resumes_without_redoing_finished_runs(tiny_benchmark, tmp_path):
-    """SIGKILL the command's process group after its first finished run; the rerun completes the rest."""
-    data = tiny_benchmark[1]  # its data and SFT starts are cached
-    out = tmp_path / "out"
-    one_seed = ("suite.seeds=[0]", "suite.max_grid_extensions=0", "sft_first=false")  # 4 runs, one launch
-    proc = _benchmark(out, data, *one_seed, wait=False)
-    deadline = time.monotonic() + 300
-    while not list(out.rglob("metrics.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
-    assert 1 <= len(finished) < 4
-    rerun = _benchmark(out, data, *one_seed)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    # Jobs of the killed command stop after their current update; one may still finish its run meanwhile.
-    done_before = int(re.search(r"4 runs: (\d+) finished", rerun.stdout).group(1))
-    assert len(finished) <= done_before < 4 and f"launching {4 - done_before} run(s)" in rerun.stdout
-    assert {p: p.stat().st_mtime_ns for p in finished} == finished
-    assert len(list(out.rglob("metrics.json"))) == 4 and (out / "leaderboard.md").exists()
