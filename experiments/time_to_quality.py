@@ -4,8 +4,10 @@ Usage (the full comparison of issue 10; a reduced one: fewer seeds, ``steps``, a
 
     python experiments/time_to_quality.py --seeds 0 1 2 --out runs/ttq \
         --plot docs/time_to_quality.png --markdown runs/ttq/time_to_quality.md
-    # each algorithm at the lr a benchmark chose (experiments/benchmark.py's output directory)
-    python experiments/time_to_quality.py --from-benchmark multirun/benchmark/default ...
+    # each algorithm at the lr a benchmark chose (experiments/benchmark.py's output directory); suite=default's
+    # SQIL runs on the teacher's top-0.8 set, which is the label soft_q_sqil_p0.8 here
+    python experiments/time_to_quality.py --from-benchmark multirun/benchmark/default \
+        --algos bc kd iql_bd minillm gkd soft_q_sqil_p0.8 --seeds 0 1 2 --out runs/ttq_tuned
 
 Without ``--from-benchmark`` every algorithm runs at its preset's lr (``experiments/conf/algo``); with it, at
 the lr the benchmark chose for the method whose algorithm config (lr aside) is the label's, on the benchmark's
