@@ -250,7 +250,7 @@ def test_tiny_suite_runs_end_to_end_and_writes_the_leaderboard(tiny_benchmark):
     for path in metrics:
         record = json.loads((path.parent / "run.json").read_text())
         assert json.loads(path.read_text())["config"]["algo"]["lr"] == record["lr"]
-        assert any((path.parent / "tb" / "hparams").iterdir())  # the trainer's add_hparams
+        assert any((path.parent / "tb_hparams").iterdir())  # the trainer's add_hparams
     errors = sorted(out.glob("tiny/broken/*/*/error.txt"))
     assert len(errors) == 2 and "cache_top_p" in errors[0].read_text()
 

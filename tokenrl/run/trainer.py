@@ -441,8 +441,8 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         **ctx.timings,
     }
     ctx.results["task_info"] = ctx.task.info
-    # The run's hyper-parameters beside its final metrics (TensorBoard's HParams tab compares runs by them), in
-    # tb/hparams, before metrics.json marks the run finished; the writer closed after training reopens for this.
+    # The run's hyper-parameters with its final metrics, for TensorBoard's HParams tab (it compares runs by them),
+    # before metrics.json marks the run finished; in tb_hparams/, as tb/ keeps the one event file of training.
     hparams = {
         key: value if isinstance(value, (bool, int, float, str)) else str(value)
         for key, value in _flatten(dataclasses.asdict(ctx.cfg)).items()
@@ -451,8 +451,8 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         f"hparam/{key}": float(value) for key, value in ctx.results["final_eval"].items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
-    ctx.writer.add_hparams(hparams, final, run_name="hparams")
-    ctx.writer.close()
+    with SummaryWriter(os.path.join(out_dir, "tb_hparams")) as writer:
+        writer.add_hparams(hparams, final, run_name=".")
     write_json_atomic(os.path.join(out_dir, "metrics.json"), ctx.results)
 
 
