@@ -31,6 +31,10 @@ SMALL_TASK = {
 }
 
 
+def test_every_registered_id_is_checked():
+    assert set(MAKE_KW) | {"tokenrl/HFDistill-v0"} == set(ENV_IDS)  # HFDistill-v0: tests/test_hf_env.py
+
+
 @pytest.mark.parametrize("env_id", sorted(MAKE_KW))
 def test_registered_ids_make_envs_that_pass_check_env(env_id):
     env = gym.make(env_id, **MAKE_KW[env_id])
