@@ -6,7 +6,8 @@ Usage (needs sb3-contrib, a dev extra: ``pip install -e ".[dev]"`` or ``pip inst
     python experiments/maskable_ppo.py --run outputs/DATE/TIME_synthetic_kd   # ... and that run's student
     python experiments/maskable_ppo.py --timesteps 100000 --set eval.seeds=[0,1]
 
-What it does, at the defaults in about 3 minutes on 2 CPU cores:
+What it does, at the defaults in 96 s of CPU time (one thread; the SFT start included, 67 s when it is reused;
+6.4 min of wall-clock on 2 cores shared with about 10 other processes):
 
 1. the zoo side: the run config (``--run``'s ``config.yaml``, or the defaults of ``experiments/run.py`` with
    ``--set key=value`` overrides) with ``algo=bc steps=0`` is run once into ``<out>/sft_start`` (reused when it
