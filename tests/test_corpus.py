@@ -44,7 +44,7 @@ def synthetic(tmp_path_factory):
     return task, root, buffer, folder
 
 
-def test_synthetic_corpus_is_free_text_of_the_language(synthetic):
+def test_synthetic_corpus_is_free_text_of_the_language(synthetic, tmp_path):
     task, _, corpus, _ = synthetic
     assert len(corpus) == 60
     assert all(len(p) == 1 and p[0] != task.eos_token_id for p in corpus.prompts)  # a one-token context
@@ -53,10 +53,13 @@ def test_synthetic_corpus_is_free_text_of_the_language(synthetic):
                                                    zip(corpus.responses, corpus.terminated) if t)
     # Not answers to the training prompts: those are 4-8 tokens long.
     assert not {tuple(p) for p in corpus.prompts} & {tuple(p) for p in task.train_prompts}
-    # Drawn from the teacher's own distribution (top-p 1.0), unlike the top-p-0.8 data: some of the text's tokens
-    # lie outside the teacher's top-0.8 sets stored along it.
+    # Drawn from the teacher at the data's top-p (0.8) by default: every token lies in the top-0.8 set stored along
+    # it; at corpus_top_p = 1.0 (the teacher's own distribution) some do not.
     batch = corpus.collate(list(range(60)))
-    assert (~batch.action_in_set_BT & batch.action_mask_BT).any()
+    assert batch.action_in_set_BT[batch.action_mask_BT].all()
+    full, _, _ = _load(_task(corpus_top_p=1.0), tmp_path)
+    batch = full.collate(list(range(60)))
+    assert not batch.action_in_set_BT[batch.action_mask_BT].all()
     # The first token of a row picks the topic (tokens 1..n_topics) but for the smoothing floor.
     assert np.mean([p[0] <= task.teacher.config.n_topics for p in corpus.prompts]) > 0.9
 

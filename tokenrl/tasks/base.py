@@ -88,7 +88,9 @@ class SyntheticTaskConfig:
     cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
     corpus_sequences: int = 2000  # rows of the pre-training corpus: free text of the language (tokenrl.tasks.corpus)
     corpus_max_tokens: int = 40  # tokens per corpus row after its first (fewer when EOS comes first)
-    corpus_top_p: float = 1.0  # top-p of the teacher drawing the corpus (1.0: the language's own distribution)
+    # top-p of the teacher drawing the corpus; None = sample_top_p (the text the SFT student was trained on); 1.0 =
+    # the language's own distribution, uniform smoothing floor included (see tokenrl.tasks.corpus)
+    corpus_top_p: float | None = None
 
 
 def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
@@ -162,7 +164,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
         info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
         corpus=lambda: synthetic_corpus(
             lang, {k: manifest[k] for k in ("teacher", "tokenizer")}, cfg.name, cfg.corpus_sequences,
-            cfg.corpus_max_tokens, cfg.data_seed, cfg.corpus_top_p,
+            cfg.corpus_max_tokens, cfg.data_seed, cfg.sample_top_p if cfg.corpus_top_p is None else cfg.corpus_top_p,
         ),
     )
 

@@ -12,11 +12,14 @@ Each corpus row is stored as a trajectory: a one-token context (the buffer's "pr
 ``cache_top_p`` (for a KD term on the corpus). Sources:
 
 * synthetic tasks (:func:`synthetic_corpus`): unconditional text of the language itself, i.e. sequences drawn
-  from its start state by the teacher at temperature 1 and top-p ``corpus_top_p`` (default 1.0: its own
-  distribution, smoothing floor included, not the top-p data's), ``corpus_max_tokens`` tokens after the first or
-  up to EOS. The first token is drawn without EOS
-  (an event of probability ``smoothing / V`` at the start state, which would leave no text). These are free
-  text, not answers to the training prompts;
+  from its start state by the teacher at temperature 1 and top-p ``corpus_top_p``, ``corpus_max_tokens`` tokens
+  after the first or up to EOS. The first token is drawn without EOS (an event of probability ``smoothing / V``
+  at the start state, which would leave no text). These are free text, not answers to the training prompts.
+  ``corpus_top_p`` defaults to the data's ``sample_top_p`` (0.8): the text the SFT student was trained on, the
+  role a pre-training corpus plays for a pretrained student. At 1.0 (the teacher's own distribution) about one
+  token in 50 is drawn from the synthetic teacher's uniform smoothing floor, and CE on that text pulls the
+  student's mass onto it: MiniLLM's PT term on such a corpus made its samples worse (teacher NLL and on-policy
+  KL, ``experiments/onpolicy_start.py``) while the same run on the top-p-0.8 corpus improved them;
 * transformers tasks (:func:`hf_corpus`): the documents of ``task.corpus_file`` (JSONL with the text in
   ``task.corpus_text_field``, or plain text with one document per non-empty line), each cut to
   ``corpus_max_tokens`` tokens after the document separator; without a file, the teacher's own unconditional
