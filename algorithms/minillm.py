@@ -30,7 +30,9 @@ on a batch of the task's pre-training corpus that the trainer attaches to every 
 :mod:`tokenrl.tasks.corpus`: free text of the synthetic language, or a text file / the teacher's unconditional
 samples on a transformers task; the paper's is OpenWebText). Like the paper's (and :func:`minillm_loss`), it is
 per sequence: the NLL summed over each row's tokens, averaged over rows. ``pt_coef = 0`` turns it off (no
-corpus is built then).
+corpus is built then). The synthetic corpus is drawn at the data's top-p by default: on text drawn at top-p 1.0
+the PT term teaches the synthetic teacher's uniform smoothing floor, and from the default SFT start MiniLLM's
+samples then got worse (``experiments/onpolicy_start.py``; :mod:`tokenrl.tasks.corpus`).
 
 Rollouts are reused PPO-style: ``rho_t`` is taken against the behaviour policy the rollout came from (the
 snapshot :meth:`MiniLLM.sync_behaviour` takes in :meth:`MiniLLM.before_rollout`) and clipped to
