@@ -14,6 +14,9 @@ here through :func:`tokenrl.run.trainer.build_task`. The pieces are the ones of
   data's sampler (:class:`tokenrl.lm.sampling.TeacherSampler`) keeps the teacher's top-p sets of its own sampling
   pass, so data generation runs the teacher once.
 
+* the pre-training corpus (:mod:`tokenrl.tasks.corpus`, built only for algorithms with an LM term on it):
+  ``corpus_file`` (JSONL or text), or the teacher's own unconditional samples.
+
 Teacher samples needed at build time (references, the held-out KL responses) cost as much as a short data
 generation on a real teacher, so they are cached as JSON under ``eval_cache_dir`` when it is set.
 """
