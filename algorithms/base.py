@@ -20,6 +20,10 @@ An algorithm whose loss compares the student with the teacher over the whole voc
 (``batch.teacher_logprobs_BSV``, :func:`tokenrl.lm.scoring.with_teacher_logprobs`, timed as
 ``time/teacher_score_s``), and its config's :meth:`AlgoConfig.reads_cached_sets` tells the run validation
 that the cached top-p sets need not cover ``top_p``.
+
+A config checks its own options (:meth:`AlgoConfig.problems`: ranges, choices, cross-field rules, all of them
+at once); the run's start-up check lists them with the rest of the run's problems and :class:`Algorithm`
+refuses a config that has any.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from envs.top_p_wrapper import restrict_logits_to_top_p
 from tokenrl.core.backup import TargetNetwork
 from tokenrl.data.buffer import Batch, ReplayBuffer
 from tokenrl.core.divergence import DivergenceGuard
+from tokenrl.core.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, field_problems
 from tokenrl.lm.policy import CausalLMPolicy
-from tokenrl.core.top_p import check_p
 
 
 @dataclass
@@ -52,15 +56,21 @@ class AlgoConfig:
     min_lr_ratio: float = 0.1  # floor of the cosine schedule as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm (<= 0 disables clipping)
 
-    def __post_init__(self):
-        # Fail at construction, before any data or model work, with the offending field named.
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if getattr(self, "top_p", None) is not None:
-            check_p(self.top_p)
-        gamma = getattr(self, "gamma", None)
-        if gamma is not None and not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    def problems(self) -> list[str]:
+        """Every bad option, one ``"algo.<key>=<value>: must be ...; set ..."`` line each (empty when valid).
+
+        A subclass returns ``super().problems()`` plus its own fields' ranges and choices
+        (:func:`tokenrl.core.options.field_problems`) and its cross-field rules.
+        """
+        ranges = {"lr": POSITIVE, "beta1": HALF_OPEN_UNIT, "beta2": HALF_OPEN_UNIT, "weight_decay": NON_NEGATIVE,
+                  "warmup_steps": NON_NEGATIVE, "min_lr_ratio": UNIT_INTERVAL}
+        return field_problems(self, "algo", ranges)
+
+    def check(self) -> None:
+        """Raise ValueError listing every problem of :meth:`problems`, if any."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}:\n  " + "\n  ".join(problems))
 
     def reads_cached_sets(self) -> bool:
         """True when the loss reads the teacher's cached top-p sets at ``top_p`` (the run's cache must be built at
@@ -86,6 +96,9 @@ class Algorithm:
     """
 
     name: str = "base"
+    #: the algorithm's config dataclass (read by :func:`algorithms.registry.register` when it is not given, as for
+    #: an algorithm registered through the ``tokenrl.algorithms`` entry point group)
+    config_class: type[AlgoConfig] | None = None
     #: True when the algorithm learns from its own rollouts (the trainer then collects them into the buffer);
     #: a subclass may make it a property of its config
     needs_rollouts: bool = False
@@ -99,6 +112,7 @@ class Algorithm:
     uses_target_network: bool = False
 
     def __init__(self, policy: CausalLMPolicy, config: AlgoConfig, total_steps: int = 1000):
+        config.check()
         self.policy = policy
         self.config = config
         self.total_steps = total_steps

@@ -40,6 +40,7 @@ import torch
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
 from envs.token_env import PolicyFn
 from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.core.options import POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 
 
@@ -53,14 +54,10 @@ class GKDConfig(AlgoConfig):
     lmbda: float = 0.5  # fraction of each batch drawn from the newest student rollouts (sample_batch)
     sparse: bool = True  # top_p < 1: student logits on the set as h @ W[ids]^T instead of dense logits
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"gkd.beta must be in [0, 1], got {self.beta}")
-        if self.temperature <= 0:
-            raise ValueError(f"gkd.temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"gkd.lmbda must be in [0, 1], got {self.lmbda}")
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus GKD's ranges."""
+        ranges = {"top_p": PROBABILITY, "beta": UNIT_INTERVAL, "temperature": POSITIVE, "lmbda": UNIT_INTERVAL}
+        return super().problems() + field_problems(self, "algo", ranges)
 
     def reads_cached_sets(self) -> bool:
         """``top_p = 1`` reads the teacher's full-vocabulary log-probs from the batch, not the cache."""

@@ -1,7 +1,8 @@
 """Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
 
-Registered as ``iql_bd`` (the default, fixed variant), ``iql_bd_math`` (the paper's math form) and
-``iql_bd_released`` (the released code's form); ``algo=<name>`` on the command line, one class each.
+Registered as ``iql_bd`` (the default, fixed variant); its presets ``algo=iql_bd_math`` (the paper's math
+form) and ``algo=iql_bd_released`` (the released code's form) are YAMLs in ``experiments/conf/algo/`` that set
+the options below.
 
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
+from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.core.backup import (
     chi2_penalty,
     chi2_phi,
@@ -92,8 +94,8 @@ def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | No
 class BellmanDistillConfig(AlgoConfig):
     """Bellman Distill (inverse soft-Q learning) settings; the defaults are the fixed variant (``algo=iql_bd``).
 
-    Presets: ``algo=iql_bd`` (fixed: set shift, alpha 1, CE), ``algo=iql_bd_math`` (the paper's math form),
-    ``algo=iql_bd_released`` (the released code's form). Paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10.
+    Presets (``experiments/conf/algo/``): ``iql_bd_math`` (the paper's math form: alpha 0.1, vocabulary shift),
+    ``iql_bd_released`` (the released code's form). Paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10.
     """
 
     top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
@@ -111,6 +113,23 @@ class BellmanDistillConfig(AlgoConfig):
     ce_coef: float = 1.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
     kd_coef: float = 0.0  # weight of token KD to the teacher's cached set (the release's LM term: 0.5 CE + 0.5 KD)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
+
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus BD's ranges, its four string options and the KD term's need of a set."""
+        ranges = {
+            "top_p": PROBABILITY, "gamma": UNIT_INTERVAL, "alpha": POSITIVE.explained("the chi^2 regulariser divides by alpha"),
+            "released_vocab_size": NON_NEGATIVE.explained("0 = the model's"), "mass_coef": NON_NEGATIVE,
+            "ce_coef": NON_NEGATIVE, "kd_coef": NON_NEGATIVE,
+        }
+        choices = {"q_shift": Q_SHIFT_CHOICES, "chi2_on": CHI2_CHOICES, "expert_term": EXPERT_TERM_CHOICES, "value": VALUE_CHOICES}
+        found = super().problems() + field_problems(self, "algo", ranges, choices)
+        if self.value == "released" and not self.epsilon > 0:
+            found.append(f"algo.epsilon={self.epsilon!r} with algo.value='released': the released projection needs "
+                         "epsilon > 0 (0 gives 0 * log 0 = NaN); set algo.epsilon=1e-8")
+        if self.kd_coef > 0 and self.top_p >= 1.0:
+            found.append(f"algo.kd_coef={self.kd_coef} with algo.top_p={self.top_p}: the KD term reads the teacher's "
+                         "cached set, which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1")
+        return found
 
     def reads_cached_sets(self) -> bool:
         """At ``top_p = 1`` the BD terms take dense logits over the whole vocabulary, not the cached sets (the KD
@@ -281,10 +300,6 @@ class BellmanDistill(Algorithm):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        if cfg.q_shift not in Q_SHIFT_CHOICES:
-            raise ValueError(f"iql_bd.q_shift must be one of {Q_SHIFT_CHOICES}, got {cfg.q_shift!r}")
-        if cfg.kd_coef > 0 and cfg.top_p >= 1.0:
-            raise ValueError("iql_bd.kd_coef > 0 needs top_p < 1 (KD reads the teacher's cached set); set kd_coef=0")
         full_vocab = cfg.top_p >= 1.0
         # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
         mass_coef = 0.0 if full_vocab else cfg.mass_coef
@@ -323,47 +338,3 @@ class BellmanDistill(Algorithm):
             teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )
         return loss, float_stats(stats)
-
-
-@dataclass
-class BellmanDistillMathConfig(BellmanDistillConfig):
-    """The paper's math form (``algo=iql_bd_math``): vocabulary-max Q shift, phi at the expert token, LM term."""
-
-    alpha: float = 0.1
-    q_shift: str = "vocab"
-    mass_coef: float = 0.0
-    ce_coef: float = 1.0
-
-
-@dataclass
-class BellmanDistillReleasedConfig(BellmanDistillConfig):
-    """The released code's form (``algo=iql_bd_released``), as described in ``/work/shared/bellman-distill.md``.
-
-    Vocabulary-mean expert term and chi^2 over the vocabulary, both weighted at the release's |V| = 151936;
-    EOS masked out of the BD terms (it is the pad token there); projection ``softmax(Q) * mask / p + epsilon``
-    renormalised, with V the entropy-regularised expectation under it; LM term 0.5 CE + 0.5 token KD.
-    ``epsilon`` and the LM weight are unpublished: 1e-8 and 1 here.
-    """
-
-    alpha: float = 0.1
-    q_shift: str = "vocab"
-    chi2_on: str = "vocab"
-    expert_term: str = "vocab_mean"
-    value: str = "released"
-    released_vocab_size: int = 151936
-    mask_eos: bool = True
-    mass_coef: float = 0.0
-    ce_coef: float = 0.5
-    kd_coef: float = 0.5
-
-
-class BellmanDistillMath(BellmanDistill):
-    """Bellman Distill in the paper's math form (see :class:`BellmanDistillMathConfig`)."""
-
-    name = "iql_bd_math"
-
-
-class BellmanDistillReleased(BellmanDistill):
-    """Bellman Distill as the released code computes it (see :class:`BellmanDistillReleasedConfig`)."""
-
-    name = "iql_bd_released"

@@ -17,6 +17,7 @@ import torch
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.bc import bc_loss
 from tokenrl.core.backup import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
+from tokenrl.core.options import NON_NEGATIVE, PROBABILITY, field_problems
 from tokenrl.data.buffer import Batch
 
 
@@ -27,6 +28,11 @@ class KDConfig(AlgoConfig):
     top_p: float = 0.8  # teacher distribution truncated to its top-p set (<= the cache's p; 1.0 = whole cache)
     student_norm: str = "vocab"  # "vocab": normalised over V; "top_p": projected onto the teacher's set (sparse head)
     ce_coef: float = 0.0  # weight of the cross-entropy on the data's tokens
+
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus KD's ranges and ``student_norm``'s choices."""
+        ranges = {"top_p": PROBABILITY, "ce_coef": NON_NEGATIVE}
+        return super().problems() + field_problems(self, "algo", ranges, {"student_norm": ("vocab", "top_p")})
 
 
 def kd_loss(
@@ -60,8 +66,6 @@ class KD(Algorithm):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        if cfg.student_norm not in ("vocab", "top_p"):
-            raise ValueError(f"kd.student_norm must be 'vocab' or 'top_p', got {cfg.student_norm!r}")
         T = batch.actions_BT.shape[1]
         h_BTD = self.policy.state_hidden(batch)[:, :T]
         ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]

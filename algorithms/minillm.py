@@ -41,6 +41,7 @@ from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
 from envs.token_env import PolicyFn
 from envs.top_p_wrapper import restrict_logits_to_top_p
 from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.core.options import HALF_OPEN_UNIT, POSITIVE, PROBABILITY, field_problems
 from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 from tokenrl.lm.policy import CausalLMPolicy
 
@@ -56,12 +57,10 @@ class MiniLLMConfig(AlgoConfig):
     baseline: bool = True  # subtract the leave-one-out mean of R_{t+1} over the batch at each position
     sparse: bool = True  # top_p < 1: student logits on the set as h @ W[ids]^T instead of dense logits
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.mix < 1.0:
-            raise ValueError(f"minillm.mix must be in [0, 1), got {self.mix}")
-        if self.clip_eps <= 0:
-            raise ValueError(f"minillm.clip_eps must be > 0, got {self.clip_eps}")
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus MiniLLM's ranges."""
+        ranges = {"top_p": PROBABILITY, "mix": HALF_OPEN_UNIT, "clip_eps": POSITIVE}
+        return super().problems() + field_problems(self, "algo", ranges)
 
     def reads_cached_sets(self) -> bool:
         """``top_p = 1`` reads the teacher's full-vocabulary log-probs from the batch, not the cache."""

@@ -50,6 +50,27 @@ def load_experiment(name: str):
     return module
 
 
+CONF = os.path.join(ROOT, "experiments", "conf")
+
+
+def compose_config(*overrides: str):
+    """``experiments/conf`` composed with ``overrides`` as ``experiments/run.py`` composes it (a DictConfig)."""
+    from hydra import compose, initialize_config_dir
+
+    from tokenrl.run.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def algo_options(algo: str) -> dict:
+    """The ``algo`` node of ``algo=<algo>`` (an algorithm or a preset YAML) as a dict, ``name`` and ``preset`` included."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_config(f"algo={algo}").algo, resolve=True)
+
+
 LossAndGrads = tuple[torch.Tensor, list[torch.Tensor]]  # (detached loss, one gradient per parameter)
 
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from algorithms import make_algorithm, make_config
+from algorithms import make_algorithm
 from algorithms.iql_bd import iq_bd_loss
-from tests.conftest import tiny_llama
+from tests.conftest import algo_options, tiny_llama
 from tokenrl.core.backup import bernoulli_kl, released_state_values, set_mass_kl
 from tokenrl.lm.policy import CausalLMPolicy
 
@@ -176,10 +176,10 @@ def test_presets_train_a_step_with_finite_loss(name, synthetic_buffer):
     from tests.test_algorithms import _batch
 
     policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
-    algo = make_algorithm(name, policy, {}, total_steps=10)
+    algo = make_algorithm("iql_bd", policy, algo_options(name), total_steps=10)
     stats = algo.update(_batch(synthetic_buffer, algo, n=8))
     assert math.isfinite(stats["loss/total"])
-    cfg = make_config(name)
+    cfg = algo.config
     if name == "iql_bd":
         assert cfg.q_shift == "set" and cfg.alpha == 1.0 and cfg.ce_coef > 0 and "loss/lm" in stats
     elif name == "iql_bd_math":
@@ -189,10 +189,7 @@ def test_presets_train_a_step_with_finite_loss(name, synthetic_buffer):
         assert {"loss/kd", "loss/lm"} <= set(stats)
 
 
-def test_kd_term_at_full_vocabulary_is_a_clear_error(synthetic_buffer):
+def test_kd_term_at_full_vocabulary_is_a_clear_error():
     policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
-    algo = make_algorithm("iql_bd_released", policy, {"top_p": 1.0}, total_steps=10)
-    from tests.test_algorithms import _batch
-
     with pytest.raises(ValueError, match="kd_coef"):
-        algo.compute_loss(_batch(synthetic_buffer, algo, n=4))
+        make_algorithm("iql_bd", policy, {**algo_options("iql_bd_released"), "top_p": 1.0}, total_steps=10)
