@@ -22,7 +22,7 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from tokenrl.core.options import PROBABILITY, UNIT_INTERVAL, field_problems
-from tokenrl.core.backup import TargetNetwork, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
+from tokenrl.core.backup import TargetNetwork, eos_steps, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
 from tokenrl.data.buffer import Batch
 from tokenrl.lm.policy import CandidateQ, CausalLMPolicy
 
@@ -119,8 +119,7 @@ class SoftQ(Algorithm):
         v_next_BT = td.v_next_BT
         if cfg.reward == "sqil":
             # The EOS step of a terminated response leads to SQIL's absorbing state (module docstring).
-            T = reward_BT.shape[1]
-            eos_BT = batch.terminated_B[:, None] & (torch.arange(1, T + 1, device=reward_BT.device) == batch.lengths_B[:, None])
+            eos_BT = eos_steps(batch.lengths_B, batch.terminated_B, reward_BT.shape[1])
             v_next_BT = torch.where(eos_BT, reward_BT / (1.0 - cfg.gamma), v_next_BT)
         in_set_BT = td.cq.action_in_set_BT & known_BT
         loss = soft_q_loss(td.q_sa_BT, reward_BT, v_next_BT, in_set_BT, cfg.gamma)

@@ -231,6 +231,12 @@ def next_state_values(v_BS: torch.Tensor, lengths_B: torch.Tensor, terminated_B:
     return torch.where(keep, v_next, torch.zeros_like(v_next))
 
 
+def eos_steps(lengths_B: torch.Tensor, terminated_B: torch.Tensor, T: int) -> torch.Tensor:
+    """``[B, T]`` True at the step that emitted EOS: the last step of each terminated response."""
+    t_T = torch.arange(T, device=lengths_B.device)[None, :]
+    return terminated_B[:, None] & (t_T == lengths_B[:, None] - 1)
+
+
 def td_target(reward_BT: torch.Tensor, v_next_BT: torch.Tensor, gamma: float) -> torch.Tensor:
     """Soft TD target ``r + gamma * V(s')`` (terminal masking is already in ``v_next_BT``)."""
     return reward_BT + gamma * v_next_BT

@@ -6,7 +6,7 @@ some states emit EOS). The offline data are teacher samples drawn at top-p ``sam
 sampling, every transition ``(s, a)`` is weighted by its expected count under that data policy, normalised
 to sum 1. Because the real loss is a token-weighted mean over a batch (``masked_mean``), the weighted form
 below *is* the real loss in the limit of infinitely many trajectories, and equals it exactly on a batch whose
-trajectories appear with integer multiplicities (tested against :func:`algorithms.iql_bd.iq_bd_loss`).
+trajectories appear with integer multiplicities (tested against :func:`algorithms.iql_bd.bellman_distill_loss`).
 
 The student is tabular: a free float64 logit vector over the whole vocabulary at every prefix,
 ``theta_SV``. Shape suffixes: ``S`` prefixes (states), ``V`` vocabulary.
