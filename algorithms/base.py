@@ -35,12 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.token_env import PolicyFn
-from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.core.backup import TargetNetwork
-from tokenrl.data.buffer import Batch, ReplayBuffer
 from tokenrl.core.divergence import DivergenceGuard
 from tokenrl.core.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, field_problems
+from tokenrl.core.target import TargetNetwork
+from tokenrl.core.top_p import PolicyFn, top_p_restricted_policy
+from tokenrl.data.buffer import Batch, ReplayBuffer
 from tokenrl.lm.policy import CausalLMPolicy
 
 
@@ -107,7 +106,7 @@ class Algorithm:
     #: make it a property of its config
     needs_teacher_logprobs: bool = False
     #: True when the algorithm keeps a target network: the base class then builds ``self.target`` (a
-    #: :class:`~tokenrl.core.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
+    #: :class:`~tokenrl.core.target.TargetNetwork` at the config's ``target_update_rate``), updates it after every
     #: step and saves it in :meth:`state_dict`
     uses_target_network: bool = False
 
@@ -216,13 +215,7 @@ class Algorithm:
             top-p set are at ``-inf`` (``top_p`` None or 1.0: the student unchanged).
         """
         p = self.top_p
-        if p is None or p >= 1.0:
-            return student_fn
-
-        def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-            return restrict_logits_to_top_p(student_fn(tokens_BL, lengths_B), teacher_fn(tokens_BL, lengths_B), p)
-
-        return policy_fn
+        return student_fn if p is None or p >= 1.0 else top_p_restricted_policy(student_fn, teacher_fn, p)
 
     def before_rollout(self) -> None:
         """Called right before the trainer samples rollouts from :meth:`rollout_policy` (default: nothing)."""

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
-from envs.token_env import PolicyFn
-from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, upcast
 from tokenrl.core.options import POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
+from tokenrl.core.top_p import PolicyFn
 from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 
 

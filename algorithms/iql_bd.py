@@ -35,8 +35,8 @@ student's total mass on the set to the teacher's, tabularly exact) hurts with a 
 mass's total but not where it goes, and the student's samples drift to tokens the teacher rates low.
 
 The file reads as the loss is built (TRL's ``generalized_jsd_loss`` style: pure functions of tensors, the
-formulas shared from :mod:`tokenrl.core.backup`); :func:`bellman_distill_loss` is the one place the options of
-:class:`BellmanDistillConfig` choose among them:
+formulas shared from :mod:`tokenrl.core.backup` and :mod:`tokenrl.core.distributions`);
+:func:`bellman_distill_loss` is the one place the options of :class:`BellmanDistillConfig` choose among them:
 
 * the batch (``mask_eos``: :func:`drop_eos_steps`, the release pads with EOS), Q (``q_shift``: ``"set"``, the
   default; ``"vocab"``, the paper's max logit over the vocabulary with its gradient; ``"vocab_detached"``) and
@@ -70,17 +70,12 @@ from tokenrl.core.backup import (
     gather_action,
     implicit_reward,
     iq_learn_value_term,
-    kl,
-    masked_mean,
     next_state_values,
-    project_to_set,
     released_state_values,
-    set_mass_kl,
     shifted_q,
-    soft_value,
     state_values,
-    upcast,
 )
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, set_mass_kl, soft_value, upcast
 from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.data.buffer import Batch
 

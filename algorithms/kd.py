@@ -16,7 +16,7 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.bc import bc_loss
-from tokenrl.core.backup import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
 from tokenrl.core.options import NON_NEGATIVE, PROBABILITY, field_problems
 from tokenrl.data.buffer import Batch
 

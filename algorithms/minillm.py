@@ -38,10 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
-from envs.token_env import PolicyFn
-from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, upcast
 from tokenrl.core.options import HALF_OPEN_UNIT, POSITIVE, PROBABILITY, field_problems
+from tokenrl.core.top_p import PolicyFn, restrict_logits_to_top_p
 from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
 from tokenrl.lm.policy import CausalLMPolicy
 
@@ -72,7 +71,7 @@ def mixed_policy_fn(student_fn: PolicyFn, teacher_fn: PolicyFn, mix: float) -> P
 
     Args:
         student_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the student (e.g. already restricted with
-            :func:`envs.top_p_wrapper.top_p_restricted_policy`).
+            :func:`tokenrl.core.top_p.top_p_restricted_policy`).
         teacher_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the teacher, restricted the same way
             (e.g. ``restrict_logits_to_top_p(t, t, p)``), so the loss's importance weights match.
         mix: teacher weight in [0, 1).

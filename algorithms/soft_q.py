@@ -22,7 +22,9 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from tokenrl.core.options import PROBABILITY, UNIT_INTERVAL, field_problems
-from tokenrl.core.backup import TargetNetwork, eos_steps, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
+from tokenrl.core.backup import eos_steps, gather_action, next_state_values, state_values, td_target
+from tokenrl.core.distributions import masked_mean, upcast
+from tokenrl.core.target import TargetNetwork
 from tokenrl.data.buffer import Batch
 from tokenrl.lm.policy import CandidateQ, CausalLMPolicy
 

@@ -170,7 +170,7 @@ def test_bd_at_smaller_p_counts_outside_actions(synthetic_buffer):
     assert 0.0 < stats["top_p/expert_outside_frac"] < 1.0
 
 
-def test_chunked_token_nll_equals_dense(synthetic_buffer):
+def test_chunked_action_nll_equals_dense(synthetic_buffer):
     """The checkpointed, chunked NLL (flat memory at large V) equals bc_loss on dense logits, with gradients."""
     from algorithms.bc import bc_loss
 
@@ -182,9 +182,9 @@ def test_chunked_token_nll_equals_dense(synthetic_buffer):
         policy.zero_grad()
         h = policy.state_hidden(batch)[:, :T]
         if chunked:
-            from tokenrl.core.backup import masked_mean
+            from tokenrl.core.distributions import masked_mean
 
-            loss = masked_mean(policy.token_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
+            loss = masked_mean(policy.action_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
         else:
             loss = bc_loss(policy.dense_logits(h), batch.actions_BT, batch.action_mask_BT)
         grads.append(backward_and_grads(loss, policy))

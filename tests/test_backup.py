@@ -7,26 +7,27 @@ import torch
 
 from tests.reference import scatter_mask, soft_value_dense
 from tokenrl.core.backup import (
-    TargetNetwork,
     chi2_penalty,
     chi2_phi,
     gather_action,
     implicit_reward,
     iq_learn_value_term,
+    next_state_values,
+    shifted_q,
+    state_values,
+    td_target,
+)
+from tokenrl.core.distributions import (
     kl,
     masked_max,
     masked_mean,
-    next_state_values,
-    polyak_update,
     project_to_set,
     restrict_to_set,
-    shifted_q,
     soft_value,
-    state_values,
-    td_target,
     token_nll,
     vocab_logprobs,
 )
+from tokenrl.core.target import TargetNetwork, polyak_update
 
 B, T, K, V = 6, 7, 5, 23
 

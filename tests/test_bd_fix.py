@@ -11,7 +11,8 @@ import torch
 from algorithms import make_algorithm
 from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
 from tests.conftest import algo_options, tiny_llama
-from tokenrl.core.backup import bernoulli_kl, released_state_values, set_mass_kl
+from tokenrl.core.backup import released_state_values
+from tokenrl.core.distributions import bernoulli_kl, set_mass_kl
 from tokenrl.lm.policy import CausalLMPolicy
 
 

@@ -29,7 +29,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from tokenrl.lm import scoring
-from tokenrl.core.backup import entropy, kl, project_to_set, soft_value
+from tokenrl.core.distributions import entropy, kl, project_to_set, soft_value
 from tokenrl.core.padding import right_pad
 from tokenrl.lm.sampling import check_prompts, sample_responses
 from tokenrl.core.teachers import Teacher
@@ -64,7 +64,7 @@ def teacher_nll(
 
     Args:
         teacher: any :class:`tokenrl.core.teachers.Teacher` (its logits at the response positions are
-            log-softmaxed here in float64, a chunk at a time: see :func:`tokenrl.lm.scoring.token_nll`).
+            log-softmaxed here in float64, a chunk at a time: see :func:`tokenrl.lm.scoring.teacher_response_nll`).
         prompts: ``N`` non-empty token lists.
         responses: ``N`` token lists (may be empty).
         batch_size: sequences per ``teacher.position_logits`` call.
@@ -78,7 +78,7 @@ def teacher_nll(
         for tokens_BT, lengths_B, prompt_lens_B, response_lens_B in _padded_batches(
             prompts, responses, batch_size, teacher
         ):
-            nll_N = scoring.token_nll(teacher, tokens_BT, lengths_B, prompt_lens_B).numpy()
+            nll_N = scoring.teacher_response_nll(teacher, tokens_BT, lengths_B, prompt_lens_B).numpy()
             out.extend(np.split(nll_N, np.cumsum(response_lens_B.numpy())[:-1]))
     return out
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tokenrl.lm import scoring
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.padding import right_pad
 from tokenrl.core.teachers import Teacher
 from tokenrl.core.top_p import check_p, top_p_mask
