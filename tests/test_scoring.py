@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from tokenrl.lm import scoring
 from tokenrl.core.padding import right_pad
 from tokenrl.tasks.datagen import compute_top_p_cache
-from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_nll
 from tokenrl.lm.models import HFTeacher
 from tokenrl.tasks.synthetic import SyntheticLanguage
 from tokenrl.core.teachers import Teacher

@@ -129,7 +129,7 @@ def on_policy_reverse_kl_of_model(
         states (same expectation, lower variance; unrestricted student, so it equals the first only at
         ``top_p = 1``).
     """
-    from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+    from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_nll
     from tokenrl.lm.sampling import sample_responses
 
     responses = sample_responses(

@@ -189,16 +189,16 @@ def check_student_tokenizer(cfg: RunConfig, teacher_tokenizer) -> None:
 
     Raises:
         ValueError: naming both tokenizers and the first differing token (see
-            :func:`tokenrl.lm.models.check_same_vocabulary`).
+            :func:`tokenrl.lm.loading.check_same_vocabulary`).
     """
     if cfg.model.kind != "pretrained" or teacher_tokenizer is None:
         return
     from transformers import AutoTokenizer
 
-    from tokenrl.lm.models import check_same_vocabulary
+    from tokenrl.lm.loading import check_same_vocabulary
 
     path, gguf_file = cfg.model.name_or_path, cfg.model.gguf_file
     if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
-        path, gguf_file = os.path.split(os.path.abspath(path))  # as tokenrl.lm.models.load_causal_lm reads it
+        path, gguf_file = os.path.split(os.path.abspath(path))  # as tokenrl.lm.loading.load_causal_lm reads it
     student_tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer)

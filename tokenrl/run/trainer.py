@@ -52,7 +52,8 @@ from tokenrl.run.checkpoint import (
     save_checkpoint,
 )
 from tokenrl.run.config import EvalConfig, ModelConfig, RunConfig
-from tokenrl.tasks.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
+from tokenrl.tasks.datagen import load_or_generate_data, remove_orphaned_tmp
+from tokenrl.tasks.manifest import data_manifest, dataset_dir
 from tokenrl.core.divergence import DivergenceError, DivergenceGuard
 from tokenrl.evaluation.metrics import evaluate_decodings, evaluate_teacher_samples
 from tokenrl.tasks.hf import HFTaskConfig, build_hf_task
@@ -127,7 +128,7 @@ def build_task(cfg: RunConfig) -> Task:
 
 
 def data_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.datagen.data_manifest` records."""
+    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.manifest.data_manifest` records."""
     return {
         "samples_per_prompt": cfg.task.samples_per_prompt,
         "cache_top_p": cfg.task.cache_top_p,
