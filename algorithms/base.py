@@ -78,7 +78,14 @@ class AlgoConfig:
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps."""
+    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps.
+
+    Kept by hand instead of transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` (issue 21) for one
+    missing feature: its warm-up multiplier is ``step / warmup``, so the first update runs at lr 0 and every
+    warm-up step one step late, and no option shifts it; here it is ``(step + 1) / warmup``, as every result
+    of this project was trained. From the end of the warm-up on the two are equal to the bit
+    (``tests/test_schedule.py`` checks both at every step).
+    """
     if step < warmup:
         return (step + 1) / max(warmup, 1)
     progress = min(1.0, (step - warmup) / max(total - warmup, 1))

@@ -1,21 +1,15 @@
-"""Target networks: a frozen copy of an online network that follows it by Polyak averaging."""
+"""Target networks: a frozen copy of an online network that follows it by Polyak averaging.
+
+The averaging is PyTorch's own (:class:`torch.optim.swa_utils.AveragedModel` with
+:func:`~torch.optim.swa_utils.get_ema_multi_avg_fn`): ``theta_target <- (1 - rate) theta_target + rate
+theta_online`` on the parameters, the buffers copied. ``tests/test_backup.py`` checks the target weights after
+several updates against the formula, step by step.
+"""
 
 from __future__ import annotations
 
-import copy
-
 import torch
-
-
-@torch.no_grad()
-def polyak_update(target: torch.nn.Module, online: torch.nn.Module, rate: float) -> None:
-    """Target-network update ``theta_target <- (1 - rate) theta_target + rate theta_online`` (1: hard copy)."""
-    if not 0.0 < rate <= 1.0:
-        raise ValueError(f"target_update_rate must be in (0, 1], got {rate}")
-    for p_t, p_o in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p_o.detach(), rate)
-    for b_t, b_o in zip(target.buffers(), online.buffers()):
-        b_t.copy_(b_o)
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class TargetNetwork:
@@ -34,14 +28,19 @@ class TargetNetwork:
             raise ValueError(f"target_update_rate must be in (0, 1], got {update_rate}")
         self.online = online
         self.update_rate = update_rate
-        self.net = copy.deepcopy(online).requires_grad_(False)
+        # EMA decay = 1 - rate; the buffers (RoPE frequencies, ...) are copied, not averaged.
+        self.averaged = AveragedModel(online, multi_avg_fn=get_ema_multi_avg_fn(1.0 - update_rate), use_buffers=False)
+        # AveragedModel's first update copies the online network instead of averaging: spend it now, on the copy
+        # it already holds, so that every update() is a Polyak step.
+        self.averaged.update_parameters(online)
+        self.net = self.averaged.module.requires_grad_(False)
 
     def update(self) -> None:
         """One Polyak step towards the online network."""
-        polyak_update(self.net, self.online, self.update_rate)
+        self.averaged.update_parameters(self.online)
 
     def state_dict(self) -> dict:
-        """The target copy's parameters and buffers."""
+        """The target copy's parameters and buffers (the online network's keys)."""
         return self.net.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
