@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from algorithms import Algorithm, get_spec, make_algorithm
+from tokenrl.core.progress import track
 from tokenrl.run import distributed
 from tokenrl.data.buffer import ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
@@ -338,9 +338,9 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         validation_eval(ctx, 0, clock)
     stats: dict[str, float] = {}
     last_save = time.monotonic()
-    bar = tqdm(
-        range(start_step, cfg.steps), desc=f"{cfg.algo_name} train", disable=not cfg.progress,
-        initial=start_step, total=cfg.steps,
+    bar = track(
+        range(start_step, cfg.steps), f"{cfg.algo_name} train", enabled=cfg.progress, initial=start_step,
+        total=cfg.steps,
     )
     with deferred_signals((signal.SIGTERM, signal.SIGINT)) as received:
         for step in bar:

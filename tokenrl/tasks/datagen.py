@@ -21,8 +21,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from tokenrl.core.progress import track
 from tokenrl.lm import scoring
 from tokenrl.data.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
 from tokenrl.core.padding import right_pad
@@ -148,7 +148,7 @@ def generate_teacher_data(
         pad_id: padding id.
         cache_batch_size: sequences per teacher forward in the cache pass (not used by a
             :class:`TopPCachingSampler`).
-        progress: show a tqdm bar.
+        progress: show progress (:func:`tokenrl.core.progress.track`).
         shard_rank, shard_world: generate only the shards ``i`` with ``i % shard_world == shard_rank`` (one
             process of a sharded generation; every shard's seed depends on ``i`` only, so the files are those
             of a single-process run).
@@ -208,7 +208,7 @@ def _load_or_generate(
     names = [os.path.basename(shard_path(out_dir, i)) for i in range(wanted["n_shards"])]
     complete = all(name in checksums and os.path.exists(shard_path(out_dir, i)) for i, name in enumerate(names))
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
-    bar = tqdm(range(shard_rank, wanted["n_shards"], shard_world), desc="teacher data (shards)", disable=not progress)
+    bar = track(range(shard_rank, wanted["n_shards"], shard_world), "teacher data (shards)", enabled=progress)
     for i in bar:
         path, name = shard_path(out_dir, i), names[i]
         if os.path.exists(path) and name in checksums:
