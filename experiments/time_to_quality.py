@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
@@ -53,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algorithms import make_algorithm  # noqa: E402
 from tokenrl.run import distributed  # noqa: E402
 from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
-from tokenrl.run.config import RunConfig, make_run_config  # noqa: E402
+from tokenrl.run.config import RunConfig, make_run_config, register_configs  # noqa: E402
 from tokenrl.core.divergence import DivergenceGuard  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.run.trainer import (  # noqa: E402
@@ -62,14 +63,15 @@ from tokenrl.run.trainer import (  # noqa: E402
     build_student,
     build_task,
     load_data,
+    load_task_corpus,
     train_loop,
     warm_start,
 )
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "algo")
-# label -> (algo=<name> YAML, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+# label -> (algo=<name>: an algorithm or a preset, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
 # fixed default: set-max Q shift, top_p 0.8, LM term); the on-policy baselines in their papers' full-vocabulary form
-# (the minillm and gkd YAMLs, soft_q with top_p = 1.0).
+# (minillm and gkd at their defaults, soft_q with top_p = 1.0).
 ALGOS = {
     "bc": ("bc", {}),
     "kd": ("kd", {}),
@@ -106,9 +108,10 @@ def copy_buffer(buffer: ReplayBuffer) -> ReplayBuffer:
 def algo_node(label: str) -> dict:
     """The ``algo`` node of ``label`` as ``experiments/run.py algo=<name>`` composes it, plus its overrides."""
     name, overrides = {**ALGOS, **TOP_P_ALGOS}[label]
-    node = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, f"{name}.yaml")))
-    node.pop("defaults", None)
-    return {**node, **overrides, "name": name}
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        node = OmegaConf.to_container(compose("config", overrides=[f"algo={name}"]).algo, resolve=True)
+    return {**node, **overrides}
 
 
 def algo_config(label: str, lr: float | None = None):
@@ -202,6 +205,8 @@ def run_all(args: argparse.Namespace, lrs: dict[str, float]) -> dict:
                 algo = make_algorithm(
                     run_cfg.algo_name, run_ctx.policy, run_cfg.algo_config(), total_steps=run_cfg.steps
                 )
+                if algo.needs_lm_batch:  # MiniLLM's PT loss: a batch of the task's corpus with every batch
+                    run_ctx.corpus, _ = load_task_corpus(run_cfg, task)
                 torch.manual_seed(seed)
                 train_loop(run_ctx, algo, 0)
                 run_ctx.writer.close()

@@ -138,11 +138,11 @@ def test_every_suite_composes_and_expands(bench, name):
     assert len({r.key for r in runs}) == len({r.id for r in runs}) == len(runs)
     for run in runs:
         assert run.config["algo"]["lr"] == run.lr and run.config["seed"] == run.seed
-        assert run.config["algo"]["name"] == suite.methods[run.method].algo
+        assert run.config["algo"]["preset"] == suite.methods[run.method].algo  # the algorithm or its preset
         assert run.config["selection"]["every"] > 0 and run.config["selection"]["metric"] == suite.selection_metric
     if name == "default":
         assert set(suite.methods) == {"bc", "kd", "iql_bd", "iql_bd_math", "iql_bd_released", "soft_q", "minillm",
-                                      "gkd", "sqil"}
+                                      "gkd", "sqil", "bd_kd", "kd_pbc"}
         sqil = next(r for r in runs if r.method == "sqil")
         assert sqil.config["algo"]["name"] == "soft_q" and sqil.config["algo"]["reward"] == "sqil"
         assert sqil.config["sft_steps"] == 3000 and sqil.config["steps"] == 1000 and sqil.config["threads"] == 1

@@ -72,7 +72,7 @@ def test_tiny_comparison_at_a_benchmarks_lrs_writes_records_plot_and_section(tmp
     sets = [
         "steps=6", "sft_steps=2", "batch_size=4", "rollout_every=3", "rollout_prompts=4", "task.n_train_prompts=24",
         "task.samples_per_prompt=1", "task.n_val_prompts=4", "task.n_test_prompts=6", "task.max_new_tokens=8",
-        "eval.seeds=[0]",
+        "eval.seeds=[0]", "task.corpus_sequences=16", "task.corpus_max_tokens=8",
     ]
     _leaderboard(tmp_path / "bench", {"bc": ("bc", 5e-4), "minillm": ("minillm", 2e-5)})
     md = tmp_path / "ttq.md"
