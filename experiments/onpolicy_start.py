@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenrl.core.backup import masked_mean, project_to_set  # noqa: E402
+from tokenrl.core.distributions import masked_mean, project_to_set  # noqa: E402
 from tokenrl.core.divergence import DivergenceError  # noqa: E402
 from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
