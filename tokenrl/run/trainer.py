@@ -45,6 +45,7 @@ from tokenrl.data.buffer import Batch, ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
+    _flatten,
     check_resume_config,
     checkpoint_dir,
     checkpoint_path,
@@ -471,6 +472,18 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         **ctx.timings,
     }
     ctx.results["task_info"] = ctx.task.info
+    # The run's hyper-parameters with its final metrics, for TensorBoard's HParams tab (it compares runs by them),
+    # before metrics.json marks the run finished; in tb_hparams/, as tb/ keeps the one event file of training.
+    hparams = {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in _flatten(dataclasses.asdict(ctx.cfg)).items()
+    }
+    final = {
+        f"hparam/{key}": float(value) for key, value in ctx.results["final_eval"].items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    with SummaryWriter(os.path.join(out_dir, "tb_hparams")) as writer:
+        writer.add_hparams(hparams, final, run_name=".")
     write_json_atomic(os.path.join(out_dir, "metrics.json"), ctx.results)
 
 
