@@ -145,6 +145,9 @@ class SuiteConfig:
     tasks: dict[str, TaskSpec] = MISSING  # task label -> its overrides
     methods: dict[str, MethodSpec] = MISSING  # method label -> preset, overrides, lr grid
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds (same seed = same SFT start)
+    # The seeds the lr grid runs on (None: every seed); the other seeds run at each method's chosen lr only, once its
+    # grid is settled. A budget rule for expensive tasks, applied to every method alike; the leaderboard says so.
+    lr_seeds: list[int] | None = None
     protocol: list[str] = field(default_factory=list)  # overrides of every run (before the task's and method's)
     selection_metric: str = "kl_student_teacher"  # selection.metric: the validation score that picks lrs and checkpoints
     max_grid_extensions: int = 2  # lr points a method's grid may gain beyond its edges
@@ -246,6 +249,9 @@ def check_suite(suite: SuiteConfig) -> None:
             problems.append(f"suite.methods.{label}.lrs must be positive and strictly increasing, got {list(spec.lrs)}")
     if not suite.seeds or len(set(suite.seeds)) != len(suite.seeds):
         problems.append(f"suite.seeds must be distinct and non-empty, got {list(suite.seeds)}")
+    if suite.lr_seeds is not None and (not suite.lr_seeds or not set(suite.lr_seeds) <= set(suite.seeds)):
+        problems.append(f"suite.lr_seeds must be a non-empty subset of suite.seeds {list(suite.seeds)}, got "
+                        f"{list(suite.lr_seeds)}; or null for every seed")
     if suite.reference is not None and suite.reference not in suite.methods:
         problems.append(f"suite.reference={suite.reference!r} is not a method of the suite ({', '.join(suite.methods)}); "
                         "name one or set it to null")
@@ -288,25 +294,36 @@ def compose_run_config(overrides: list[str]) -> dict[str, Any]:
     return json.loads(_resolved(tuple(overrides)))
 
 
-def expand(suite: SuiteConfig, grids: dict[tuple[str, str], list[float]]) -> list[RunSpec]:
-    """Every run of the grids, task by task, method by method, lr by lr, seed innermost.
+def lr_seeds(suite: SuiteConfig) -> list[int]:
+    """The seeds every lr of a grid runs on (``suite.lr_seeds``, by default every seed)."""
+    return list(suite.seeds if suite.lr_seeds is None else suite.lr_seeds)
+
+
+def expand(
+    suite: SuiteConfig, grids: dict[tuple[str, str], list[float]], chosen: dict[tuple[str, str], float] | None = None
+) -> list[RunSpec]:
+    """Every run of the grids, task by task, method by method, lr by lr, seed innermost: each lr on the
+    :func:`lr_seeds`, and for each (task, method) in ``chosen`` its chosen lr on the other seeds.
 
     Raises:
         BenchmarkError: a run does not compose (the error names the key), or the protocol does not validate the
             algorithm (no ``selection.every``), so no lr can be chosen.
     """
     runs = []
+    grid_seeds, chosen = lr_seeds(suite), chosen or {}
     for task in suite.tasks:
         for method in suite.methods:
-            for lr in grids[task, method]:
-                for seed in suite.seeds:
-                    overrides = run_overrides(suite, task, method, lr, seed)
-                    try:
-                        config = compose_run_config(overrides)
-                    except Exception as err:  # noqa: BLE001 - Hydra's and the schemas' errors name the key
-                        raise BenchmarkError(f"suite {suite.name!r}: the runs of {task}/{method} do not compose: "
-                                             f"{type(err).__name__}: {err}") from err
-                    runs.append(RunSpec(task, method, lr, seed, overrides, config))
+            cells = [(lr, seed) for lr in grids[task, method] for seed in grid_seeds]
+            if (task, method) in chosen:
+                cells += [(chosen[task, method], seed) for seed in suite.seeds if seed not in grid_seeds]
+            for lr, seed in cells:
+                overrides = run_overrides(suite, task, method, lr, seed)
+                try:
+                    config = compose_run_config(overrides)
+                except Exception as err:  # noqa: BLE001 - Hydra's and the schemas' errors name the key
+                    raise BenchmarkError(f"suite {suite.name!r}: the runs of {task}/{method} do not compose: "
+                                         f"{type(err).__name__}: {err}") from err
+                runs.append(RunSpec(task, method, lr, seed, overrides, config))
     unvalidated = sorted({f"{r.task}/{r.method}" for r in runs if not r.config["selection"]["every"]})
     if unvalidated:
         raise BenchmarkError(
@@ -612,11 +629,15 @@ class Grid:
         return self.chosen is not None and not self.lrs[0] < self.chosen < self.lrs[-1]
 
 
-def collect_grids(grids: dict[tuple[str, str], Grid], runs: list[RunSpec], states: dict[str, RunState]) -> None:
-    """Fill each grid's ``scores`` from the states of its runs."""
+def collect_grids(
+    grids: dict[tuple[str, str], Grid], runs: list[RunSpec], states: dict[str, RunState], seeds: list[int]
+) -> None:
+    """Fill each grid's ``scores`` from the states of its runs on ``seeds`` (the seeds the lr is chosen on)."""
     for grid in grids.values():
         grid.scores = {lr: [] for lr in grid.lrs}
     for run in runs:
+        if run.seed not in seeds:
+            continue
         state = states[run.key]
         score = (state.metrics["selection"]["best_score"] if state.kind == "finished"
                  else math.nan if state.kind == "failed" else None)
@@ -686,7 +707,11 @@ def plan_text(suite: SuiteConfig, grids: dict, runs: list[RunSpec], states: dict
                          f"{c['pending']:>5}  {seconds:.0f} ({source}){note}")
     wall = f", ~{_duration(cost / n_jobs)} with {n_jobs} at once" if n_jobs and n_jobs > 0 else ""
     lines.append(f"estimated cost of the {total_pending} pending runs: {_duration(cost)} of one process{wall}; each "
-                 f"method's grid may gain up to {suite.max_grid_extensions} lr(s) x {len(suite.seeds)} seeds at an edge")
+                 f"method's grid may gain up to {suite.max_grid_extensions} lr(s) x {len(lr_seeds(suite))} seeds at an edge")
+    others = [seed for seed in suite.seeds if seed not in lr_seeds(suite)]
+    if others:
+        lines.append(f"the lr grids run on seeds {lr_seeds(suite)}; seeds {others} then run at each method's chosen lr "
+                     f"only ({len(others)} run(s) per method, not listed until its grid is settled)")
     return "\n".join(lines)
 
 
@@ -705,8 +730,9 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
     suite, out = bench.suite, Path(bench.out).resolve()
     check_suite(suite)
     grids = {(t, m): Grid(list(spec.lrs), len(spec.lrs)) for t in suite.tasks for m, spec in suite.methods.items()}
+    chosen: dict[tuple[str, str], float] = {}  # settled grids' choices: their runs on the seeds outside lr_seeds
     while True:  # a round: expand, launch what is pending, extend the grids whose choice sits at an edge
-        runs = expand(suite, {k: g.lrs for k, g in grids.items()})
+        runs = expand(suite, {k: g.lrs for k, g in grids.items()}, chosen)
         states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
         conflicts = [states[r.key].detail for r in runs if states[r.key].kind == "conflict"]
         if conflicts:
@@ -722,13 +748,17 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
                         raise BenchmarkError(f"the launched multirun exited with status {code} (see its output above); "
                                              "rerun the same command to continue")
                 states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
-        collect_grids(grids, runs, states)
+        collect_grids(grids, runs, states, lr_seeds(suite))
         new = extensions(suite, grids)
         for key, lrs in new.items():
             print(f"{key[0]}/{key[1]}: the chosen lr {grids[key].chosen:g} is at the grid's edge; adding lr {_lrs_text(lrs)}")
             grids[key].lrs = sorted(grids[key].lrs + lrs)
-        if not new:
+        if new:
+            continue
+        settled = {key: g.chosen for key, g in grids.items() if g.chosen is not None and key not in new}
+        if len(lr_seeds(suite)) == len(suite.seeds) or settled == chosen or bench.dry_run:
             break
+        chosen = settled  # the next round runs the other seeds at the chosen lrs
     if bench.dry_run:
         print(plan_text(suite, grids, runs, states, n_jobs))
         return 0
@@ -760,7 +790,8 @@ def leaderboard(suite: SuiteConfig, grids: dict[tuple[str, str], Grid], runs: li
     95% t-interval per metric, paired difference to the reference), the teacher and the SFT start(s)."""
     keys = [key for key, _ in LEADERBOARD_METRICS]
     board: dict[str, Any] = {
-        "suite": suite.name, "command": command, "seeds": list(suite.seeds), "protocol": list(suite.protocol),
+        "suite": suite.name, "command": command, "seeds": list(suite.seeds), "lr_seeds": lr_seeds(suite),
+        "protocol": list(suite.protocol),
         "selection_metric": suite.selection_metric, "max_grid_extensions": suite.max_grid_extensions,
         "reference": suite.reference, "tasks": {},
     }
@@ -833,7 +864,10 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
         f"# Leaderboard: suite {board['suite']}", "",
         f"Command: `{board['command']}`. Protocol (every run): "
         f"`{' '.join(board['protocol'])}`, training seeds {board['seeds']}. Each method at the lr with the best mean "
-        f"validation `{board['selection_metric']}` over the seeds (lower is better; the grids are below). Cells: "
+        f"validation `{board['selection_metric']}` over the seeds"
+        + ("" if board["lr_seeds"] == board["seeds"] else
+           f" {board['lr_seeds']} (the lr grid runs on those seeds only; the other seeds at the chosen lr)")
+        + " (lower is better; the grids are below). Cells: "
         f"mean ± half-width of the 95% t-interval over training seeds (n = {n_seeds} unless marked); ↓ lower is "
         "better, ↑ higher is better, response length has no direction (compare with the teacher's).", "",
     ]

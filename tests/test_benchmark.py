@@ -113,6 +113,27 @@ def test_extensions_go_on_until_inside_within_the_budget(bench):
     assert bench.extensions(suite, {("t", "m"): grid}) == {} and grid.at_edge  # no budget: flagged, not extended
 
 
+def test_lr_seeds_run_the_grid_on_some_seeds_and_the_rest_at_the_chosen_lr(bench):
+    """suite.lr_seeds: the grid on seed 0 only; seeds 1, 2 join at the chosen lr once the grid is settled, and only
+    the grid's seeds count for the choice."""
+    suite = bench.SuiteConfig(name="s", tasks={"t": bench.TaskSpec(overrides=["task=synthetic"])},
+                              methods={"m": bench.MethodSpec("bc", [1e-4, 1e-3])}, seeds=[0, 1, 2], lr_seeds=[0], reference=None,
+                              protocol=["selection=best"])
+    bench.check_suite(suite)
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        grid_runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]})
+        runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]}, {("t", "m"): 1e-3})
+    assert [(r.lr, r.seed) for r in grid_runs] == [(1e-4, 0), (1e-3, 0)]
+    assert [(r.lr, r.seed) for r in runs] == [(1e-4, 0), (1e-3, 0), (1e-3, 1), (1e-3, 2)]
+    finished = {r.key: bench.RunState("finished", metrics={"selection": {"best_score": {0: 0.5, 1: 0.1, 2: 0.1}[r.seed] + r.lr}})
+                for r in runs}
+    grid = bench.Grid([1e-4, 1e-3], 2)
+    bench.collect_grids({("t", "m"): grid}, runs, finished, bench.lr_seeds(suite))
+    assert grid.scores == {1e-4: [0.5 + 1e-4], 1e-3: [0.5 + 1e-3]} and grid.chosen == 1e-4
+    with pytest.raises(bench.BenchmarkError, match="lr_seeds must be a non-empty subset"):
+        bench.check_suite(bench.SuiteConfig(**{**vars(suite), "lr_seeds": [5]}))
+
+
 # --------------------------------------------------------------------------------------------------
 # Suites: composition and expansion
 # --------------------------------------------------------------------------------------------------
