@@ -32,8 +32,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from envs.batched_env import BatchedTokenGenerationEnv, BatchRewardFn
 from envs.checks import reset_options
-from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv, _validate_prompt
+from envs.token_env import TokenGenerationEnv, validate_prompt
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
 from tokenrl.core.distributions import project_to_set
@@ -152,7 +153,7 @@ def make_toy_token_generation_env(
 
 
 class TokenGenerationVectorEnv(VectorEnv):
-    """:class:`envs.token_env.BatchedTokenGenerationEnv` as a ``gymnasium.vector.VectorEnv``, with top-p masks.
+    """:class:`envs.batched_env.BatchedTokenGenerationEnv` as a ``gymnasium.vector.VectorEnv``, with top-p masks.
 
     ``num_envs`` token-generation episodes, each the MDP of :class:`envs.token_env.TokenGenerationEnv` (same
     single observation and action spaces), stepped by one batched env. Autoreset is Gymnasium's
@@ -171,10 +172,10 @@ class TokenGenerationVectorEnv(VectorEnv):
     Args:
         num_envs: number of rows.
         vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id, device: as in
-            :class:`envs.token_env.BatchedTokenGenerationEnv`.
+            :class:`envs.batched_env.BatchedTokenGenerationEnv`.
         prompts: fixed prompts, drawn uniformly for every (re)started episode.
         prompt_sampler: ``prompt_sampler(n, np_random) -> n prompts`` instead (give exactly one of the two).
-        reward_fn: as in :class:`envs.token_env.BatchedTokenGenerationEnv`.
+        reward_fn: as in :class:`envs.batched_env.BatchedTokenGenerationEnv`.
         teacher: the :class:`tokenrl.core.teachers.Teacher` whose top-p sets are the masks; None: no mask
             (``action_masks()`` all True, no ``info["action_mask"]``).
         top_p: the sets' threshold in (0, 1].
@@ -211,7 +212,7 @@ class TokenGenerationVectorEnv(VectorEnv):
             vocab_size, eos_token_id, max_new_tokens, max_prompt_len, reward_fn=reward_fn,
             pad_token_id=pad_token_id, device=device,
         )
-        self._prompts = None if prompts is None else [_validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
+        self._prompts = None if prompts is None else [validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
         self._prompt_sampler = prompt_sampler
         self.teacher, self.top_p = teacher, check_p(top_p)
         self.num_envs = num_envs
@@ -292,7 +293,7 @@ class TokenGenerationVectorEnv(VectorEnv):
     def _restart_rows(self, rows: np.ndarray) -> None:
         env = self.batched
         for row, prompt in zip(rows.tolist(), self._draw(len(rows))):
-            arr = torch.from_numpy(_validate_prompt(prompt, env.vocab_size, env.max_prompt_len)).to(env.device)
+            arr = torch.from_numpy(validate_prompt(prompt, env.vocab_size, env.max_prompt_len)).to(env.device)
             env.tokens_BL[row] = env.pad_token_id
             env.tokens_BL[row, : arr.numel()] = arr
             env.lengths_B[row] = env.prompt_lengths_B[row] = arr.numel()

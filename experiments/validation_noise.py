@@ -34,27 +34,20 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from algorithms import make_algorithm
 from tokenrl.evaluation.metrics import evaluate_decodings, teacher_forced_kl
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
 from tokenrl.lm.policy import CausalLMPolicy
-from tokenrl.run.config import RunConfig, make_run_config, register_configs
-from tokenrl.run.trainer import apply_threads, build_student, build_task, load_data
+from tokenrl.run.config import RunConfig, compose_run_config
+from tokenrl.run.context import apply_threads
+from tokenrl.run.inputs import build_student, build_task, load_data
 from tokenrl.tasks.base import Task
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 SEED_BASE = 50_000  # replicate r's sampling seeds start at SEED_BASE + 1000 r: apart from any run's seeds
-
-
-def run_config(overrides: list[str]) -> RunConfig:
-    """The config ``experiments/run.py <overrides>`` composes."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return make_run_config(compose("config", ["progress=false", *overrides]))
 
 
 def fixed_student(cfg: RunConfig, task: Task, path: str | None, sft_steps: int) -> torch.nn.Module:
@@ -74,7 +67,7 @@ def fixed_student(cfg: RunConfig, task: Task, path: str | None, sft_steps: int) 
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=sft_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(sft_steps):
-        sft.update(sft.sample_batch(buffer, cfg.batch_size, generator))
+        sft.update(sft.sampler.batch(buffer, cfg.batch_size, generator, sft.top_p))
     return model
 
 
@@ -202,7 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.replicates, args.heldout, args.sampled = 3, "100:1,100:4", "100:1,100:4"
-    cfg = run_config(args.overrides)
+    cfg = compose_run_config(CONF_DIR, ["progress=false", *args.overrides])
     apply_threads(cfg.threads)
     task = build_task(cfg)
     if not isinstance(task.teacher, SyntheticLanguage):

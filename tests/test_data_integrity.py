@@ -18,7 +18,7 @@ from tokenrl.data.buffer import ReplayBuffer
 from tokenrl.run.config import make_run_config
 from tokenrl.tasks.datagen import load_or_generate_data, load_teacher_data
 from tokenrl.tasks.manifest import DataIntegrityError, data_manifest, dataset_dir, file_sha256
-from tokenrl.run.trainer import build_task, load_data
+from tokenrl.run.inputs import build_task, load_data
 
 
 @pytest.fixture(scope="module")

@@ -81,16 +81,17 @@ class Killed(RuntimeError):
 
 
 def _kill_at_update(monkeypatch, n: int, action):
+    """Run ``action`` when the algorithm's ``n``-th update asks for its loss (one micro-batch per update here)."""
     calls = {"n": 0}
-    original = BellmanDistill.update
+    original = BellmanDistill.compute_loss
 
-    def update(self, batch):
+    def compute_loss(self, batch):
         calls["n"] += 1
         if calls["n"] == n:
             action()
         return original(self, batch)
 
-    monkeypatch.setattr(BellmanDistill, "update", update)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", compute_loss)
     return original
 
 
@@ -125,7 +126,7 @@ def test_resume_after_kill_is_bit_identical_and_a_damaged_checkpoint_falls_back(
     original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
     with pytest.raises(Killed):
         run(_cfg(data), str(out))
-    monkeypatch.setattr(BellmanDistill, "update", original)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
     checkpoints = list_checkpoints(str(out))
     assert [step for step, _ in checkpoints] == [4, 2]
     # 256 overwritten bytes in the newest checkpoint used to give a completed run with changed results.
@@ -148,7 +149,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(straight, tmp_
     original = _kill_at_update(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 3"):
         run(_cfg(data), str(out))
-    monkeypatch.setattr(BellmanDistill, "update", original)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
     assert [step for step, _ in list_checkpoints(str(out))] == [3, 2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only installed while training
     _assert_same_metrics(straight_metrics, run(_cfg(data, resume=True), str(out)))
@@ -167,11 +168,30 @@ def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch
     original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
     with pytest.raises(Killed):
         run(_cfg(data, **overrides), str(tmp_path / "killed"))
-    monkeypatch.setattr(BellmanDistill, "update", original)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
     resumed = run(_cfg(data, resume=True, **overrides), str(tmp_path / "killed"))
     assert "loss/lm" in resumed["train"]["last_stats"] and resumed["corpus"]["corpus/cached"]
     _assert_same_student(tmp_path / "straight", tmp_path / "killed")
     _assert_same_metrics(straight, resumed)
+
+
+def test_resume_with_best_checkpoint_selection_is_bit_identical(straight, tmp_path, monkeypatch):
+    """selection.every: the best checkpoint so far (its scores and weights) is in the train state, so a run killed
+    after the checkpoint that holds its best step resumes to the same selection, student and metrics."""
+    data, _, _ = straight
+    # lr 0.1 makes the last validation the worst: the chosen weights are the ones the checkpoint at step 4 holds.
+    overrides = {"algo": {"name": "iql_bd", "lr": 0.1}, "selection": {"every": 2}, "init_eval": False}
+    straight_metrics = run(_cfg(data, **overrides), str(tmp_path / "straight"))
+    assert straight_metrics["selection"]["best_step"] == 4
+    original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
+    with pytest.raises(Killed):
+        run(_cfg(data, **overrides), str(tmp_path / "killed"))
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
+    resumed = run(_cfg(data, resume=True, **overrides), str(tmp_path / "killed"))
+    _assert_same_student(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_metrics(straight_metrics, resumed)
+    for key in ("selection", "sft"):
+        assert resumed[key] == straight_metrics[key], key
 
 
 @pytest.mark.parametrize(

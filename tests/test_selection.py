@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from tokenrl.evaluation.metrics import teacher_forced_kl
 from tokenrl.run.config import make_run_config
 from tokenrl.run.selection import BestCheckpoint, PlateauStop, check_selection, sft_cache_path
-from tokenrl.run.trainer import build_student, build_task, data_location, run
+from tokenrl.run.inputs import build_student, build_task, data_location
+from tokenrl.run.trainer import run
 
 TINY = {
     "algo": {"name": "bc"},

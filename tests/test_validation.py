@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf.errors import ConfigKeyError
 
 from tests.conftest import algo_options
 from tests.test_hf_task import _write_teacher
 from tests.test_models import tiny_llama, word_tokenizer
-from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.run.config import compose_config, compose_run_config, make_run_config
 from tokenrl.tasks.prompts import load_jsonl_prompts
 from tokenrl.run.trainer import run
 from tokenrl.run.checks import ConfigError, check_config
@@ -91,10 +90,8 @@ def test_an_algorithm_config_lists_all_its_problems_and_the_algorithm_refuses_it
 
 
 def test_default_config_is_valid(tmp_path):
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        for algo in ("iql_bd", "iql_bd_math", "iql_bd_released", "bc", "kd", "soft_q", "gkd", "minillm"):
-            check_config(make_run_config(compose(config_name="config", overrides=[f"algo={algo}"])))
+    for algo in ("iql_bd", "iql_bd_math", "iql_bd_released", "bc", "kd", "soft_q", "gkd", "minillm"):
+        check_config(compose_run_config(CONF, [f"algo={algo}"]))
 
 
 @pytest.mark.parametrize(
@@ -119,9 +116,7 @@ def test_cache_p_is_checked_only_where_the_loss_reads_the_cache(tmp_path, algo, 
 
 def test_appended_unknown_key_is_refused():
     """`+foo=1` adds the key in Hydra; the typed config refuses it, naming it."""
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        cfg = compose(config_name="config", overrides=["+foo=1"])
+    cfg = compose_config(CONF, ["+foo=1"])
     with pytest.raises(ConfigKeyError, match="foo"):
         make_run_config(cfg)
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from tokenrl.run.config import make_run_config
-from tokenrl.run.trainer import build_student, build_task
+from tokenrl.run.inputs import build_student, build_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = ["task.n_train_prompts=8", "task.n_val_prompts=4", "task.n_test_prompts=4", "task.max_new_tokens=6"]

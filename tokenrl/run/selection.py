@@ -14,12 +14,10 @@ The fair-comparison protocol (``selection=best``; ``selection=fixed`` is the pap
   step 0 (the SFT start) and the last step included; the best weights are kept in memory and are what the
   final evaluation scores and the run saves. ``metrics.json`` records the chosen step under ``selection``.
 
-Validation (:func:`validation_score`) is one number, lower is better, on the validation prompts: a
-teacher-forced metric on the task's held-out teacher samples (``task.heldout``, one per validation prompt; no
-sampling noise between checkpoints), or a sampled one (the seeds ``eval.val_seeds``, the first
-``eval.decode_top_p``). The final evaluation never reads the validation split: its teacher-forced metrics use
-the held-out samples of the test prompts (``task.test_heldout``), its sampled ones the test prompts. How many
-validation prompts make the score precise enough: ``experiments/validation_noise.py``.
+Validation is one number, lower is better, on the validation prompts
+(:func:`tokenrl.evaluation.student.validation_score` of ``selection.metric``, :func:`validator`). The best
+checkpoint's state (scores and weights) goes into the run's checkpoints, so a run with ``selection.every``
+resumes as it would have continued.
 """
 
 from __future__ import annotations
@@ -36,20 +34,12 @@ import torch
 
 from algorithms import Algorithm, make_algorithm
 from tokenrl.core.progress import track
-from tokenrl.run.config import RunConfig
-from tokenrl.evaluation.metrics import evaluate
-from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_forced_set_metrics
+from tokenrl.evaluation.student import SAMPLED, VALIDATION_METRICS, validation_score
 from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.config import RunConfig
 from tokenrl.tasks.base import Task
 
 log = logging.getLogger(__name__)
-
-TEACHER_FORCED = (
-    "kl_student_teacher", "kl_teacher_student", "mass_outside_set", "kl_teacher_student_on_set", "kl_set_teacher_student"
-)
-SAMPLED = ("teacher_nll", "rougeL")
-VALIDATION_METRICS = TEACHER_FORCED + SAMPLED
-"""Valid ``selection.metric`` values (``rougeL`` is negated so that lower is better for every metric)."""
 
 
 def check_selection(cfg: RunConfig) -> None:
@@ -64,30 +54,10 @@ def check_selection(cfg: RunConfig) -> None:
         )
 
 
-def validation_score(model: torch.nn.Module, task: Task, cfg: RunConfig) -> float:
-    """``cfg.selection.metric`` of ``model`` on the validation prompts; lower is better.
-
-    Teacher-forced metrics read the task's held-out teacher samples (``task.heldout``); sampled ones draw one
-    response per seed of ``eval.val_seeds`` on each of the first ``eval.val_n_prompts`` validation prompts, at
-    the first ``eval.decode_top_p``.
-    """
-    metric = cfg.selection.metric
-    prompts, responses = task.heldout
-    if metric in ("kl_student_teacher", "kl_teacher_student"):
-        return teacher_forced_kl(model, task.teacher, prompts, responses, cfg.eval.batch_size, task.vocab_size)[metric]
-    if metric in TEACHER_FORCED:
-        return teacher_forced_set_metrics(
-            model, task.teacher, prompts, responses, cfg.task.cache_top_p, cfg.eval.batch_size, task.vocab_size
-        )[metric]
-    n = cfg.eval.val_n_prompts
-    sampled = evaluate(
-        model, task.teacher, task.val_prompts[:n], task.val_references[:n] if metric == "rougeL" else None, task.decode,
-        eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id, max_new_tokens=task.max_new_tokens,
-        seeds=cfg.eval.val_seeds, temperature=cfg.eval.temperature, top_p=cfg.eval.decode_top_p[0],
-        batch_size=cfg.eval.batch_size, vocab_size=task.vocab_size,
-    )
-    value = float(sampled[f"eval/{metric}"])
-    return -value if metric == "rougeL" else value
+def validator(cfg: RunConfig, task: Task) -> Callable[[torch.nn.Module], float]:
+    """``model -> score``: the run's validation score (``selection.metric`` at its evaluation settings and the data's
+    cache top-p, :func:`tokenrl.evaluation.student.validation_score`)."""
+    return lambda model: validation_score(model, task, cfg.selection.metric, cfg.eval, cfg.task.cache_top_p)
 
 
 class PlateauStop:
@@ -174,11 +144,22 @@ class BestCheckpoint:
         """``best_step``, ``best_score`` and the ``history`` of ``[step, score]`` pairs."""
         return {"best_step": self.best_step, "best_score": self.best_score, "history": [list(h) for h in self.history]}
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: :meth:`summary` and the best weights (tensors and JSON values only, as a
+        checkpoint holds them: :mod:`tokenrl.run.checkpoint`)."""
+        return {**self.summary(), "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.best_score, self.best_step = float(state["best_score"]), state["best_step"]
+        self.history = [(int(step), float(score)) for step, score in state["history"]]
+        self.best_state = state["best_state"]
+
 
 def sft_cache_path(cfg: RunConfig, task: Task, data_dir: str) -> str:
     """Where the SFT start of this run's settings is cached: ``<data_dir>/sft_starts/<digest>.pt``.
 
-    ``data_dir`` is the dataset's folder, named by the hash of its full manifest (``trainer.data_location``).
+    ``data_dir`` is the dataset's folder, named by the hash of its full manifest (:func:`tokenrl.run.inputs.data_location`).
     """
     heldout = hashlib.sha1(json.dumps([task.heldout[0], task.heldout[1]]).encode()).hexdigest()
     key = {
@@ -224,7 +205,8 @@ def train_sft(
         policy: the student's Q head over ``model``.
         generator: the run's batch-sampling generator (advanced exactly as by the training it replays).
         sft_step: one optimiser step of the SFT algorithm on the next batch of the offline data (the trainer's
-            ``train_step``: one process, gradient accumulation or data-parallel alike); returns its stats.
+            :func:`tokenrl.run.step.train_step`: one process, gradient accumulation or data-parallel alike); returns
+            its stats.
         data_dir: the offline data's folder (the SFT cache lives under it).
 
     Returns:
@@ -240,7 +222,7 @@ def train_sft(
         torch.set_rng_state(state["torch_rng"])
         return {**state["summary"], "cached": True}, state["last_stats"]
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
-    best = BestCheckpoint(model, lambda m: validation_score(m, task, cfg)) if sel.sft_eval_every else None
+    best = BestCheckpoint(model, validator(cfg, task)) if sel.sft_eval_every else None
     stop = PlateauStop(sel.sft_patience, sel.sft_smoothing, sel.sft_min_improvement)
     if best is not None:
         best.consider(0, "sft validation")
