@@ -460,7 +460,7 @@ def _worker_env(params: dict) -> dict:
     import numpy as np
     import torch
 
-    from envs.batched_env import BatchedTokenGenerationEnv
+    from envs.token_env import BatchedTokenGenerationEnv
     from tokenrl.core.top_p import top_p_restricted_policy
     from tokenrl.lm.models import IncrementalTeacher
     from tokenrl.lm.sampling import KVCacheStepper

@@ -32,9 +32,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.batched_env import BatchRewardFn
 from envs.gym_compat import ActionMasks, TokenGenerationVectorEnv
-from envs.token_env import RewardFn, TokenGenerationEnv
+from envs.token_env import BatchRewardFn, RewardFn, TokenGenerationEnv
 from envs.top_p_wrapper import TopPActionWrapper
 from tokenrl.core.distributions import project_to_set
 from tokenrl.core.teachers import Teacher, TokenPositions

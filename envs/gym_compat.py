@@ -32,9 +32,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.batched_env import BatchedTokenGenerationEnv, BatchRewardFn
-from envs.checks import reset_options
-from envs.token_env import TokenGenerationEnv, validate_prompt
+from envs.checks import reset_options, validate_prompt
+from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
 from tokenrl.core.distributions import project_to_set
@@ -153,7 +152,7 @@ def make_toy_token_generation_env(
 
 
 class TokenGenerationVectorEnv(VectorEnv):
-    """:class:`envs.batched_env.BatchedTokenGenerationEnv` as a ``gymnasium.vector.VectorEnv``, with top-p masks.
+    """:class:`envs.token_env.BatchedTokenGenerationEnv` as a ``gymnasium.vector.VectorEnv``, with top-p masks.
 
     ``num_envs`` token-generation episodes, each the MDP of :class:`envs.token_env.TokenGenerationEnv` (same
     single observation and action spaces), stepped by one batched env. Autoreset is Gymnasium's
@@ -172,10 +171,10 @@ class TokenGenerationVectorEnv(VectorEnv):
     Args:
         num_envs: number of rows.
         vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id, device: as in
-            :class:`envs.batched_env.BatchedTokenGenerationEnv`.
+            :class:`envs.token_env.BatchedTokenGenerationEnv`.
         prompts: fixed prompts, drawn uniformly for every (re)started episode.
         prompt_sampler: ``prompt_sampler(n, np_random) -> n prompts`` instead (give exactly one of the two).
-        reward_fn: as in :class:`envs.batched_env.BatchedTokenGenerationEnv`.
+        reward_fn: as in :class:`envs.token_env.BatchedTokenGenerationEnv`.
         teacher: the :class:`tokenrl.core.teachers.Teacher` whose top-p sets are the masks; None: no mask
             (``action_masks()`` all True, no ``info["action_mask"]``).
         top_p: the sets' threshold in (0, 1].

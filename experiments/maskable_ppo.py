@@ -61,7 +61,7 @@ import transformers  # noqa: E402
 import envs  # noqa: E402,F401  (registers the ids)
 from envs.distill import DistillSource, synthetic_source  # noqa: E402
 from envs.sb3 import SB3VecEnv  # noqa: E402
-from envs.batched_env import BatchedTokenGenerationEnv  # noqa: E402
+from envs.token_env import BatchedTokenGenerationEnv  # noqa: E402
 from tokenrl.core.top_p import top_p_mask  # noqa: E402
 from tokenrl.evaluation.teacher_forced import teacher_nll  # noqa: E402
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl  # noqa: E402

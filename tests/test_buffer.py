@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.batched_env import BatchedTokenGenerationEnv
+from envs.token_env import BatchedTokenGenerationEnv
 from tokenrl.data.buffer import Batch, ReplayBuffer, TopPCache
 from tokenrl.tasks.datagen import compute_top_p_cache
 from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig

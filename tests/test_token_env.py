@@ -7,8 +7,7 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from envs.batched_env import BatchedTokenGenerationEnv
-from envs.token_env import TokenGenerationEnv
+from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
 from tests.reference import sequence_logprob
 
 V = 64
