@@ -9,7 +9,7 @@ import torch
 from algorithms import make_algorithm
 from tests.conftest import tiny_llama
 from tokenrl.data.buffer import ReplayBuffer
-from tokenrl.data.samplers import RolloutMix
+from tokenrl.data.samplers import BatchSampler, RolloutMix
 from tokenrl.run.config import make_run_config
 from tokenrl.evaluation.metrics import evaluate
 from tokenrl.lm.policy import CausalLMPolicy
@@ -17,6 +17,7 @@ from tokenrl.run.rollouts import StageClock, collect_rollouts, once_per_state
 from tokenrl.core.top_p import top_p_mask
 from tokenrl.evaluation.student import evaluate_student
 from tokenrl.run.inputs import build_task
+from tokenrl.run.trainer import run
 
 V = 8
 
@@ -143,10 +144,32 @@ def test_minillm_batch_is_all_newest_rollouts_and_needs_some(synthetic_buffer):
 
 def test_rollout_mix_without_teacher_data_names_the_problem(synthetic_buffer):
     buf = _mixed_buffer(synthetic_buffer, n_expert=0)
+    mix = RolloutMix(0.5)
+    mix.rollouts_added([0, 1])
     with pytest.raises(ValueError, match="is_expert=True"):
-        mix = RolloutMix(0.5)
-        mix.rollouts_added([0, 1])
         mix.rows(buf, 4, torch.Generator())
+
+
+def test_uniform_sampler_draws_the_buffer_sample_stream(synthetic_buffer):
+    """The trainer's one draw (sampler rows, then collate) is the batch ``ReplayBuffer.sample`` draws: runs keep
+    their batches across the move of batch drawing into the sampler."""
+    sampler = make_algorithm("bc", _policy(), {}).sampler
+    assert type(sampler) is BatchSampler and sampler.splittable and not RolloutMix(0.5).splittable
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        drawn, sampled = sampler.batch(synthetic_buffer, 6, g1, 0.5), synthetic_buffer.sample(6, g2, top_p=0.5)
+        assert torch.equal(drawn.input_ids_BL, sampled.input_ids_BL)
+        assert torch.equal(drawn.cand_mask_BSK, sampled.cand_mask_BSK)
+
+
+@pytest.mark.parametrize("algo", ["gkd", "minillm"])
+def test_run_refuses_accumulation_for_a_sampler_that_does_not_split(tmp_path, algo):
+    """A rollout mix is drawn whole: micro_batch_size (and torchrun) is refused before any data or model work."""
+    cfg = make_run_config({"algo": {"name": algo}, "batch_size": 8, "micro_batch_size": 4, "progress": False,
+                           "data_dir": str(tmp_path / "data")})
+    with pytest.raises(ValueError, match="RolloutMix.*micro_batch_size"):
+        run(cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "data").exists()
 
 
 TINY_TASK = {
