@@ -16,6 +16,7 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import torch
@@ -28,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tokenrl.lm.precision import ATTENTION
 from tokenrl.lm.sampling import KVCacheStepper
 from tokenrl.lm.scoring import causal_lm_position_logits
 from tokenrl.core.teachers import TokenPositions
@@ -43,6 +45,17 @@ FRESH_STUDENT_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 """Config of a ``make_student("fresh")`` model unless overridden: a small Llama (~3M params + embeddings)."""
+
+
+def _with_sdpa(build: Callable[..., PreTrainedModel], *args: Any, **kwargs: Any) -> PreTrainedModel:
+    """``build(*args, attn_implementation="sdpa", **kwargs)`` (:data:`tokenrl.lm.precision.ATTENTION`), or
+    transformers' default attention for an architecture without SDPA support."""
+    try:
+        return build(*args, attn_implementation=ATTENTION, **kwargs)
+    except ValueError as error:
+        if "scaled_dot_product_attention" not in str(error):
+            raise
+        return build(*args, **kwargs)
 
 
 def _offline() -> bool:
@@ -75,7 +88,7 @@ def _load_gguf_model(
     gguf_path = cached_file(directory, gguf_file)
     config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        skeleton = _with_sdpa(AutoModelForCausalLM.from_config, config, dtype=dtype, trust_remote_code=trust_remote_code)
     tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton, torch_dtype=dtype)["tensors"]
     expected = set(skeleton.state_dict())
     # A GGUF with tied embeddings has no output.weight: lm_head is tied on load, so only it may be missing.
@@ -89,7 +102,9 @@ def _load_gguf_model(
     # from_pretrained with a state dict builds on the meta device and takes the tensors as parameters
     # (no copy); it also materialises non-persistent buffers such as RoPE frequencies, which a plain
     # load_state_dict(assign=True) into the meta skeleton would leave on the meta device.
-    return type(skeleton).from_pretrained(None, config=config, state_dict=tensors, dtype=dtype)
+    return type(skeleton).from_pretrained(
+        None, config=config, state_dict=tensors, dtype=dtype, attn_implementation=skeleton.config._attn_implementation
+    )
 
 
 def load_causal_lm(
@@ -99,7 +114,7 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode.
+    """Load a causal LM and its tokenizer, in eval mode, with SDPA attention where the architecture has it.
 
     Args:
         name_or_path: a hub id, a local directory saved with ``save_pretrained``, the directory holding
@@ -127,8 +142,8 @@ def load_causal_lm(
         if gguf_file is not None:
             model = _load_gguf_model(name_or_path, gguf_file, torch_dtype, trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            model = _with_sdpa(
+                AutoModelForCausalLM.from_pretrained, name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
     except OSError as error:
         if os.path.exists(name_or_path):
@@ -248,6 +263,9 @@ def make_student(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Build a student that shares the teacher's vocabulary, in train mode: the one student constructor.
 
+    Fresh and pretrained students use SDPA attention where the architecture has it; a pruned one keeps the
+    teacher's attention implementation.
+
     Args:
         kind: ``"pretrained"`` (load ``name_or_path``/``gguf_file``), ``"fresh"`` (random init from
             :data:`FRESH_STUDENT_DEFAULTS` updated by ``config_overrides``; ``model_type`` picks the
@@ -295,7 +313,7 @@ def make_student(
             )
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         torch.manual_seed(seed)
-        student = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device)
+        student = _with_sdpa(AutoModelForCausalLM.from_config, config, dtype=torch_dtype).to(device)
     elif kind == "pruned":
         if teacher_model is None or teacher_tokenizer is None:
             raise ValueError("make_student('pruned') needs teacher_model and teacher_tokenizer.")
