@@ -8,7 +8,8 @@ settings for offline BD with the top-p cache, the released BD recipe (teacher fo
 The first command times, on this machine's CPU, the operations the plan is made of: a training step (SFT and the
 default ``iql_bd`` recipe), a teacher forward without gradient, teacher-data generation (``TeacherSampler`` with
 the top-p cache, and transformers' ``generate``) and the released recipe's dense top-p masks, each as seconds per
-token and as achieved FLOP/s (model FLOPs per token over its time). The second turns them into the plan: the FLOPs
+token and as achieved FLOP/s (model FLOPs per token over its time); the pairs that are compared are timed
+interleaved (benchmarks/run.py's rounds), so their ratios are side by side. The second turns them into the plan: the FLOPs
 and bytes of every stage of each setting (parameter counts from the released configs, built on the meta device),
 divided by a GPU's rate at the assumed utilisation (:data:`GPU`, :data:`ASSUMED`), and, as a cross-check that uses
 the measured costs directly, by the CPU's measured rate. The section replaces the text between the
@@ -19,6 +20,7 @@ tables; GPU rates are assumptions until ``benchmarks/gpu_check.sh`` measures the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -68,6 +70,7 @@ float32 ``[tokens, V]`` logits tensor that the released recipe's dense top-p mas
 # --------------------------------------------------------------------------------------------------
 # Parameter counts
 # --------------------------------------------------------------------------------------------------
+@functools.cache
 def model_sizes(name: str) -> dict:
     """Parameters (all, in matrix products incl. the output head, per layer shapes) of a released config."""
     import torch
@@ -92,14 +95,15 @@ def model_sizes(name: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Measured CPU costs
 # --------------------------------------------------------------------------------------------------
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of each variant, timed interleaved (benchmarks/run.py), and the median per-round
+    ratio of each variant to the first one."""
+    from run import _interleaved, _median_ratio
+
+    times = _interleaved(variants, repeats)
+    first = next(iter(variants))
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: _median_ratio(times, k, first) for k in times})
 
 
 def measure(repeats: int) -> dict:
@@ -128,11 +132,11 @@ def measure(repeats: int) -> dict:
     buffer = synthetic_buffer(V, T, B)
     algos = {name: make_algorithm(algo, CausalLMPolicy(student, V), extra, total_steps=100)
              for name, (algo, extra) in {"sft": ("bc", {}), "iql_bd": ("iql_bd", {})}.items()}
-    for name, algo in algos.items():
-        batch = buffer.collate(list(range(B)), top_p=algo.top_p)
-        seconds = _median_seconds(lambda a=algo, b=batch: a.update(b), repeats)
-        per_token = seconds / (B * (P + T))
-        out["ops"][f"train step ({name})"] = {"s_per_token": per_token, "flops_per_token": 6 * n_student}
+    seconds, ratios = _timed({name: lambda a=algo, b=buffer.collate(list(range(B)), top_p=algo.top_p): a.update(b)
+                              for name, algo in algos.items()}, repeats)
+    for name in algos:
+        out["ops"][f"train step ({name})"] = {"s_per_token": seconds[name] / (B * (P + T)), "flops_per_token": 6 * n_student}
+    out["ratios"] = {"iql_bd step / sft step": ratios["iql_bd"]}
     out["shapes"]["student"] = f"Llama 4 layers, d 256, vocab {V} ({n_student / 1e6:.0f}M in products), batch {B} x ({P} + {T})"
 
     teacher = random_llama(V, 512, 8, 2 * T + 64).eval()
@@ -143,14 +147,14 @@ def measure(repeats: int) -> dict:
         with torch.no_grad():
             teacher(input_ids=tokens_BL).logits
 
-    out["ops"]["teacher forward (no grad)"] = {"s_per_token": _median_seconds(forward, repeats) / (B * (P + T)),
-                                               "flops_per_token": 2 * n_teacher}
-    out["shapes"]["teacher"] = f"Llama 8 layers, d 512, vocab {V} ({n_teacher / 1e6:.0f}M), batch {B} x {P + T}"
     with torch.no_grad():
         logits_NV = teacher(input_ids=tokens_BL).logits.reshape(-1, V).float()
-    out["ops"]["dense top-p mask (released recipe)"] = {
-        "s_per_token": _median_seconds(lambda: top_p_mask(logits_NV, 0.8), repeats) / logits_NV.shape[0],
-        "flops_per_token": None}
+    seconds, _ = _timed({"forward": forward, "mask": lambda: top_p_mask(logits_NV, 0.8)}, repeats)
+    out["ops"]["teacher forward (no grad)"] = {"s_per_token": seconds["forward"] / (B * (P + T)),
+                                               "flops_per_token": 2 * n_teacher}
+    out["ops"]["dense top-p mask (released recipe)"] = {"s_per_token": seconds["mask"] / logits_NV.shape[0],
+                                                        "flops_per_token": None}
+    out["shapes"]["teacher"] = f"Llama 8 layers, d 512, vocab {V} ({n_teacher / 1e6:.0f}M), batch {B} x {P + T}"
 
     gen_model = _smol_like(dict(vocab=49152, layers=4, sharpen=8.0))
     n_gen = matmul_params(gen_model)
@@ -165,9 +169,12 @@ def measure(repeats: int) -> dict:
             gen_model.generate(prompt_BT, attention_mask=torch.ones_like(prompt_BT), do_sample=True, top_k=0,
                                top_p=1.0, max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
 
-    for name, fn in {"decode, TeacherSampler + top-p cache": lambda: sampler.with_top_p_cache(prompts, 0, 0.8),
-                     "decode, transformers generate": generate}.items():
-        out["ops"][name] = {"s_per_token": _median_seconds(fn, repeats) / (Bg * N), "flops_per_token": 2 * n_gen}
+    seconds, ratios = _timed({"decode, transformers generate": generate,
+                              "decode, TeacherSampler + top-p cache": lambda: sampler.with_top_p_cache(prompts, 0, 0.8)},
+                             repeats)
+    for name, value in seconds.items():
+        out["ops"][name] = {"s_per_token": value / (Bg * N), "flops_per_token": 2 * n_gen}
+    out["ratios"]["TeacherSampler + cache / generate"] = ratios["decode, TeacherSampler + top-p cache"]
     out["shapes"]["generation"] = (f"figure 3's teacher with 4 layers (d 576, vocab 49152, {n_gen / 1e6:.0f}M), "
                                    f"batch {Bg}, 16-token prompts, {N} new tokens")
     out["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": 1, "repeats": repeats,
@@ -192,9 +199,8 @@ def plan(costs: dict) -> tuple[list[str], list[str]]:
     """The estimate rows (markdown) and the per-operation table, from the measured CPU costs."""
     ops = costs["ops"]
     cpu_rate = {k: v["flops_per_token"] / v["s_per_token"] for k, v in ops.items() if v["flops_per_token"]}
-    bd_over_sft = ops["train step (iql_bd)"]["s_per_token"] / ops["train step (sft)"]["s_per_token"]
-    cache_over_generate = (ops["decode, TeacherSampler + top-p cache"]["s_per_token"]
-                           / ops["decode, transformers generate"]["s_per_token"])
+    bd_over_sft = costs["ratios"]["iql_bd step / sft step"]
+    cache_over_generate = costs["ratios"]["TeacherSampler + cache / generate"]
     peak = GPU["peak_tflops"] * 1e12
     prompts = round(DATA["prompts"] * (1 - DATA["held_out"]))
     trajectories = prompts * DATA["samples_per_prompt"]
@@ -248,8 +254,10 @@ def plan(costs: dict) -> tuple[list[str], list[str]]:
     for name, v in ops.items():
         rate = f"{cpu_rate[name] / 1e9:.1f}" if name in cpu_rate else "(bytes-bound)"
         op_rows.append(f"| {name} | {1e6 * v['s_per_token']:.1f} | {rate} | not measured |")
-    notes = [f"Measured BD default / SFT step time on CPU: {bd_over_sft:.2f}x (applied to the BD training time); "
-             f"TeacherSampler with the cache / generate: {cache_over_generate:.2f}x."]
+    notes = [f"Measured side by side (median of the per-round ratios): the default iql_bd step / the SFT step "
+             f"{bd_over_sft:.2f}x (applied to the BD training time); TeacherSampler with the top-p cache / generate "
+             f"{cache_over_generate:.2f}x (4 layers: the set's per-token cost is a larger share of a shallow model's "
+             "step than of figure 3's)."]
     return rows, op_rows + ["", *notes]
 
 
@@ -337,16 +345,18 @@ def section(costs: dict) -> str:
         "`benchmarks/gpu_check.sh` measures the MFU of the training steps, generation tokens/s and peak memory on a "
         "GPU, and the assumptions above should be replaced by its numbers when a session has one.",
         "",
-        "Commands for 8 GPUs on one machine (data once, then training; `hydra.run.dir` shared by the ranks):",
+        "Commands for 8 GPUs on one machine (data once, then training with the paper's lr 5e-6, 100 warm-up steps, "
+        "batch 64 and 5000 iterations; `hydra.run.dir` shared by the ranks; the SFT warm start keeps tokenrl's "
+        "defaults, `sft_steps`, `sft_lr`):",
         "",
         "```bash",
         "export DOLLY_JSONL=databricks-dolly-15k.jsonl",
         "torchrun --standalone --nproc_per_node=8 experiments/generate.py task=dolly_qwen device=cuda threads=0 \\",
         "    data_dir=/shared/data_cache",
         "torchrun --standalone --nproc_per_node=8 experiments/run.py task=dolly_qwen model=pretrained \\",
-        "    model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct algo=iql_bd device=cuda threads=0 precision=bf16 \\",
-        "    dist.strategy=fsdp steps=5000 batch_size=64 micro_batch_size=8 data_dir=/shared/data_cache \\",
-        "    hydra.run.dir=outputs/bd_qwen",
+        "    model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct algo=iql_bd algo.lr=5e-6 algo.warmup_steps=100 \\",
+        "    device=cuda threads=0 precision=bf16 dist.strategy=fsdp steps=5000 batch_size=64 micro_batch_size=8 \\",
+        "    data_dir=/shared/data_cache hydra.run.dir=outputs/bd_qwen",
         "# GPT-2 XL -> GPT-2: task=dolly_gpt2 model.name_or_path=gpt2 (the same two commands)",
         "```",
         "<!-- /paper scale -->",
