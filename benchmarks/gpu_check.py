@@ -69,7 +69,8 @@ initialised with the released configs' shapes."""
 
 DRY_SHAPES = {
     "GPT-2 small (dry run: 2 layers, d 64, vocab 1000)": dict(model_type="gpt2", vocab_size=1000, n_embd=64, n_layer=2,
-                                                              n_head=4, n_positions=256, tie_word_embeddings=True),
+                                                              n_head=4, n_positions=256, tie_word_embeddings=True,
+                                                              bos_token_id=0, eos_token_id=0),
     "Qwen2.5-0.5B (dry run: 2 layers, d 64, vocab 2000)": dict(model_type="qwen2", vocab_size=2000, hidden_size=64,
                                                                intermediate_size=128, num_hidden_layers=2,
                                                                num_attention_heads=4, num_key_value_heads=2,
@@ -225,7 +226,8 @@ def stage_steps(args: argparse.Namespace) -> int:
     from tokenrl.lm.policy import CausalLMPolicy
 
     dry, device = args.cpu_dry_run, _device(args.cpu_dry_run)
-    B, P, T = (2, 8, 16) if dry else (args.batch, args.prompt, args.response)
+    B, T = (2, 16) if dry else (args.batch, args.response)
+    P = 16  # step_cost.synthetic_buffer's prompts
     rounds = 1 if dry else args.rounds
     peak, peak_text = _peak_tflops(args.peak_tflops)
     lines = ["## Training step cost", "",
@@ -243,6 +245,7 @@ def stage_steps(args: argparse.Namespace) -> int:
         L, D = model.config.num_hidden_layers, model.config.hidden_size
         flops = B * (P + T) * (6 * n_body + 12 * L * D * (P + T)) + B * (T + 1) * 6 * n_head
         buffer = synthetic_buffer(V, T, B)
+        assert buffer.collate([0]).prompt_width == P
         steps, shared = {}, None
         for name, (algo_name, extra, precision) in STEP_VARIANTS.items():
             algo = make_algorithm(algo_name, CausalLMPolicy(model, V, precision=precision), extra, total_steps=100)
@@ -253,7 +256,7 @@ def stage_steps(args: argparse.Namespace) -> int:
             steps[name] = lambda a=algo, b=batch: a.update(b)
         times = _interleaved(steps, rounds, device)
         peaks = {name: _peak_gib(fn, device) for name, fn in steps.items()}
-        lines += ["", f"**{shape_name}** ({(n_body + n_head) / 1e6:.0f}M parameters in matrix products, vocab {V})", "",
+        lines += ["", f"**{shape_name}** ({(n_body + n_head) / 1e6:.3g}M parameters in matrix products, vocab {V})", "",
                   "| variant | ms/step | x sft (bc): median [min-max] | response tokens/s | peak GiB | MFU |",
                   "|---|---:|---|---:|---:|---:|"]
         for name, ts in times.items():
@@ -427,8 +430,7 @@ def main() -> None:
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on the CPU (no GPU needed)")
     ap.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak, if not in PEAK_BF16_TFLOPS")
     ap.add_argument("--batch", type=int, default=16, help="steps: trajectories per step")
-    ap.add_argument("--prompt", type=int, default=64, help="steps: prompt tokens")
-    ap.add_argument("--response", type=int, default=448, help="steps: response tokens (prompt + response = 512)")
+    ap.add_argument("--response", type=int, default=496, help="steps: response tokens (after 16 prompt tokens: 512)")
     ap.add_argument("--rounds", type=int, default=5, help="steps: timed rounds")
     ap.add_argument("--gen-batch", type=int, default=64, help="generate: prompts per batch")
     ap.add_argument("--new-tokens", type=int, default=128, help="generate: new tokens")
