@@ -17,12 +17,14 @@ from algorithms.gkd import GKD, GKDConfig
 from algorithms.iql_bd import (
     BellmanDistill,
     BellmanDistillConfig,
+    BellmanDistillKD,
+    BellmanDistillKDConfig,
     BellmanDistillMath,
     BellmanDistillMathConfig,
     BellmanDistillReleased,
     BellmanDistillReleasedConfig,
 )
-from algorithms.kd import KD, KDConfig
+from algorithms.kd import KD, KDConfig, KDProjectedBC, KDProjectedBCConfig
 from algorithms.minillm import MiniLLM, MiniLLMConfig
 from algorithms.soft_q import SoftQ, SoftQConfig
 
@@ -80,5 +82,7 @@ register("iql_bd_released", BellmanDistillReleased, BellmanDistillReleasedConfig
 register("soft_q", SoftQ, SoftQConfig)
 register("gkd", GKD, GKDConfig)
 register("minillm", MiniLLM, MiniLLMConfig)
+register("bd_kd", BellmanDistillKD, BellmanDistillKDConfig)  # matched-information arms (issue 18)
+register("kd_pbc", KDProjectedBC, KDProjectedBCConfig)
 
 __all__ = ["AlgoConfig", "Algorithm", "AlgoSpec", "REGISTRY", "register", "make_config", "make_algorithm", "get_spec"]

@@ -20,6 +20,12 @@ An algorithm whose loss compares the student with the teacher over the whole voc
 (``batch.teacher_logprobs_BSV``, :func:`tokenrl.lm.scoring.with_teacher_logprobs`, timed as
 ``time/teacher_score_s``), and its config's :meth:`AlgoConfig.reads_cached_sets` tells the run validation
 that the cached top-p sets need not cover ``top_p``.
+
+An algorithm with a language-modelling term on pre-training text (MiniLLM's PT loss, Bellman Distill's LM term
+as the papers compute it) sets ``needs_lm_batch``; the trainer then attaches to each batch a batch of the
+task's pre-training corpus (``batch.lm_batch``: ``batch_size`` rows drawn uniformly with the run's seeded batch
+generator, right after the distillation batch, with the cached sets at the algorithm's ``top_p``; see
+:func:`tokenrl.run.trainer.train_step` and :mod:`tokenrl.tasks.corpus`).
 """
 
 from __future__ import annotations
@@ -93,6 +99,10 @@ class Algorithm:
     #: the trainer then adds it to every batch (:func:`tokenrl.lm.scoring.with_teacher_logprobs`); a subclass may
     #: make it a property of its config
     needs_teacher_logprobs: bool = False
+    #: True when ``compute_loss`` reads ``batch.lm_batch`` (a batch of the task's pre-training corpus, see the
+    #: module docstring): the trainer then builds the corpus and attaches one to every batch; a subclass may make
+    #: it a property of its config
+    needs_lm_batch: bool = False
     #: True when the algorithm keeps a target network: the base class then builds ``self.target`` (a
     #: :class:`~tokenrl.core.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
     #: step and saves it in :meth:`state_dict`

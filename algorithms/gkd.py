@@ -29,6 +29,14 @@ each batch with ``round(lmbda * batch_size)`` rows of the newest rollout batch a
 ``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read:
 ``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
 (``top_p < 1``), and ``action_mask_BT``, ``is_expert_B`` and the model inputs.
+
+Not as in the paper: there (and in TRL's ``GKDTrainer``) each whole batch is on-policy with probability
+``lmbda``, here every batch holds the fraction ``lmbda`` of rollouts (the same expectation, less variance); the
+paper distils T5 encoder-decoders with Adafactor. Its target is the teacher's full distribution, which on the
+synthetic task includes the teacher's uniform smoothing floor, while the SFT start and the fixed-data half are
+top-p-0.8 samples (``experiments/onpolicy_start.py --study gkd_target`` measures what that does). Optimiser:
+like MiniLLM it fine-tunes a converged (SFT) student, so the shipped ``experiments/conf/algo/gkd.yaml`` uses a
+constant lr after a short warm-up (see its comment).
 """
 
 from __future__ import annotations

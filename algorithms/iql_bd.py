@@ -1,7 +1,8 @@
 """Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
 
-Registered as ``iql_bd`` (the default, fixed variant), ``iql_bd_math`` (the paper's math form) and
-``iql_bd_released`` (the released code's form); ``algo=<name>`` on the command line, one class each.
+Registered as ``iql_bd`` (the default, fixed variant), ``iql_bd_math`` (the paper's math form),
+``iql_bd_released`` (the released code's form) and ``bd_kd`` (BD + KD, a matched-information arm);
+``algo=<name>`` on the command line, one class each.
 
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
@@ -45,8 +46,22 @@ Options (see :class:`BellmanDistillConfig`):
   ``released_vocab_size`` tokens, and V = its entropy-regularised expectation of the masked Q
   (:func:`tokenrl.core.backup.released_state_values`); ``mask_eos`` drops the EOS step from the BD terms (the
   release pads with EOS).
-* LM terms: ``ce_coef`` (full-vocabulary CE on the expert tokens), ``kd_coef`` (token KD to the teacher's
-  cached set), ``mass_coef`` (the set-mass term).
+* LM terms: ``ce_coef`` (full-vocabulary CE on the tokens), ``kd_coef`` (token KD to the teacher's cached set),
+  both on the batch ``lm_batch`` names: ``"corpus"``, a separate batch of the task's pre-training corpus (the
+  paper's and the release's form: the released trainer computes ``pt_loss(lm_batch)`` on OpenWebText;
+  :mod:`tokenrl.tasks.corpus`), or ``"expert"``, the distillation batch itself (which makes BD into BD + BC);
+  ``mass_coef`` (the set-mass term, on the distillation batch).
+
+Presets: ``iql_bd`` keeps ``lm_batch = "expert"``: its CE on the expert batch is what holds its mass outside the
+teacher's set down under the set shift (docs/bd_diagnosis.md), so it is BD + BC by design. ``iql_bd_math`` and
+``iql_bd_released`` put the LM term on the corpus, as the paper and the release do. ``bd_kd`` is the matched-
+information arm BD + KD (the fixed variant with token KD to the cached set on the distillation batch instead of
+CE), next to ``kd_pbc`` (:mod:`algorithms.kd`: KD + projected BC, the same information without the TD terms).
+
+Still not as in the paper: its LM term is CE plus token KD to the teacher (weights unpublished) where
+``iql_bd_math`` has CE alone, and the released trainer's KD term reads the teacher's full distribution on the
+OpenWebText batch where ours reads the teacher's cached top-p set on the corpus batch. Its optimiser (lr 5e-6,
+100 warm-up steps then cosine, no clipping, pretrained students) is not this task's (tiny fresh students).
 """
 
 from __future__ import annotations
@@ -56,6 +71,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
+from algorithms.kd import lm_terms
 from tokenrl.core.backup import (
     chi2_penalty,
     chi2_phi,
@@ -73,12 +89,13 @@ from tokenrl.core.backup import (
     state_values,
     upcast,
 )
-from tokenrl.data.buffer import Batch
+from tokenrl.data.buffer import Batch, require_lm_batch
 
 CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
 EXPERT_TERM_CHOICES = ("math", "vocab_mean")
 Q_SHIFT_CHOICES = ("vocab", "vocab_detached", "set")
 VALUE_CHOICES = ("soft", "released")
+LM_BATCH_CHOICES = ("expert", "corpus")
 
 
 def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | None:
@@ -92,8 +109,9 @@ def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | No
 class BellmanDistillConfig(AlgoConfig):
     """Bellman Distill (inverse soft-Q learning) settings; the defaults are the fixed variant (``algo=iql_bd``).
 
-    Presets: ``algo=iql_bd`` (fixed: set shift, alpha 1, CE), ``algo=iql_bd_math`` (the paper's math form),
-    ``algo=iql_bd_released`` (the released code's form). Paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10.
+    Presets: ``algo=iql_bd`` (fixed: set shift, alpha 1, CE on the expert batch, i.e. BD + BC: that CE holds the
+    mass outside the set down), ``algo=iql_bd_math`` (the paper's math form), ``algo=iql_bd_released`` (the
+    released code's form), ``algo=bd_kd`` (BD + KD). Paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10.
     """
 
     top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
@@ -110,7 +128,13 @@ class BellmanDistillConfig(AlgoConfig):
     mass_coef: float = 0.0  # weight of KL(Bern(teacher's set mass) || Bern(student's set mass))
     ce_coef: float = 1.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
     kd_coef: float = 0.0  # weight of token KD to the teacher's cached set (the release's LM term: 0.5 CE + 0.5 KD)
+    lm_batch: str = "expert"  # the batch the CE and KD terms score: expert (the distillation batch) | corpus (pre-training)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lm_batch not in LM_BATCH_CHOICES:
+            raise ValueError(f"iql_bd.lm_batch must be one of {LM_BATCH_CHOICES}, got {self.lm_batch!r}")
 
     def reads_cached_sets(self) -> bool:
         """At ``top_p = 1`` the BD terms take dense logits over the whole vocabulary, not the cached sets (the KD
@@ -279,6 +303,11 @@ class BellmanDistill(Algorithm):
 
     name = "iql_bd"
 
+    @property
+    def needs_lm_batch(self) -> bool:
+        """``lm_batch = "corpus"`` with an LM term: CE and KD read a batch of the task's pre-training corpus."""
+        return self.config.lm_batch == "corpus" and (self.config.ce_coef > 0 or self.config.kd_coef > 0)
+
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         if cfg.q_shift not in Q_SHIFT_CHOICES:
@@ -288,14 +317,17 @@ class BellmanDistill(Algorithm):
         full_vocab = cfg.top_p >= 1.0
         # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
         mass_coef = 0.0 if full_vocab else cfg.mass_coef
+        # The LM terms go into iq_bd_loss on the distillation batch (expert), or are added below on the corpus batch.
+        on_corpus = self.needs_lm_batch
+        ce_coef, kd_coef = (0.0, 0.0) if on_corpus else (cfg.ce_coef, cfg.kd_coef)
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
         # One chunked pass over the vocabulary for everything that needs it (flat memory, exact gradients).
         stats_v = self.policy.vocab_stats(
             h_BSD,
-            batch.actions_BT if cfg.ce_coef > 0 else None,
+            batch.actions_BT if ce_coef > 0 else None,
             need_max=cfg.q_shift != "set",
-            need_lse=cfg.value == "released" or mass_coef > 0 or cfg.kd_coef > 0,
+            need_lse=cfg.value == "released" or mass_coef > 0 or kd_coef > 0,
         )
         loss, stats = iq_bd_loss(
             cq.logits_BSK,
@@ -315,24 +347,31 @@ class BellmanDistill(Algorithm):
             top_p=cfg.top_p,
             epsilon=cfg.epsilon,
             mask_eos=cfg.mask_eos,
-            ce_coef=cfg.ce_coef,
+            ce_coef=ce_coef,
             lm_nll_BT=stats_v.nll_BT,
             mass_coef=mass_coef,
-            kd_coef=cfg.kd_coef,
+            kd_coef=kd_coef,
             lse_BS=stats_v.lse_BS,
             teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )
+        if on_corpus:
+            lm_loss, lm_stats = lm_terms(self.policy, require_lm_batch(batch, self.name), cfg.ce_coef, cfg.kd_coef)
+            loss = loss + lm_loss
+            stats.update(lm_stats)
+            stats["loss/total"] = loss
         return loss, float_stats(stats)
 
 
 @dataclass
 class BellmanDistillMathConfig(BellmanDistillConfig):
-    """The paper's math form (``algo=iql_bd_math``): vocabulary-max Q shift, phi at the expert token, LM term."""
+    """The paper's math form (``algo=iql_bd_math``): vocabulary-max Q shift, phi at the expert token, LM term (CE)
+    on a pre-training batch."""
 
     alpha: float = 0.1
     q_shift: str = "vocab"
     mass_coef: float = 0.0
     ce_coef: float = 1.0
+    lm_batch: str = "corpus"
 
 
 @dataclass
@@ -341,8 +380,8 @@ class BellmanDistillReleasedConfig(BellmanDistillConfig):
 
     Vocabulary-mean expert term and chi^2 over the vocabulary, both weighted at the release's |V| = 151936;
     EOS masked out of the BD terms (it is the pad token there); projection ``softmax(Q) * mask / p + epsilon``
-    renormalised, with V the entropy-regularised expectation under it; LM term 0.5 CE + 0.5 token KD.
-    ``epsilon`` and the LM weight are unpublished: 1e-8 and 1 here.
+    renormalised, with V the entropy-regularised expectation under it; LM term 0.5 CE + 0.5 token KD on a
+    pre-training batch. ``epsilon`` and the LM weight are unpublished: 1e-8 and 1 here.
     """
 
     alpha: float = 0.1
@@ -355,6 +394,7 @@ class BellmanDistillReleasedConfig(BellmanDistillConfig):
     mass_coef: float = 0.0
     ce_coef: float = 0.5
     kd_coef: float = 0.5
+    lm_batch: str = "corpus"
 
 
 class BellmanDistillMath(BellmanDistill):
@@ -367,3 +407,18 @@ class BellmanDistillReleased(BellmanDistill):
     """Bellman Distill as the released code computes it (see :class:`BellmanDistillReleasedConfig`)."""
 
     name = "iql_bd_released"
+
+
+@dataclass
+class BellmanDistillKDConfig(BellmanDistillConfig):
+    """The matched-information arm ``bd_kd``: the fixed variant with token KD to the teacher's cached set (weight
+    1) instead of CE, on the distillation batch; compare with ``kd_pbc`` and ``kd``."""
+
+    ce_coef: float = 0.0
+    kd_coef: float = 1.0
+
+
+class BellmanDistillKD(BellmanDistill):
+    """Bellman Distill + KD (see :class:`BellmanDistillKDConfig`)."""
+
+    name = "bd_kd"

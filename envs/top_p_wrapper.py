@@ -29,9 +29,11 @@ class TopPActionWrapper(gym.Wrapper):
 
     After ``reset`` and every ``step``, ``info`` holds the set of the new state:
         ``action_mask``: ``[V]`` int8, 1 for tokens in the set (the Gymnasium convention).
-        ``top_p_ids``: ``[K]`` int64 token ids of the set in descending teacher probability.
-        ``top_p_logprobs``: ``[K]`` float32 teacher log-probabilities of those ids (full distribution, not
-        renormalised).
+        ``top_p_ids``: the K token ids of the set in descending teacher probability (a list of int).
+        ``top_p_logprobs``: the teacher log-probabilities of those ids (full distribution, not renormalised; a
+        list of float).
+    The set's entries are lists because K changes from state to state: Gymnasium's vector envs batch an
+    array info entry only when every env's has the same shape, and keep other objects in an object array.
     After a terminating step (EOS) no action exists, so the mask is all zeros and the set empty (and the teacher
     is not called). A truncated state keeps its set: its value is bootstrapped over it.
 
@@ -110,8 +112,7 @@ class TopPActionWrapper(gym.Wrapper):
         self._set_ids, self._set_logprobs = ids, logprobs
         mask = np.zeros(self.action_space.n, dtype=np.int8)
         mask[ids] = 1
-        # Copies: info is handed to the caller, who may keep or modify it; the stored set must not change.
-        return {"action_mask": mask, "top_p_ids": ids.copy(), "top_p_logprobs": logprobs.copy()}
+        return {"action_mask": mask, "top_p_ids": ids.tolist(), "top_p_logprobs": logprobs.tolist()}
 
 
 def teacher_top_p_set(

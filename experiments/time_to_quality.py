@@ -54,6 +54,7 @@ from tokenrl.run.trainer import (  # noqa: E402
     build_student,
     build_task,
     load_data,
+    load_task_corpus,
     train_loop,
     warm_start,
 )
@@ -150,6 +151,8 @@ def run_all(args: argparse.Namespace) -> dict:
                 algo = make_algorithm(
                     run_cfg.algo_name, run_ctx.policy, run_cfg.algo_config(), total_steps=run_cfg.steps
                 )
+                if algo.needs_lm_batch:  # MiniLLM's PT loss: a batch of the task's corpus with every batch
+                    run_ctx.corpus, _ = load_task_corpus(run_cfg, task)
                 torch.manual_seed(seed)
                 train_loop(run_ctx, algo, 0)
                 run_ctx.writer.close()

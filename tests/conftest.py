@@ -50,6 +50,18 @@ def load_experiment(name: str):
     return module
 
 
+def with_lm_batch(batch, algo, corpus, seed: int = 0):
+    """``batch`` as the trainer hands it to ``algo``: with a pre-training batch of ``corpus`` (as many rows, at the
+    algorithm's p) attached when the algorithm asks for one (``needs_lm_batch``), else unchanged."""
+    import dataclasses
+
+    if not algo.needs_lm_batch:
+        return batch
+    n = batch.actions_BT.shape[0]
+    lm = corpus.sample(n, torch.Generator().manual_seed(10_000 + seed), top_p=algo.top_p)
+    return dataclasses.replace(batch, lm_batch=lm)
+
+
 LossAndGrads = tuple[torch.Tensor, list[torch.Tensor]]  # (detached loss, one gradient per parameter)
 
 

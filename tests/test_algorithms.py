@@ -10,15 +10,16 @@ import torch
 
 from algorithms import REGISTRY, make_algorithm, make_config
 from algorithms.iql_bd import iq_bd_loss
-from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
+from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama, with_lm_batch
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
 
 def _batch(buf, algo, n=16, seed=0):
-    """A batch as the trainer gives it: with the teacher over the whole vocabulary when the algorithm reads it."""
-    batch = buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p)
+    """A batch as the trainer gives it: with the teacher over the whole vocabulary when the algorithm reads it, and
+    a pre-training batch when it asks for one (``buf`` stands in for the corpus)."""
+    batch = with_lm_batch(buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p), algo, buf, seed)
     # SyntheticLanguage(): the language the synthetic_buffer fixture was sampled from.
     return with_teacher_logprobs(batch, SyntheticLanguage(), buf.pad_id) if algo.needs_teacher_logprobs else batch
 

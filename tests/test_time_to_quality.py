@@ -45,7 +45,7 @@ def test_tiny_comparison_writes_records_plot_and_section(tmp_path):
     sets = [
         "steps=6", "sft_steps=2", "batch_size=4", "rollout_every=3", "rollout_prompts=4", "task.n_train_prompts=24",
         "task.samples_per_prompt=1", "task.n_val_prompts=4", "task.n_test_prompts=6", "task.max_new_tokens=8",
-        "eval.seeds=[0]",
+        "eval.seeds=[0]", "task.corpus_sequences=16", "task.corpus_max_tokens=8",
     ]
     md = tmp_path / "ttq.md"
     ttq.main(["--algos", "bc", "minillm", "--seeds", "0", "--val-every-s", "0.2", "--out", str(tmp_path / "out"),

@@ -364,7 +364,7 @@ def evaluate(
             skips them.
         batch_size: sequences per forward.
         vocab_size: student logits are sliced to ``[:vocab_size]``; None uses ``teacher.vocab_size``.
-        progress: show tqdm bars while sampling.
+        progress: show progress while sampling (:func:`tokenrl.core.progress.track`).
 
     Returns:
         A flat dict:

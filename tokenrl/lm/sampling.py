@@ -20,6 +20,7 @@ import torch
 
 from tokenrl.core.backup import project_to_set
 from tokenrl.core.padding import left_pad
+from tokenrl.core.progress import track
 from tokenrl.data.buffer import TopPCache
 from tokenrl.core.top_p import check_p, top_p_mask, top_p_sparse
 
@@ -351,7 +352,7 @@ def sample_responses(
         batch_size: prompts per forward.
         vocab_size: logits are sliced to ``[:vocab_size]`` so padded embedding rows (``V' > V``) are never
             sampled; None keeps all ``V'``.
-        progress: show a tqdm bar over batches.
+        progress: show progress over batches (:func:`tokenrl.core.progress.track`).
 
     Returns:
         ``N`` responses (token lists of length ``<= max_new_tokens``, ending with EOS iff terminated).
@@ -386,10 +387,7 @@ def _sample(
     _check_sampling_args(prompts, max_new_tokens, temperature, top_p, batch_size)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"sampling (seed {seed})", unit="batch")
+    starts = track(starts, f"sampling (seed {seed})", enabled=progress, unit="batch")
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []

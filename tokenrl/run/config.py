@@ -123,7 +123,7 @@ class RunConfig:
     rollout_prompts: int = 32  # prompts per rollout batch
     init_eval: bool = True  # evaluate the untrained student too
     teacher_eval: bool = True  # evaluate the teacher's own samples (the reference row)
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars on a terminal, a plain line every 30 s otherwise; false = silent
 
     @property
     def algo_name(self) -> str:

@@ -29,9 +29,9 @@ import os
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from algorithms import Algorithm, make_algorithm
+from tokenrl.core.progress import track
 from tokenrl.run.config import RunConfig
 from tokenrl.evaluation.metrics import evaluate, teacher_forced_kl, teacher_forced_set_metrics
 from tokenrl.lm.policy import CausalLMPolicy
@@ -194,7 +194,7 @@ def train_sft(
         best.consider(0, "sft validation")
     stats: dict[str, float] = {}
     since_best, steps_run = 0, 0
-    for step in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
+    for step in track(range(cfg.sft_steps), "sft warm start", enabled=cfg.progress):
         stats = sft_step(sft)
         steps_run = step + 1
         if best is not None and (steps_run % sel.sft_eval_every == 0 or steps_run == cfg.sft_steps):

@@ -14,8 +14,9 @@ or a dict) and an output directory, and writes there
 
 :func:`run` reads as its stages: :func:`tokenrl.run.checks.validate` and :func:`find_resume_state` (the
 refusals come first), :func:`build_task`, :func:`load_data`, :func:`build_student`, then either :func:`resume`
-or :func:`reference_evaluations` and :func:`warm_start`, then :func:`train_loop`, :func:`final_evaluation` and
-:func:`save_outputs`. The stages share a :class:`RunContext`.
+or :func:`reference_evaluations` and :func:`warm_start`, then :func:`load_task_corpus` (only for an algorithm with
+``needs_lm_batch``), :func:`train_loop`, :func:`final_evaluation` and :func:`save_outputs`. The stages share a
+:class:`RunContext`.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from algorithms import Algorithm, get_spec, make_algorithm
+from tokenrl.core.progress import track
 from tokenrl.run import distributed
-from tokenrl.data.buffer import ReplayBuffer, write_json_atomic
+from tokenrl.data.buffer import Batch, ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
@@ -63,6 +64,7 @@ from tokenrl.run.rollouts import StageClock, collect_rollouts
 from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.run.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks.base import Task, build_synthetic_task
+from tokenrl.tasks.corpus import load_corpus
 from tokenrl.run.checks import check_student_tokenizer, validate
 
 _KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft_eval")  # results a resumed run must not recompute
@@ -90,6 +92,7 @@ class RunContext:
     loss_module: distributed.LossForward | None = None  # its compute_loss is the current algorithm's
     loss_fn: torch.nn.Module | None = None  # loss_module, wrapped in DDP/FSDP under torchrun
     selector: BestCheckpoint | None = None  # best-validation weights of the algorithm phase (selection.every)
+    corpus: ReplayBuffer | None = None  # the task's pre-training corpus, loaded when the algorithm needs_lm_batch
 
 
 @contextlib.contextmanager
@@ -180,6 +183,29 @@ def data_stats(buffer: ReplayBuffer, cached: bool) -> dict[str, Any]:
         "data/terminated_frac": float(np.mean(buffer.terminated)),
         "data/cached": bool(cached),
     }
+
+
+def load_task_corpus(
+    cfg: RunConfig, task: Task, dist_ctx: distributed.DistContext = distributed.DistContext()
+) -> tuple[ReplayBuffer, dict[str, Any]]:
+    """The task's pre-training corpus under ``cfg.data_dir`` (:func:`tokenrl.tasks.corpus.load_corpus`, built once
+    and verified like the teacher data) and its statistics (``results["corpus"]``).
+
+    Raises:
+        ValueError: the task has no corpus.
+    """
+    if task.corpus is None:
+        raise ValueError(
+            f"algo={cfg.algo_name} asks for pre-training batches, but task {task.name!r} has no corpus; set the "
+            "algorithm's LM term off or onto the distillation batch (algo.lm_batch=expert, algo.pt_coef=0)"
+        )
+    buffer, folder, cached = load_corpus(
+        task.teacher, task.corpus(), cfg.data_dir, task.name, cache_top_p=cfg.task.cache_top_p,
+        pad_id=task.pad_token_id, shard_prompts=cfg.task.shard_prompts, cache_batch_size=cfg.task.cache_batch_size,
+        progress=cfg.progress, shard_rank=dist_ctx.rank, shard_world=dist_ctx.world_size,
+    )
+    stats = {"corpus/rows": len(buffer), "corpus/tokens": buffer.n_tokens, "corpus/cached": bool(cached), "corpus/dir": folder}
+    return buffer, stats
 
 
 def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) -> torch.nn.Module:
@@ -337,9 +363,9 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         validation_eval(ctx, 0, clock)
     stats: dict[str, float] = {}
     last_save = time.monotonic()
-    bar = tqdm(
-        range(start_step, cfg.steps), desc=f"{cfg.algo_name} train", disable=not cfg.progress,
-        initial=start_step, total=cfg.steps,
+    bar = track(
+        range(start_step, cfg.steps), f"{cfg.algo_name} train", enabled=cfg.progress, initial=start_step,
+        total=cfg.steps,
     )
     with deferred_signals((signal.SIGTERM, signal.SIGINT)) as received:
         for step in bar:
@@ -527,6 +553,9 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         warm_start(ctx)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         algo, start_step = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
+    if algo.needs_lm_batch:
+        with timed(timings, "corpus_s"):
+            ctx.corpus, ctx.results["corpus"] = load_task_corpus(cfg, task, dist_ctx)
     if cfg.selection.every:
         ctx.selector = BestCheckpoint(ctx.model, lambda m: validation_score(m, task, cfg))
         ctx.selector.consider(0)  # the SFT start competes too
@@ -642,8 +671,8 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
     In one process without gradient accumulation the algorithm draws its batch itself
     (:meth:`~algorithms.base.Algorithm.sample_batch`); otherwise every rank draws the same global index list
     from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.run.distributed`). For an algorithm
-    with ``needs_teacher_logprobs`` the teacher scores every batch over the whole vocabulary
-    (``time/teacher_score_s``).
+    with ``needs_lm_batch`` each batch gets its pre-training batch (:func:`attach_lm_batches`); for one with
+    ``needs_teacher_logprobs`` the teacher scores every batch over the whole vocabulary (``time/teacher_score_s``).
     """
     cfg = ctx.cfg
     clock = clock or StageClock()
@@ -657,12 +686,33 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
                 ctx.buffer.collate(part, top_p=algo.top_p).to(cfg.device)
                 for part in distributed.local_micro_batches(indices, ctx.dist, micro)
             ]
+        if algo.needs_lm_batch:
+            batches = attach_lm_batches(ctx, algo, batches, micro)
     if algo.needs_teacher_logprobs:
         with clock.stage("time/teacher_score_s"):
             batches = [with_teacher_logprobs(b, ctx.task.teacher, ctx.task.pad_token_id) for b in batches]
     ctx.loss_module.compute_loss = algo.compute_loss
     with clock.stage("time/update_s"):
         return distributed.accumulated_update(algo, batches, ctx.loss_fn, ctx.dist)
+
+
+def attach_lm_batches(ctx: RunContext, algo: Algorithm, batches: list[Batch], micro: int) -> list[Batch]:
+    """``batches`` (this rank's micro-batches of one step) with their parts of one pre-training batch attached
+    (``batch.lm_batch``).
+
+    The pre-training batch has ``batch_size`` corpus rows drawn uniformly with the run's batch generator right
+    after the distillation batch, so a run and its resumption draw the same ones, and is split over ranks and
+    micro-steps as the distillation batch is (:func:`tokenrl.run.distributed.local_micro_batches`). Its sets are
+    restricted to the algorithm's ``top_p``. Each micro-batch's LM term is a mean over its own part.
+    """
+    if ctx.corpus is None:
+        raise ValueError(f"algo={ctx.cfg.algo_name} needs pre-training batches but the run loaded no corpus")
+    indices = distributed.global_indices(ctx.corpus, ctx.cfg.batch_size, ctx.generator)
+    parts = distributed.local_micro_batches(indices, ctx.dist, micro)
+    return [
+        dataclasses.replace(batch, lm_batch=ctx.corpus.collate(part, top_p=algo.top_p).to(ctx.cfg.device))
+        for batch, part in zip(batches, parts)
+    ]
 
 
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tokenrl.tasks.corpus import CorpusSource, synthetic_corpus
 from tokenrl.tasks.datagen import Sampler
 from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
 from tokenrl.core.teachers import Teacher
@@ -41,6 +42,8 @@ class Task:
         student_config: model config fields a fresh student takes from the task (vocabulary, special ids)
             when there is no tokenizer to supply them (see :func:`tokenrl.lm.models.make_student`).
         info: extra facts reported in metrics.json.
+        corpus: builds the task's pre-training corpus source (:mod:`tokenrl.tasks.corpus`); called only by runs
+            whose algorithm asks for pre-training batches (``needs_lm_batch``). None: the task has none.
     """
 
     name: str
@@ -62,6 +65,7 @@ class Task:
     tokenizer: object | None = None
     student_config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    corpus: Callable[[], CorpusSource] | None = None
 
 
 @dataclass
@@ -82,6 +86,11 @@ class SyntheticTaskConfig:
     data_seed: int = 1234  # seed of prompts and teacher data (fixed across training seeds)
     shard_prompts: int = 256  # prompts per data shard
     cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
+    corpus_sequences: int = 2000  # rows of the pre-training corpus: free text of the language (tokenrl.tasks.corpus)
+    corpus_max_tokens: int = 40  # tokens per corpus row after its first (fewer when EOS comes first)
+    # top-p of the teacher drawing the corpus; None = sample_top_p (the text the SFT student was trained on); 1.0 =
+    # the language's own distribution, uniform smoothing floor included (see tokenrl.tasks.corpus)
+    corpus_top_p: float | None = None
 
 
 def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
@@ -153,6 +162,10 @@ def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
             "tie_word_embeddings": False,
         },
         info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
+        corpus=lambda: synthetic_corpus(
+            lang, {k: manifest[k] for k in ("teacher", "tokenizer")}, cfg.name, cfg.corpus_sequences,
+            cfg.corpus_max_tokens, cfg.data_seed, cfg.sample_top_p if cfg.corpus_top_p is None else cfg.corpus_top_p,
+        ),
     )
 
 

@@ -20,12 +20,13 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from tokenrl.core.progress import track
 from tokenrl.lm import scoring
 from tokenrl.data.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
 from tokenrl.core.padding import right_pad
@@ -48,6 +49,27 @@ class TopPCachingSampler(Protocol):
         self, prompts: Sequence[Sequence[int]], seed: int, p: float
     ) -> tuple[list[tuple[list[int], bool]], list[TopPCache]]:
         """The samples of ``self(prompts, seed)`` and one :class:`TopPCache` at ``p`` per sample."""
+
+
+@dataclass(frozen=True)
+class FixedResponses:
+    """Stands in for a :data:`Sampler` when the responses exist already (a text corpus): response ``j`` belongs to
+    prompt ``j`` of the list being stored, so generation takes each shard's slice instead of sampling (needs
+    ``samples_per_prompt = 1``; the top-p cache is a teacher-forced pass). The responses are part of the data, so
+    the manifest passed with them must identify them (e.g. the source file's SHA-256 and a digest of the tokens).
+
+    Attributes:
+        responses: one non-empty token list per prompt.
+        terminated: per response, whether it ends with EOS (EOS its last token).
+    """
+
+    responses: list[list[int]]
+    terminated: list[bool]
+
+    def shard(self, index: int, shard_prompts: int) -> list[tuple[list[int], bool]]:
+        """The ``(response, terminated)`` pairs of shard ``index`` (the same layout as the prompts' shards)."""
+        lo = index * shard_prompts
+        return list(zip(self.responses[lo : lo + shard_prompts], self.terminated[lo : lo + shard_prompts]))
 
 
 def shard_path(out_dir: str, index: int) -> str:
@@ -198,6 +220,7 @@ def generate_teacher_data(
         sampler: draws responses from the teacher (its sampling top-p/temperature are the caller's choice and
             belong in ``manifest``). A :class:`TopPCachingSampler` also supplies the cache from its sampling
             pass (it must sample from ``teacher`` itself); otherwise the cache is a teacher-forced pass.
+            :class:`FixedResponses` stores given responses (a text corpus) instead of sampling.
         prompts: prompt token lists.
         out_dir: dataset directory (created); holds ``manifest.json`` and ``shard-XXXXX.safetensors``.
         samples_per_prompt: responses drawn per prompt.
@@ -209,7 +232,7 @@ def generate_teacher_data(
         pad_id: padding id.
         cache_batch_size: sequences per teacher forward in the cache pass (not used by a
             :class:`TopPCachingSampler`).
-        progress: show a tqdm bar.
+        progress: show progress (:func:`tokenrl.core.progress.track`).
         shard_rank, shard_world: generate only the shards ``i`` with ``i % shard_world == shard_rank`` (one
             process of a sharded generation; every shard's seed depends on ``i`` only, so the files are those
             of a single-process run).
@@ -252,6 +275,11 @@ def _load_or_generate(
     all are on disk, so no two processes ever write the manifest.
     """
     check_p(cache_top_p)
+    if isinstance(sampler, FixedResponses) and (samples_per_prompt != 1 or len(sampler.responses) != len(prompts)):
+        raise ValueError(
+            f"fixed responses need samples_per_prompt=1 and one response per prompt, got samples_per_prompt="
+            f"{samples_per_prompt}, {len(sampler.responses)} responses for {len(prompts)} prompts"
+        )
     os.makedirs(out_dir, exist_ok=True)
     sharded = shard_world > 1
     wanted = data_manifest(
@@ -269,7 +297,7 @@ def _load_or_generate(
     names = [os.path.basename(shard_path(out_dir, i)) for i in range(wanted["n_shards"])]
     complete = all(name in checksums and os.path.exists(shard_path(out_dir, i)) for i, name in enumerate(names))
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
-    bar = tqdm(range(shard_rank, wanted["n_shards"], shard_world), desc="teacher data (shards)", disable=not progress)
+    bar = track(range(shard_rank, wanted["n_shards"], shard_world), "teacher data (shards)", enabled=progress)
     for i in bar:
         path, name = shard_path(out_dir, i), names[i]
         if os.path.exists(path) and name in checksums:
@@ -280,7 +308,10 @@ def _load_or_generate(
         if isinstance(sampler, TopPCachingSampler):
             samples, caches = sampler.with_top_p_cache(rep_prompts, seed * 1_000_003 + i, cache_top_p)
         else:
-            samples = sampler(rep_prompts, seed * 1_000_003 + i)
+            if isinstance(sampler, FixedResponses):
+                samples = sampler.shard(i, shard_prompts)
+            else:
+                samples = sampler(rep_prompts, seed * 1_000_003 + i)
             caches = compute_top_p_cache(
                 teacher, rep_prompts, [r for r, _ in samples], cache_top_p, cache_batch_size, pad_id=pad_id
             )

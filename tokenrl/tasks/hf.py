@@ -14,6 +14,9 @@ here through :func:`tokenrl.run.trainer.build_task`. The pieces are the ones of
   data's sampler (:class:`tokenrl.lm.sampling.TeacherSampler`) keeps the teacher's top-p sets of its own sampling
   pass, so data generation runs the teacher once.
 
+* the pre-training corpus (:mod:`tokenrl.tasks.corpus`, built only for algorithms with an LM term on it):
+  ``corpus_file`` (JSONL or text), or the teacher's own unconditional samples.
+
 Teacher samples needed at build time (references, the held-out KL responses) cost as much as a short data
 generation on a real teacher, so they are cached as JSON under ``eval_cache_dir`` when it is set.
 """
@@ -34,6 +37,7 @@ from tokenrl.lm.models import HFTeacher, load_causal_lm
 from tokenrl.tasks.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
 from tokenrl.lm.sampling import TeacherSampler, sample_responses
 from tokenrl.tasks.base import Task
+from tokenrl.tasks.corpus import hf_corpus
 
 TEMPLATES = ("minillm", "chat")
 """``minillm``: the MiniLLM/BD instruction template; ``chat``: ``tokenizer.apply_chat_template``."""
@@ -77,6 +81,11 @@ class HFTaskConfig:
     cache_batch_size: int = 8  # sequences per teacher forward in the cache pass
     gen_batch_size: int = 16  # prompts per teacher sampling batch
     eval_cache_dir: str | None = None  # cache of the build-time teacher samples (references, held-out KL); None = off
+    # Pre-training corpus (tokenrl.tasks.corpus), built only for algorithms with an LM term on it:
+    corpus_file: str | None = None  # JSONL (text in corpus_text_field) or text file (a document per line); None = the teacher's unconditional samples
+    corpus_text_field: str = "text"  # JSONL field holding a document's text
+    corpus_sequences: int = 256  # rows of the corpus (the first documents of the file, or teacher samples)
+    corpus_max_tokens: int = 128  # tokens per row after the document separator (BOS, else EOS)
 
 
 def _check(cfg: HFTaskConfig) -> None:
@@ -248,6 +257,17 @@ def build_hf_task(cfg: HFTaskConfig, device: str = "cpu") -> Task:
         "test_prompts_with_ground_truth": sum(bool(e.response) for e in test_examples),
         "prompt_tokens_mean": sum(map(len, train)) / len(train),
     }
+    def corpus():
+        # The teacher's own text: its distribution (top-p 1.0, temperature 1) from the document separator.
+        free_text = TeacherSampler(
+            teacher.model, int(cfg.corpus_max_tokens), eos, pad, temperature=1.0, top_p=1.0, batch_size=gen_batch,
+            vocab_size=vocab,
+        )
+        return hf_corpus(
+            free_text, tokenizer, {k: manifest[k] for k in ("teacher", "tokenizer")}, cfg.name, cfg.corpus_file,
+            cfg.corpus_text_field, int(cfg.corpus_sequences), int(cfg.corpus_max_tokens), int(cfg.data_seed),
+        )
+
     return Task(
         name=cfg.name,
         teacher=teacher,
@@ -267,6 +287,7 @@ def build_hf_task(cfg: HFTaskConfig, device: str = "cpu") -> Task:
         heldout=(val, drawn["heldout"]),
         tokenizer=tokenizer,
         info=info,
+        corpus=corpus,
     )
 
 
