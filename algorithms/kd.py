@@ -8,12 +8,13 @@ With ``student_norm = "vocab"`` the student is normalised over the whole vocabul
 to the teacher's support); with ``"top_p"`` it is projected onto A_p(s) too, which needs only the student's
 logits on the set (the sparse head).
 
-Registered as ``kd`` and as the matched-information arm ``kd_pbc`` (KD + projected BC, ``pbc_coef = 1``): the
+Registered as ``kd``; the preset ``kd_pbc`` (``experiments/conf/algo/kd_pbc.yaml``: KD + projected BC,
+``pbc_coef = 1``) is the matched-information arm: the
 information Bellman Distill + KD (``bd_kd``) trains on (the teacher's cached set probabilities and the data's
 tokens scored by the projected student) without BD's TD terms, so a table of kd, kd_pbc and bd_kd shows what
 the TD part adds at equal information.
 
-:func:`lm_terms` is the language-modelling term (CE and KD on a batch's own tokens) that MiniLLM and Bellman
+:func:`lm_batch_loss` is the language-modelling term (CE and KD on a batch's own tokens) that MiniLLM and Bellman
 Distill compute on a pre-training batch (``batch.lm_batch``).
 """
 
@@ -25,7 +26,9 @@ import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.bc import bc_loss
-from tokenrl.core.backup import gather_action, kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
+from tokenrl.core.backup import gather_action
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, soft_value, upcast, vocab_logprobs
+from tokenrl.core.options import NON_NEGATIVE, PROBABILITY, field_problems
 from tokenrl.data.buffer import Batch
 from tokenrl.lm.policy import CausalLMPolicy
 
@@ -38,6 +41,11 @@ class KDConfig(AlgoConfig):
     student_norm: str = "vocab"  # "vocab": normalised over V; "top_p": projected onto the teacher's set (sparse head)
     ce_coef: float = 0.0  # weight of the cross-entropy on the data's tokens
     pbc_coef: float = 0.0  # weight of projected BC: the data token's NLL under the student projected onto the set
+
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus KD's ranges and ``student_norm``'s choices."""
+        ranges = {"top_p": PROBABILITY, "ce_coef": NON_NEGATIVE, "pbc_coef": NON_NEGATIVE}
+        return super().problems() + field_problems(self, "algo", ranges, {"student_norm": ("vocab", "top_p")})
 
 
 def kd_loss(
@@ -83,12 +91,12 @@ def projected_bc_loss(
     return masked_mean(-gather_action(logp_BTK, action_slot_BT), action_slot_BT >= 0)
 
 
-def lm_terms(
+def lm_batch_loss(
     policy: CausalLMPolicy, batch: Batch, ce_coef: float, kd_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The language-modelling term ``ce_coef * CE + kd_coef * KD`` on ``batch``'s own tokens.
 
-    CE is the full-vocabulary NLL of the tokens (:meth:`CausalLMPolicy.token_nll`, flat memory); KD is
+    CE is the full-vocabulary NLL of the tokens (:meth:`CausalLMPolicy.action_nll`, flat memory); KD is
     :func:`kd_loss` from the teacher's cached set distribution to the student normalised over the vocabulary
     (the batch's sets at its ``top_p``). MiniLLM's PT term and Bellman Distill's ``lm_batch = "corpus"`` compute
     it on the pre-training batch.
@@ -102,12 +110,12 @@ def lm_terms(
         ``(loss, stats)`` with ``loss/lm`` (CE) and ``loss/kd`` for the terms with a positive weight.
     """
     if ce_coef <= 0 and kd_coef <= 0:
-        raise ValueError(f"lm_terms needs ce_coef > 0 or kd_coef > 0, got {ce_coef}, {kd_coef}")
+        raise ValueError(f"lm_batch_loss needs ce_coef > 0 or kd_coef > 0, got {ce_coef}, {kd_coef}")
     T = batch.actions_BT.shape[1]
     h_BTD = policy.state_hidden(batch)[:, :T]
     terms, stats = [], {}
     if ce_coef > 0:
-        stats["loss/lm"] = masked_mean(policy.token_nll(h_BTD, batch.actions_BT), batch.action_mask_BT)
+        stats["loss/lm"] = masked_mean(policy.action_nll(h_BTD, batch.actions_BT), batch.action_mask_BT)
         terms.append(ce_coef * stats["loss/lm"])
     if kd_coef > 0:
         s_logp_BTK = vocab_logprobs(upcast(policy.dense_logits(h_BTD)), batch.cand_ids_BSK[:, :T])
@@ -125,8 +133,6 @@ class KD(Algorithm):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        if cfg.student_norm not in ("vocab", "top_p"):
-            raise ValueError(f"kd.student_norm must be 'vocab' or 'top_p', got {cfg.student_norm!r}")
         T = batch.actions_BT.shape[1]
         h_BTD = self.policy.state_hidden(batch)[:, :T]
         ids_BTK, mask_BTK = batch.cand_ids_BSK[:, :T], batch.cand_mask_BSK[:, :T]
@@ -156,15 +162,3 @@ class KD(Algorithm):
         stats["top_p/teacher_mass"] = mass
         return loss, float_stats(stats)
 
-
-@dataclass
-class KDProjectedBCConfig(KDConfig):
-    """The matched-information arm ``kd_pbc``: KD + projected BC at weight 1 (the same information as ``bd_kd``)."""
-
-    pbc_coef: float = 1.0
-
-
-class KDProjectedBC(KD):
-    """KD + projected BC (see :class:`KDProjectedBCConfig`)."""
-
-    name = "kd_pbc"

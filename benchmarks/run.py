@@ -462,7 +462,7 @@ def _worker_env(params: dict) -> dict:
     import torch
 
     from envs.token_env import BatchedTokenGenerationEnv
-    from envs.top_p_wrapper import top_p_restricted_policy
+    from tokenrl.core.top_p import top_p_restricted_policy
     from tokenrl.lm.models import IncrementalTeacher
     from tokenrl.lm.sampling import KVCacheStepper
     from tokenrl.core.top_p import top_p_mask
@@ -477,7 +477,7 @@ def _worker_env(params: dict) -> dict:
 
     def env_rollout() -> None:
         student_fn = IncrementalTeacher(_hf_teacher(student, V)).next_token_logits
-        policy = top_p_restricted_policy(student_fn, IncrementalTeacher(_hf_teacher(teacher_model, V)), 0.8)
+        policy = top_p_restricted_policy(student_fn, IncrementalTeacher(_hf_teacher(teacher_model, V)).next_token_logits, 0.8)
         with torch.no_grad():
             made["env"] = int(env.rollout(policy, prompts, seed=0).response_mask_BT.sum())
 

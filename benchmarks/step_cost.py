@@ -27,7 +27,7 @@ CONFIGS = {
     "bd dense head (iql_bd default, sparse=False)": ("iql_bd", {"sparse": False}),
 }
 """Step configurations: the SFT baseline, the pure BD loss (both Q shifts), the default ``iql_bd`` recipe
-(``experiments/conf/algo/iql_bd.yaml``), and that recipe with dense logits."""
+(the defaults of ``BellmanDistillConfig``), and that recipe with dense logits."""
 
 
 def random_llama(vocab: int, hidden: int, layers: int, max_len: int):

@@ -35,9 +35,10 @@ import torch
 from envs.gym_compat import ActionMasks, TokenGenerationVectorEnv
 from envs.token_env import BatchRewardFn, RewardFn, TokenGenerationEnv
 from envs.top_p_wrapper import TopPActionWrapper
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.teachers import Teacher, TokenPositions
-from tokenrl.lm.models import HFTeacher, IncrementalTeacher, load_causal_lm
+from tokenrl.lm.loading import load_causal_lm
+from tokenrl.lm.models import HFTeacher, IncrementalTeacher
 from tokenrl.tasks.base import SyntheticTaskConfig, build_synthetic_task
 from tokenrl.tasks.hf import _tokenize_prompts
 from tokenrl.tasks.prompts import load_jsonl_prompts, split_examples

@@ -36,7 +36,7 @@ from envs.checks import reset_options
 from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv, _validate_prompt
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.teachers import Teacher
 from tokenrl.core.top_p import check_p, top_p_mask
 from tokenrl.theory.tabular import top_p_support

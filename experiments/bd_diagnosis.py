@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from tokenrl.core.backup import restrict_to_set
+from tokenrl.core.distributions import restrict_to_set
 from tokenrl.theory.bd_tabular import (
     BDOptions,
     completion,

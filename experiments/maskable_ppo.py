@@ -63,7 +63,7 @@ from envs.distill import DistillSource, synthetic_source  # noqa: E402
 from envs.sb3 import SB3VecEnv  # noqa: E402
 from envs.token_env import BatchedTokenGenerationEnv  # noqa: E402
 from tokenrl.core.top_p import top_p_mask  # noqa: E402
-from tokenrl.evaluation.metrics import teacher_nll  # noqa: E402
+from tokenrl.evaluation.teacher_forced import teacher_nll  # noqa: E402
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl  # noqa: E402
 from tokenrl.lm.sampling import KVCacheStepper  # noqa: E402
 from tokenrl.run.config import RunConfig, make_run_config  # noqa: E402

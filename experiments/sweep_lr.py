@@ -51,10 +51,11 @@ def collect(out_dir: Path) -> list[dict]:
     for config_path in sorted(out_dir.rglob("config.yaml")):
         if config_path.parent.name == ".hydra" or (config_path.parent / "metrics.json").exists():
             continue
-        # A run folder without metrics.json: the run failed (diverged, crashed); its lr scores NaN.
+        # A run folder without metrics.json: the run failed (diverged, crashed); its lr scores NaN. Runs named by
+        # their preset, as metrics.json's "algo" is (configs written before presets had a field: the name).
         config = yaml.safe_load(config_path.read_text())
         records.append({
-            "algo": config["algo"]["name"], "lr": float(config["algo"]["lr"]), "seed": config["seed"],
+            "algo": config["algo"].get("preset", config["algo"]["name"]), "lr": float(config["algo"]["lr"]), "seed": config["seed"],
             "val": float("nan"), "best_step": None, "final_eval": {}, "dir": str(config_path.parent),
         })
     for path in sorted(out_dir.rglob("metrics.json")):

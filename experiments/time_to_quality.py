@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
@@ -45,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algorithms import make_algorithm  # noqa: E402
 from tokenrl.run import distributed  # noqa: E402
 from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
-from tokenrl.run.config import RunConfig, make_run_config  # noqa: E402
+from tokenrl.run.config import RunConfig, make_run_config, register_configs  # noqa: E402
 from tokenrl.core.divergence import DivergenceGuard  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.run.trainer import (  # noqa: E402
@@ -59,10 +60,10 @@ from tokenrl.run.trainer import (  # noqa: E402
     warm_start,
 )
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "algo")
-# label -> (algo=<name> YAML, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+# label -> (algo=<name>: an algorithm or a preset, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
 # fixed default: set-max Q shift, top_p 0.8, LM term); the on-policy baselines in their papers' full-vocabulary form
-# (the minillm and gkd YAMLs, soft_q with top_p = 1.0).
+# (minillm and gkd at their defaults, soft_q with top_p = 1.0).
 ALGOS = {
     "bc": ("bc", {}),
     "kd": ("kd", {}),
@@ -99,9 +100,10 @@ def copy_buffer(buffer: ReplayBuffer) -> ReplayBuffer:
 def algo_node(label: str) -> dict:
     """The ``algo`` node of ``label`` as ``experiments/run.py algo=<name>`` composes it, plus its overrides."""
     name, overrides = {**ALGOS, **TOP_P_ALGOS}[label]
-    node = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, f"{name}.yaml")))
-    node.pop("defaults", None)
-    return {**node, **overrides, "name": name}
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        node = OmegaConf.to_container(compose("config", overrides=[f"algo={name}"]).algo, resolve=True)
+    return {**node, **overrides}
 
 
 def base_config(overrides: list[str]) -> RunConfig:

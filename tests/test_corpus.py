@@ -19,7 +19,8 @@ from tokenrl.run import distributed
 from tokenrl.run.config import make_run_config
 from tokenrl.run.trainer import attach_lm_batches, build_task
 from tokenrl.tasks.corpus import load_corpus, read_documents
-from tokenrl.tasks.datagen import DataIntegrityError, FixedResponses, file_sha256, generate_teacher_data
+from tokenrl.tasks.datagen import FixedResponses, generate_teacher_data
+from tokenrl.tasks.manifest import DataIntegrityError, file_sha256
 from tokenrl.tasks.hf import build_hf_task
 
 TASK = {"n_train_prompts": 16, "samples_per_prompt": 1, "n_val_prompts": 2, "n_test_prompts": 2, "max_new_tokens": 6,

@@ -11,11 +11,10 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from envs import BatchedTokenGenerationEnv, TokenGenerationEnv, TopPActionWrapper
-from envs.top_p_wrapper import top_p_restricted_policy
 from tests.conftest import tiny_llama as conftest_llama
 from tests.test_models import tiny_llama, word_tokenizer, write_tiny_llama_gguf
 from tokenrl.lm.models import HFTeacher, IncrementalTeacher
-from tokenrl.core.top_p import top_p_mask
+from tokenrl.core.top_p import top_p_mask, top_p_restricted_policy
 
 
 def _teacher():
@@ -58,7 +57,7 @@ def test_incremental_teacher_matches_uncached_in_a_batched_rollout():
                 fn = getattr(teacher.stepper, name)
                 setattr(teacher.stepper, name, lambda *a, _fn=fn, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
         env = BatchedTokenGenerationEnv(teacher.vocab_size, teacher.eos_token_id, max_new_tokens=6, max_prompt_len=4)
-        results.append(env.rollout(top_p_restricted_policy(student_logits, t, 0.9), prompts=prompts, seed=0))
+        results.append(env.rollout(top_p_restricted_policy(student_logits, t.next_token_logits, 0.9), prompts=prompts, seed=0))
     plain, cached = results
     assert plain.responses == cached.responses and plain.terminated == cached.terminated
     assert calls["start"] == 1 and calls["advance"] >= 1  # one prompt encoding, then one cached step per env step

@@ -12,7 +12,7 @@ from tests.conftest import tiny_llama
 from tokenrl.lm.models import make_student
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.lm.precision import ATTENTION, PRECISIONS, autocast, check_precision, compiled_body
-from tokenrl.run.checks import ConfigError, validate
+from tokenrl.run.checks import ConfigError, check_config
 from tokenrl.run.config import make_run_config
 
 ALGOS = {
@@ -144,7 +144,7 @@ def test_precision_bf16_trains_through_the_run_and_tracks_fp32(tmp_path):
 )
 def test_bad_precision_is_refused_naming_the_key_and_the_fix(override, key):
     with pytest.raises(ConfigError) as error:
-        validate(make_run_config({**TINY_RUN, **override}))
+        check_config(make_run_config({**TINY_RUN, **override}))
     assert key in str(error.value)
 
 

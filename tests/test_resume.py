@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from algorithms.iql_bd import BellmanDistill
+from tests.conftest import algo_options
 from tokenrl.run.checkpoint import (
     WRITE_DELAY_ENV,
     CheckpointError,
@@ -158,7 +159,7 @@ def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch
     """An algorithm that draws a corpus batch with every batch (iql_bd_math: its LM term on the corpus) resumes
     bit-identically too: the corpus rows come from the checkpointed batch generator."""
     overrides = {
-        "algo": {"name": "iql_bd_math"},
+        "algo": algo_options("iql_bd_math"),
         "task": {**_config("")["task"], "corpus_sequences": 16, "corpus_max_tokens": 6},
     }
     data = tmp_path / "data"

@@ -73,7 +73,7 @@ def test_second_run_reuses_cached_data_and_resume_continues(tmp_path):
 def test_bad_override_names_the_problem(tmp_path):
     proc, _ = _run(tmp_path, "algo=iql_bd", "algo.top_p=1.5", check=False)
     assert proc.returncode != 0
-    assert "p must be in (0, 1]" in proc.stderr + proc.stdout
+    assert "algo.top_p=1.5: must be in (0, 1]" in proc.stderr + proc.stdout
 
 
 STAGE_KEYS = ("time/rollout_s", "time/teacher_score_s", "time/batch_s", "time/update_s")

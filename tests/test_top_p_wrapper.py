@@ -8,13 +8,14 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
-from envs.top_p_wrapper import (
-    TopPActionWrapper,
+from envs.top_p_wrapper import TopPActionWrapper
+from tokenrl.core.top_p import (
     restrict_logits_to_top_p,
     teacher_top_p_set,
+    top_p_mask,
     top_p_restricted_policy,
+    top_p_sparse,
 )
-from tokenrl.core.top_p import top_p_mask, top_p_sparse
 
 EOS = 0
 PROMPT = [3, 17, 5, 9]
@@ -178,7 +179,7 @@ def test_restricted_rollout_stays_inside_the_teacher_set(lang):
         return torch.zeros(tokens_BL.shape[0], lang.vocab_size)  # uniform student
 
     env = BatchedTokenGenerationEnv(lang.vocab_size, EOS, max_new, 8, batch_size=64, prompt_sampler=lang.sample_prompts)
-    traj = env.rollout(top_p_restricted_policy(student_logits_fn, lang, p), seed=0)
+    traj = env.rollout(top_p_restricted_policy(student_logits_fn, lang.next_token_logits, p), seed=0)
     assert len(calls) == max(len(r) for r in traj.responses)
     for prompt, response in zip(traj.prompts, traj.responses):
         for t, action in enumerate(response):

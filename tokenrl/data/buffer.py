@@ -52,7 +52,7 @@ class ActionSlots:
 @dataclass
 class Batch(ActionSlots):
     """A padded batch of trajectories: ``B`` rows, ``T`` response slots, ``S = T + 1`` states, ``K`` set width
-    (shape letters as in :mod:`tokenrl.core.backup`).
+    (shape letters as in :mod:`tokenrl.core`).
 
     The model input is ``[left-padded prompt | right-padded response]``: response token ``t`` sits at column
     ``prompt_width + t`` and the logits of state ``s_t`` are at column ``prompt_width - 1 + t``.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenrl.core.backup import soft_value, upcast
+from tokenrl.core.distributions import soft_value, upcast
 from tokenrl.data.buffer import ActionSlots, Batch
 from tokenrl.lm.precision import PRECISIONS, autocast, compiled_body
 
@@ -189,6 +189,7 @@ class CausalLMPolicy(nn.Module):
         return VocabStats(
             max_BS=max_BS if need_max else None,
             lse_BS=lse_BS if need_lse else None,
+            # token_nll's -log softmax(logits)[a] with the chunks' log-normaliser, which is computed anyway
             nll_BT=(lse_BS - picked_BS)[:, :T] if need_nll else None,
         )
 
@@ -196,9 +197,9 @@ class CausalLMPolicy(nn.Module):
         logits_NV = upcast(self.dense_logits(h_ND))
         return logits_NV.amax(-1), soft_value(logits_NV), logits_NV.gather(-1, a_N[:, None])[:, 0]
 
-    def token_nll(self, h_BTD: torch.Tensor, actions_BT: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-        """Full-vocabulary ``-log softmax(logits)[action]`` per position, ``[B, T]``, with flat memory
-        (see :meth:`vocab_stats`)."""
+    def action_nll(self, h_BTD: torch.Tensor, actions_BT: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+        """Full-vocabulary NLL of the batch's actions, ``[B, T]``, from hidden states with flat memory: the chunked
+        form of :func:`tokenrl.core.distributions.token_nll` (see :meth:`vocab_stats`)."""
         return self.vocab_stats(h_BTD, actions_BT, chunk_tokens=chunk_tokens).nll_BT
 
     def candidate_q(

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.padding import left_pad
 from tokenrl.core.progress import track
 from tokenrl.data.buffer import TopPCache

@@ -5,7 +5,7 @@ Every YAML in a config group extends one of these schemas (registered in Hydra's
 before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.base.SyntheticTaskConfig`,
 :class:`tokenrl.tasks.hf.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
 newly registered algorithm only needs its YAML. Ranges and cross-field constraints of a built config are
-checked by :func:`tokenrl.run.checks.validate`. Every default lives in a schema and nowhere else:
+checked by :func:`tokenrl.run.checks.check_config`. Every default lives in a schema and nowhere else:
 
     >>> cfg = make_run_config({"algo": {"name": "bc"}, "steps": 10})   # Python callers and tests
     >>> cfg.task.samples_per_prompt, cfg.model.hidden_size
@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms import REGISTRY, AlgoConfig, get_spec
+from algorithms import REGISTRY, AlgoConfig, get_spec, unknown_algorithm_message
 from tokenrl.tasks.hf import HFTaskConfig
 from tokenrl.tasks.base import SyntheticTaskConfig
 
@@ -93,7 +97,7 @@ class SelectionConfig:
 class RunConfig:
     """Top-level run settings (``algo`` and ``task`` come from their config groups)."""
 
-    algo: Any = None  # the algorithm's config dataclass plus its registry ``name`` (see :func:`algo_schema`)
+    algo: Any = None  # the algorithm's config dataclass plus its registry ``name`` and ``preset`` (see :func:`algo_schema`)
     task: Any = None  # a :data:`TASK_SCHEMAS` dataclass, chosen by ``task.kind``
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -127,8 +131,13 @@ class RunConfig:
 
     @property
     def algo_name(self) -> str:
-        """The registry name of the algorithm (``algo=<name>``)."""
+        """The registry name of the algorithm (the ``algo=<name>`` of a plain run, or the algorithm a preset sets)."""
         return self.algo.name
+
+    @property
+    def algo_preset(self) -> str:
+        """What ran, as reports and output directories name it: the preset (``iql_bd_math``) or the algorithm."""
+        return self.algo.preset
 
     def algo_config(self) -> AlgoConfig:
         """The algorithm's own config dataclass (without the registry ``name``)."""
@@ -139,11 +148,11 @@ class RunConfig:
 
 @functools.cache
 def algo_schema(name: str) -> type:
-    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name`` (one class per name)."""
+    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name`` and ``preset`` (one class
+    per name; a preset YAML sets ``preset`` to its own name, a plain run keeps the algorithm's)."""
     spec = get_spec(name)
-    return dataclasses.make_dataclass(
-        f"{spec.config_cls.__name__}Node", [("name", str, field(default=name))], bases=(spec.config_cls,)
-    )
+    extra = [("name", str, field(default=name)), ("preset", str, field(default=name))]
+    return dataclasses.make_dataclass(f"{spec.config_cls.__name__}Node", extra, bases=(spec.config_cls,))
 
 
 def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
@@ -158,6 +167,7 @@ def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
 
     Raises:
         ValueError: no ``algo.name``, or an unknown ``task.kind``.
+        KeyError: an unregistered ``algo.name`` (the message lists the registered names and how to register).
     """
     if isinstance(cfg, RunConfig):
         return cfg
@@ -165,6 +175,7 @@ def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
     algo_name = (raw.get("algo") or {}).get("name")
     if algo_name is None:
         raise ValueError(f"the run config needs algo.name (one of {sorted(REGISTRY)})")
+
     kind = (raw.get("task") or {}).get("kind", "synthetic")
     if kind not in TASK_SCHEMAS:
         raise ValueError(f"unknown task.kind {kind!r}; expected one of {sorted(TASK_SCHEMAS)}")
@@ -175,12 +186,45 @@ def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (call before composing)."""
+    """Put the schemas in Hydra's ConfigStore (call before composing).
+
+    Every registered algorithm gets ``algo/<name>`` (its schema with the defaults: ``algo=<name>`` needs no
+    YAML, so there must be none of that name) and ``schema/algo/<name>`` (what preset YAMLs extend).
+    """
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name in REGISTRY:
+        cs.store(group="algo", name=name, node=algo_schema(name))
         cs.store(group="schema/algo", name=name, node=algo_schema(name))
     for kind, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=kind, node=schema)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/selection", name="selection", node=SelectionConfig)
+
+
+def refuse_unknown_algo(args: Sequence[str], conf_dir: str) -> None:
+    """Stop before Hydra composes when an ``algo=`` override names neither an algorithm nor a preset.
+
+    Hydra's own error says only that it could not find ``algo/<name>``; this one lists the registered
+    algorithms and the presets (``conf_dir/algo/*.yaml``) and says how to register an algorithm.
+
+    Args:
+        args: the command line's overrides (``sys.argv[1:]``); sweeps (``algo=bc,kd``) are checked name by name.
+        conf_dir: the Hydra config directory of the entry point.
+
+    Raises:
+        SystemExit: naming the unknown algorithm.
+    """
+    algo_dir = os.path.join(conf_dir, "algo")
+    presets = sorted(f[: -len(".yaml")] for f in os.listdir(algo_dir) if f.endswith(".yaml"))
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.lstrip("+").partition("=")[0] != "algo":
+            continue
+        (override,) = parser.parse_overrides([arg])
+        value = override.value()
+        # A plain name or a list of names (algo=bc,kd); range and glob sweeps are left to Hydra.
+        names = [value] if isinstance(value, str) else value.list if isinstance(value, ChoiceSweep) else []
+        for name in names:
+            if name not in REGISTRY and name not in presets:
+                sys.exit(f"{arg}: {unknown_algorithm_message(name, presets)}")

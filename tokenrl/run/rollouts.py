@@ -25,8 +25,8 @@ import torch
 
 from algorithms import Algorithm
 from envs import BatchedTokenGenerationEnv
-from envs.token_env import PolicyFn
 from tokenrl.run import distributed
+from tokenrl.core.top_p import PolicyFn
 from tokenrl.data.buffer import ReplayBuffer
 from tokenrl.tasks.datagen import compute_top_p_cache
 from tokenrl.lm.models import HFTeacher, IncrementalTeacher

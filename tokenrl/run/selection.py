@@ -33,7 +33,8 @@ import torch
 from algorithms import Algorithm, make_algorithm
 from tokenrl.core.progress import track
 from tokenrl.run.config import RunConfig
-from tokenrl.evaluation.metrics import evaluate, teacher_forced_kl, teacher_forced_set_metrics
+from tokenrl.evaluation.metrics import evaluate
+from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_forced_set_metrics
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.tasks.base import Task
 

@@ -12,7 +12,7 @@ or a dict) and an output directory, and writes there
   ``keep_checkpoints``), written every ``checkpoint_every`` steps, every ``checkpoint_seconds``, on SIGTERM/SIGINT
   and at the end, so that ``resume=true`` continues an interrupted run (:mod:`tokenrl.run.checkpoint`).
 
-:func:`run` reads as its stages: :func:`tokenrl.run.checks.validate` and :func:`find_resume_state` (the
+:func:`run` reads as its stages: :func:`tokenrl.run.checks.check_config` and :func:`find_resume_state` (the
 refusals come first), :func:`build_task`, :func:`load_data`, :func:`build_student`, then either :func:`resume`
 or :func:`reference_evaluations` and :func:`warm_start`, then :func:`load_task_corpus` (only for an algorithm with
 ``needs_lm_batch``), :func:`train_loop`, :func:`final_evaluation` and :func:`save_outputs`. The stages share a
@@ -53,7 +53,8 @@ from tokenrl.run.checkpoint import (
     save_checkpoint,
 )
 from tokenrl.run.config import EvalConfig, ModelConfig, RunConfig
-from tokenrl.tasks.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
+from tokenrl.tasks.datagen import load_or_generate_data, remove_orphaned_tmp
+from tokenrl.tasks.manifest import data_manifest, dataset_dir
 from tokenrl.core.divergence import DivergenceError, DivergenceGuard
 from tokenrl.evaluation.metrics import evaluate_decodings, evaluate_teacher_samples
 from tokenrl.tasks.hf import HFTaskConfig, build_hf_task
@@ -64,8 +65,8 @@ from tokenrl.run.rollouts import StageClock, collect_rollouts
 from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.run.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks.base import Task, build_synthetic_task
+from tokenrl.run.checks import check_config, check_student_tokenizer
 from tokenrl.tasks.corpus import load_corpus
-from tokenrl.run.checks import check_student_tokenizer, validate
 
 _KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft_eval")  # results a resumed run must not recompute
 _TIMINGS_KEPT_ON_RESUME = ("teacher_eval_s", "init_eval_s", "sft_s")  # the seconds of those stages
@@ -130,7 +131,7 @@ def build_task(cfg: RunConfig) -> Task:
 
 
 def data_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.datagen.data_manifest` records."""
+    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.manifest.data_manifest` records."""
     return {
         "samples_per_prompt": cfg.task.samples_per_prompt,
         "cache_top_p": cfg.task.cache_top_p,
@@ -475,10 +476,10 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     Under ``torchrun`` every rank calls this: they train data-parallel, rank 0 evaluates and writes the
     outputs, and every rank returns rank 0's metrics. Every check that can refuse the run comes before any
     data, model or evaluation work: the config
-    (:func:`tokenrl.run.checks.validate`), the checkpoint and its config when ``resume=true``, and the
+    (:func:`tokenrl.run.checks.check_config`), the checkpoint and its config when ``resume=true``, and the
     student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
     """
-    validate(cfg)
+    check_config(cfg)
     resume_state = find_resume_state(cfg, out_dir)
     if resume_state is not None:
         finished = finished_metrics(out_dir, resume_state, cfg)
@@ -536,7 +537,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         policy=policy,
         generator=torch.Generator().manual_seed(cfg.seed),
         writer=SummaryWriter(os.path.join(out_dir, "tb")) if dist_ctx.is_main else distributed.NullWriter(),
-        results={"algo": cfg.algo_name, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
+        results={"algo": cfg.algo_preset, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
         data_dir=data_dir,
         timings=timings,
         guard=DivergenceGuard(cfg.divergence_factor),

@@ -39,7 +39,8 @@ import numpy as np
 
 from tokenrl.core.top_p import check_p
 from tokenrl.data.buffer import ReplayBuffer
-from tokenrl.tasks.datagen import FixedResponses, Sampler, data_manifest, dataset_dir, file_sha256, load_or_generate_data
+from tokenrl.tasks.datagen import FixedResponses, Sampler, load_or_generate_data
+from tokenrl.tasks.manifest import data_manifest, dataset_dir, file_sha256
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
 CORPUS_SEED_OFFSET = 900_000

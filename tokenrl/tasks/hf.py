@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenrl.data.buffer import write_json_atomic
-from tokenrl.tasks.datagen import file_sha256
-from tokenrl.lm.models import HFTeacher, load_causal_lm
+from tokenrl.tasks.manifest import file_sha256
+from tokenrl.lm.loading import load_causal_lm
+from tokenrl.lm.models import HFTeacher
 from tokenrl.tasks.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
 from tokenrl.lm.sampling import TeacherSampler, sample_responses
 from tokenrl.tasks.base import Task

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.teachers import TokenPositions
 
 
