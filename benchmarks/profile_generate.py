@@ -7,7 +7,7 @@ the old two-pass path (sampler, then ``compute_top_p_cache``), as ratios to ``ge
 one batch of the first two: the operators with the largest self CPU time as markdown tables. Last, the CPU time of
 one top-p computation on ``[batch, vocab]`` logits: ``tokenrl.core.top_p.top_p_mask`` vs the indexed full sort it
 falls back to on boundary ties (what every step paid before), and the exact sparse sets (``top_p_sparse``) vs the
-sampling pass's probed sets (``tokenrl.lm.sampling._top_p_set``, what a data-generation step pays now). One thread.
+sampling pass's probed sets (``tokenrl.lm.probed_sets.probed_top_p_sets``, what a data-generation step pays now). One thread.
 
     python benchmarks/profile_generate.py --layers 4
 """
@@ -30,7 +30,8 @@ def main() -> None:
     from profile_step import print_profile, profile_parser
     from run import _hf_teacher, _smol_like
     from tokenrl.tasks.datagen import compute_top_p_cache
-    from tokenrl.lm.sampling import TeacherSampler, _top_p_set
+    from tokenrl.lm.probed_sets import probed_top_p_sets
+    from tokenrl.lm.sampling import TeacherSampler
     from tokenrl.core.top_p import _mask_by_indexed_sort, top_p_mask, top_p_sparse
 
     ap = profile_parser(__doc__, vocab=49152, layers=10, batch=8, top=10)
@@ -81,7 +82,7 @@ def main() -> None:
     for name, fn in {"top_p_mask": lambda: top_p_mask(logits_BV, 0.8),
                      "indexed torch.sort (before)": lambda: _mask_by_indexed_sort(logits_BV, 0.8, 1),
                      "top_p_sparse (the exact sets)": lambda: top_p_sparse(logits_BV, 0.8),
-                     "the sampling pass's probed sets (_top_p_set)": lambda: _top_p_set(logits_BV, logprobs_BV, 0.8),
+                     "the sampling pass's probed sets (probed_top_p_sets)": lambda: probed_top_p_sets(logits_BV, logprobs_BV, 0.8),
                      }.items():
         fn()
         t0 = time.process_time()

@@ -113,12 +113,12 @@ def test_sdpa_and_eager_attention_agree_on_the_device_under_bf16(synthetic_buffe
 
 
 def test_probed_top_p_sets_on_the_device_equal_the_exact_rule():
-    from tokenrl.lm.sampling import _top_p_set
+    from tokenrl.lm.probed_sets import probed_top_p_sets
     from tests.test_sampling import _probe_cases
 
     for name, logits_BV in _probe_cases():
         logits_BV = logits_BV.to(DEVICE)
-        sets = _top_p_set(logits_BV, torch.log_softmax(logits_BV, -1), 0.8)
+        sets = probed_top_p_sets(logits_BV, torch.log_softmax(logits_BV, -1), 0.8)
         exact = top_p_sparse(logits_BV, 0.8)
         assert torch.equal(sets.sizes_B, exact.sizes), name
         for b, n in enumerate(exact.sizes.tolist()):

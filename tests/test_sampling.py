@@ -109,7 +109,7 @@ def test_sample_responses_restores_train_mode(llama):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_top_p_samples_stay_in_the_students_top_p_set(llama, temperature):
+def test_top_p_samples_stay_in_the_studentsprobed_top_p_sets(llama, temperature):
     prompts = random_prompts(16, seed=2)
     top_p = 0.6
     responses = sample_responses(llama, prompts, 10, EOS, EOS, seed=1, temperature=temperature, top_p=top_p)
@@ -173,7 +173,7 @@ def test_sampling_rejects_bad_arguments(llama):
 # The probed top-p sets of the sampling pass against the exact rule (tokenrl.core.top_p)
 # --------------------------------------------------------------------------------------------------
 def _probe_cases() -> list[tuple[str, torch.Tensor]]:
-    """Logit rows that take both branches of ``_top_p_set``: sharp and flat rows, sets larger than the probe,
+    """Logit rows that take both branches of ``probed_top_p_sets``: sharp and flat rows, sets larger than the probe,
     bf16-rounded rows (ties inside and across the boundary), rows whose tail mass sits at ``1 - p``, and a
     vocabulary smaller than the probe."""
     gen = torch.Generator().manual_seed(0)
@@ -196,11 +196,11 @@ def _probe_cases() -> list[tuple[str, torch.Tensor]]:
 @pytest.mark.parametrize("p", [0.5, 0.8, 0.95, 1.0])
 def test_probed_top_p_sets_equal_the_exact_rule_bit_for_bit(p):
     from tokenrl.core.top_p import top_p_sparse
-    from tokenrl.lm.sampling import _top_p_set
+    from tokenrl.lm.probed_sets import probed_top_p_sets
 
     branches = set()
     for name, logits_BV in _probe_cases():
-        sets = _top_p_set(logits_BV, torch.log_softmax(logits_BV, -1), p)
+        sets = probed_top_p_sets(logits_BV, torch.log_softmax(logits_BV, -1), p)
         exact = top_p_sparse(logits_BV, p)
         assert torch.equal(sets.sizes_B, exact.sizes), name
         for b, n in enumerate(exact.sizes.tolist()):
