@@ -178,7 +178,6 @@ def online_bd_values(
         level_BS: ``[B, S]`` the value head's V_theta(s) (the free level), or None.
     """
     logits_BSK = upcast(logits_BSK)
-    state_ok_BS = mask_BSK.any(-1)
     if level_BS is None:
         q_BSK = shifted_q(logits_BSK, mask_BSK, q_min, None if vocab_max_BS is None else upcast(vocab_max_BS))
         v_BS = state_values(q_BSK, mask_BSK)
@@ -186,7 +185,7 @@ def online_bd_values(
         # V(s) = log sum_{A_p} exp(log pi_p + level) = level exactly; entries off the set are never read.
         level_BS = level_BS.to(logits_BSK.dtype)
         q_BSK = project_to_set(logits_BSK, mask_BSK).masked_fill(~mask_BSK, 0.0) + level_BS[..., None]
-        v_BS = torch.where(state_ok_BS, level_BS, torch.zeros_like(level_BS))
+        v_BS = torch.where(mask_BSK.any(-1), level_BS, torch.zeros_like(level_BS))
     v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
     return BDValues(q_BSK, mask_BSK, v_BS, v_next_BT, action_slot_BT, action_mask_BT)
 
