@@ -4,7 +4,9 @@ The student's logits are its Q-function. The network itself (any ``AutoModelForC
 about training; this module turns a batch into per-state hidden states and then into either dense logits
 ``[B, S, V]`` or *sparse* logits on candidate ids ``[B, S, K]`` computed as ``h @ W[ids]^T``, which costs
 O(K) per state instead of O(|V|). Both paths give the same numbers and gradients (tested). With
-``precision="bf16"`` the body and the head run under bfloat16 autocast (:mod:`tokenrl.lm.precision`).
+``precision="bf16"`` the body and the head run under bfloat16 autocast (:mod:`tokenrl.lm.precision`). An
+optional scalar value head on the same hidden states (:meth:`CausalLMPolicy.add_value_head`) serves algorithms
+that learn a state value next to the logits.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class CausalLMPolicy(nn.Module):
         self.vocab_size = int(vocab_size or head.weight.shape[0])
         if self.vocab_size > head.weight.shape[0]:
             raise ValueError(f"vocab_size={self.vocab_size} exceeds the model's {head.weight.shape[0]} output rows")
+        self.value_head: nn.Linear | None = None  # see add_value_head
 
     @property
     def head(self) -> nn.Module:
@@ -138,6 +141,25 @@ class CausalLMPolicy(nn.Module):
             if bias is not None:
                 logits = logits + bias[ids_BSK]
             return logits
+
+    def add_value_head(self) -> nn.Linear:
+        """Attach (once) a scalar state-value head ``V(s) = w . h(s) + b`` on the final hidden state, zero at the start.
+
+        The head belongs to this policy, not to ``model``: it trains, is clipped and is saved with the policy's
+        parameters and ``state_dict``, while the network that samples and is saved as the student stays the plain LM.
+        """
+        if self.value_head is None:
+            w_VD = self.head.weight
+            self.value_head = nn.Linear(w_VD.shape[1], 1, device=w_VD.device, dtype=w_VD.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        return self.value_head
+
+    def value(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """The value head at the given states, ``[B, S]`` (at least float32); needs :meth:`add_value_head`."""
+        if self.value_head is None:
+            raise ValueError("this policy has no value head; call add_value_head() first")
+        return upcast(self.value_head(h_BSD.to(self.value_head.weight.dtype))[..., 0])
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Dense logits at the batch's states, ``[B, S, V]``."""
