@@ -23,6 +23,7 @@ from scipy import stats as scipy_stats
 
 from tests.conftest import ROOT, load_experiment
 from tokenrl.evaluation.stats import paired_difference, t_interval, t_quantile
+from tokenrl.run.config import compose_config
 
 CONF = os.path.join(ROOT, "experiments", "conf")
 SCRIPT = os.path.join(ROOT, "experiments", "benchmark.py")
@@ -120,9 +121,8 @@ def test_lr_seeds_run_the_grid_on_some_seeds_and_the_rest_at_the_chosen_lr(bench
                               methods={"m": bench.MethodSpec("bc", [1e-4, 1e-3])}, seeds=[0, 1, 2], lr_seeds=[0], reference=None,
                               protocol=["selection=best"])
     bench.check_suite(suite)
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        grid_runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]})
-        runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]}, {("t", "m"): 1e-3})
+    grid_runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]})
+    runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]}, {("t", "m"): 1e-3})
     assert [(r.lr, r.seed) for r in grid_runs] == [(1e-4, 0), (1e-3, 0)]
     assert [(r.lr, r.seed) for r in runs] == [(1e-4, 0), (1e-3, 0), (1e-3, 1), (1e-3, 2)]
     finished = {r.key: bench.RunState("finished", metrics={"selection": {"best_score": {0: 0.5, 1: 0.1, 2: 0.1}[r.seed] + r.lr}})
@@ -139,16 +139,14 @@ def test_lr_seeds_run_the_grid_on_some_seeds_and_the_rest_at_the_chosen_lr(bench
 # --------------------------------------------------------------------------------------------------
 def _suite(bench, name: str, overrides: tuple[str, ...] = (), conf: str = CONF, first_lr_only: bool = False):
     """The suite's config and its expanded runs (``first_lr_only``: each method's first lr, the first seed)."""
-    with initialize_config_dir(version_base="1.3", config_dir=conf):
-        cfg = compose(config_name="benchmark", overrides=[f"suite={name}", *overrides])
-        bench_cfg = OmegaConf.to_object(cfg)
-        suite = bench_cfg.suite
-        bench.check_suite(suite)
-        grids = {(t, m): list(spec.lrs) for t in suite.tasks for m, spec in suite.methods.items()}
-        if first_lr_only:  # composing a run takes 0.1-0.5 s: every method once, not the whole grid
-            grids = {key: lrs[:1] for key, lrs in grids.items()}
-            suite = bench.SuiteConfig(**{**vars(suite), "seeds": suite.seeds[:1]})
-        return bench_cfg, bench.expand(suite, grids)
+    bench_cfg = OmegaConf.to_object(compose_config(conf, [f"suite={name}", *overrides], config_name="benchmark"))
+    suite = bench_cfg.suite
+    bench.check_suite(suite)
+    grids = {(t, m): list(spec.lrs) for t in suite.tasks for m, spec in suite.methods.items()}
+    if first_lr_only:  # composing a run takes 0.1-0.5 s: every method once, not the whole grid
+        grids = {key: lrs[:1] for key, lrs in grids.items()}
+        suite = bench.SuiteConfig(**{**vars(suite), "seeds": suite.seeds[:1]})
+    return bench_cfg, bench.expand(suite, grids)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in Path(CONF, "suite").glob("*.yaml")))
@@ -163,7 +161,7 @@ def test_every_suite_composes_and_expands(bench, name):
         assert run.config["selection"]["every"] > 0 and run.config["selection"]["metric"] == suite.selection_metric
     if name == "default":
         assert set(suite.methods) == {"bc", "kd", "iql_bd", "iql_bd_math", "iql_bd_released", "soft_q", "minillm",
-                                      "gkd", "sqil", "bd_kd", "kd_pbc"}
+                                      "gkd", "sqil", "bd_kd", "kd_pbc", "iql_bd_online", "iql_bd_online_free"}
         sqil = next(r for r in runs if r.method == "sqil")
         assert sqil.config["algo"]["name"] == "soft_q" and sqil.config["algo"]["reward"] == "sqil"
         assert sqil.config["sft_steps"] == 3000 and sqil.config["steps"] == 1000 and sqil.config["threads"] == 1

@@ -84,7 +84,7 @@ class Batch(ActionSlots):
             ``needs_teacher_logprobs``).
         lm_batch: a pre-training batch of the task's corpus (its own ``B`` rows of free text with their cached
             top-p sets, at the same p), for the language-modelling terms of algorithms with ``needs_lm_batch``;
-            None unless the trainer attached one (:func:`tokenrl.run.trainer.train_step`).
+            None unless the trainer attached one (:func:`tokenrl.run.step.draw_batches`).
     """
 
     input_ids_BL: torch.Tensor

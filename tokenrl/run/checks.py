@@ -25,6 +25,7 @@ from tokenrl.core.options import (
     choice_problem,
     range_problem,
 )
+from tokenrl.lm.precision import check_precision
 from tokenrl.run.config import RunConfig
 from tokenrl.tasks.hf import TEMPLATES, HFTaskConfig
 
@@ -148,6 +149,8 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"model.dtype={model.dtype!r}: not a torch dtype; use float32, bfloat16 or float16")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device={cfg.device!r}: CUDA is not available on this machine; set device=cpu")
+    elif isinstance(getattr(torch, model.dtype, None), torch.dtype):
+        problems += check_precision(cfg.precision, cfg.device, model.dtype)
     if isinstance(cfg.task, HFTaskConfig):
         task = cfg.task
         for key in ("teacher", "prompts_file"):

@@ -23,9 +23,9 @@ from tokenrl.tasks.manifest import data_manifest, dataset_dir
 
 
 def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.task`` (synthetic or transformers)."""
+    """The task of ``cfg.task`` (synthetic or transformers; a transformers teacher on ``cfg.device``)."""
     if isinstance(cfg.task, HFTaskConfig):
-        return build_hf_task(cfg.task)
+        return build_hf_task(cfg.task, cfg.device)
     return build_synthetic_task(cfg.task)
 
 

@@ -117,7 +117,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
     with timed(timings, "data_s"):
         buffer, data_dir, cached = load_data(cfg, task, dist_ctx)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
-    policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
+    policy = CausalLMPolicy(model, vocab_size=task.vocab_size, precision=cfg.precision, compile=cfg.compile)
     ctx = RunContext(
         cfg=cfg,
         out_dir=out_dir,

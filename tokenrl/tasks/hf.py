@@ -1,7 +1,7 @@
 """Real-LM tasks: a transformers teacher, instruction prompts, references and samplers, built from a config.
 
 ``task.kind == "hf"`` configs (schema :class:`HFTaskConfig`, e.g. ``task=smollm2``, ``task=dolly_gpt2``) come
-here through :func:`tokenrl.run.trainer.build_task`. The pieces are the ones of
+here through :func:`tokenrl.run.inputs.build_task`. The pieces are the ones of
 :func:`tokenrl.tasks.base.build_synthetic_task`:
 
 * prompts: a Dolly-style JSONL file, rendered with the MiniLLM/BD template or the tokenizer's chat template,
@@ -131,11 +131,12 @@ def _tokens_digest(prompts: Sequence[Sequence[int]]) -> str:
     return hashlib.sha1(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
-def build_hf_task(cfg: HFTaskConfig) -> Task:
+def build_hf_task(cfg: HFTaskConfig, device: str = "cpu") -> Task:
     """Build a transformers-teacher task from a ``task=<hf task>`` config.
 
     Args:
         cfg: the task settings.
+        device: where the teacher runs (the run's ``device``; ``cuda:<local rank>`` under torchrun).
 
     Returns:
         The :class:`~tokenrl.tasks.base.Task`. ``task.teacher`` is an :class:`~tokenrl.lm.models.HFTeacher` (its
@@ -152,7 +153,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
     examples = load_jsonl_prompts(
         cfg.prompts_file, cfg.instruction_field, cfg.context_field, cfg.response_field
     )
-    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype)
+    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype, device=device)
     teacher = HFTeacher(model, tokenizer, max_batch=int(cfg.cache_batch_size))
     eos, pad, vocab = teacher.eos_token_id, teacher.pad_token_id, teacher.vocab_size
     max_new = int(cfg.max_new_tokens)
