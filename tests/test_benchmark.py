@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -186,6 +188,46 @@ def test_run_id_ignores_execution_keys_and_order(bench):
     assert same.id == run.id
     other = bench.RunSpec(run.task, run.method, run.lr, run.seed, [*run.overrides, "steps=5"], run.config)
     assert other.id != run.id
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    """A job whose earlier attempt was interrupted after a checkpoint resumes it (the best checkpoint so far is in
+    the checkpoint) and ends as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from algorithms.kd import KD
+
+    _, runs = _suite(bench, "tiny", first_lr_only=True)
+    spec = next(r for r in runs if r.method == "kd")
+    extra = {"checkpoint_every": 2, "data_dir": str(tmp_path / "data")}
+    spec = bench.RunSpec(spec.task, spec.method, spec.lr, spec.seed, [*spec.overrides, "checkpoint_every=2"],
+                         {**spec.config, **extra})
+    jobs = {}
+    for name in ("straight", "killed"):
+        out = tmp_path / name
+        out.mkdir()
+        bench.write_json(out / bench.PLAN_FILE, {"suite": "tiny", "runs": {spec.key: spec.record()}})
+        jobs[name] = types.SimpleNamespace(out=str(out), run=spec.key)
+    assert bench.run_job(jobs["straight"]) == "finished"
+    original, calls = KD.compute_loss, {"n": 0}
+
+    def compute_loss(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the update after the checkpoint at step 2
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batch)
+
+    monkeypatch.setattr(KD, "compute_loss", compute_loss)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_job(jobs["killed"])
+    monkeypatch.setattr(KD, "compute_loss", original)
+    capsys.readouterr()
+    assert bench.run_job(jobs["killed"]) == "finished" and "resuming" in capsys.readouterr().out
+    straight, resumed = (tmp_path / name / spec.key for name in ("straight", "killed"))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
+    assert a["selection"] == b["selection"] and a["final_eval"] == b["final_eval"] and a["sft"] == b["sft"]
+    students = [load_file(d / "student.safetensors") for d in (straight, resumed)]
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
 
 
 def test_unknown_suite_key_fails_at_compose_time(bench, tmp_path):
