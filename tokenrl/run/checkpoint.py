@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tokenrl.core.files import publish
+
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "tokenrl-checkpoint-v1"
 WRITE_DELAY_ENV = "TOKENRL_CHECKPOINT_WRITE_DELAY_S"
@@ -37,6 +39,10 @@ RESUME_MAY_CHANGE = frozenset(
      "keep_checkpoints", "dist"}
 )
 """Config keys a resumed run may change: the length of the run and how it is executed, watched and saved."""
+
+RESUME_MAY_ADJUST = frozenset({"algo.lr", "algo.grad_clip", "on_divergence", "divergence_factor", "max_skipped_fraction"})
+"""Training settings a resumed run may also change: the fixes a divergence stop suggests. They change the
+result, so every change is recorded (``resumes`` in ``metrics.json``)."""
 
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 
@@ -143,7 +149,45 @@ def _digest(state_json: str, tensors: dict[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------------
-def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
+def write_state_file(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` as one verified safetensors file, atomically (a temporary file renamed into
+    place, readable as the umask says).
+
+    Args:
+        path: the file.
+        state: nested dicts/lists/tuples of tensors and JSON values.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    state_json = json.dumps(_encode(state, tensors, "state"), sort_keys=True)
+    tensors = _writable(tensors)
+    metadata = {"format": CHECKPOINT_FORMAT, "state": state_json, "sha256": _digest(state_json, tensors)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    delay = float(os.environ.get(WRITE_DELAY_ENV, 0) or 0)
+    if delay:
+        time.sleep(delay)
+    publish(tmp, path)
+
+
+def read_state_file(path: str) -> dict:
+    """Read and verify a file of :func:`write_state_file`.
+
+    Raises:
+        ValueError: the file cannot be parsed, is of another format, or its checksum does not match (the
+            caller names the file and the fix).
+    """
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    tensors = load_file(path)
+    if _digest(metadata["state"], tensors) != metadata["sha256"]:
+        raise ValueError("its SHA-256 does not match the one recorded in it (the file was changed or damaged)")
+    return _decode(json.loads(metadata["state"]), tensors)
+
+
+def save_checkpoint(out_dir: str, state: dict, step: int, keep: int, protect: int | None = None) -> str:
     """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the newest ``keep``.
 
     Args:
@@ -151,26 +195,29 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
         state: nested dicts/lists/tuples of tensors and JSON values.
         step: the number of updates done (names the file).
         keep: checkpoints kept (>= 1).
+        protect: if given, the newest checkpoint at or before this step is kept too (the last good state
+            before the first update the divergence guard skipped, :mod:`tokenrl.run.recovery`).
 
     Returns:
         The checkpoint's path.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    state_json = json.dumps(_encode(state, tensors, "state"), sort_keys=True)
-    tensors = _writable(tensors)
-    metadata = {"format": CHECKPOINT_FORMAT, "state": state_json, "sha256": _digest(state_json, tensors)}
     path = checkpoint_path(out_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    delay = float(os.environ.get(WRITE_DELAY_ENV, 0) or 0)
-    if delay:
-        time.sleep(delay)
-    os.replace(tmp, path)
-    for _, old in list_checkpoints(out_dir)[keep:]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(old)
+    write_state_file(path, state)
+    found = list_checkpoints(out_dir)
+    protected = next((p for s, p in found if s <= protect), None) if protect is not None else None
+    for _, old in found[keep:]:
+        if old != protected:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(old)
     return path
+
+
+def no_checkpoint_message(out_dir: str) -> str:
+    """The refusal of ``resume=true`` where no run was started."""
+    return (
+        f"resume=true but there is no checkpoint in {checkpoint_dir(out_dir)}: pass the directory of the "
+        "interrupted run (hydra.run.dir=<its output dir>), or drop resume=true to start a new run"
+    )
 
 
 def load_checkpoint(path: str) -> dict:
@@ -180,14 +227,7 @@ def load_checkpoint(path: str) -> dict:
         CheckpointError: the file cannot be parsed or its checksum does not match (naming the file).
     """
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        tensors = load_file(path)
-        if _digest(metadata["state"], tensors) != metadata["sha256"]:
-            raise ValueError("its SHA-256 does not match the one recorded in it (the file was changed or damaged)")
-        return _decode(json.loads(metadata["state"]), tensors)
+        return read_state_file(path)
     except Exception as error:  # any failure to read back what was written is damage
         raise CheckpointError(f"checkpoint {path} fails verification: {error}") from error
 
@@ -230,27 +270,54 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def check_resume_config(stored: dict, requested: dict, where: str) -> None:
-    """Refuse to resume when the configs differ outside :data:`RESUME_MAY_CHANGE`.
+def _may_change(key: str) -> bool:
+    """Whether a resume may change the flattened config key ``key``."""
+    return key.split(".")[0] in RESUME_MAY_CHANGE or key in RESUME_MAY_ADJUST
+
+
+def run_identity(config: dict) -> dict[str, Any]:
+    """The flattened config (dotted keys) without the keys a resume may change: two configs with the same
+    identity are the same run (the run directory's owner record and resume compare exactly this)."""
+    return {k: v for k, v in _flatten(json.loads(json.dumps(config))).items() if not _may_change(k)}
+
+
+def identity_digest(config: dict) -> str:
+    """SHA-256 of :func:`run_identity`, the hash a run directory's owner record holds."""
+    return hashlib.sha256(json.dumps(run_identity(config), sort_keys=True).encode()).hexdigest()
+
+
+def identity_differences(stored: dict, requested: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, requested value)`` for every key in which the two configs' identities differ."""
+    old, new = run_identity(stored), run_identity(requested)
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def adjusted_settings(stored: dict, requested: dict) -> dict[str, list]:
+    """The training settings a resume changes (``steps`` and :data:`RESUME_MAY_ADJUST`): key -> ``[old, new]``."""
+    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(requested)))
+    keys = sorted(RESUME_MAY_ADJUST | {"steps"})
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def check_resume_config(stored: dict, requested: dict, where: str, label: str = "checkpoint") -> None:
+    """Refuse to resume when the configs differ outside :data:`RESUME_MAY_CHANGE` and :data:`RESUME_MAY_ADJUST`.
 
     Args:
-        stored: the checkpoint's ``dataclasses.asdict`` of the run config.
+        stored: the ``dataclasses.asdict`` of the run config in the checkpoint (or the run directory's owner record).
         requested: the same of the config asked to resume.
-        where: the checkpoint file (named in the error).
+        where: the file the stored config comes from (named in the error).
+        label: what that file is, in the error (``checkpoint``, ``recorded``).
 
     Raises:
         ResumeError: naming every differing key with both values.
     """
-    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(requested)))
-    diffs = sorted(
-        k for k in old.keys() | new.keys() if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)
-    )
+    diffs = identity_differences(stored, requested)
     if diffs:
-        detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs requested {new.get(k)!r}" for k in diffs)
+        detail = ", ".join(f"{k}: {label} {a!r} vs requested {b!r}" for k, a, b in diffs)
+        allowed = sorted(RESUME_MAY_CHANGE | RESUME_MAY_ADJUST)
         raise ResumeError(
-            f"resume=true with a config that differs from the checkpoint {where} ({detail}); resume with the "
-            f"checkpoint's values (only {sorted(RESUME_MAY_CHANGE)} may change), or start a new run in another "
-            "output directory"
+            f"resume=true with a config that differs from the run's, in {where} ({detail}); resume with the "
+            f"run's values (only {allowed} may change), or start a new run in another output directory"
         )
 
 

@@ -26,6 +26,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import logging
 import os
 import signal
 import time
@@ -45,17 +46,21 @@ from tokenrl.data.buffer import Batch, ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
+    adjusted_settings,
     check_resume_config,
     checkpoint_dir,
     checkpoint_path,
     deferred_signals,
     load_latest,
+    no_checkpoint_message,
     save_checkpoint,
 )
 from tokenrl.run.config import EvalConfig, ModelConfig, RunConfig
 from tokenrl.tasks.datagen import load_or_generate_data, remove_orphaned_tmp
 from tokenrl.tasks.manifest import data_manifest, dataset_dir
-from tokenrl.core.divergence import DivergenceError, DivergenceGuard
+from tokenrl.core.divergence import WEIGHTS, DivergenceError, DivergenceGuard, weight_norm
+from tokenrl.core.files import apply_umask_to_tree, publish
+from tokenrl.core.ranks import env_rank
 from tokenrl.evaluation.metrics import evaluate_decodings, evaluate_teacher_samples
 from tokenrl.tasks.hf import HFTaskConfig, build_hf_task
 from tokenrl.lm.models import HFTeacher, make_student, save_student
@@ -66,9 +71,20 @@ from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.run.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks.base import Task, build_synthetic_task
 from tokenrl.run.checks import check_config, check_student_tokenizer
+from tokenrl.run.recovery import (
+    adopt_learning_rate,
+    divergence_stop,
+    schedule_note,
+    skip_budget_exceeded,
+    skip_budget_message,
+    weight_sign_message,
+)
+from tokenrl.run.rundir import check_owner, claim_run_dir, locked_run_dir, read_owner, record_resume
 from tokenrl.tasks.corpus import load_corpus
 
-_KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft_eval")  # results a resumed run must not recompute
+log = logging.getLogger(__name__)
+
+_KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft", "sft_eval", "resumes")  # results a resumed run keeps
 _TIMINGS_KEPT_ON_RESUME = ("teacher_eval_s", "init_eval_s", "sft_s")  # the seconds of those stages
 
 
@@ -239,22 +255,24 @@ def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) ->
 
 
 def find_resume_state(cfg: RunConfig, out_dir: str) -> dict | None:
-    """The checkpoint ``resume=true`` continues from, checked against ``cfg``; None when not resuming.
+    """The checkpoint ``resume=true`` continues from, checked against ``cfg``; None when not resuming, or when the
+    directory's owner record is this run's but it stopped before its first checkpoint (it then starts again).
 
     Raises:
-        CheckpointError: ``resume=true`` but no checkpoint in ``out_dir`` (the message says where it looked),
-            or none that passes verification.
-        ResumeError: the checkpoint's config differs outside :data:`tokenrl.run.checkpoint.RESUME_MAY_CHANGE`, or
-            the checkpoint is already past ``cfg.steps``.
+        CheckpointError: ``resume=true`` but no run was started in ``out_dir`` (the message says where it looked),
+            or no checkpoint passes verification.
+        ResumeError: the checkpoint's config differs outside the keys a resume may change
+            (:data:`tokenrl.run.checkpoint.RESUME_MAY_CHANGE`, :data:`~tokenrl.run.checkpoint.RESUME_MAY_ADJUST`),
+            or the checkpoint is already past ``cfg.steps``.
     """
     if not cfg.resume:
         return None
     found = load_latest(out_dir)
     if found is None:
-        raise CheckpointError(
-            f"resume=true but there is no checkpoint in {checkpoint_dir(out_dir)}: pass the directory of the "
-            "interrupted run (hydra.run.dir=<its output dir>), or drop resume=true to start a new run"
-        )
+        if os.path.isdir(out_dir) and read_owner(out_dir) is not None:  # check_owner found it to be this run's
+            log.warning("the run in %s stopped before its first checkpoint: starting it from the beginning", out_dir)
+            return None
+        raise CheckpointError(no_checkpoint_message(out_dir))
     state, path = found
     check_resume_config(state["config"], dataclasses.asdict(cfg), path)
     if state["step"] > cfg.steps:
@@ -274,14 +292,36 @@ def finished_metrics(out_dir: str, state: dict, cfg: RunConfig) -> dict | None:
     return metrics if metrics.get("train", {}).get("steps") == cfg.steps else None
 
 
+def resume_entry(cfg: RunConfig, state: dict) -> dict[str, Any]:
+    """What a resume from ``state`` changes: the step it continues from, the training settings that differ from
+    the checkpoint's (``steps`` and :data:`tokenrl.run.checkpoint.RESUME_MAY_ADJUST`) and the schedule's length
+    (the one the run started with: see :func:`tokenrl.run.recovery.schedule_note`)."""
+    return {
+        "from_step": int(state["step"]),
+        "changed": adjusted_settings(state["config"], dataclasses.asdict(cfg)),
+        "schedule_steps": int(state.get("schedule_steps", state["config"]["steps"])),
+    }
+
+
 def resume(ctx: RunContext, state: dict) -> tuple[Algorithm, int]:
-    """Restore the algorithm, RNGs, divergence ranges and results of a checkpoint: ``(algorithm, step)``."""
-    algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=ctx.cfg.steps)
+    """Restore the algorithm, RNGs, divergence guard and results of a checkpoint: ``(algorithm, step)``.
+
+    A changed ``algo.lr`` takes effect at once (:func:`tokenrl.run.recovery.adopt_learning_rate`), a changed
+    ``steps`` leaves the schedule's length as it was (logged); both are recorded under ``results["resumes"]``.
+    """
+    entry = resume_entry(ctx.cfg, state)
+    algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=entry["schedule_steps"])
     distributed.load_algo_state(algo, state["algo"], ctx.loss_fn)
+    if "algo.lr" in entry["changed"]:
+        adopt_learning_rate(algo)
+    note = schedule_note(entry["schedule_steps"], ctx.cfg.steps)
+    if note is not None:
+        log.warning(note)
     ctx.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     ctx.guard.load_state_dict(state["guard"])
     ctx.results.update(state["results"])
+    ctx.results["resumes"] = [*ctx.results.get("resumes", []), entry]
     for key, seconds in state["timings"].items():
         ctx.timings.setdefault(key, seconds)
     return algo, int(state["step"])
@@ -342,22 +382,30 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
 
     Rollout collection, batch drawing and the update are timed stages on one :class:`StageClock` (the
     training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
-    are outside it (a resumed run's clock starts again at 0). Checkpoints are written every
-    ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the
-    current update with a checkpoint. A diverging update (see :mod:`tokenrl.core.divergence`) is refused;
-    ``on_divergence=stop`` then saves the state before it and raises, ``skip`` drops the batch and counts it
-    in ``train/skipped_steps``.
+    are outside it (a resumed run's clock starts again at 0). A new run checkpoints its start (step 0: the
+    last good state until a later checkpoint), then every ``checkpoint_every`` steps and every
+    ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the current update with a checkpoint.
+
+    A diverging update (see :mod:`tokenrl.core.divergence`) is refused before it changes anything, or, when the
+    sign is in the weights after it, caught before any checkpoint holds them. ``on_divergence=stop`` then raises,
+    naming the last good checkpoint and the fixes a resume accepts (:mod:`tokenrl.run.recovery`); ``skip`` drops
+    the batch and counts it in ``train/skipped_steps``, and stops as ``stop`` does on a sign in the weights or once
+    more than ``max_skipped_fraction`` of the updates were skipped.
 
     Returns:
         The last update's statistics.
 
     Raises:
-        DivergenceError: ``on_divergence=stop`` and an update diverged (the step and term are named).
+        DivergenceError: the run diverged (the step, the term and the last good checkpoint are named).
         KeyboardInterrupt: SIGINT or SIGTERM arrived (after the checkpoint is written).
     """
     cfg, task = ctx.cfg, ctx.task
     rollout_every = cfg.rollout_every or (10 if algo.needs_rollouts else 0)
     algo.guard = ctx.guard
+    if ctx.guard.start_weight_norm is None:
+        ctx.guard.start_weight_norm = weight_norm(ctx.model)
+    if start_step == 0 and not ctx.results.get("resumes"):
+        save_train_state(ctx, algo, 0)
     clock = StageClock()
     val_due_s = cfg.eval.val_every_s
     if cfg.eval.val_every_s and start_step == 0:
@@ -379,21 +427,19 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
                     )
                 _log_scalars(ctx.writer, rollout_stats, step)
                 _count_rollouts(ctx.results, rollout_stats)
-            generator_state = ctx.generator.get_state()
             try:
                 stats = train_step(ctx, algo, clock)
+                ctx.guard.check_weights(step, weight_norm(ctx.model))
                 ctx.guard.record(stats)
             except DivergenceError as error:
-                if cfg.on_divergence != "skip":
-                    ctx.generator.set_state(generator_state)  # the checkpoint is the state before this update
-                    path = save_train_state(ctx, algo, step)
-                    raise DivergenceError(
-                        f"training diverged: {error}; the last good state (step {step}) is saved in {path}. "
-                        "Lower algo.lr, set algo.grad_clip > 0, or set on_divergence=skip to drop such updates",
-                        error.step, error.term, error.value,
-                    ) from None
+                if cfg.on_divergence != "skip" or error.term == WEIGHTS:
+                    raise _stopped(ctx, weight_sign_message(error, cfg), error) from None
                 algo.optimizer.zero_grad(set_to_none=True)
                 ctx.skipped_steps += 1
+                if ctx.guard.first_skip is None:
+                    ctx.guard.first_skip = step
+                if skip_budget_exceeded(ctx.skipped_steps, step + 1, cfg.max_skipped_fraction):
+                    raise _stopped(ctx, skip_budget_message(cfg, ctx.skipped_steps, step + 1), error) from None
             stats["train/skipped_steps"] = float(ctx.skipped_steps)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -420,6 +466,15 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
                 )
     ctx.timings.update(clock.totals)
     return stats
+
+
+def _stopped(ctx: RunContext, cause: str, error: DivergenceError) -> DivergenceError:
+    """The error that stops a diverged run (rank 0 names the last good checkpoint; nothing of this state is saved)."""
+    if ctx.dist.is_main:
+        message = divergence_stop(ctx.cfg, ctx.out_dir, cause, error.term, ctx.guard.first_skip)
+    else:
+        message = f"training diverged: {cause} (rank 0 names the last good checkpoint)"
+    return DivergenceError(message, error.step, error.term, error.value)
 
 
 def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
@@ -457,11 +512,12 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
     model, out_dir = distributed.plain_copy(ctx.model, ctx.loss_fn), ctx.out_dir
     tmp = os.path.join(out_dir, f"student.safetensors.tmp-{os.getpid()}")
     save_model(model, tmp)  # drops the duplicate of tied embeddings (SmolLM2, Qwen2.5-0.5B) instead of failing
-    os.replace(tmp, os.path.join(out_dir, "student.safetensors"))
+    publish(tmp, os.path.join(out_dir, "student.safetensors"))
     if ctx.task.tokenizer is not None:
         save_student(model, ctx.task.tokenizer, os.path.join(out_dir, "student"))
     else:
         model.save_pretrained(os.path.join(out_dir, "student"))
+        apply_umask_to_tree(os.path.join(out_dir, "student"))  # safetensors writes its weights 0600
     ctx.results["train"] = {
         "steps": ctx.cfg.steps, "last_stats": last_stats, "data_dir": data_dir, "skipped_steps": ctx.skipped_steps,
         **ctx.timings,
@@ -475,21 +531,32 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
 
     Under ``torchrun`` every rank calls this: they train data-parallel, rank 0 evaluates and writes the
     outputs, and every rank returns rank 0's metrics. Every check that can refuse the run comes before any
-    data, model or evaluation work: the config
-    (:func:`tokenrl.run.checks.check_config`), the checkpoint and its config when ``resume=true``, and the
-    student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
+    data, model or evaluation work, and before anything is written: the config
+    (:func:`tokenrl.run.checks.check_config`), the run directory (:mod:`tokenrl.run.rundir`: locked by rank 0 for
+    the whole run, refused when it holds another run, or this run's outputs without ``resume=true``), the
+    checkpoint and its config when ``resume=true``, and the student's tokenizer. Resuming a finished run
+    returns its metrics and writes nothing.
     """
     check_config(cfg)
-    resume_state = find_resume_state(cfg, out_dir)
-    if resume_state is not None:
-        finished = finished_metrics(out_dir, resume_state, cfg)
-        if finished is not None:
-            print(f"the run in {out_dir} already finished its {cfg.steps} steps; nothing to do (raise steps to extend it)")
-            return finished
-    with distributed.process_group(cfg.device, cfg.dist.timeout_min) as (dist_ctx, device):
-        if device != cfg.device:
-            cfg = dataclasses.replace(cfg, device=device)
-        return _run(cfg, out_dir, dist_ctx, resume_state)
+    config = dataclasses.asdict(cfg)
+    main = env_rank() == 0  # before the process group exists: the other ranks only read the directory
+    with (locked_run_dir(out_dir, create=not cfg.resume) if main else contextlib.nullcontext(None)) as lock:
+        if main:
+            check_owner(out_dir, config, cfg.resume)
+        resume_state = find_resume_state(cfg, out_dir)
+        if resume_state is not None:
+            finished = finished_metrics(out_dir, resume_state, cfg)
+            if finished is not None:
+                print(f"the run in {out_dir} already finished its {cfg.steps} steps; nothing to do (raise steps to extend it)")
+                return finished
+        if main and resume_state is None:
+            claim_run_dir(out_dir, config, lock)
+        elif main:
+            record_resume(out_dir, config, lock, resume_entry(cfg, resume_state))
+        with distributed.process_group(cfg.device, cfg.dist.timeout_min) as (dist_ctx, device):
+            if device != cfg.device:
+                cfg = dataclasses.replace(cfg, device=device)
+            return _run(cfg, out_dir, dist_ctx, resume_state)
 
 
 def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume_state: dict | None) -> dict:
@@ -649,13 +716,14 @@ def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str | None:
         "generator": ctx.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "step": step,
+        "schedule_steps": algo.total_steps,
         "guard": ctx.guard.state_dict(),
         "skipped_steps": ctx.skipped_steps,
         "results": {k: ctx.results[k] for k in _KEPT_ON_RESUME if k in ctx.results},
         "timings": {k: v for k, v in ctx.timings.items() if k in _TIMINGS_KEPT_ON_RESUME},
         "config": dataclasses.asdict(ctx.cfg),
     }
-    return save_checkpoint(ctx.out_dir, state, step, ctx.cfg.keep_checkpoints)
+    return save_checkpoint(ctx.out_dir, state, step, ctx.cfg.keep_checkpoints, protect=ctx.guard.first_skip)
 
 
 def _count_rollouts(results: dict[str, Any], rollout_stats: dict[str, float]) -> None:
