@@ -41,18 +41,19 @@ import os
 import sys
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenrl.core.backup import masked_mean, project_to_set  # noqa: E402
+from tokenrl.core.distributions import masked_mean, project_to_set  # noqa: E402
 from tokenrl.core.divergence import DivergenceError  # noqa: E402
 from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.lm.sampling import sample_responses  # noqa: E402
 from tokenrl.lm.scoring import with_teacher_logprobs  # noqa: E402
-from tokenrl.run.config import make_run_config  # noqa: E402
+from tokenrl.run.config import make_run_config, register_configs  # noqa: E402
 from tokenrl.run.selection import sft_cache_path  # noqa: E402
 from tokenrl.run.trainer import build_student, build_task, data_location, run  # noqa: E402
 from tokenrl.tasks.synthetic import SyntheticLanguage  # noqa: E402
@@ -94,11 +95,11 @@ def run_config(study: str, spec: str, overrides: list[str], val_every: int) -> t
 
 
 def _algo_yaml(name: str) -> dict:
-    """The shipped ``experiments/conf/algo/<name>.yaml`` as a dict (without its Hydra defaults list)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "algo", f"{name}.yaml")
-    node = OmegaConf.to_container(OmegaConf.load(path))
-    node.pop("defaults", None)
-    return {"name": name, **node}
+    """The ``algo`` node of ``experiments/run.py algo=<name>`` (its schema defaults and preset YAML, if any)."""
+    register_configs()
+    conf_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+    with initialize_config_dir(version_base="1.3", config_dir=conf_dir):
+        return OmegaConf.to_container(compose("config", overrides=[f"algo={name}"]).algo, resolve=True)
 
 
 def run_once(label: str, cfg: dict, out: str) -> dict:

@@ -179,7 +179,7 @@ def test_onpolicy_kl_does_not_change_the_other_metrics(tiny_task):
     alone = evaluate(
         model, tiny_task.teacher, tiny_task.test_prompts, tiny_task.test_references, tiny_task.decode,
         eos_token_id=tiny_task.eos_token_id, pad_token_id=tiny_task.pad_token_id,
-        max_new_tokens=tiny_task.max_new_tokens, seeds=[0, 1], heldout=tiny_task.heldout,
+        max_new_tokens=tiny_task.max_new_tokens, seeds=[0, 1], heldout=tiny_task.test_heldout,
         batch_size=cfg.eval.batch_size, vocab_size=tiny_task.vocab_size,
     )
     other_decodings = {k for k in got if k.startswith("eval_p")}  # eval.decode_top_p beyond the first

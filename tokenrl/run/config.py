@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from algorithms import REGISTRY, AlgoConfig, get_spec, unknown_algorithm_message
 from tokenrl.core.options import (
     AT_LEAST_ONE,
+    HALF_OPEN_UNIT,
     NON_NEGATIVE,
     POSITIVE,
     PROBABILITY,
@@ -84,19 +85,28 @@ class EvalConfig:
     decode_top_p: list[float] = field(default_factory=lambda: [1.0, 0.8])
     batch_size: int = 128  # sequences per sampling batch
     n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
-    val_every: int = 0  # validation (teacher-forced KL + one sampling seed) every n steps; 0 = off
+    val_every: int = 0  # validation (val/*: teacher-forced KLs + the sampled metrics below) every n steps; 0 = off
     val_every_s: float = 0.0  # validation every n seconds of the training clock (validation excluded); 0 = off
+    # Sampled validation (val_every, val_every_s, a sampled selection.metric): one pass per seed over the first
+    # val_n_prompts validation prompts, with seeds apart from the test evaluation's. Teacher-forced validation
+    # always reads every validation prompt's held-out sample. Sampled metrics are heavy-tailed: between two
+    # students, 500 prompts x 1 seed spread the teacher-NLL difference by ~0.09 and Rouge-L's by ~0.5 (100: 0.14,
+    # 1.8) at ~5x the cost (experiments/validation_noise.py), so selection uses a teacher-forced metric.
+    val_seeds: list[int] = field(default_factory=lambda: [1000])
+    val_n_prompts: int | None = 500  # None = all validation prompts
     onpolicy_kl_seed: int = 7919  # sampling seed of eval/onpolicy_kl (its own stream: other metrics unchanged)
 
     def problems(self, prefix: str = "eval") -> list[str]:
         """Every field out of its range, one line each (see :mod:`tokenrl.core.options`)."""
         ranges = {"temperature": POSITIVE, "batch_size": POSITIVE, "n_prompts": POSITIVE.explained("null = all"),
                   "val_every": NON_NEGATIVE.explained("0 = off"), "val_every_s": NON_NEGATIVE.explained("0 = off"),
-                  "onpolicy_kl_seed": NON_NEGATIVE}
+                  "onpolicy_kl_seed": NON_NEGATIVE, "val_n_prompts": POSITIVE.explained("null = all")}
         found = field_problems(self, prefix, ranges)
-        if not self.seeds:
-            found.append(f"{prefix}.seeds=[]: needs at least one seed; set {prefix}.seeds=[0]")
-        found += [line for i, s in enumerate(self.seeds) if (line := range_problem(f"{prefix}.seeds[{i}]", s, NON_NEGATIVE))]
+        for key, example in (("seeds", "[0]"), ("val_seeds", "[1000]")):
+            seeds = getattr(self, key)
+            if not seeds:
+                found.append(f"{prefix}.{key}=[]: needs at least one seed; set {prefix}.{key}={example}")
+            found += [line for i, s in enumerate(seeds) if (line := range_problem(f"{prefix}.{key}[{i}]", s, NON_NEGATIVE))]
         if not self.decode_top_p or not all(PROBABILITY.ok(p) for p in self.decode_top_p):
             found.append(
                 f"{prefix}.decode_top_p={list(self.decode_top_p)!r}: needs one or more values in (0, 1]; "
@@ -122,14 +132,29 @@ class SelectionConfig:
     """How the SFT start and the reported weights are chosen (``selection=fixed`` | ``selection=best``).
 
     Validation = the teacher-forced ``metric`` on the task's held-out teacher samples (validation prompts),
-    lower is better; see :mod:`tokenrl.run.selection`.
+    lower is better; see :mod:`tokenrl.run.selection`. The SFT start stops by a moving average of its validation
+    scores (:class:`tokenrl.run.selection.PlateauStop`), so that the noise of single validations does not stop it.
     """
 
     metric: str = "kl_student_teacher"  # a key of tokenrl.run.selection.VALIDATION_METRICS
     sft_eval_every: int = 0  # validate the SFT warm start every n steps and stop when it stops improving; 0 = run all sft_steps
-    sft_patience: int = 3  # SFT stops after this many validations without improvement (it keeps the best weights)
+    # The SFT stopping rule (with sft_eval_every > 0): the smoothed score s_i = sft_smoothing * s_{i-1} +
+    # (1 - sft_smoothing) * score_i "improves" when it falls below its best so far by sft_min_improvement times the
+    # best's magnitude; SFT stops after sft_patience validations without improvement and keeps the best raw-scored
+    # weights (tokenrl.run.selection.PlateauStop).
+    # sft_smoothing=0, sft_min_improvement=0 is plain patience on the raw scores.
+    sft_patience: int = 6  # validations without improvement of the smoothed score before SFT stops
+    sft_smoothing: float = 0.8  # weight of the past in the moving average, in [0, 1) (~ (1+x)/(1-x) validations)
+    sft_min_improvement: float = 0.001  # relative fall of the smoothed score that counts as improvement, in [0, 1)
     sft_cache: bool = False  # save the SFT start under data_dir and reuse it (keyed by model, SFT settings, seed)
     every: int = 0  # validate the algorithm every n steps (step 0 = the SFT start) and report the best weights; 0 = the last
+
+    def problems(self, prefix: str = "selection") -> list[str]:
+        """Every field out of its range, one line each (see :mod:`tokenrl.core.options`); the metric is checked
+        against the metrics :mod:`tokenrl.run.selection` computes (``check_selection``)."""
+        ranges = {"sft_eval_every": NON_NEGATIVE.explained("0 = off"), "every": NON_NEGATIVE.explained("0 = off"),
+                  "sft_patience": AT_LEAST_ONE, "sft_smoothing": HALF_OPEN_UNIT, "sft_min_improvement": HALF_OPEN_UNIT}
+        return field_problems(self, prefix, ranges)
 
 
 @dataclass
@@ -202,7 +227,7 @@ class RunConfig:
                 f"micro_batch_size={micro} does not divide batch_size={self.batch_size}; set micro_batch_size to a "
                 "divisor of batch_size"
             )
-        found += self.model.problems() + self.eval.problems() + self.dist.problems()
+        found += self.model.problems() + self.eval.problems() + self.dist.problems() + self.selection.problems()
         found += self.task.problems("task") + self.algo.problems()
         return found
 

@@ -46,6 +46,7 @@ from tokenrl.data.buffer import Batch, ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
+    _flatten,
     adjusted_settings,
     check_resume_config,
     checkpoint_dir,
@@ -478,7 +479,10 @@ def _stopped(ctx: RunContext, cause: str, error: DivergenceError) -> DivergenceE
 
 
 def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
-    """Evaluate on the validation prompts (one sampling seed), log ``val/*`` and append to ``results["validation"]``.
+    """Evaluate on the validation prompts, log ``val/*`` and append to ``results["validation"]``.
+
+    Sampled metrics: the seeds ``eval.val_seeds`` on the first ``eval.val_n_prompts`` validation prompts;
+    teacher-forced ones: every validation prompt's held-out sample (the selection score's data).
 
     Each record holds ``step``, ``train_clock_s`` (the training clock so far, validation excluded), the
     clock's per-stage totals and the scalar ``val/*`` metrics.
@@ -486,7 +490,8 @@ def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
     with distributed.full_parameters(ctx.loss_fn):
         if not ctx.dist.is_main:
             return
-        val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, [0], ctx.task.val_prompts, ctx.task.val_references)
+        prompts, references = _first(ctx.task.val_prompts, ctx.task.val_references, ctx.cfg.eval.val_n_prompts)
+        val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.val_seeds, prompts, references)
     # eval/... -> val/..., eval_p0.8/... -> val_p0.8/...
     scalars = {k.replace("eval", "val", 1): v for k, v in val.items() if isinstance(v, (int, float))}
     _log_scalars(ctx.writer, scalars, step)
@@ -523,6 +528,18 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         **ctx.timings,
     }
     ctx.results["task_info"] = ctx.task.info
+    # The run's hyper-parameters with its final metrics, for TensorBoard's HParams tab (it compares runs by them),
+    # before metrics.json marks the run finished; in tb_hparams/, as tb/ keeps the one event file of training.
+    hparams = {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in _flatten(dataclasses.asdict(ctx.cfg)).items()
+    }
+    final = {
+        f"hparam/{key}": float(value) for key, value in ctx.results["final_eval"].items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    with SummaryWriter(os.path.join(out_dir, "tb_hparams")) as writer:
+        writer.add_hparams(hparams, final, run_name=".")
     write_json_atomic(os.path.join(out_dir, "metrics.json"), ctx.results)
 
 
@@ -668,8 +685,11 @@ def evaluate_student(
     ``eval/onpolicy_kl_exact_state``; see :func:`tokenrl.evaluation.onpolicy.on_policy_reverse_kl_of_model`),
     sampled with its own seed ``eval.onpolicy_kl_seed`` so the other metrics are those of the evaluation alone.
 
-    Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics.
+    Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics. The
+    teacher-forced metrics read the held-out teacher samples of the prompts' split: ``task.test_heldout`` for the
+    test prompts (the default), ``task.heldout`` for given (validation) prompts.
     """
+    heldout = task.test_heldout if prompts is None else task.heldout
     prompts, references = _first(
         task.test_prompts if prompts is None else prompts,
         task.test_references if references is None else references,
@@ -688,7 +708,7 @@ def evaluate_student(
         max_new_tokens=task.max_new_tokens,
         seeds=list(seeds),
         temperature=eval_cfg.temperature,
-        heldout=task.heldout,
+        heldout=heldout,
         batch_size=eval_cfg.batch_size,
         vocab_size=task.vocab_size,
     )

@@ -48,6 +48,7 @@ TEMPLATES = ("minillm", "chat")
 # reference and held-out draws apart from the offline data and from the evaluation draws (10_000 + seed).
 _REFERENCE_SEED_OFFSET = 500_000
 _HELDOUT_SEED_OFFSET = 600_000
+_TEST_HELDOUT_SEED_OFFSET = 700_000
 _EVAL_SEED_OFFSET = 10_000
 
 
@@ -243,7 +244,8 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
             ref_samples[split_name] = [[decode(d[j]) for d in draws] for j in range(len(prompts))]
         # Held-out KL responses come from the teacher's own (untruncated, temperature 1) distribution.
         heldout_responses = sample(val, base + _HELDOUT_SEED_OFFSET, 1.0, 1.0)
-        return {"references": ref_samples, "heldout": heldout_responses}
+        test_heldout_responses = sample(test, base + _TEST_HELDOUT_SEED_OFFSET, 1.0, 1.0)
+        return {"references": ref_samples, "heldout": heldout_responses, "test_heldout": test_heldout_responses}
 
     eval_key = {
         "manifest": manifest,
@@ -255,6 +257,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
         "gen_batch_size": gen_batch,  # sampled tokens depend on the batch composition
         "val": _tokens_digest(val),
         "test": _tokens_digest(test),
+        "test_heldout": True,  # caches drawn before the test prompts had held-out samples lack them
     }
     drawn = _cached(cfg.eval_cache_dir, cfg.name, eval_key, draw_eval_samples)
 
@@ -307,6 +310,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
         decode=decode,
         manifest=manifest,
         heldout=(val, drawn["heldout"]),
+        test_heldout=(test, drawn["test_heldout"]),
         tokenizer=tokenizer,
         info=info,
         corpus=corpus,
