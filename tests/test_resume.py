@@ -176,6 +176,22 @@ def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch
     _assert_same_metrics(straight, resumed)
 
 
+def test_resume_with_best_checkpoint_selection_is_bit_identical(straight, tmp_path, monkeypatch):
+    """resume=true under selection.every > 0 was refused: the best weights so far were not in the checkpoint."""
+    data, _, _ = straight
+    selection = {"selection": {"every": 2}}
+    straight_metrics = run(_cfg(data, **selection), str(tmp_path / "straight"))
+    original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
+    with pytest.raises(Killed):
+        run(_cfg(data, **selection), str(tmp_path / "killed"))
+    monkeypatch.setattr(BellmanDistill, "update", original)
+    resumed = run(_cfg(data, resume=True, **selection), str(tmp_path / "killed"))
+    assert resumed["selection"] == straight_metrics["selection"]
+    assert [step for step, _ in resumed["selection"]["history"]] == [0, 2, 4, 6]
+    _assert_same_student(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_metrics(straight_metrics, resumed)
+
+
 @pytest.mark.parametrize(
     "change, named",
     [

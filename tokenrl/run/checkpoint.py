@@ -1,8 +1,8 @@
 """Train-state checkpoints: written atomically, verified on load, the last k kept, and resume that checks its config.
 
-A checkpoint is one safetensors file ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors``: the tensors of the
-state (model, optimiser moments, RNG states) as safetensors tensors, everything else as JSON in the file's
-metadata, and a SHA-256 over both. Nothing is unpickled, so a damaged or foreign file cannot run code; it
+A checkpoint is one safetensors file ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors`` (the SFT warm start's:
+``sft-XXXXXXXX.safetensors``): the tensors of the state (model, optimiser moments, RNG states) as safetensors
+tensors, everything else as JSON in the file's metadata, and a SHA-256 over both. Nothing is unpickled, so a damaged or foreign file cannot run code; it
 fails verification instead, and :func:`load_latest` falls back to the previous checkpoint with a warning.
 
 :func:`check_resume_config` refuses to continue a run under a different config: only the keys of
@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenrl.core.files import publish
+from tokenrl.run.distributed import all_reduce_sum
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "tokenrl-checkpoint-v1"
@@ -44,7 +45,8 @@ RESUME_MAY_ADJUST = frozenset({"algo.lr", "algo.grad_clip", "on_divergence", "di
 """Training settings a resumed run may also change: the fixes a divergence stop suggests. They change the
 result, so every change is recorded (``resumes`` in ``metrics.json``)."""
 
-_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
+STAGES = ("step", "sft")
+"""Checkpoint file prefixes: ``step`` the algorithm's updates, ``sft`` the SFT warm start's."""
 
 
 class CheckpointError(RuntimeError):
@@ -60,17 +62,18 @@ def checkpoint_dir(out_dir: str) -> str:
     return os.path.join(out_dir, CHECKPOINT_DIR)
 
 
-def checkpoint_path(out_dir: str, step: int) -> str:
-    """The checkpoint file of ``step`` (the one place that names checkpoints)."""
-    return os.path.join(checkpoint_dir(out_dir), f"step-{step:08d}.safetensors")
+def checkpoint_path(out_dir: str, step: int, stage: str = "step") -> str:
+    """The checkpoint file of ``step`` of ``stage`` (:data:`STAGES`; the one place that names checkpoints)."""
+    return os.path.join(checkpoint_dir(out_dir), f"{stage}-{step:08d}.safetensors")
 
 
-def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of every checkpoint file in ``out_dir``, newest first."""
+def list_checkpoints(out_dir: str, stage: str = "step") -> list[tuple[int, str]]:
+    """``(step, path)`` of every checkpoint file of ``stage`` in ``out_dir``, newest first."""
     directory = checkpoint_dir(out_dir)
+    pattern = re.compile(rf"^{stage}-(\d{{8}})\.safetensors$")
     found = []
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        match = _NAME.match(name)
+        match = pattern.match(name)
         if match:
             found.append((int(match.group(1)), os.path.join(directory, name)))
     return sorted(found, reverse=True)
@@ -187,8 +190,16 @@ def read_state_file(path: str) -> dict:
     return _decode(json.loads(metadata["state"]), tensors)
 
 
-def save_checkpoint(out_dir: str, state: dict, step: int, keep: int, protect: int | None = None) -> str:
-    """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the newest ``keep``.
+def is_state_file(path: str) -> bool:
+    """Whether ``path`` is a file of :func:`write_state_file` (a checkpoint or a cached SFT start), not plain weights."""
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+
+
+def save_checkpoint(
+    out_dir: str, state: dict, step: int, keep: int, protect: int | None = None, stage: str = "step"
+) -> str:
+    """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the newest ``keep`` (of its stage).
 
     Args:
         out_dir: the run directory.
@@ -197,13 +208,14 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int, protect: in
         keep: checkpoints kept (>= 1).
         protect: if given, the newest checkpoint at or before this step is kept too (the last good state
             before the first update the divergence guard skipped, :mod:`tokenrl.run.recovery`).
+        stage: the file prefix (:data:`STAGES`).
 
     Returns:
         The checkpoint's path.
     """
-    path = checkpoint_path(out_dir, step)
+    path = checkpoint_path(out_dir, step, stage)
     write_state_file(path, state)
-    found = list_checkpoints(out_dir)
+    found = list_checkpoints(out_dir, stage)
     protected = next((p for s, p in found if s <= protect), None) if protect is not None else None
     for _, old in found[keep:]:
         if old != protected:
@@ -232,8 +244,8 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} fails verification: {error}") from error
 
 
-def load_latest(out_dir: str) -> tuple[dict, str] | None:
-    """The newest checkpoint of ``out_dir`` that passes verification: ``(state, path)``, None without any.
+def load_latest(out_dir: str, stage: str = "step") -> tuple[dict, str] | None:
+    """The newest checkpoint of ``stage`` in ``out_dir`` that passes verification: ``(state, path)``, None without any.
 
     A damaged newer checkpoint is renamed to ``*.damaged`` (kept for inspection) with a warning, and the
     next older one is tried.
@@ -242,7 +254,7 @@ def load_latest(out_dir: str) -> tuple[dict, str] | None:
         CheckpointError: checkpoints exist but none passes verification.
     """
     failures = []
-    for _, path in list_checkpoints(out_dir):
+    for _, path in list_checkpoints(out_dir, stage):
         try:
             return load_checkpoint(path), path
         except CheckpointError as error:
@@ -319,6 +331,20 @@ def check_resume_config(stored: dict, requested: dict, where: str, label: str = 
             f"resume=true with a config that differs from the run's, in {where} ({detail}); resume with the "
             f"run's values (only {allowed} may change), or start a new run in another output directory"
         )
+
+
+def checkpoint_decision(due: bool, received: list[int]) -> tuple[bool, str | None]:
+    """``(write, stop)`` after an update: write a checkpoint when one is due or a signal arrived; ``stop`` names the
+    signal (None: go on).
+
+    Under torchrun every rank takes any rank's decision (one all-reduce of two numbers): a time-based checkpoint
+    and a signal may come to the ranks at different updates, while writing gathers the state from every rank
+    (a collective under FSDP) and the ranks must stop together.
+    """
+    due_any, signalled = all_reduce_sum([float(bool(due)), float(bool(received))])
+    if not signalled:
+        return bool(due_any), None
+    return True, signal.Signals(received[0]).name if received else "SIGTERM/SIGINT (on another rank)"
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from tokenrl.run.checkpoint import (
     adjusted_settings,
     check_resume_config,
     checkpoint_dir,
+    checkpoint_decision,
     checkpoint_path,
     deferred_signals,
     load_latest,
@@ -81,6 +82,8 @@ from tokenrl.run.recovery import (
     weight_sign_message,
 )
 from tokenrl.run.rundir import check_owner, claim_run_dir, locked_run_dir, read_owner, record_resume
+from tokenrl.run.sft_checkpoints import STAGE as SFT_STAGE
+from tokenrl.run.sft_checkpoints import SFTCheckpoints, remove_sft_checkpoints
 from tokenrl.tasks.corpus import load_corpus
 
 log = logging.getLogger(__name__)
@@ -268,7 +271,7 @@ def find_resume_state(cfg: RunConfig, out_dir: str) -> dict | None:
     """
     if not cfg.resume:
         return None
-    found = load_latest(out_dir)
+    found = load_latest(out_dir) or load_latest(out_dir, SFT_STAGE)
     if found is None:
         if os.path.isdir(out_dir) and read_owner(out_dir) is not None:  # check_owner found it to be this run's
             log.warning("the run in %s stopped before its first checkpoint: starting it from the beginning", out_dir)
@@ -297,11 +300,14 @@ def resume_entry(cfg: RunConfig, state: dict) -> dict[str, Any]:
     """What a resume from ``state`` changes: the step it continues from, the training settings that differ from
     the checkpoint's (``steps`` and :data:`tokenrl.run.checkpoint.RESUME_MAY_ADJUST`) and the schedule's length
     (the one the run started with: see :func:`tokenrl.run.recovery.schedule_note`)."""
-    return {
+    entry = {
         "from_step": int(state["step"]),
         "changed": adjusted_settings(state["config"], dataclasses.asdict(cfg)),
         "schedule_steps": int(state.get("schedule_steps", state["config"]["steps"])),
     }
+    if state.get("stage") == SFT_STAGE:  # the algorithm is not built yet: its schedule is this config's
+        entry.update(from_sft_step=int(state["sft_step"]), schedule_steps=cfg.steps)
+    return entry
 
 
 def resume(ctx: RunContext, state: dict) -> tuple[Algorithm, int]:
@@ -310,22 +316,37 @@ def resume(ctx: RunContext, state: dict) -> tuple[Algorithm, int]:
     A changed ``algo.lr`` takes effect at once (:func:`tokenrl.run.recovery.adopt_learning_rate`), a changed
     ``steps`` leaves the schedule's length as it was (logged); both are recorded under ``results["resumes"]``.
     """
-    entry = resume_entry(ctx.cfg, state)
-    algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=entry["schedule_steps"])
+    schedule_steps = resume_entry(ctx.cfg, state)["schedule_steps"]
+    algo = make_algorithm(ctx.cfg.algo_name, ctx.policy, ctx.cfg.algo_config(), total_steps=schedule_steps)
     distributed.load_algo_state(algo, state["algo"], ctx.loss_fn)
-    if "algo.lr" in entry["changed"]:
+    if algo.config.lr != state["config"]["algo"]["lr"]:
         adopt_learning_rate(algo)
-    note = schedule_note(entry["schedule_steps"], ctx.cfg.steps)
+    note = schedule_note(schedule_steps, ctx.cfg.steps)
     if note is not None:
         log.warning(note)
     ctx.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     ctx.guard.load_state_dict(state["guard"])
+    restore_results(ctx, state)
+    return algo, int(state["step"])
+
+
+def restore_results(ctx: RunContext, state: dict) -> None:
+    """The results and stage timings a checkpoint (of the algorithm or of the SFT) keeps, and the resume's entry
+    under ``results["resumes"]``."""
     ctx.results.update(state["results"])
-    ctx.results["resumes"] = [*ctx.results.get("resumes", []), entry]
+    ctx.results["resumes"] = [*ctx.results.get("resumes", []), resume_entry(ctx.cfg, state)]
     for key, seconds in state["timings"].items():
         ctx.timings.setdefault(key, seconds)
-    return algo, int(state["step"])
+
+
+def start_algorithm(ctx: RunContext, algo: Algorithm) -> None:
+    """Checkpoint the algorithm's start (step 0: the last good state until a later checkpoint, and what a resume
+    continues from instead of the SFT checkpoints, which it replaces) and the weights' norm the guard compares with."""
+    ctx.guard.start_weight_norm = weight_norm(ctx.model)
+    save_train_state(ctx, algo, 0)
+    if ctx.dist.is_main:
+        remove_sft_checkpoints(ctx.out_dir)
 
 
 def reference_evaluations(ctx: RunContext) -> None:
@@ -352,19 +373,25 @@ def reference_evaluations(ctx: RunContext) -> None:
         _log_scalars(ctx.writer, ctx.results["init_eval"], 0)
 
 
-def warm_start(ctx: RunContext) -> None:
+def warm_start(ctx: RunContext, sft_state: dict | None = None) -> None:
     """SFT (BC) on the offline data before the algorithm (the paper's recipe), then evaluate.
 
     ``sft_steps`` updates, or with ``selection.sft_eval_every`` until validation stops improving (at most
-    ``sft_steps``), possibly from the cache: :func:`tokenrl.run.selection.train_sft`.
+    ``sft_steps``), possibly from the cache: :func:`tokenrl.run.selection.train_sft`. Checkpointed as training
+    is (:mod:`tokenrl.run.sft_checkpoints`); ``sft_state`` is an SFT checkpoint to continue from.
     """
     cfg = ctx.cfg
     if cfg.sft_steps <= 0:
         return
-    with timed(ctx.timings, "sft_s"):
+    kept = lambda: {  # noqa: E731 - what an SFT checkpoint keeps of the run before the SFT
+        "results": {k: ctx.results[k] for k in _KEPT_ON_RESUME if k in ctx.results},
+        "timings": {k: v for k, v in ctx.timings.items() if k in _TIMINGS_KEPT_ON_RESUME},
+    }
+    with timed(ctx.timings, "sft_s"), deferred_signals((signal.SIGTERM, signal.SIGINT)) as received:
+        checkpoints = SFTCheckpoints(cfg, ctx.out_dir, ctx.dist, ctx.loss_fn, ctx.generator, kept, received, sft_state)
         ctx.results["sft"], sft_stats = train_sft(
             cfg, ctx.task, ctx.model, ctx.policy, ctx.generator, sft_step=lambda sft: train_step(ctx, sft),
-            data_dir=ctx.data_dir,
+            data_dir=ctx.data_dir, checkpoints=checkpoints,
         )
         _log_scalars(ctx.writer, {f"sft/{k}": v for k, v in sft_stats.items()}, 0)
         # Free the warm start's AdamW moments (2 copies of the student) before the evaluation and the
@@ -383,9 +410,8 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
 
     Rollout collection, batch drawing and the update are timed stages on one :class:`StageClock` (the
     training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
-    are outside it (a resumed run's clock starts again at 0). A new run checkpoints its start (step 0: the
-    last good state until a later checkpoint), then every ``checkpoint_every`` steps and every
-    ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the current update with a checkpoint.
+    are outside it (a resumed run's clock starts again at 0). The start (step 0) is checkpointed before
+    (:func:`start_algorithm`), then every ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the current update with a checkpoint.
 
     A diverging update (see :mod:`tokenrl.core.divergence`) is refused before it changes anything, or, when the
     sign is in the weights after it, caught before any checkpoint holds them. ``on_divergence=stop`` then raises,
@@ -403,10 +429,8 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     cfg, task = ctx.cfg, ctx.task
     rollout_every = cfg.rollout_every or (10 if algo.needs_rollouts else 0)
     algo.guard = ctx.guard
-    if ctx.guard.start_weight_norm is None:
+    if ctx.guard.start_weight_norm is None:  # a checkpoint written before the weight check
         ctx.guard.start_weight_norm = weight_norm(ctx.model)
-    if start_step == 0 and not ctx.results.get("resumes"):
-        save_train_state(ctx, algo, 0)
     clock = StageClock()
     val_due_s = cfg.eval.val_every_s
     if cfg.eval.val_every_s and start_step == 0:
@@ -457,13 +481,14 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
             )
             if ctx.selector is not None and (done % cfg.selection.every == 0 or done == cfg.steps):
                 ctx.selector.consider(done)
-            if due or received:
+            write, stop = checkpoint_decision(due, received)
+            if write:
                 save_train_state(ctx, algo, done)
                 last_save = time.monotonic()
-            if received:
+            if stop:
                 raise KeyboardInterrupt(
-                    f"signal {signal.Signals(received[0]).name} at step {done}: checkpoint written to "
-                    f"{checkpoint_path(ctx.out_dir, done)}; rerun with resume=true to continue"
+                    f"signal {stop} at step {done}: checkpoint written to {checkpoint_path(ctx.out_dir, done)}; "
+                    "rerun with resume=true to continue"
                 )
     ctx.timings.update(clock.totals)
     return stats
@@ -598,10 +623,12 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
             "selection.every, selection.sft_eval_every and selection.sft_cache are single-process features for now "
             "(validation would run on every rank); use selection=fixed under torchrun"
         )
-    if resume_state is not None and cfg.selection.every:
+    sft_state = resume_state if resume_state is not None and resume_state.get("stage") == SFT_STAGE else None
+    train_state = resume_state if sft_state is None else None
+    if train_state is not None and cfg.selection.every and "selector" not in train_state:
         raise ValueError(
             "resume=true with selection.every > 0: the best weights before the interruption are not in the "
-            "checkpoint; rerun without resume, or with selection.every=0"
+            "checkpoint (written by an older version); rerun without resume, or with selection.every=0"
         )
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
@@ -629,13 +656,16 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         loss_module=loss_module,
         loss_fn=distributed.wrap_for_training(loss_module, dist_ctx, cfg.dist.strategy),
     )
-    if resume_state is not None:
-        algo, start_step = resume(ctx, resume_state)
-        ctx.skipped_steps = int(resume_state["skipped_steps"])
+    if train_state is not None:
+        algo, start_step = resume(ctx, train_state)
+        ctx.skipped_steps = int(train_state["skipped_steps"])
     else:
-        with distributed.full_parameters(ctx.loss_fn):
-            reference_evaluations(ctx)
-        warm_start(ctx)
+        if sft_state is None:
+            with distributed.full_parameters(ctx.loss_fn):
+                reference_evaluations(ctx)
+        else:
+            restore_results(ctx, sft_state)
+        warm_start(ctx, sft_state)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         algo, start_step = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
     if algo.needs_lm_batch:
@@ -643,7 +673,12 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
             ctx.corpus, ctx.results["corpus"] = load_task_corpus(cfg, task, dist_ctx)
     if cfg.selection.every:
         ctx.selector = BestCheckpoint(ctx.model, lambda m: validation_score(m, task, cfg))
-        ctx.selector.consider(0)  # the SFT start competes too
+        if train_state is not None:
+            ctx.selector.load_state_dict(train_state["selector"])
+        else:
+            ctx.selector.consider(0)  # the SFT start competes too
+    if train_state is None:
+        start_algorithm(ctx, algo)
     with timed(timings, "train_s"):
         last_stats = train_loop(ctx, algo, start_step)
     save_train_state(ctx, algo, cfg.steps)
@@ -743,6 +778,8 @@ def save_train_state(ctx: RunContext, algo: Algorithm, step: int) -> str | None:
         "timings": {k: v for k, v in ctx.timings.items() if k in _TIMINGS_KEPT_ON_RESUME},
         "config": dataclasses.asdict(ctx.cfg),
     }
+    if ctx.selector is not None:
+        state["selector"] = ctx.selector.state_dict()
     return save_checkpoint(ctx.out_dir, state, step, ctx.cfg.keep_checkpoints, protect=ctx.guard.first_skip)
 
 
