@@ -15,6 +15,7 @@ from algorithms.base import AlgoConfig, Algorithm
 from algorithms.bc import BC, BCConfig
 from algorithms.gkd import GKD, GKDConfig
 from algorithms.iql_bd import BellmanDistill, BellmanDistillConfig
+from algorithms.iql_bd_online import OnlineBDConfig, OnlineBellmanDistill
 from algorithms.kd import KD, KDConfig
 from algorithms.minillm import MiniLLM, MiniLLMConfig
 from algorithms.registry import (
@@ -36,6 +37,7 @@ register("iql_bd", BellmanDistill, BellmanDistillConfig)
 register("soft_q", SoftQ, SoftQConfig)
 register("gkd", GKD, GKDConfig)
 register("minillm", MiniLLM, MiniLLMConfig)
+register("iql_bd_online", OnlineBellmanDistill, OnlineBDConfig)
 load_plugins()
 
 __all__ = [

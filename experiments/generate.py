@@ -17,6 +17,7 @@ number of trajectories, the bytes per token of the stored top-p sets and set-siz
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -38,7 +39,8 @@ def main(cfg: DictConfig) -> None:
     run_cfg = make_run_config(cfg)
     check_config(run_cfg)
     apply_threads(run_cfg.threads)
-    with process_group(run_cfg.device, run_cfg.dist.timeout_min) as (dist_ctx, _):
+    with process_group(run_cfg.device, run_cfg.dist.timeout_min) as (dist_ctx, device):
+        run_cfg = dataclasses.replace(run_cfg, device=device)  # under torchrun and nccl: this rank's GPU
         task = build_task(run_cfg)
         check_student_tokenizer(run_cfg, task.tokenizer)
         start = time.time()

@@ -163,7 +163,7 @@ def test_every_suite_composes_and_expands(bench, name):
         assert run.config["selection"]["every"] > 0 and run.config["selection"]["metric"] == suite.selection_metric
     if name == "default":
         assert set(suite.methods) == {"bc", "kd", "iql_bd", "iql_bd_math", "iql_bd_released", "soft_q", "minillm",
-                                      "gkd", "sqil", "bd_kd", "kd_pbc"}
+                                      "gkd", "sqil", "bd_kd", "kd_pbc", "iql_bd_online", "iql_bd_online_free"}
         sqil = next(r for r in runs if r.method == "sqil")
         assert sqil.config["algo"]["name"] == "soft_q" and sqil.config["algo"]["reward"] == "sqil"
         assert sqil.config["sft_steps"] == 3000 and sqil.config["steps"] == 1000 and sqil.config["threads"] == 1

@@ -9,9 +9,24 @@ action space of the token MDP is the vocabulary. Embedding matrices may be padde
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenrl.lm.precision import ATTENTION
+
+
+def with_sdpa(build: Callable[..., PreTrainedModel], *args: Any, **kwargs: Any) -> PreTrainedModel:
+    """``build(*args, attn_implementation="sdpa", **kwargs)`` (:data:`tokenrl.lm.precision.ATTENTION`), or
+    transformers' default attention for an architecture without SDPA support."""
+    try:
+        return build(*args, attn_implementation=ATTENTION, **kwargs)
+    except ValueError as error:
+        if "scaled_dot_product_attention" not in str(error):
+            raise
+        return build(*args, **kwargs)
 
 
 def _offline() -> bool:
@@ -45,7 +60,7 @@ def _load_gguf_model(
     gguf_path = cached_file(directory, gguf_file)
     config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        skeleton = with_sdpa(AutoModelForCausalLM.from_config, config, dtype=dtype, trust_remote_code=trust_remote_code)
     tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton, torch_dtype=dtype)["tensors"]
     expected = set(skeleton.state_dict())
     # A GGUF with tied embeddings has no output.weight: lm_head is tied on load, so only it may be missing.
@@ -59,7 +74,9 @@ def _load_gguf_model(
     # from_pretrained with a state dict builds on the meta device and takes the tensors as parameters
     # (no copy); it also materialises non-persistent buffers such as RoPE frequencies, which a plain
     # load_state_dict(assign=True) into the meta skeleton would leave on the meta device.
-    return type(skeleton).from_pretrained(None, config=config, state_dict=tensors, dtype=dtype)
+    return type(skeleton).from_pretrained(
+        None, config=config, state_dict=tensors, dtype=dtype, attn_implementation=skeleton.config._attn_implementation
+    )
 
 
 def load_causal_lm(
@@ -69,7 +86,7 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode.
+    """Load a causal LM and its tokenizer, in eval mode, with SDPA attention where the architecture has it.
 
     Args:
         name_or_path: a hub id, a local directory saved with ``save_pretrained``, the directory holding
@@ -97,8 +114,8 @@ def load_causal_lm(
         if gguf_file is not None:
             model = _load_gguf_model(name_or_path, gguf_file, torch_dtype, trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            model = with_sdpa(
+                AutoModelForCausalLM.from_pretrained, name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
     except OSError as error:
         if os.path.exists(name_or_path):

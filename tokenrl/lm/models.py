@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenrl.core.files import apply_umask_to_tree
-from tokenrl.lm.loading import check_same_vocabulary, load_causal_lm, resolve_dtype, usable_vocab_size
+from tokenrl.lm.loading import check_same_vocabulary, load_causal_lm, resolve_dtype, usable_vocab_size, with_sdpa
 from tokenrl.lm.sampling import KVCacheStepper
 from tokenrl.lm.scoring import causal_lm_position_logits
 from tokenrl.core.teachers import TokenPositions
@@ -90,6 +90,9 @@ def make_student(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Build a student that shares the teacher's vocabulary, in train mode: the one student constructor.
 
+    Fresh and pretrained students use SDPA attention where the architecture has it; a pruned one keeps the
+    teacher's attention implementation.
+
     Args:
         kind: ``"pretrained"`` (load ``name_or_path``/``gguf_file``), ``"fresh"`` (random init from
             :data:`FRESH_STUDENT_DEFAULTS` updated by ``config_overrides``; ``model_type`` picks the
@@ -137,7 +140,7 @@ def make_student(
             )
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         torch.manual_seed(seed)
-        student = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device)
+        student = with_sdpa(AutoModelForCausalLM.from_config, config, dtype=torch_dtype).to(device)
     elif kind == "pruned":
         if teacher_model is None or teacher_tokenizer is None:
             raise ValueError("make_student('pruned') needs teacher_model and teacher_tokenizer.")

@@ -18,6 +18,7 @@ import os
 import torch
 
 from tokenrl.core.options import PROBABILITY, nonfinite_problems
+from tokenrl.lm.precision import check_precision
 from tokenrl.run.config import MODEL_KINDS, RunConfig
 from tokenrl.run.selection import check_selection
 from tokenrl.tasks.hf import HFTaskConfig
@@ -70,6 +71,8 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"model.dtype={model.dtype!r}: not a torch dtype; use float32, bfloat16 or float16")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device={cfg.device!r}: CUDA is not available on this machine; set device=cpu")
+    elif isinstance(getattr(torch, model.dtype, None), torch.dtype):
+        problems += check_precision(cfg.precision, cfg.device, model.dtype)
     if isinstance(cfg.task, HFTaskConfig):
         task = cfg.task
         if task.prompts_file not in (None, "???") and not os.path.isfile(task.prompts_file):

@@ -174,6 +174,10 @@ class RunConfig:
     batch_size: int = 32  # trajectories per update (the global batch over all ranks and accumulation steps)
     micro_batch_size: int | None = None  # trajectories per forward/backward (None = batch_size / world size)
     device: str = "cpu"  # torch device
+    # fp32 | bf16: bfloat16 autocast of the student's training forward, float32 master weights and AdamW state
+    # (tokenrl.lm.precision; sampling and evaluation stay in the weights' dtype)
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the student's decoder body in training (measured in BENCHMARKS.md)
     threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
     log_every: int = 20  # TensorBoard scalar interval
     checkpoint_every: int = 0  # checkpoint every n steps (0 = time-based only)

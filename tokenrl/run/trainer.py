@@ -144,9 +144,9 @@ def apply_threads(threads: int) -> None:
 # Stages
 # --------------------------------------------------------------------------------------------------
 def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.task`` (synthetic or transformers)."""
+    """The task of ``cfg.task`` (synthetic or transformers; a transformers teacher on ``cfg.device``)."""
     if isinstance(cfg.task, HFTaskConfig):
-        return build_hf_task(cfg.task)
+        return build_hf_task(cfg.task, cfg.device)
     return build_synthetic_task(cfg.task)
 
 
@@ -637,7 +637,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
     with timed(timings, "data_s"):
         buffer, data_dir, cached = load_data(cfg, task, dist_ctx)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
-    policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
+    policy = CausalLMPolicy(model, vocab_size=task.vocab_size, precision=cfg.precision, compile=cfg.compile)
     loss_module = distributed.LossForward(policy)
     ctx = RunContext(
         cfg=cfg,

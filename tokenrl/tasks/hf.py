@@ -153,11 +153,12 @@ def _tokens_digest(prompts: Sequence[Sequence[int]]) -> str:
     return hashlib.sha1(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
-def build_hf_task(cfg: HFTaskConfig) -> Task:
+def build_hf_task(cfg: HFTaskConfig, device: str = "cpu") -> Task:
     """Build a transformers-teacher task from a ``task=<hf task>`` config.
 
     Args:
         cfg: the task settings.
+        device: where the teacher runs (the run's ``device``; ``cuda:<local rank>`` under torchrun).
 
     Returns:
         The :class:`~tokenrl.tasks.base.Task`. ``task.teacher`` is an :class:`~tokenrl.lm.models.HFTeacher` (its
@@ -174,7 +175,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
     examples = load_jsonl_prompts(
         cfg.prompts_file, cfg.instruction_field, cfg.context_field, cfg.response_field
     )
-    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype)
+    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype, device=device)
     teacher = HFTeacher(model, tokenizer, max_batch=int(cfg.cache_batch_size))
     eos, pad, vocab = teacher.eos_token_id, teacher.pad_token_id, teacher.vocab_size
     max_new = int(cfg.max_new_tokens)
