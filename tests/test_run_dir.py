@@ -14,6 +14,7 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests.test_resume import _snapshot
 from tokenrl.run.checkpoint import ResumeError
 from tokenrl.run.config import make_run_config, register_configs
 from tokenrl.run.rundir import RunDirError
@@ -52,16 +53,6 @@ def _config(tmp, *overrides):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "experiments", "conf")):
         return make_run_config(compose(config_name="config", overrides=[*TINY, *overrides, f"data_dir={tmp / 'data'}"]))
-
-
-def _snapshot(directory) -> dict[str, tuple[bytes, int]]:
-    out = {}
-    for base, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                out[path] = (f.read(), os.stat(path).st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -100,12 +100,13 @@ def _context_problems(cfg: RunConfig) -> list[str]:
     must fit the teacher's positions, and a pretrained student's: past them a learned position table (GPT-2)
     fails with an IndexError inside sampling."""
     task = cfg.task
-    if task.teacher in (None, "???") or not all(isinstance(n, int) and n > 0 for n in (task.max_prompt_tokens, task.max_new_tokens)):
+    if task.teacher in (None, "???") or min(task.max_prompt_tokens, task.max_new_tokens) <= 0:
         return []
     longest = task.max_prompt_tokens + task.max_new_tokens
     models = [("teacher", f"task.teacher={task.teacher!r}", task.teacher, task.teacher_gguf_file)]
-    if cfg.model.kind == "pretrained" and cfg.model.name_or_path:
-        models.append(("student", f"model.name_or_path={cfg.model.name_or_path!r}", cfg.model.name_or_path, cfg.model.gguf_file))
+    student = cfg.model
+    if student.kind == "pretrained" and student.name_or_path:
+        models.append(("student", f"model.name_or_path={student.name_or_path!r}", student.name_or_path, student.gguf_file))
     problems = []
     for role, key, path, gguf in models:
         positions = _context_length(path, gguf)

@@ -70,7 +70,7 @@ def divergence_stop(cfg: RunConfig, out_dir: str, cause: str, term: str, first_s
     else:
         step, path = good
         start = " (the start of training)" if step == 0 else ""
-        aside = " (the later ones, written after the first skipped update, were renamed *.diverged)" if first_skip is not None else ""
+        aside = "" if first_skip is None else " (the later ones, written after the first skipped update, were renamed *.diverged)"
         where = (
             f"the last good state is {path}, step {step}{start}, written before any sign of divergence{aside}; "
             f"continue from it with resume=true hydra.run.dir={out_dir} and one of: {fixes}"

@@ -208,5 +208,6 @@ def record_resume(out_dir: str, config: dict, fd: int | None, entry: dict[str, A
     owner = read_owner(out_dir) or {
         "identity_sha256": identity_digest(config), "config": config, "command": None, "resumes": [],
     }
-    owner["resumes"] = [*owner.get("resumes", []), {**entry, "command": sys.argv, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+    entry = {**entry, "command": sys.argv, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    owner["resumes"] = [*owner.get("resumes", []), entry]
     write_json_atomic(owner_path(out_dir), owner)

@@ -411,7 +411,8 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
     Rollout collection, batch drawing and the update are timed stages on one :class:`StageClock` (the
     training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
     are outside it (a resumed run's clock starts again at 0). The start (step 0) is checkpointed before
-    (:func:`start_algorithm`), then every ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the current update with a checkpoint.
+    (:func:`start_algorithm`), then every ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM
+    and SIGINT end the run after the current update with a checkpoint.
 
     A diverging update (see :mod:`tokenrl.core.divergence`) is refused before it changes anything, or, when the
     sign is in the weights after it, caught before any checkpoint holds them. ``on_divergence=stop`` then raises,

@@ -109,7 +109,9 @@ class SyntheticTaskConfig:
             "cache_batch_size": POSITIVE, "corpus_sequences": POSITIVE, "corpus_max_tokens": POSITIVE,
             "corpus_top_p": PROBABILITY.explained("null = sample_top_p"),
         }
-        language = self.language if isinstance(self.language, SyntheticLanguageConfig) else SyntheticLanguageConfig(**self.language)
+        language = self.language
+        if not isinstance(language, SyntheticLanguageConfig):
+            language = SyntheticLanguageConfig(**language)
         return field_problems(self, prefix, ranges) + language.problems(f"{prefix}.language")
 
 
