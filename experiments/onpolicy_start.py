@@ -53,8 +53,8 @@ from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.lm.sampling import sample_responses  # noqa: E402
 from tokenrl.lm.scoring import with_teacher_logprobs  # noqa: E402
 from tokenrl.run.config import compose_algo, make_run_config  # noqa: E402
-from tokenrl.run.selection import sft_cache_path  # noqa: E402
 from tokenrl.run.inputs import build_student, build_task, data_location  # noqa: E402
+from tokenrl.run.selection import read_sft_start, sft_cache_path  # noqa: E402
 from tokenrl.run.trainer import run  # noqa: E402
 from tokenrl.tasks.synthetic import SyntheticLanguage  # noqa: E402
 
@@ -157,7 +157,7 @@ def _sft_weights(metrics: dict) -> dict[str, torch.Tensor] | None:
     cfg = make_run_config(metrics["config"])
     task = build_task(cfg)
     path = sft_cache_path(cfg, task, data_location(cfg, task))
-    return torch.load(path, weights_only=True)["model"] if os.path.exists(path) else None
+    return read_sft_start(path)["model"] if os.path.exists(path) else None
 
 
 def lr_table(results: dict[str, dict]) -> str:

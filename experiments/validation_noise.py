@@ -16,11 +16,11 @@ the seconds one validation takes (scoring and sampling, not drawing the held-out
 does once). With ``--versus`` a second student is scored on the same draws and the rows ``(difference)`` give
 the spread of the paired difference, which is what ranking two checkpoints or methods depends on.
 
-The student: ``--student`` (a run's ``student.safetensors``, or an SFT start ``sft_starts/<digest>.pt`` of
+The student: ``--student`` (a run's ``student.safetensors``, or an SFT start ``sft_starts/<digest>.safetensors`` of
 ``selection.sft_cache``), else ``--sft-steps`` BC updates at the run's ``sft_lr`` (deterministic for a seed).
 
     python experiments/validation_noise.py --quick                    # a 1000-step SFT student, a small grid
-    python experiments/validation_noise.py --student A.pt --versus outputs/<run>/student.safetensors \
+    python experiments/validation_noise.py --student A.safetensors --versus outputs/<run>/student.safetensors \
         --heldout 100:1,100:16,500:1,2000:1 --sampled 100:1,500:1,500:4
 """
 
@@ -40,9 +40,11 @@ from algorithms import make_algorithm
 from tokenrl.evaluation.metrics import evaluate_decodings, teacher_forced_kl
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
 from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.checkpoint import is_state_file
 from tokenrl.run.config import RunConfig, compose_run_config
 from tokenrl.run.context import apply_threads
 from tokenrl.run.inputs import build_student, build_task, load_data
+from tokenrl.run.selection import read_sft_start
 from tokenrl.tasks.base import Task
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
@@ -54,7 +56,7 @@ def fixed_student(cfg: RunConfig, task: Task, path: str | None, sft_steps: int) 
     """The student every row scores: the weights at ``path``, or ``sft_steps`` BC updates from the run's init."""
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
     if path is not None:
-        state = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)["model"]
+        state = read_sft_start(path)["model"] if is_state_file(path) else load_file(path)
         loaded = model.load_state_dict(state, strict=False)  # a run's safetensors drops tied duplicates
         if loaded.unexpected_keys or (loaded.missing_keys and not model.config.tie_word_embeddings):
             raise SystemExit(
@@ -184,7 +186,7 @@ def pairs(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student", help="a run's student.safetensors or an SFT start (sft_starts/<digest>.pt)")
+    parser.add_argument("--student", help="a run's student.safetensors or an SFT start (sft_starts/<digest>.safetensors)")
     parser.add_argument("--versus", help="a second student: rows of the paired difference (student minus this one)")
     parser.add_argument("--sft-steps", type=int, default=1000, help="BC updates of the student without --student")
     parser.add_argument("--replicates", type=int, default=8, help="validation draws per setting")

@@ -54,9 +54,9 @@ def _writes(name, fn):
     return wrapper
 
 
-def _save_checkpoint(out_dir, state, step, keep):
+def _save_checkpoint(out_dir, state, step, keep, **kwargs):
     trace["writes"].append("save_checkpoint")
-    path = _save_checkpoint_fn(out_dir, state, step, keep)
+    path = _save_checkpoint_fn(out_dir, state, step, keep, **kwargs)
     if step == snapshot_step:
         shutil.copy(path, os.path.join(trace_dir, f"checkpoint_step{snapshot_step}.safetensors"))
     return path

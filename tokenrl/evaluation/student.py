@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, field_problems, range_problem
 from tokenrl.evaluation.metrics import evaluate, evaluate_decodings, evaluate_teacher_samples
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
 from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_forced_set_metrics
@@ -58,11 +59,23 @@ class EvalConfig:
     val_n_prompts: int | None = 500  # None = all validation prompts
     onpolicy_kl_seed: int = 7919  # sampling seed of eval/onpolicy_kl (its own stream: other metrics unchanged)
 
-    def __post_init__(self):
-        if not self.val_seeds:
-            raise ValueError("eval.val_seeds needs at least one sampling seed, e.g. [1000]")
-        if self.val_n_prompts is not None and self.val_n_prompts <= 0:
-            raise ValueError(f"eval.val_n_prompts must be > 0 or null (all), got {self.val_n_prompts}")
+    def problems(self, prefix: str = "eval") -> list[str]:
+        """Every field out of its range, one line each (see :mod:`tokenrl.core.options`)."""
+        ranges = {"temperature": POSITIVE, "batch_size": POSITIVE, "n_prompts": POSITIVE.explained("null = all"),
+                  "val_every": NON_NEGATIVE.explained("0 = off"), "val_every_s": NON_NEGATIVE.explained("0 = off"),
+                  "onpolicy_kl_seed": NON_NEGATIVE, "val_n_prompts": POSITIVE.explained("null = all")}
+        found = field_problems(self, prefix, ranges)
+        for key, example in (("seeds", "[0]"), ("val_seeds", "[1000]")):
+            seeds = getattr(self, key)
+            if not seeds:
+                found.append(f"{prefix}.{key}=[]: needs at least one seed; set {prefix}.{key}={example}")
+            found += [line for i, s in enumerate(seeds) if (line := range_problem(f"{prefix}.{key}[{i}]", s, NON_NEGATIVE))]
+        if not self.decode_top_p or not all(PROBABILITY.ok(p) for p in self.decode_top_p):
+            found.append(
+                f"{prefix}.decode_top_p={list(self.decode_top_p)!r}: needs one or more values in (0, 1]; "
+                f"set {prefix}.decode_top_p=[1.0,0.8]"
+            )
+        return found
 
 
 def first(prompts: list, references: list, n: int | None) -> tuple[list, list]:

@@ -31,12 +31,17 @@ from hydra.core.override_parser.types import ChoiceSweep
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms import REGISTRY, AlgoConfig, get_spec, unknown_algorithm_message
+from tokenrl.core.options import AT_LEAST_ONE, HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, field_problems
 from tokenrl.evaluation.student import EvalConfig
 from tokenrl.tasks.hf import HFTaskConfig
 from tokenrl.tasks.base import SyntheticTaskConfig
 
 TASK_SCHEMAS: dict[str, type] = {"synthetic": SyntheticTaskConfig, "hf": HFTaskConfig}
 """``task.kind`` -> the schema of that task node."""
+
+MODEL_KINDS = ("fresh", "pretrained", "pruned")
+ON_DIVERGENCE = ("stop", "skip")
+"""``on_divergence`` choices: stop the run (its last good checkpoint stays), or skip the update and count it."""
 
 
 @dataclass
@@ -57,6 +62,12 @@ class ModelConfig:
     # gradient checkpointing): less training memory for ~one extra forward; same loss and gradients.
     gradient_checkpointing: bool = False
 
+    def problems(self, prefix: str = "model") -> list[str]:
+        """Every field out of its range or choices, one line each (see :mod:`tokenrl.core.options`)."""
+        ranges = {"hidden_size": POSITIVE, "num_layers": POSITIVE, "num_heads": POSITIVE, "intermediate_size": POSITIVE,
+                  "keep_every": AT_LEAST_ONE}
+        return field_problems(self, prefix, ranges, choices={"kind": MODEL_KINDS})
+
 
 @dataclass
 class DistConfig:
@@ -64,6 +75,10 @@ class DistConfig:
 
     strategy: str = "ddp"  # ddp: replicated student (DistributedDataParallel) | fsdp: sharded student (fully_shard)
     timeout_min: float = 60.0  # collective timeout; other ranks wait this long while rank 0 evaluates
+
+    def problems(self, prefix: str = "dist") -> list[str]:
+        """Every field out of its range or choices, one line each (see :mod:`tokenrl.core.options`)."""
+        return field_problems(self, prefix, {"timeout_min": POSITIVE}, choices={"strategy": ("ddp", "fsdp")})
 
 
 @dataclass
@@ -88,17 +103,12 @@ class SelectionConfig:
     sft_cache: bool = False  # save the SFT start under data_dir and reuse it (keyed by model, SFT settings, seed)
     every: int = 0  # validate the algorithm every n steps (step 0 = the SFT start) and report the best weights; 0 = the last
 
-    def __post_init__(self):
-        # Ranges fail here, when the config is built, naming the key; the metric is checked against the
-        # metrics tokenrl.evaluation.student computes (tokenrl.run.selection.check_selection).
-        for key in ("sft_eval_every", "every"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"selection.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
-        if self.sft_patience < 1:
-            raise ValueError(f"selection.sft_patience must be >= 1, got {self.sft_patience}")
-        for key in ("sft_smoothing", "sft_min_improvement"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"selection.{key} must be in [0, 1), got {getattr(self, key)}")
+    def problems(self, prefix: str = "selection") -> list[str]:
+        """Every field out of its range, one line each (see :mod:`tokenrl.core.options`); the metric is checked
+        against the metrics :mod:`tokenrl.run.selection` computes (``check_selection``)."""
+        ranges = {"sft_eval_every": NON_NEGATIVE.explained("0 = off"), "every": NON_NEGATIVE.explained("0 = off"),
+                  "sft_patience": AT_LEAST_ONE, "sft_smoothing": HALF_OPEN_UNIT, "sft_min_improvement": HALF_OPEN_UNIT}
+        return field_problems(self, prefix, ranges)
 
 
 @dataclass
@@ -128,8 +138,11 @@ class RunConfig:
     checkpoint_seconds: float = 60.0  # also checkpoint when this many seconds passed since the last one (0 = off)
     keep_checkpoints: int = 3  # newest checkpoints kept; resume falls back to an older one if the newest is damaged
     resume: bool = False  # continue from the newest checkpoint in the output directory (an error if none)
-    on_divergence: str = "stop"  # non-finite or out-of-range loss/grad norm: stop (after a checkpoint) | skip (count)
-    divergence_factor: float = 10.0  # out of range = beyond the running [min, max] by this many times its width
+    # non-finite or out-of-range loss/grad norm/weight norm: stop (the last good checkpoint stays) | skip (count)
+    on_divergence: str = "stop"
+    # out of range = beyond the running [min, max] by this many times its width; weights: this many times their start norm
+    divergence_factor: float = 10.0
+    max_skipped_fraction: float = 0.1  # on_divergence=skip stops the run past this fraction of skipped updates (of >= 20)
     data_dir: str = "data_cache"  # where offline teacher data are cached (shared across runs)
     rollout_every: int = 0  # add student rollouts to the buffer every n steps (0 = only if the algorithm needs them: 10)
     rollout_prompts: int = 32  # prompts per rollout batch
@@ -152,6 +165,29 @@ class RunConfig:
         spec = get_spec(self.algo_name)
         values = {f.name: getattr(self.algo, f.name) for f in dataclasses.fields(spec.config_cls)}
         return spec.config_cls(**values)
+
+    def problems(self) -> list[str]:
+        """Every field of the run config out of its range or choices, its nodes' (model, eval, dist, task, algo)
+        included, one line each; cross-field rules that need files or devices are in :mod:`tokenrl.run.checks`."""
+        ranges = {
+            "seed": NON_NEGATIVE, "steps": NON_NEGATIVE, "sft_steps": NON_NEGATIVE, "sft_lr": POSITIVE,
+            "batch_size": POSITIVE, "micro_batch_size": POSITIVE.explained("null = batch_size / world size"),
+            "threads": NON_NEGATIVE.explained("0 = torch default"), "log_every": POSITIVE,
+            "checkpoint_every": NON_NEGATIVE.explained("0 = time-based only"),
+            "checkpoint_seconds": NON_NEGATIVE.explained("0 = step-based only"), "keep_checkpoints": AT_LEAST_ONE,
+            "divergence_factor": POSITIVE, "max_skipped_fraction": UNIT_INTERVAL, "rollout_every": NON_NEGATIVE,
+            "rollout_prompts": POSITIVE,
+        }
+        found = field_problems(self, "", ranges, choices={"on_divergence": ON_DIVERGENCE})
+        micro = self.micro_batch_size
+        if micro and micro > 0 and self.batch_size > 0 and self.batch_size % micro:
+            found.append(
+                f"micro_batch_size={micro} does not divide batch_size={self.batch_size}; set micro_batch_size to a "
+                "divisor of batch_size"
+            )
+        found += self.model.problems() + self.eval.problems() + self.dist.problems() + self.selection.problems()
+        found += self.task.problems("task") + self.algo.problems()
+        return found
 
 
 @functools.cache

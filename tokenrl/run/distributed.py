@@ -255,7 +255,13 @@ def algo_state(algo, loss_fn: nn.Module, ctx: DistContext) -> dict | None:
         return algo.state_dict() if ctx.is_main else None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(loss_fn, options=options)
+    fresh = not algo.optimizer.state  # before the first update (the algorithm's step-0 checkpoint)
     optim_state = get_optimizer_state_dict(loss_fn, algo.optimizer, options=options)
+    if fresh:
+        # torch fills an empty optimiser state with a zero-lr step first; AdamW would count it as its first step
+        # (bias correction) and this run would no longer update as one process does: drop it again.
+        algo.optimizer.state.clear()
+        optim_state = {**optim_state, "state": {}}
     if not ctx.is_main:
         return None
     state = {k: v for k, v in algo.state_dict().items() if k not in ("policy", "optimizer")}
@@ -286,6 +292,8 @@ def load_algo_state(algo, state: dict, loss_fn: nn.Module) -> None:
         },
         options=options,
     )
+    if not optim["state"]:  # a checkpoint before the first update: torch's loading filled the state (see algo_state)
+        algo.optimizer.state.clear()
     algo.scheduler.load_state_dict(state["scheduler"])
     algo.step = int(state["step"])
 

@@ -9,6 +9,7 @@ import os
 from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
 
+from tokenrl.core.files import apply_umask_to_tree, publish
 from tokenrl.data.buffer import write_json_atomic
 from tokenrl.lm.models import save_student
 from tokenrl.run import distributed
@@ -23,11 +24,12 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float]) -> None:
     model, out_dir = distributed.plain_copy(ctx.model, ctx.loss_fn), ctx.out_dir
     tmp = os.path.join(out_dir, f"student.safetensors.tmp-{os.getpid()}")
     save_model(model, tmp)  # drops the duplicate of tied embeddings (SmolLM2, Qwen2.5-0.5B) instead of failing
-    os.replace(tmp, os.path.join(out_dir, "student.safetensors"))
+    publish(tmp, os.path.join(out_dir, "student.safetensors"))
     if ctx.task.tokenizer is not None:
         save_student(model, ctx.task.tokenizer, os.path.join(out_dir, "student"))
     else:
         model.save_pretrained(os.path.join(out_dir, "student"))
+        apply_umask_to_tree(os.path.join(out_dir, "student"))  # safetensors writes its weights 0600
     ctx.results["train"] = {
         "steps": ctx.cfg.steps, "last_stats": last_stats, "data_dir": ctx.data_dir, "skipped_steps": ctx.skipped_steps,
         **ctx.timings,

@@ -9,7 +9,9 @@ The fair-comparison protocol (``selection=best``; ``selection=fixed`` is the pap
   ``selection.sft_cache`` the start (weights and the RNG states after it) is saved under the task's data
   directory, keyed by everything it depends on (task, data, validation set, model, SFT settings and stopping
   rule, seed, device), and reused by every method of that seed: a run that loads it continues exactly as the
-  run that trained it.
+  run that trained it. The cache file is verified on every load (:func:`read_sft_start`: a SHA-256 over its
+  content, as a checkpoint's); a damaged one is refused, naming it. A run's SFT checkpoints (``checkpoints``
+  hooks of :func:`train_sft`, written by :mod:`tokenrl.run.sft_checkpoints`) let an interrupted SFT resume.
 * **Best checkpoint** (:class:`BestCheckpoint`): the algorithm is validated every ``selection.every`` steps,
   step 0 (the SFT start) and the last step included; the best weights are kept in memory and are what the
   final evaluation scores and the run saves. ``metrics.json`` records the chosen step under ``selection``.
@@ -36,14 +38,16 @@ from algorithms import Algorithm, make_algorithm
 from tokenrl.core.progress import track
 from tokenrl.evaluation.student import SAMPLED, VALIDATION_METRICS, validation_score
 from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.checkpoint import read_state_file, write_state_file
 from tokenrl.run.config import RunConfig
 from tokenrl.tasks.base import Task
+from tokenrl.tasks.manifest import DataIntegrityError
 
 log = logging.getLogger(__name__)
 
 
 def check_selection(cfg: RunConfig) -> None:
-    """Fail before any work on an unknown ``selection.metric`` (the ranges are checked by ``SelectionConfig``).
+    """Fail before any work on an unknown ``selection.metric`` (the ranges: ``SelectionConfig.problems``).
 
     Raises:
         ValueError: naming the bad key and the valid values.
@@ -104,6 +108,14 @@ class PlateauStop:
             self.since_best += 1
         return self.since_best >= self.patience
 
+    def state_dict(self) -> dict:
+        """The rule's progress (an SFT checkpoint holds it)."""
+        return {"smoothed": list(self.smoothed), "best": self.best, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.smoothed, self.best, self.since_best = list(state["smoothed"]), state["best"], state["since_best"]
+
 
 class BestCheckpoint:
     """The best-scoring weights seen so far, kept in memory (a copy on the model's device).
@@ -157,7 +169,7 @@ class BestCheckpoint:
 
 
 def sft_cache_path(cfg: RunConfig, task: Task, data_dir: str) -> str:
-    """Where the SFT start of this run's settings is cached: ``<data_dir>/sft_starts/<digest>.pt``.
+    """Where the SFT start of this run's settings is cached: ``<data_dir>/sft_starts/<digest>.safetensors``.
 
     ``data_dir`` is the dataset's folder, named by the hash of its full manifest (:func:`tokenrl.run.inputs.data_location`).
     """
@@ -180,7 +192,23 @@ def sft_cache_path(cfg: RunConfig, task: Task, data_dir: str) -> str:
     if cfg.selection.metric in SAMPLED:  # sampled validation depends on the decoding and its draws too
         key["decoding"] = [cfg.eval.decode_top_p[0], cfg.eval.temperature, cfg.eval.val_seeds, cfg.eval.val_n_prompts]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(data_dir, "sft_starts", f"{digest}.pt")
+    return os.path.join(data_dir, "sft_starts", f"{digest}.safetensors")
+
+
+def read_sft_start(path: str) -> dict:
+    """The cached SFT start at ``path`` (``model``, ``generator``, ``torch_rng``, ``summary``, ``last_stats``),
+    verified against the SHA-256 stored in it.
+
+    Raises:
+        DataIntegrityError: the file is truncated, changed or not an SFT start (naming it and the fix).
+    """
+    try:
+        return read_state_file(path)
+    except Exception as error:  # any failure to read back what was written is damage
+        raise DataIntegrityError(
+            f"SFT start {path} fails verification ({error}); delete it and rerun: the run trains the SFT start "
+            "again and caches it"
+        ) from error
 
 
 def train_sft(
@@ -191,6 +219,7 @@ def train_sft(
     generator: torch.Generator,
     sft_step: Callable[[Algorithm], dict[str, float]],
     data_dir: str,
+    checkpoints=None,
 ) -> tuple[dict, dict[str, float]]:
     """The SFT (BC) warm start of the protocol, from the cache when ``selection.sft_cache`` has it.
 
@@ -208,6 +237,10 @@ def train_sft(
             :func:`tokenrl.run.step.train_step`: one process, gradient accumulation or data-parallel alike); returns
             its stats.
         data_dir: the offline data's folder (the SFT cache lives under it).
+        checkpoints: the run's SFT checkpoints (:class:`tokenrl.run.sft_checkpoints.SFTCheckpoints`): its
+            ``restore(sft)`` continues an interrupted SFT (it returns the loop's state, or None to start), its
+            ``after_step(sft, steps_run, loop_state)`` writes one when due (``loop_state()`` builds the loop's
+            state) and stops the run on SIGTERM/SIGINT.
 
     Returns:
         ``(summary, last_stats)``: ``summary`` has ``steps_run``, ``cached``, and with validation ``best_step``,
@@ -216,7 +249,7 @@ def train_sft(
     sel = cfg.selection
     path = sft_cache_path(cfg, task, data_dir) if sel.sft_cache else None
     if path is not None and os.path.exists(path):
-        state = torch.load(path, weights_only=True)
+        state = read_sft_start(path)
         model.load_state_dict(state["model"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -224,30 +257,42 @@ def train_sft(
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
     best = BestCheckpoint(model, validator(cfg, task)) if sel.sft_eval_every else None
     stop = PlateauStop(sel.sft_patience, sel.sft_smoothing, sel.sft_min_improvement)
-    if best is not None:
-        best.consider(0, "sft validation")
-        stop.update(best.history[-1][1])
     stats: dict[str, float] = {}
     steps_run = 0
-    for step in track(range(cfg.sft_steps), "sft warm start", enabled=cfg.progress):
+    loop = checkpoints.restore(sft) if checkpoints is not None else None
+    if loop is not None:
+        steps_run, stats = loop["steps_run"], loop["stats"]
+        stop.load_state_dict(loop["stop"])
+        if best is not None:
+            best.load_state_dict(loop["best"])
+    elif best is not None:
+        best.consider(0, "sft validation")
+        stop.update(best.history[-1][1])
+
+    def loop_state() -> dict:
+        return {"steps_run": steps_run, "stats": stats, "stop": stop.state_dict(),
+                "best": best.state_dict() if best is not None else None}
+
+    bar = track(range(steps_run, cfg.sft_steps), "sft warm start", enabled=cfg.progress, initial=steps_run,
+                total=cfg.sft_steps)
+    for step in bar:
         stats = sft_step(sft)
         steps_run = step + 1
         if best is not None and (steps_run % sel.sft_eval_every == 0 or steps_run == cfg.sft_steps):
             best.consider(steps_run, "sft validation")
             if stop.update(best.history[-1][1]):
                 break
+        if checkpoints is not None:
+            checkpoints.after_step(sft, steps_run, loop_state)
     sft.zero_grad()  # its gradients are not needed after the warm start
     summary: dict = {"steps_run": steps_run}
     if best is not None:
         best.restore()
         summary.update(best.summary(), smoothed=stop.smoothed)
     if path is not None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         state = {
             "model": model.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "summary": summary, "last_stats": stats,
         }
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: runs of a sweep that share the start may race
+        write_state_file(path, state)  # atomic: runs of a sweep that share the start may race
     return {**summary, "cached": False}, stats

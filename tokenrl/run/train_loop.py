@@ -7,12 +7,13 @@ import time
 from typing import Any
 
 from algorithms import Algorithm
-from tokenrl.core.divergence import DivergenceError
+from tokenrl.core.divergence import WEIGHTS, DivergenceError, weight_norm
 from tokenrl.core.progress import track
 from tokenrl.evaluation.student import validation_record
 from tokenrl.run import distributed
-from tokenrl.run.checkpoint import checkpoint_path, deferred_signals
+from tokenrl.run.checkpoint import checkpoint_decision, checkpoint_path, deferred_signals
 from tokenrl.run.context import RunContext, log_scalars
+from tokenrl.run.recovery import divergence_stop, skip_budget_exceeded, skip_budget_message, weight_sign_message
 from tokenrl.run.rollouts import StageClock, collect_rollouts
 from tokenrl.run.step import train_step
 from tokenrl.run.train_state import save_train_state
@@ -24,22 +25,29 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
 
     Rollout collection, batch drawing and the update are timed stages on one :class:`StageClock` (the
     training clock, ``time/*_s`` in TensorBoard and in ``results["train"]``); validations and checkpoints
-    are outside it (a resumed run's clock starts again at 0). Checkpoints are written every
-    ``checkpoint_every`` steps and every ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the
-    current update with a checkpoint. A diverging update (see :mod:`tokenrl.core.divergence`) is refused;
-    ``on_divergence=stop`` then saves the state before it and raises, ``skip`` drops the batch and counts it
-    in ``train/skipped_steps``.
+    are outside it (a resumed run's clock starts again at 0). The start (step 0) is checkpointed before
+    (:func:`tokenrl.run.train_state.start_algorithm`), then every ``checkpoint_every`` steps and every
+    ``checkpoint_seconds``. SIGTERM and SIGINT end the run after the current update with a checkpoint; under
+    torchrun every rank takes any rank's decision (:func:`tokenrl.run.checkpoint.checkpoint_decision`).
+
+    A diverging update (see :mod:`tokenrl.core.divergence`) is refused before it changes anything, or, when the
+    sign is in the weights after it, caught before any checkpoint holds them. ``on_divergence=stop`` then raises,
+    naming the last good checkpoint and the fixes a resume accepts (:mod:`tokenrl.run.recovery`); ``skip`` drops
+    the batch and counts it in ``train/skipped_steps``, and stops as ``stop`` does on a sign in the weights or once
+    more than ``max_skipped_fraction`` of the updates were skipped.
 
     Returns:
         The last update's statistics.
 
     Raises:
-        DivergenceError: ``on_divergence=stop`` and an update diverged (the step and term are named).
+        DivergenceError: the run diverged (the step, the term and the last good checkpoint are named).
         KeyboardInterrupt: SIGINT or SIGTERM arrived (after the checkpoint is written).
     """
     cfg, task = ctx.cfg, ctx.task
     rollout_every = cfg.rollout_every or (10 if algo.needs_rollouts else 0)
     algo.guard = ctx.guard
+    if ctx.guard.start_weight_norm is None:  # a checkpoint written before the weight check
+        ctx.guard.start_weight_norm = weight_norm(ctx.model)
     clock = StageClock()
     val_due_s = cfg.eval.val_every_s
     if cfg.eval.val_every_s and start_step == 0:
@@ -61,21 +69,19 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
                     )
                 log_scalars(ctx.writer, rollout_stats, step)
                 count_rollouts(ctx.results, rollout_stats)
-            generator_state = ctx.generator.get_state()
             try:
                 stats = train_step(ctx, algo, clock)
+                ctx.guard.check_weights(step, weight_norm(ctx.model))
                 ctx.guard.record(stats)
             except DivergenceError as error:
-                if cfg.on_divergence != "skip":
-                    ctx.generator.set_state(generator_state)  # the checkpoint is the state before this update
-                    path = save_train_state(ctx, algo, step)
-                    raise DivergenceError(
-                        f"training diverged: {error}; the last good state (step {step}) is saved in {path}. "
-                        "Lower algo.lr, set algo.grad_clip > 0, or set on_divergence=skip to drop such updates",
-                        error.step, error.term, error.value,
-                    ) from None
+                if cfg.on_divergence != "skip" or error.term == WEIGHTS:
+                    raise _stopped(ctx, weight_sign_message(error, cfg), error) from None
                 algo.zero_grad()
                 ctx.skipped_steps += 1
+                if ctx.guard.first_skip is None:
+                    ctx.guard.first_skip = step
+                if skip_budget_exceeded(ctx.skipped_steps, step + 1, cfg.max_skipped_fraction):
+                    raise _stopped(ctx, skip_budget_message(cfg, ctx.skipped_steps, step + 1), error) from None
             stats["train/skipped_steps"] = float(ctx.skipped_steps)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -92,16 +98,26 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
             )
             if ctx.selector is not None and (done % cfg.selection.every == 0 or done == cfg.steps):
                 ctx.selector.consider(done)
-            if due or received:
+            write, stop = checkpoint_decision(due, received)
+            if write:
                 save_train_state(ctx, algo, done)
                 last_save = time.monotonic()
-            if received:
+            if stop:
                 raise KeyboardInterrupt(
-                    f"signal {signal.Signals(received[0]).name} at step {done}: checkpoint written to "
-                    f"{checkpoint_path(ctx.out_dir, done)}; rerun with resume=true to continue"
+                    f"signal {stop} at step {done}: checkpoint written to {checkpoint_path(ctx.out_dir, done)}; "
+                    "rerun with resume=true to continue"
                 )
     ctx.timings.update(clock.totals)
     return stats
+
+
+def _stopped(ctx: RunContext, cause: str, error: DivergenceError) -> DivergenceError:
+    """The error that stops a diverged run (rank 0 names the last good checkpoint; nothing of this state is saved)."""
+    if ctx.dist.is_main:
+        message = divergence_stop(ctx.cfg, ctx.out_dir, cause, error.term, ctx.guard.first_skip)
+    else:
+        message = f"training diverged: {cause} (rank 0 names the last good checkpoint)"
+    return DivergenceError(message, error.step, error.term, error.value)
 
 
 def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
