@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenrl.theory.tabular import _check_distribution_rows, _check_mdp, _check_terminal
+from tokenrl.theory.checks import _check_distribution_rows, _check_mdp, _check_terminal
 
 # Floor on sampled teacher probabilities: small Dirichlet concentrations can underflow to exactly 0, whose
 # log would be an infinite reward.
