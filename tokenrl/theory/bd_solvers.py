@@ -7,6 +7,7 @@ Shape suffixes: ``S`` prefixes (states), ``V`` vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,54 @@ from tokenrl.theory.bd_tabular import (
     sft_start,
     state_weights,
 )
+
+
+def box_minimise(
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    max_iter: int = 20000,
+    scale: torch.Tensor | None = None,
+) -> tuple[float, torch.Tensor, float]:
+    """Minimise ``loss_of(x)`` over a float64 tensor ``x`` in the box ``[lo, hi]`` with L-BFGS-B.
+
+    Args:
+        loss_of: maps a tensor of ``x0``'s shape to a scalar tensor (differentiable by autograd).
+        x0: the start (clipped into the box).
+        lo, hi: bounds of ``x0``'s shape (``-inf`` / ``inf`` allowed); None = unbounded.
+        max_iter: L-BFGS-B iteration cap.
+        scale: positive, ``x0``'s shape: L-BFGS-B runs on ``x * scale`` (a diagonal preconditioner: where
+            the loss weighs an entry by ``w``, ``sqrt(w)`` evens out the curvature); None = 1.
+
+    Returns:
+        ``(loss, x, projected_grad_norm)``: the gradient norm (in ``x``) without the components that push
+        against an active bound, the certificate of a (local) optimum.
+    """
+    from scipy.optimize import minimize
+
+    shape = x0.shape
+    lo = torch.full(shape, -np.inf, dtype=torch.float64) if lo is None else lo
+    hi = torch.full(shape, np.inf, dtype=torch.float64) if hi is None else hi
+    s = np.ones(x0.numel()) if scale is None else scale.detach().numpy().ravel()
+
+    def f(y):
+        q = torch.tensor(y / s, dtype=torch.float64).view(shape).requires_grad_(True)
+        loss = loss_of(q)
+        loss.backward()
+        return float(loss.detach()), q.grad.numpy().ravel() / s
+
+    bounds = list(zip(lo.numpy().ravel() * s, hi.numpy().ravel() * s))
+    start = np.clip(x0.detach().numpy().ravel(), lo.numpy().ravel(), hi.numpy().ravel()) * s
+    res = minimize(f, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": max_iter, "maxfun": 2 * max_iter, "ftol": 1e-13, "gtol": 1e-9})
+    x = torch.tensor(res.x / s, dtype=torch.float64).view(shape)
+    x = torch.minimum(torch.maximum(x, lo), hi)  # undo the scaling's rounding at active bounds
+    loss, g = f(x.numpy().ravel() * s)
+    g = torch.tensor(g * s).view(shape)
+    # projected gradient: components pushing against an active bound do not count
+    pg = torch.where(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)), torch.zeros_like(g), g)
+    return loss, x, float(pg.norm())
 
 
 def solve_q(
@@ -47,8 +96,6 @@ def solve_q(
     Returns:
         ``(loss, q_SV, projected_grad_norm)``.
     """
-    from scipy.optimize import minimize
-
     if opts.mass_coef:
         raise ValueError("solve_q solves BD (+ LM term) only: its optimum with the set-mass term is completion()'s")
     set_SV = prob.set_mask(opts.p)
@@ -65,40 +112,49 @@ def solve_q(
             loss = loss + opts.ce_coef * projected_ce(q, prob, set_SV, forced_out_S)
         return loss
 
-    def run(lo_SV, hi_SV, x0):
-        def f(x):
-            q = torch.tensor(x, dtype=torch.float64).view(set_SV.shape).requires_grad_(True)
-            loss = loss_of(q)
-            loss.backward()
-            return float(loss.detach()), q.grad.numpy().ravel().copy()
-
-        bounds = list(zip(lo_SV.numpy().ravel(), hi_SV.numpy().ravel()))
-        x0 = np.clip(x0.numpy().ravel(), lo_SV.numpy().ravel(), hi_SV.numpy().ravel())
-        res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-13, "gtol": 1e-9})
-        x = torch.tensor(res.x, dtype=torch.float64).view(set_SV.shape)
-        _, g = f(res.x)
-        g = torch.tensor(g).view(set_SV.shape)
-        # projected gradient: components pushing against an active bound do not count
-        pg = torch.where(((x <= lo_SV) & (g > 0)) | ((x >= hi_SV) & (g < 0)), torch.zeros_like(g), g)
-        return float(res.fun), x, float(pg.norm())
-
     q0 = q0_SV.clamp(lo, hi)
     has_out = ~set_SV.all(-1)
     if opts.shift == "none":
-        return run(lo_SV, hi_SV, q0)
+        return box_minimise(loss_of, q0, lo_SV, hi_SV)
     free_S = has_out if opts.shift == "vocab" else torch.zeros_like(has_out)
     if opts.ce_coef:
         free_S = free_S & (forced_out_S if forced_out_S is not None else torch.zeros_like(has_out))
-    # Pin the set's max at 0 where the max must lie in the set: at the start's largest entry, then re-pinned
-    # at the first solution's.
+    return pinned_box_minimise(loss_of, q0, lo_SV, hi_SV, set_SV, free_S)
+
+
+def pinned_box_minimise(
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    q0_RV: torch.Tensor,
+    lo_RV: torch.Tensor,
+    hi_RV: torch.Tensor,
+    read_RV: torch.Tensor,
+    free_R: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> tuple[float, torch.Tensor, float]:
+    """:func:`box_minimise` of Q-values ``[R, V]`` (rows: states or features) whose largest read entry is 0.
+
+    A max-shifted Q row has its max at 0. Where a token outside the read entries can hold that max
+    (``free_R``) the row is a plain box; elsewhere the largest read entry is pinned at 0: the start's largest,
+    then re-pinned at the first solution's (a heuristic: each solution is a certified local optimum).
+
+    Args:
+        loss_of: maps ``[R, V]`` Q-values to a scalar tensor.
+        q0_RV: the start.
+        lo_RV, hi_RV: the box (``hi <= 0`` for a max-shifted Q).
+        read_RV: bool, the entries the loss reads.
+        free_R: bool, rows whose max may lie outside the read entries.
+        scale: :func:`box_minimise`'s preconditioner.
+
+    Returns:
+        ``(loss, q_RV, projected_grad_norm)``.
+    """
     for _ in range(2):
-        top = restrict_to_set(q0, set_SV).argmax(-1, keepdim=True)
-        lo_pin = torch.where(free_S[:, None], lo_SV, lo_SV.scatter(-1, top, 0.0))
-        loss, q, pg = run(lo_pin, hi_SV, q0)
-        if bool(free_S.all()):
+        top = restrict_to_set(q0_RV, read_RV).argmax(-1, keepdim=True)
+        lo_pin = torch.where(free_R[:, None], lo_RV, lo_RV.scatter(-1, top, 0.0))
+        loss, q, pg = box_minimise(loss_of, q0_RV, lo_pin, hi_RV, scale=scale)
+        if bool(free_R.all()):
             break
-        q0 = q
+        q0_RV = q
     return loss, q, pg
 
 
@@ -125,10 +181,18 @@ def completion(q_SV: torch.Tensor, prob: Problem, opts: BDOptions, outside_mass:
         fill = log_in + torch.log((1 - m_t).clamp_min(1e-300) / m_t) - torch.log(n_out.to(theta.dtype))
         theta = torch.where(set_SV, theta, fill[:, None])
     elif opts.shift == "vocab":
-        forced = theta.amax(-1) < -1e-9
-        first_out = (~set_SV).to(torch.int64).argmax(-1)
-        theta[forced, first_out[forced]] = 0.0
+        theta = max_outside(theta, set_SV, theta.amax(-1) < -1e-9)
     return theta
+
+
+def max_outside(theta_RV: torch.Tensor, read_RV: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+    """``theta_RV`` with, in each row of ``rows_R`` that has one, the first token outside ``read_RV`` at 0: the
+    outside token that holds the max of a vocabulary-shifted Q whose read entries are all < 0."""
+    theta_RV = theta_RV.clone()
+    rows_R = rows_R & (~read_RV).any(-1)
+    first_out_R = (~read_RV).to(torch.int64).argmax(-1)
+    theta_RV[rows_R, first_out_R[rows_R]] = 0.0
+    return theta_RV
 
 
 def minimise(loss_fn, params: list[torch.Tensor], max_iter: int = 3000) -> float:

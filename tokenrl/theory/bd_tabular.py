@@ -77,11 +77,14 @@ class Problem:
         lang: the toy language.
         w_SV: ``[S, V]`` transition weights (sum 1).
         sample_p: top-p of the data (the teacher's "set" of the metrics and of KD).
+        state_ids: ``[S]`` index of each state in the language :func:`make_problem` restricted (None: not
+            restricted).
     """
 
     lang: ToyLanguage
     w_SV: torch.Tensor
     sample_p: float = 0.8
+    state_ids: np.ndarray | None = None
     _sets: dict = field(default_factory=dict, repr=False)
 
     def set_mask(self, p: float) -> torch.Tensor:
@@ -109,7 +112,7 @@ def make_problem(lang: ToyLanguage, sample_p: float = 0.8, w_SV: np.ndarray | No
     new_index = np.cumsum(keep) - 1
     child = np.where((w > 0) & (lang.child_SV >= 0), new_index[lang.child_SV.clip(0)], -1)[keep]
     sub = ToyLanguage(lang.teacher_SV[keep], child, lang.length_S[keep], lang.max_len, lang.eos_id)
-    return Problem(sub, torch.as_tensor(w[keep], dtype=torch.float64), sample_p)
+    return Problem(sub, torch.as_tensor(w[keep], dtype=torch.float64), sample_p, np.flatnonzero(keep))
 
 
 def _wmean(x_SV: torch.Tensor, w_SV: torch.Tensor) -> torch.Tensor:

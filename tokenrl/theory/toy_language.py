@@ -10,7 +10,7 @@ Shape suffixes: ``S`` prefixes (states), ``V`` vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class ToyLanguage:
         length_S: ``[S]`` prefix lengths.
         max_len: longest response (tokens).
         eos_id: the end-of-sequence token.
+        n_states, vocab_size: ``S`` and ``V``, from ``teacher_SV``.
     """
 
     teacher_SV: np.ndarray
@@ -36,30 +37,51 @@ class ToyLanguage:
     length_S: np.ndarray
     max_len: int
     eos_id: int = 0
+    n_states: int = field(init=False)
+    vocab_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_states, self.vocab_size = self.teacher_SV.shape
 
     @property
     def live_S(self) -> np.ndarray:
         """``[S]`` bool, prefixes at which a token is emitted (shorter than ``max_len``)."""
         return self.length_S < self.max_len
 
-    @property
-    def n_states(self) -> int:
-        return self.teacher_SV.shape[0]
+# A toy language keeps only [S, V] tables (no dense [S, A, S] transitions), so it may have more prefixes than
+# a token MDP.
+_MAX_PREFIXES = 100_000
 
-    @property
-    def vocab_size(self) -> int:
-        return self.teacher_SV.shape[1]
+
+def _prefix_tree(vocab_size: int, max_len: int) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray]:
+    """Every EOS-free prefix (shortest first), ``child_SV`` and ``length_S`` of a :class:`ToyLanguage`."""
+    prefixes = token_prefixes(vocab_size, max_len, max_states=_MAX_PREFIXES)
+    index = {prefix: i for i, prefix in enumerate(prefixes)}
+    child = np.full((len(prefixes), vocab_size), -1, dtype=np.int64)
+    for s, prefix in enumerate(prefixes):
+        if len(prefix) < max_len:
+            for a in range(1, vocab_size):
+                child[s, a] = index[prefix + (a,)]
+    return prefixes, child, np.array([len(p) for p in prefixes])
+
+
+def _sparse_row(
+    rng: np.random.Generator, V: int, mean_support: float, concentration: float, eos_frac: float, eos_prob: float
+) -> np.ndarray:
+    """``[V]`` a sparse Dirichlet row over ``1 + Poisson(mean_support - 1)`` non-EOS tokens; with probability
+    ``eos_frac`` it also puts ``eos_prob`` on EOS (id 0). No smoothing."""
+    row = np.zeros(V)
+    k = int(min(V - 1, 1 + rng.poisson(max(mean_support - 1.0, 0.0))))
+    row[rng.choice(np.arange(1, V), size=k, replace=False)] = rng.dirichlet(np.full(k, concentration))
+    if rng.random() < eos_frac:
+        row = (1.0 - eos_prob) * row
+        row[0] += eos_prob
+    return row
 
 
 def make_toy_language(
-    vocab_size: int = 6,
-    max_len: int = 4,
-    seed: int = 0,
-    mean_support: float = 3.0,
-    concentration: float = 0.5,
-    smoothing: float = 0.03,
-    eos_states: float = 0.7,
-    eos_prob: float = 0.5,
+    vocab_size: int = 6, max_len: int = 4, *, seed: int = 0, mean_support: float = 3.0, concentration: float = 0.5,
+    smoothing: float = 0.03, eos_states: float = 0.7, eos_prob: float = 0.5,
 ) -> ToyLanguage:
     """A tiny version of the synthetic language: sparse Dirichlet rows plus a thin uniform tail.
 
@@ -67,7 +89,8 @@ def make_toy_language(
     ``Dirichlet(concentration)`` weights; a fraction ``eos_states`` of the non-empty prefixes also put
     ``eos_prob`` on EOS; ``smoothing`` is spread uniformly over the vocabulary (the thin tail that makes every
     token possible, as in :class:`tokenrl.tasks.synthetic.SyntheticLanguage`). As there, the first token is
-    uniform over a few "topic" tokens (here 3), so the data visit many prefixes.
+    uniform over a few "topic" tokens (here 3), so the data visit many prefixes. The teacher at a prefix is
+    drawn independently of every other prefix: it depends on the whole prefix.
 
     Args:
         vocab_size: tokens including EOS (id 0).
@@ -76,27 +99,55 @@ def make_toy_language(
         mean_support, concentration, smoothing, eos_states, eos_prob: see above.
     """
     rng = np.random.default_rng(seed)
-    prefixes = token_prefixes(vocab_size, max_len)
-    index = {prefix: i for i, prefix in enumerate(prefixes)}
+    prefixes, child, length = _prefix_tree(vocab_size, max_len)
     V = vocab_size
     teacher = np.zeros((len(prefixes), V))
-    child = np.full((len(prefixes), V), -1, dtype=np.int64)
     for s, prefix in enumerate(prefixes):
-        row = np.zeros(V)
         if len(prefix) == 0:
+            row = np.zeros(V)
             row[1 : min(4, V)] = 1.0 / (min(4, V) - 1)
         else:
-            k = int(min(V - 1, 1 + rng.poisson(max(mean_support - 1.0, 0.0))))
-            row[rng.choice(np.arange(1, V), size=k, replace=False)] = rng.dirichlet(np.full(k, concentration))
-        if len(prefix) > 0 and rng.random() < eos_states:
-            row = (1.0 - eos_prob) * row
-            row[0] += eos_prob
+            row = _sparse_row(rng, V, mean_support, concentration, eos_states, eos_prob)
         teacher[s] = (1.0 - smoothing) * row + smoothing / V
-        if len(prefix) < max_len:
-            for a in range(1, V):
-                child[s, a] = index[prefix + (a,)]
     teacher /= teacher.sum(1, keepdims=True)
-    length = np.array([len(p) for p in prefixes])
+    return ToyLanguage(teacher, child, length, max_len)
+
+
+def make_topic_language(
+    vocab_size: int = 5, max_len: int = 5, *, n_topics: int = 2, seed: int = 0, mean_support: float = 2.0,
+    concentration: float = 0.5, smoothing: float = 0.03, eos_rows: float = 0.5, eos_prob: float = 0.3,
+) -> ToyLanguage:
+    """A toy language whose teacher depends on long-range context: the topic (first token) and the last token.
+
+    The first token is uniform over the topic tokens ``1 .. n_topics``; the topic of a prefix is
+    ``(first token - 1) mod n_topics``. After it the next-token distribution is the row of a table indexed by
+    ``(topic, last token)``, as :class:`tokenrl.tasks.synthetic.SyntheticLanguage` with ``transitions =
+    "last_token"``: each row is a sparse Dirichlet row (see :func:`make_toy_language`; a fraction ``eos_rows`` of
+    the rows put ``eos_prob`` on EOS), drawn independently per topic, plus ``smoothing`` spread uniformly. A
+    student that sees only the last ``k`` tokens loses the topic once it leaves its window: it must average the
+    topics' rows, and a token likely under one topic only leads it to prefixes the teacher continues differently.
+
+    Args:
+        vocab_size: tokens including EOS (id 0); needs ``vocab_size > n_topics + 1``.
+        max_len: longest response; prefixes of this length truncate.
+        n_topics: number of topics (>= 1).
+        seed: seed of the tables.
+        mean_support, concentration, smoothing, eos_rows, eos_prob: see above.
+    """
+    if n_topics < 1 or vocab_size <= n_topics + 1:
+        raise ValueError(f"need 1 <= n_topics < vocab_size - 1, got n_topics={n_topics}, vocab_size={vocab_size}")
+    rng = np.random.default_rng(seed)
+    V = vocab_size
+    rows_ZCV = np.zeros((n_topics, V, V))
+    for z in range(n_topics):
+        for c in range(1, V):
+            rows_ZCV[z, c] = _sparse_row(rng, V, mean_support, concentration, eos_rows, eos_prob)
+    start_V = np.zeros(V)
+    start_V[1 : n_topics + 1] = 1.0 / n_topics
+    prefixes, child, length = _prefix_tree(vocab_size, max_len)
+    teacher = np.stack([start_V if not pre else rows_ZCV[(pre[0] - 1) % n_topics, pre[-1]] for pre in prefixes])
+    teacher = (1.0 - smoothing) * teacher + smoothing / V
+    teacher /= teacher.sum(1, keepdims=True)
     return ToyLanguage(teacher, child, length, max_len)
 
 
