@@ -62,16 +62,26 @@ def box_minimise(
         return float(loss.detach()), q.grad.numpy().ravel() / s
 
     bounds = list(zip(lo.numpy().ravel() * s, hi.numpy().ravel() * s))
-    start = np.clip(x0.detach().numpy().ravel(), lo.numpy().ravel(), hi.numpy().ravel()) * s
-    res = minimize(f, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"maxiter": max_iter, "maxfun": 2 * max_iter, "ftol": 1e-13, "gtol": 1e-9})
-    x = torch.tensor(res.x / s, dtype=torch.float64).view(shape)
-    x = torch.minimum(torch.maximum(x, lo), hi)  # undo the scaling's rounding at active bounds
-    loss, g = f(x.numpy().ravel() * s)
-    g = torch.tensor(g * s).view(shape)
-    # projected gradient: components pushing against an active bound do not count
-    pg = torch.where(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)), torch.zeros_like(g), g)
-    return loss, x, float(pg.norm())
+    y = np.clip(x0.detach().numpy().ravel(), lo.numpy().ravel(), hi.numpy().ravel()) * s
+    # L-BFGS-B can stop on its relative-reduction test with the gradient not yet small (a poor curvature model
+    # after a long run): restart it from where it stopped, at most twice.
+    for _ in range(3):
+        res = minimize(f, y, jac=True, method="L-BFGS-B", bounds=bounds,
+                       options={"maxiter": max_iter, "maxfun": 2 * max_iter, "ftol": 1e-13, "gtol": 1e-9})
+        x = torch.tensor(res.x / s, dtype=torch.float64).view(shape)
+        x = torch.minimum(torch.maximum(x, lo), hi)  # undo the scaling's rounding at active bounds
+        loss, g = f(x.numpy().ravel() * s)
+        g = torch.tensor(g * s).view(shape)
+        # projected gradient: components pushing against an active bound do not count
+        pg = float(torch.where(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)), torch.zeros_like(g), g).norm())
+        if pg <= RESTART_PG:
+            break
+        y = x.numpy().ravel() * s
+    return loss, x, pg
+
+
+# box_minimise restarts L-BFGS-B while the projected gradient norm is above this.
+RESTART_PG = 1e-6
 
 
 def solve_q(
