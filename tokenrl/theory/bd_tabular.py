@@ -1,9 +1,9 @@
 """Exact (sampling-free) Bellman Distill on toy token MDPs, for diagnosing where the loss goes wrong.
 
 The toy languages and their data weights are :mod:`tokenrl.theory.toy_language`'s; the solvers are
-:mod:`tokenrl.theory.bd_solvers`'. Because the real loss is a token-weighted mean over a batch (``masked_mean``), the weighted form
-below *is* the real loss in the limit of infinitely many trajectories, and equals it exactly on a batch whose
-trajectories appear with integer multiplicities (tested against :func:`algorithms.iql_bd.iq_bd_loss`).
+:mod:`tokenrl.theory.bd_solvers`'. Because the real loss is a token-weighted mean over a batch (``masked_mean``),
+the weighted form below *is* the real loss in the limit of infinitely many trajectories, and equals it exactly on
+a batch whose trajectories appear with integer multiplicities (tested against :func:`algorithms.iql_bd.iq_bd_loss`).
 
 The student is tabular: a free float64 logit vector over the whole vocabulary at every prefix,
 ``theta_SV``. Shape suffixes: ``S`` prefixes (states), ``V`` vocabulary.

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tokenrl.core import backup
+from tokenrl.core.backup import project_to_set, soft_value as masked_soft_value
 from tokenrl.core.top_p import check_p, top_p_mask
 from tokenrl.theory.checks import (
     _check_distribution_rows,
@@ -50,7 +50,7 @@ __all__ = [
 
 def _soft_value(q_SA: np.ndarray, support_SA: np.ndarray, terminal_S: np.ndarray) -> np.ndarray:
     # The shared formula of the token losses, on float64 tables (empty rows give -inf, overwritten at terminals).
-    v_S = backup.soft_value(torch.from_numpy(q_SA), torch.from_numpy(support_SA)).numpy()
+    v_S = masked_soft_value(torch.from_numpy(q_SA), torch.from_numpy(support_SA)).numpy()
     return np.where(terminal_S, 0.0, v_S)
 
 
@@ -191,7 +191,7 @@ def soft_optimal_policy(q_SA: np.ndarray, support_SA: np.ndarray | None = None) 
         support_SA = np.ones(q_SA.shape, dtype=bool)
     # Empty rows are allowed here (terminal states), so check only shape and dtype.
     support_SA = _check_support(support_SA, q_SA.shape, terminal_S=np.ones(q_SA.shape[0], dtype=bool))
-    return backup.project_to_set(torch.from_numpy(q_SA), torch.from_numpy(support_SA), log=False).numpy()
+    return project_to_set(torch.from_numpy(q_SA), torch.from_numpy(support_SA), log=False).numpy()
 
 
 def soft_bellman(
