@@ -20,6 +20,16 @@ An algorithm whose loss compares the student with the teacher over the whole voc
 (``batch.teacher_logprobs_BSV``, :func:`tokenrl.lm.scoring.with_teacher_logprobs`, timed as
 ``time/teacher_score_s``), and its config's :meth:`AlgoConfig.reads_cached_sets` tells the run validation
 that the cached top-p sets need not cover ``top_p``.
+
+An algorithm with a language-modelling term on pre-training text (MiniLLM's PT loss, Bellman Distill's LM term
+as the papers compute it) sets ``needs_lm_batch``; the trainer then attaches to each batch a batch of the
+task's pre-training corpus (``batch.lm_batch``: ``batch_size`` rows drawn uniformly with the run's seeded batch
+generator, right after the distillation batch, with the cached sets at the algorithm's ``top_p``; see
+:func:`tokenrl.run.trainer.train_step` and :mod:`tokenrl.tasks.corpus`).
+
+A config checks its own options (:meth:`AlgoConfig.problems`: ranges, choices, cross-field rules, all of them
+at once); the run's start-up check lists them with the rest of the run's problems and :class:`Algorithm`
+refuses a config that has any.
 """
 
 from __future__ import annotations
@@ -31,13 +41,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.token_env import PolicyFn
-from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.core.backup import TargetNetwork
-from tokenrl.data.buffer import Batch, ReplayBuffer
 from tokenrl.core.divergence import DivergenceGuard
+from tokenrl.core.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, field_problems
+from tokenrl.core.target import TargetNetwork
+from tokenrl.core.top_p import PolicyFn, top_p_restricted_policy
+from tokenrl.data.buffer import Batch, ReplayBuffer
 from tokenrl.lm.policy import CausalLMPolicy
-from tokenrl.core.top_p import check_p
 
 
 @dataclass
@@ -52,15 +61,21 @@ class AlgoConfig:
     min_lr_ratio: float = 0.1  # floor of the cosine schedule as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm (<= 0 disables clipping)
 
-    def __post_init__(self):
-        # Fail at construction, before any data or model work, with the offending field named.
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if getattr(self, "top_p", None) is not None:
-            check_p(self.top_p)
-        gamma = getattr(self, "gamma", None)
-        if gamma is not None and not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    def problems(self) -> list[str]:
+        """Every bad option, one ``"algo.<key>=<value>: must be ...; set ..."`` line each (empty when valid).
+
+        A subclass returns ``super().problems()`` plus its own fields' ranges and choices
+        (:func:`tokenrl.core.options.field_problems`) and its cross-field rules.
+        """
+        ranges = {"lr": POSITIVE, "beta1": HALF_OPEN_UNIT, "beta2": HALF_OPEN_UNIT, "weight_decay": NON_NEGATIVE,
+                  "warmup_steps": NON_NEGATIVE, "min_lr_ratio": UNIT_INTERVAL}
+        return field_problems(self, "algo", ranges)
+
+    def check(self) -> None:
+        """Raise ValueError listing every problem of :meth:`problems`, if any."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}:\n  " + "\n  ".join(problems))
 
     def reads_cached_sets(self) -> bool:
         """True when the loss reads the teacher's cached top-p sets at ``top_p`` (the run's cache must be built at
@@ -69,7 +84,14 @@ class AlgoConfig:
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps."""
+    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps.
+
+    Kept by hand instead of transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` (issue 21) for one
+    missing feature: its warm-up multiplier is ``step / warmup``, so the first update runs at lr 0 and every
+    warm-up step one step late, and no option shifts it; here it is ``(step + 1) / warmup``, as every result
+    of this project was trained. From the end of the warm-up on the two are equal to the bit
+    (``tests/test_schedule.py`` checks both at every step).
+    """
     if step < warmup:
         return (step + 1) / max(warmup, 1)
     progress = min(1.0, (step - warmup) / max(total - warmup, 1))
@@ -86,6 +108,9 @@ class Algorithm:
     """
 
     name: str = "base"
+    #: the algorithm's config dataclass (read by :func:`algorithms.registry.register` when it is not given, as for
+    #: an algorithm registered through the ``tokenrl.algorithms`` entry point group)
+    config_class: type[AlgoConfig] | None = None
     #: True when the algorithm learns from its own rollouts (the trainer then collects them into the buffer);
     #: a subclass may make it a property of its config
     needs_rollouts: bool = False
@@ -93,12 +118,17 @@ class Algorithm:
     #: the trainer then adds it to every batch (:func:`tokenrl.lm.scoring.with_teacher_logprobs`); a subclass may
     #: make it a property of its config
     needs_teacher_logprobs: bool = False
+    #: True when ``compute_loss`` reads ``batch.lm_batch`` (a batch of the task's pre-training corpus, see the
+    #: module docstring): the trainer then builds the corpus and attaches one to every batch; a subclass may make
+    #: it a property of its config
+    needs_lm_batch: bool = False
     #: True when the algorithm keeps a target network: the base class then builds ``self.target`` (a
-    #: :class:`~tokenrl.core.backup.TargetNetwork` at the config's ``target_update_rate``), updates it after every
+    #: :class:`~tokenrl.core.target.TargetNetwork` at the config's ``target_update_rate``), updates it after every
     #: step and saves it in :meth:`state_dict`
     uses_target_network: bool = False
 
     def __init__(self, policy: CausalLMPolicy, config: AlgoConfig, total_steps: int = 1000):
+        config.check()
         self.policy = policy
         self.config = config
         self.total_steps = total_steps
@@ -202,13 +232,7 @@ class Algorithm:
             top-p set are at ``-inf`` (``top_p`` None or 1.0: the student unchanged).
         """
         p = self.top_p
-        if p is None or p >= 1.0:
-            return student_fn
-
-        def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-            return restrict_logits_to_top_p(student_fn(tokens_BL, lengths_B), teacher_fn(tokens_BL, lengths_B), p)
-
-        return policy_fn
+        return student_fn if p is None or p >= 1.0 else top_p_restricted_policy(student_fn, teacher_fn, p)
 
     def before_rollout(self) -> None:
         """Called right before the trainer samples rollouts from :meth:`rollout_policy` (default: nothing)."""

@@ -1,7 +1,11 @@
 """Bellman Distill (BD): Inverse soft-Q Learning (IQ-Learn, Garg et al. 2021) on the teacher's top-p MDP.
 
-Registered as ``iql_bd`` (the default, fixed variant), ``iql_bd_math`` (the paper's math form) and
-``iql_bd_released`` (the released code's form); ``algo=<name>`` on the command line, one class each.
+Registered as ``iql_bd`` (the fixed variant, the default); the presets ``algo=iql_bd_math`` (the paper's math
+form: vocabulary shift, alpha 0.1) and ``algo=iql_bd_released`` (the released code's form: vocabulary shift,
+released value, vocabulary-mean expert term, square over the vocabulary, EOS masked, 0.5 CE + 0.5 KD) are
+YAMLs in ``experiments/conf/algo/`` that set the options below, as is the matched-information arm ``algo=bd_kd``
+(BD + KD: the fixed variant with token KD to the teacher's cached set on the distillation batch instead of CE,
+next to ``kd_pbc`` in :mod:`algorithms.kd`, the same information without the TD terms).
 
 Yu, Li & Zhang, "Language Model Distillation: A Temporal Difference Imitation Learning Perspective"
 (arXiv 2505.20335). "IQL" is *Inverse soft-Q Learning*, not Implicit Q-Learning: one network, no expectile,
@@ -19,81 +23,71 @@ An expert action outside A_p(s) has no Q in the top-p MDP: its phi term is dropp
 ``top_p/expert_outside_frac``. ``top_p = 1`` is the full-vocabulary IQ-Learn (no restriction).
 
 Which variant is the default, and why (docs/bd_diagnosis.md): the paper shifts Q by the max logit over the
-*vocabulary*, which pins the value level (Q <= 0, V_p >= 0 while the argmax is in the set). The chi^2 penalty
-wants levels V_p(s') ~ Q(s, a) / gamma <= 0, reachable only by putting a token *outside* the set at the max,
-so the exact optimum moves mass out of the teacher's set (argmax outside at 58% of states on the toy), and
-``algo=iql_bd_math`` ends worse than its SFT start on the synthetic task. The default ``iql_bd`` shifts by
-the max over the set (``q_shift="set"``: the incentive is gone, the TD part is purely O(K)), keeps the LM
-term (``ce_coef=1``: under the set shift it is the only thing that holds the mass outside the set down) and
-uses ``alpha=1`` (the chi^2 penalty's in-set bias shrinks as 1/alpha). Measured on the synthetic task
-(docs/bd_diagnosis.md), it is the only candidate that ends better than its SFT start on teacher NLL,
-KL(student||teacher) and the on-policy reverse KL (3 seeds; it is worse on KL(teacher||student)); alpha 0.1
-ends worse, and the set-mass term (``mass_coef``, which matches the
-student's total mass on the set to the teacher's, tabularly exact) hurts with a network: it fixes the outside
-mass's total but not where it goes, and the student's samples drift to tokens the teacher rates low.
+*vocabulary*, which pins the value level (Q <= 0, V_p >= 0 while the argmax is in the set); the chi^2 penalty
+wants V_p(s') ~ Q(s, a) / gamma <= 0, reachable only by putting a token *outside* the set at the max, so the
+exact optimum moves mass out of the teacher's set and ``algo=iql_bd_math`` ends worse than its SFT start. The
+default ``iql_bd`` shifts by the max over the set (``q_shift="set"``: no such incentive, a purely O(K) TD part),
+keeps the CE term (under the set shift the only thing holding the outside mass down) and uses ``alpha=1`` (the
+penalty's in-set bias shrinks as 1/alpha); the set-mass term (``mass_coef``, tabularly exact) hurts with a
+network: it fixes the outside mass's total, not where it goes.
 
-Options (see :class:`BellmanDistillConfig`):
-* ``q_shift``: ``"set"`` (default), ``"vocab"`` (paper: the max logit over the vocabulary, gradient through
-  it) or ``"vocab_detached"`` (the same constant without gradient).
-* ``chi2_on``: where phi's square is applied. ``"expert"`` (as written above); ``"expert_and_policy"``
-  (IQ-Learn's stable variant: the square averaged over the expert action and the student's own actions
-  a' ~ pi_p(.|s) at the same state, bootstrapping with the expert's next state); ``"vocab"`` (the released
-  BD code: the square over the whole vocabulary of the masked Q, zeros outside the set).
-* ``expert_term = "vocab_mean"``: the released code's expert term, the masked Q averaged over the vocabulary
-  instead of Q at the expert token.
-* ``value = "released"``: the released projection softmax(logits) * mask / p + ``epsilon``, renormalised over
-  ``released_vocab_size`` tokens, and V = its entropy-regularised expectation of the masked Q
-  (:func:`tokenrl.core.backup.released_state_values`); ``mask_eos`` drops the EOS step from the BD terms (the
-  release pads with EOS).
-* LM terms: ``ce_coef`` (full-vocabulary CE on the expert tokens), ``kd_coef`` (token KD to the teacher's
-  cached set), ``mass_coef`` (the set-mass term).
+The file reads as the loss is built (TRL's ``generalized_jsd_loss`` style: pure functions of tensors, the
+formulas shared from :mod:`tokenrl.core.backup` and :mod:`tokenrl.core.distributions`);
+:func:`bellman_distill_loss` is the one place the options of :class:`BellmanDistillConfig` choose among them:
+the batch (``mask_eos``: :func:`drop_eos_steps`), Q (``q_shift``) and V (``value``: the log-sum-exp over the
+set, or the released projection's entropy-regularised expectation) in :class:`BDValues`; the expert term
+(``expert_term``: :func:`expert_token_reward` at the expert token, or the release's :func:`vocab_mean_reward`);
+the form, i.e. where phi's square applies (``chi2_on``: :func:`math_form_loss` at the expert token, the paper's
+and the default's; :func:`expert_and_policy_loss`, IQ-Learn's stable variant averaging the square over the
+expert action and the student's own a' ~ pi_p(.|s); :func:`released_form_loss`, the release's square over the
+whole vocabulary of the masked Q); the LM terms (:func:`lm_terms`: ``ce_coef``, ``mass_coef``, ``kd_coef``).
+``lm_batch`` names the batch CE and KD score: ``"expert"`` (the distillation batch: BD + BC; ``iql_bd``'s, since
+that CE holds its outside-set mass down) or ``"corpus"`` (a batch of the task's pre-training corpus, scored by
+:func:`algorithms.kd.lm_batch_loss`: the paper's and the release's ``pt_loss(lm_batch)``; ``iql_bd_math``'s and
+``iql_bd_released``'s). Still unlike the paper: its LM term is CE + token KD (weights unpublished), ours CE
+alone; the release's KD reads the full teacher on OpenWebText, ours the cached set on the task's corpus; its
+optimiser (lr 5e-6, warm-up then cosine, no clipping, pretrained students) is not this task's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
+from algorithms.kd import lm_batch_loss
 from tokenrl.core.backup import (
     chi2_penalty,
     chi2_phi,
+    eos_steps,
     gather_action,
     implicit_reward,
     iq_learn_value_term,
-    kl,
-    masked_mean,
     next_state_values,
-    project_to_set,
     released_state_values,
-    set_mass_kl,
     shifted_q,
-    soft_value,
     state_values,
-    upcast,
 )
-from tokenrl.data.buffer import Batch
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, set_mass_kl, soft_value, upcast
+from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
+from tokenrl.data.buffer import Batch, require_lm_batch
 
-CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
-EXPERT_TERM_CHOICES = ("math", "vocab_mean")
-Q_SHIFT_CHOICES = ("vocab", "vocab_detached", "set")
+Q_SHIFT_CHOICES = ("set", "vocab", "vocab_detached")
 VALUE_CHOICES = ("soft", "released")
-
-
-def _shift(vocab_max_BS: torch.Tensor | None, q_shift: str) -> torch.Tensor | None:
-    """The per-state constant subtracted from the logits (None = the max over the set)."""
-    if q_shift == "set":
-        return None
-    return vocab_max_BS.detach() if q_shift == "vocab_detached" else vocab_max_BS
+EXPERT_TERM_CHOICES = ("math", "vocab_mean")
+CHI2_CHOICES = ("expert", "expert_and_policy", "vocab")
+LM_BATCH_CHOICES = ("expert", "corpus")
 
 
 @dataclass
 class BellmanDistillConfig(AlgoConfig):
     """Bellman Distill (inverse soft-Q learning) settings; the defaults are the fixed variant (``algo=iql_bd``).
 
-    Presets: ``algo=iql_bd`` (fixed: set shift, alpha 1, CE), ``algo=iql_bd_math`` (the paper's math form),
-    ``algo=iql_bd_released`` (the released code's form). Paper: gamma 0.99, p 0.8, alpha 0.1, q_min -10.
+    Presets (``experiments/conf/algo/``): ``iql_bd_math`` (the paper's math form: alpha 0.1, vocabulary shift, LM
+    term on the corpus), ``iql_bd_released`` (the released code's form), ``bd_kd`` (BD + KD, no CE). Paper: gamma
+    0.99, p 0.8, alpha 0.1, q_min -10.
     """
 
     top_p: float = 0.8  # p of the top-p MDP (teacher's nucleus); 1.0 = no restriction (full vocabulary)
@@ -110,7 +104,26 @@ class BellmanDistillConfig(AlgoConfig):
     mass_coef: float = 0.0  # weight of KL(Bern(teacher's set mass) || Bern(student's set mass))
     ce_coef: float = 1.0  # weight of the LM term: full-vocabulary CE on the expert tokens (paper: weight unpublished)
     kd_coef: float = 0.0  # weight of token KD to the teacher's cached set (the release's LM term: 0.5 CE + 0.5 KD)
+    lm_batch: str = "expert"  # the batch CE and KD score: expert (the distillation batch) | corpus (pre-training)
     sparse: bool = True  # gather candidate rows of the output embedding (O(K)) instead of dense logits
+
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus BD's ranges, its four string options and the KD term's need of a set."""
+        ranges = {
+            "top_p": PROBABILITY, "gamma": UNIT_INTERVAL, "alpha": POSITIVE.explained("the chi^2 regulariser divides by alpha"),
+            "released_vocab_size": NON_NEGATIVE.explained("0 = the model's"), "mass_coef": NON_NEGATIVE,
+            "ce_coef": NON_NEGATIVE, "kd_coef": NON_NEGATIVE,
+        }
+        choices = {"q_shift": Q_SHIFT_CHOICES, "chi2_on": CHI2_CHOICES, "expert_term": EXPERT_TERM_CHOICES,
+                   "value": VALUE_CHOICES, "lm_batch": LM_BATCH_CHOICES}
+        found = super().problems() + field_problems(self, "algo", ranges, choices)
+        if self.value == "released" and not self.epsilon > 0:
+            found.append(f"algo.epsilon={self.epsilon!r} with algo.value='released': the released projection needs "
+                         "epsilon > 0 (0 gives 0 * log 0 = NaN); set algo.epsilon=1e-8")
+        if self.kd_coef > 0 and self.top_p >= 1.0:
+            found.append(f"algo.kd_coef={self.kd_coef} with algo.top_p={self.top_p}: the KD term reads the teacher's "
+                         "cached set, which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1")
+        return found
 
     def reads_cached_sets(self) -> bool:
         """At ``top_p = 1`` the BD terms take dense logits over the whole vocabulary, not the cached sets (the KD
@@ -118,160 +131,276 @@ class BellmanDistillConfig(AlgoConfig):
         return self.top_p < 1.0
 
 
-def iq_bd_loss(
+@dataclass
+class BDValues:
+    """One batch's Q and V on the top-p MDP: what the expert terms and the forms read.
+
+    Attributes:
+        q_BSK: ``[B, S, K]`` Q on each state's candidates (shifted, clipped; at least float32).
+        mask_BSK: ``[B, S, K]`` set membership (False past the response end).
+        v_BS: ``[B, S]`` state values (0 on an empty set).
+        v_next_BT: ``[B, T]`` value of each transition's next state, terminal masking applied.
+        action_slot_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside or on padding.
+        action_mask_BT: ``[B, T]`` the transitions the BD terms average over.
+    """
+
+    q_BSK: torch.Tensor
+    mask_BSK: torch.Tensor
+    v_BS: torch.Tensor
+    v_next_BT: torch.Tensor
+    action_slot_BT: torch.Tensor
+    action_mask_BT: torch.Tensor
+
+
+def drop_eos_steps(
+    action_slot_BT: torch.Tensor, action_mask_BT: torch.Tensor, lengths_B: torch.Tensor, terminated_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The release's EOS masking (EOS is its pad token): each terminated response loses its EOS step and is
+    bootstrapped from the state where EOS was chosen, as a truncated one.
+
+    Returns:
+        ``(action_slot_BT, action_mask_BT, lengths_B, terminated_B)`` of the batch without its EOS steps.
+    """
+    eos_BT = eos_steps(lengths_B, terminated_B, action_slot_BT.shape[1])
+    return (
+        torch.where(eos_BT, torch.full_like(action_slot_BT, -1), action_slot_BT),
+        action_mask_BT & ~eos_BT,
+        lengths_B - terminated_B.long(),
+        torch.zeros_like(terminated_B),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert terms: the implicit reward r(s, a) = Q - gamma V(s') of each transition, and where it counts
+# ------------------------------------------------------------------------------------------------
+def expert_token_reward(x: BDValues, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The math form's ``r(s, a) = Q(s, a) - gamma V(s')`` at the expert token, ``[B, T]``, and where it counts
+    (an expert action outside the set has no Q: it is dropped)."""
+    return implicit_reward(gather_action(x.q_BSK, x.action_slot_BT), x.v_next_BT, gamma), x.action_slot_BT >= 0
+
+
+def vocab_mean_reward(x: BDValues, gamma: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released code's expert term: the masked Q (zeros outside the set) averaged over ``vocab_size`` tokens,
+    minus ``gamma V(s')``, ``[B, T]``; it counts at every transition."""
+    T = x.action_mask_BT.shape[1]
+    q_mean_BT = x.q_BSK[:, :T].masked_fill(~x.mask_BSK[:, :T], 0.0).sum(-1) / vocab_size
+    return implicit_reward(q_mean_BT, x.v_next_BT, gamma), x.action_mask_BT
+
+
+# ------------------------------------------------------------------------------------------------
+# The forms: -J(Q) with phi's square at the expert, at the expert and the policy, or over the vocabulary
+# ------------------------------------------------------------------------------------------------
+def math_form_loss(
+    x: BDValues, r_BT: torch.Tensor, ok_BT: torch.Tensor, *, gamma: float, alpha: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The paper's math form ``-J(Q) = -E_D[phi(r(s, a))] + E_D[V(s) - gamma V(s')]`` (``chi2_on="expert"``).
+
+    The fixed default (``algo=iql_bd``) and ``algo=iql_bd_math`` both use it; they differ in Q's shift.
+
+    Args:
+        x: the batch's Q and V.
+        r_BT: ``[B, T]`` the expert term's implicit rewards; ``ok_BT``: where they count.
+        gamma, alpha: discount and chi^2 strength.
+
+    Returns:
+        ``(loss, terms)``: the scalar loss and ``loss/reward_term``, ``loss/chi2``, ``loss/value_term``.
+    """
+    value_term = iq_learn_value_term(x.v_BS, x.v_next_BT, x.action_mask_BT, gamma)
+    terms = {
+        "loss/reward_term": masked_mean(r_BT, ok_BT),
+        "loss/chi2": chi2_penalty(masked_mean(r_BT.square(), ok_BT), alpha),
+        "loss/value_term": value_term,
+    }
+    return -(masked_mean(chi2_phi(r_BT, alpha), ok_BT) - value_term), terms
+
+
+def candidate_rewards_squared(x: BDValues, gamma: float) -> torch.Tensor:
+    """``r(s, a')^2`` for every candidate a' at each expert state, bootstrapped from the expert's next state,
+    ``[B, T, K]``; zeroed off the set before squaring (with the set shift an empty set's Q is huge)."""
+    T = x.action_mask_BT.shape[1]
+    return implicit_reward(x.q_BSK[:, :T], x.v_next_BT, gamma).masked_fill(~x.mask_BSK[:, :T], 0.0).square()
+
+
+def _reward_minus_chi2(
+    x: BDValues, r_BT: torch.Tensor, ok_BT: torch.Tensor, squared: torch.Tensor, gamma: float, alpha: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``-J = -(E[r] - squared / (4 alpha) - E[V(s) - gamma V(s')])`` for a form whose square is not the expert's."""
+    terms = {
+        "loss/reward_term": masked_mean(r_BT, ok_BT),
+        "loss/chi2": chi2_penalty(squared, alpha),
+        "loss/value_term": iq_learn_value_term(x.v_BS, x.v_next_BT, x.action_mask_BT, gamma),
+    }
+    return -(terms["loss/reward_term"] - terms["loss/chi2"] - terms["loss/value_term"]), terms
+
+
+def expert_and_policy_loss(
+    x: BDValues, r_BT: torch.Tensor, ok_BT: torch.Tensor, *, gamma: float, alpha: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IQ-Learn's stable variant (``chi2_on="expert_and_policy"``): phi's square averaged over the expert action
+    and the student's own actions ``a' ~ pi_p(.|s)`` (no gradient through pi_p). Arguments and returns as
+    :func:`math_form_loss`."""
+    T = x.action_mask_BT.shape[1]
+    pi_BTK = project_to_set(x.q_BSK[:, :T], x.mask_BSK[:, :T], log=False).detach()
+    policy_sq_BT = (pi_BTK * candidate_rewards_squared(x, gamma)).sum(-1)
+    squared = 0.5 * (masked_mean(r_BT.square(), ok_BT) + masked_mean(policy_sq_BT, x.action_mask_BT))
+    return _reward_minus_chi2(x, r_BT, ok_BT, squared, gamma, alpha)
+
+
+def released_form_loss(
+    x: BDValues, r_BT: torch.Tensor, ok_BT: torch.Tensor, *, gamma: float, alpha: float, vocab_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The released code's form (``chi2_on="vocab"``): phi's square is the mean over ``vocab_size`` tokens of
+    ``(Q_masked(s, a') - gamma V(s'))^2``, zeros outside the set (so those tokens add ``(gamma V(s'))^2``).
+    Arguments and returns as :func:`math_form_loss`."""
+    set_size_BT = x.mask_BSK[:, : x.action_mask_BT.shape[1]].sum(-1).float()
+    in_set_sq_BT = candidate_rewards_squared(x, gamma).sum(-1)
+    outside_sq_BT = (vocab_size - set_size_BT) * (gamma * x.v_next_BT).square()
+    squared = masked_mean((in_set_sq_BT + outside_sq_BT) / vocab_size, x.action_mask_BT)
+    return _reward_minus_chi2(x, r_BT, ok_BT, squared, gamma, alpha)
+
+
+def lm_terms(
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
-    max_logit_BS: torch.Tensor | None,
+    action_mask_BT: torch.Tensor,
+    *,
+    ce_coef: float,
+    mass_coef: float,
+    kd_coef: float,
+    lm_nll_BT: torch.Tensor | None,
+    lse_BS: torch.Tensor | None,
+    teacher_logprobs_BSK: torch.Tensor | None,
+) -> list[tuple[str, float, torch.Tensor]]:
+    """BD's language-model terms with a positive weight, in the order they are added to the loss.
+
+    Args:
+        logits_BSK: ``[B, S, K]`` student logits of the candidates (at least float32); ``mask_BSK``: the sets.
+        action_mask_BT: ``[B, T]`` the steps the terms average over (EOS included).
+        ce_coef, mass_coef, kd_coef: weights of the CE, set-mass and KD terms (see :class:`BellmanDistillConfig`).
+        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (for the CE term).
+        lse_BS: ``[B, S]`` the student's log-normaliser over the whole vocabulary (set-mass and KD terms).
+        teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probs of the candidates (set-mass and KD terms).
+
+    Returns:
+        ``[(stat key, weight, mean term), ...]``.
+    """
+    terms = []
+    if ce_coef > 0:
+        if lm_nll_BT is None:
+            raise ValueError("ce_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
+        terms.append(("loss/lm", ce_coef, masked_mean(lm_nll_BT, action_mask_BT)))
+    if mass_coef > 0 or kd_coef > 0:
+        if lse_BS is None or teacher_logprobs_BSK is None:
+            raise ValueError("mass_coef > 0 and kd_coef > 0 need lse_BS and teacher_logprobs_BSK (the cache's set)")
+        T = action_mask_BT.shape[1]
+        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], lse_BS[:, :T]
+        t_lp_BTK = upcast(teacher_logprobs_BSK[:, :T]).to(logits_BSK.dtype)
+    if mass_coef > 0:
+        mass = masked_mean(set_mass_kl(s_logits_BTK, mask_BTK, lse_BT, t_lp_BTK), action_mask_BT)
+        terms.append(("loss/set_mass_kl", mass_coef, mass))
+    if kd_coef > 0:
+        # Token KD to the teacher's cached set: KL(teacher renormalised on A_p || student over the vocabulary).
+        kd_BT = kl(project_to_set(t_lp_BTK, mask_BTK), s_logits_BTK - lse_BT[..., None], mask_BTK)
+        terms.append(("loss/kd", kd_coef, masked_mean(kd_BT, action_mask_BT)))
+    return terms
+
+
+def bellman_distill_loss(
+    cfg: BellmanDistillConfig,
+    logits_BSK: torch.Tensor,
+    mask_BSK: torch.Tensor,
     action_slot_BT: torch.Tensor,
     action_mask_BT: torch.Tensor,
     lengths_B: torch.Tensor,
     terminated_B: torch.Tensor,
     *,
-    gamma: float,
-    alpha: float,
-    q_min: float | None,
     vocab_size: int,
-    chi2_on: str = "expert",
-    expert_term: str = "math",
-    value: str = "soft",
-    top_p: float = 0.8,
-    epsilon: float = 1e-8,
-    mask_eos: bool = False,
-    ce_coef: float = 0.0,
-    lm_nll_BT: torch.Tensor | None = None,
-    mass_coef: float = 0.0,
-    kd_coef: float = 0.0,
+    vocab_max_BS: torch.Tensor | None = None,
     lse_BS: torch.Tensor | None = None,
+    lm_nll_BT: torch.Tensor | None = None,
     teacher_logprobs_BSK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The BD loss ``-J(Q)`` (+ optional LM term) from the student's logits on each state's action set.
+    """The BD loss of ``cfg`` from the student's logits on each state's set: the one place its options choose.
 
     Args:
+        cfg: the options (Q shift, value, expert term, form, LM terms; see the module docstring).
         logits_BSK: ``[B, S, K]`` student logits on the candidates of states ``s_0..s_T`` (K = V when dense).
         mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
-        max_logit_BS: ``[B, S]`` the student's max logit over the vocabulary (the paper's Q shift), or None
-            to shift by the max over the set.
         action_slot_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside or on padding.
         action_mask_BT: ``[B, T]`` valid response steps.
-        lengths_B: ``[B]`` response lengths.
-        terminated_B: ``[B]`` True where the response ended with EOS (``V = 0`` after it).
-        gamma, alpha, q_min: see :class:`BellmanDistillConfig`.
-        vocab_size: |V| the released-code options weigh the vocabulary at (may exceed the logits' width).
-        chi2_on, expert_term, value, top_p, epsilon, mask_eos, ce_coef, mass_coef, kd_coef: see
-            :class:`BellmanDistillConfig` (``top_p`` and ``epsilon`` are read by ``value = "released"`` only).
-        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (needed when ``ce_coef > 0``).
-        lse_BS: ``[B, S]`` the student's log-normaliser over the whole vocabulary (needed by the set-mass term,
-            the KD term and the released value).
-        teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probabilities of the candidates (needed by the
-            set-mass and KD terms).
+        lengths_B: ``[B]`` response lengths; ``terminated_B``: ``[B]`` True where the response ended with EOS.
+        vocab_size: |V| the released-code terms weigh the vocabulary at (may exceed the logits' width).
+        vocab_max_BS: ``[B, S]`` the student's max logit over the vocabulary (``q_shift`` vocab, vocab_detached).
+        lse_BS: ``[B, S]`` its log-normaliser over the vocabulary (released value, set-mass and KD terms).
+        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (``ce_coef > 0``).
+        teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probs of the candidates (set-mass and KD terms).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
     """
-    if chi2_on not in CHI2_CHOICES:
-        raise ValueError(f"chi2_on must be one of {CHI2_CHOICES}, got {chi2_on!r}")
-    if expert_term not in EXPERT_TERM_CHOICES:
-        raise ValueError(f"expert_term must be one of {EXPERT_TERM_CHOICES}, got {expert_term!r}")
-    if value not in VALUE_CHOICES:
-        raise ValueError(f"value must be one of {VALUE_CHOICES}, got {value!r}")
-    needs_lse = value == "released" or mass_coef > 0 or kd_coef > 0
-    if needs_lse and lse_BS is None:
-        raise ValueError("value='released', mass_coef > 0 and kd_coef > 0 need lse_BS (the vocabulary log-normaliser)")
-    if (mass_coef > 0 or kd_coef > 0) and teacher_logprobs_BSK is None:
-        raise ValueError("mass_coef > 0 and kd_coef > 0 need teacher_logprobs_BSK (the cache's set log-probs)")
-    T = action_slot_BT.shape[1]
     lm_action_mask_BT = action_mask_BT
-    if mask_eos:
-        # The release pads with EOS: the EOS step leaves the BD terms and the response is bootstrapped from
-        # the state where EOS was chosen, as a truncated one (the LM terms still see EOS).
-        t_T = torch.arange(T, device=action_slot_BT.device)[None, :]
-        eos_step_BT = terminated_B[:, None] & (t_T == lengths_B[:, None] - 1)
-        action_mask_BT = action_mask_BT & ~eos_step_BT
-        action_slot_BT = torch.where(eos_step_BT, torch.full_like(action_slot_BT, -1), action_slot_BT)
-        lengths_B = lengths_B - terminated_B.long()
-        terminated_B = torch.zeros_like(terminated_B)
+    if cfg.mask_eos:
+        action_slot_BT, action_mask_BT, lengths_B, terminated_B = drop_eos_steps(
+            action_slot_BT, action_mask_BT, lengths_B, terminated_B
+        )
     logits_BSK = upcast(logits_BSK)
-    max_logit_BS = None if max_logit_BS is None else upcast(max_logit_BS)
     lse_BS = None if lse_BS is None else upcast(lse_BS)
-    q_BSK = shifted_q(logits_BSK, mask_BSK, q_min, max_logit_BS)
-    state_ok_BS = mask_BSK.any(-1)
-    if value == "released":
-        v_BS = released_state_values(q_BSK, logits_BSK, mask_BSK, lse_BS, top_p, epsilon, vocab_size)
+    if cfg.q_shift == "set":
+        shift_BS = None
+    elif vocab_max_BS is None:
+        raise ValueError(f"q_shift={cfg.q_shift!r} needs vocab_max_BS (the student's max logit over the vocabulary)")
+    else:
+        shift_BS = upcast(vocab_max_BS.detach() if cfg.q_shift == "vocab_detached" else vocab_max_BS)
+    q_BSK = shifted_q(logits_BSK, mask_BSK, cfg.q_min, shift_BS)
+    if cfg.value == "released":
+        if lse_BS is None:
+            raise ValueError("value='released' needs lse_BS (the student's log-normaliser over the vocabulary)")
+        v_BS = released_state_values(q_BSK, logits_BSK, mask_BSK, lse_BS, cfg.top_p, cfg.epsilon, vocab_size)
     else:
         v_BS = state_values(q_BSK, mask_BSK)
-    v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
-    in_set_BT = action_slot_BT >= 0  # -1 marks both an action outside the set and padding
+    x = BDValues(q_BSK, mask_BSK, v_BS, next_state_values(v_BS, lengths_B, terminated_B), action_slot_BT, action_mask_BT)
 
-    q_sa_BT = gather_action(q_BSK, action_slot_BT)
-    q_in_set_BSK = q_BSK.masked_fill(~mask_BSK, 0.0)
-    if expert_term == "vocab_mean":
-        q_sa_BT = q_in_set_BSK[:, :T].sum(-1) / vocab_size
-        expert_ok_BT = action_mask_BT
+    if cfg.expert_term == "vocab_mean":
+        r_BT, ok_BT = vocab_mean_reward(x, cfg.gamma, vocab_size)
     else:
-        expert_ok_BT = in_set_BT
-    r_BT = implicit_reward(q_sa_BT, v_next_BT, gamma)
-    reward_term = masked_mean(r_BT, expert_ok_BT)
+        r_BT, ok_BT = expert_token_reward(x, cfg.gamma)
+    if cfg.chi2_on == "vocab":
+        loss, stats = released_form_loss(x, r_BT, ok_BT, gamma=cfg.gamma, alpha=cfg.alpha, vocab_size=vocab_size)
+    elif cfg.chi2_on == "expert_and_policy":
+        loss, stats = expert_and_policy_loss(x, r_BT, ok_BT, gamma=cfg.gamma, alpha=cfg.alpha)
+    else:
+        loss, stats = math_form_loss(x, r_BT, ok_BT, gamma=cfg.gamma, alpha=cfg.alpha)
+    stats = {"loss/iq": loss, **stats, **bd_diagnostics(x, r_BT, ok_BT)}
 
-    if chi2_on == "expert":
-        sq = masked_mean(r_BT.square(), expert_ok_BT)
-    else:
-        # r(s, a') for every candidate a' at the expert's state, bootstrapped from the expert's next state.
-        mask_BTK = mask_BSK[:, :T]
-        # Zeroed off the set before squaring: with the set shift an empty set's Q is huge (inf when squared).
-        r_all_sq_BTK = implicit_reward(q_BSK[:, :T], v_next_BT, gamma).masked_fill(~mask_BTK, 0.0).square()
-        if chi2_on == "expert_and_policy":
-            pi_BTK = project_to_set(q_BSK[:, :T], mask_BTK, log=False).detach()
-            policy_sq_BT = (pi_BTK * r_all_sq_BTK).sum(-1)
-            sq = 0.5 * (masked_mean(r_BT.square(), expert_ok_BT) + masked_mean(policy_sq_BT, action_mask_BT))
-        else:
-            # Released code: mean over the whole vocabulary of (Q_masked - gamma V')^2, zeros outside the set.
-            set_size_BT = mask_BTK.sum(-1).float()
-            in_set_sq_BT = r_all_sq_BTK.sum(-1)
-            outside_sq_BT = (vocab_size - set_size_BT) * (gamma * v_next_BT).square()
-            sq = masked_mean((in_set_sq_BT + outside_sq_BT) / vocab_size, action_mask_BT)
-    chi2 = chi2_penalty(sq, alpha)
-    value_term = iq_learn_value_term(v_BS, v_next_BT, action_mask_BT, gamma)
-    if chi2_on == "expert":
-        objective = masked_mean(chi2_phi(r_BT, alpha), expert_ok_BT) - value_term
-    else:
-        objective = reward_term - chi2 - value_term
-    loss = -objective
-    stats = {
-        "loss/iq": -objective,
-        "loss/reward_term": reward_term,
-        "loss/chi2": chi2,
-        "loss/value_term": value_term,
-        "q/expert_mean": masked_mean(gather_action(q_BSK, action_slot_BT), in_set_BT),
-        "q/set_mean": masked_mean(q_in_set_BSK.sum(-1) / mask_BSK.sum(-1).clamp_min(1), state_ok_BS),
-        "v/mean": masked_mean(v_BS, state_ok_BS),
-        "reward/implicit_mean": masked_mean(r_BT, expert_ok_BT),
-        "top_p/set_size": masked_mean(mask_BSK.sum(-1).float(), state_ok_BS),
-        "top_p/expert_outside_frac": masked_mean((~in_set_BT).float(), action_mask_BT),
-    }
-    if ce_coef > 0:
-        if lm_nll_BT is None:
-            raise ValueError("ce_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
-        nll = masked_mean(lm_nll_BT, lm_action_mask_BT)
-        loss = loss + ce_coef * nll
-        stats["loss/lm"] = nll
-    if mass_coef > 0 or kd_coef > 0:
-        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], lse_BS[:, :T]
-        t_lp_BTK = upcast(teacher_logprobs_BSK[:, :T]).to(logits_BSK.dtype)
-    if mass_coef > 0:
-        mass = masked_mean(set_mass_kl(s_logits_BTK, mask_BTK, lse_BT, t_lp_BTK), lm_action_mask_BT)
-        loss = loss + mass_coef * mass
-        stats["loss/set_mass_kl"] = mass
-    if kd_coef > 0:
-        # Token KD to the teacher's cached set: KL(teacher renormalised on A_p || student over the vocabulary).
-        kd_BT = kl(project_to_set(t_lp_BTK, mask_BTK), s_logits_BTK - lse_BT[..., None], mask_BTK)
-        kd = masked_mean(kd_BT, lm_action_mask_BT)
-        loss = loss + kd_coef * kd
-        stats["loss/kd"] = kd
+    # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
+    mass_coef = cfg.mass_coef if cfg.top_p < 1.0 else 0.0
+    for key, coef, term in lm_terms(
+        logits_BSK, mask_BSK, lm_action_mask_BT, ce_coef=cfg.ce_coef, mass_coef=mass_coef, kd_coef=cfg.kd_coef,
+        lm_nll_BT=lm_nll_BT, lse_BS=lse_BS, teacher_logprobs_BSK=teacher_logprobs_BSK,
+    ):
+        loss = loss + coef * term
+        stats[key] = term
     if lse_BS is not None:
+        T = action_mask_BT.shape[1]
         log_m_s_BT = soft_value(logits_BSK[:, :T], mask_BSK[:, :T]) - lse_BS[:, :T]
         stats["top_p/student_set_mass"] = masked_mean(log_m_s_BT.exp(), lm_action_mask_BT)
     stats["loss/total"] = loss
     return loss, stats
+
+
+def bd_diagnostics(x: BDValues, r_BT: torch.Tensor, ok_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Q, V, reward and set statistics of one batch (for logging; no gradient needed)."""
+    in_set_BT = x.action_slot_BT >= 0  # -1 marks both an action outside the set and padding
+    state_ok_BS = x.mask_BSK.any(-1)
+    set_size_BS = x.mask_BSK.sum(-1)
+    return {
+        "q/expert_mean": masked_mean(gather_action(x.q_BSK, x.action_slot_BT), in_set_BT),
+        "q/set_mean": masked_mean(x.q_BSK.masked_fill(~x.mask_BSK, 0.0).sum(-1) / set_size_BS.clamp_min(1), state_ok_BS),
+        "v/mean": masked_mean(x.v_BS, state_ok_BS),
+        "reward/implicit_mean": masked_mean(r_BT, ok_BT),
+        "top_p/set_size": masked_mean(set_size_BS.float(), state_ok_BS),
+        "top_p/expert_outside_frac": masked_mean((~in_set_BT).float(), x.action_mask_BT),
+    }
 
 
 class BellmanDistill(Algorithm):
@@ -279,15 +408,16 @@ class BellmanDistill(Algorithm):
 
     name = "iql_bd"
 
+    @property
+    def needs_lm_batch(self) -> bool:
+        """``lm_batch = "corpus"`` with an LM term: CE and KD read a batch of the task's pre-training corpus."""
+        return self.config.lm_batch == "corpus" and (self.config.ce_coef > 0 or self.config.kd_coef > 0)
+
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.config
-        if cfg.q_shift not in Q_SHIFT_CHOICES:
-            raise ValueError(f"iql_bd.q_shift must be one of {Q_SHIFT_CHOICES}, got {cfg.q_shift!r}")
-        if cfg.kd_coef > 0 and cfg.top_p >= 1.0:
-            raise ValueError("iql_bd.kd_coef > 0 needs top_p < 1 (KD reads the teacher's cached set); set kd_coef=0")
+        on_corpus = self.needs_lm_batch
+        # On the corpus the CE and KD terms are scored below, on the LM batch, not on the distillation batch.
+        cfg = dataclasses.replace(self.config, ce_coef=0.0, kd_coef=0.0) if on_corpus else self.config
         full_vocab = cfg.top_p >= 1.0
-        # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
-        mass_coef = 0.0 if full_vocab else cfg.mass_coef
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
         # One chunked pass over the vocabulary for everything that needs it (flat memory, exact gradients).
@@ -295,75 +425,26 @@ class BellmanDistill(Algorithm):
             h_BSD,
             batch.actions_BT if cfg.ce_coef > 0 else None,
             need_max=cfg.q_shift != "set",
-            need_lse=cfg.value == "released" or mass_coef > 0 or cfg.kd_coef > 0,
+            need_lse=cfg.value == "released" or (cfg.mass_coef > 0 and not full_vocab) or cfg.kd_coef > 0,
         )
-        loss, stats = iq_bd_loss(
+        loss, stats = bellman_distill_loss(
+            cfg,
             cq.logits_BSK,
             cq.mask_BSK,
-            _shift(stats_v.max_BS, cfg.q_shift),
             cq.action_slot_BT,
             batch.action_mask_BT,
             batch.lengths_B,
             batch.terminated_B,
-            gamma=cfg.gamma,
-            alpha=cfg.alpha,
-            q_min=cfg.q_min,
             vocab_size=cfg.released_vocab_size or self.policy.vocab_size,
-            chi2_on=cfg.chi2_on,
-            expert_term=cfg.expert_term,
-            value=cfg.value,
-            top_p=cfg.top_p,
-            epsilon=cfg.epsilon,
-            mask_eos=cfg.mask_eos,
-            ce_coef=cfg.ce_coef,
-            lm_nll_BT=stats_v.nll_BT,
-            mass_coef=mass_coef,
-            kd_coef=cfg.kd_coef,
+            vocab_max_BS=stats_v.max_BS,
             lse_BS=stats_v.lse_BS,
+            lm_nll_BT=stats_v.nll_BT,
             teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )
+        if on_corpus:
+            lm_batch = require_lm_batch(batch, self.name)
+            lm_loss, lm_stats = lm_batch_loss(self.policy, lm_batch, self.config.ce_coef, self.config.kd_coef)
+            loss = loss + lm_loss
+            stats.update(lm_stats)
+            stats["loss/total"] = loss
         return loss, float_stats(stats)
-
-
-@dataclass
-class BellmanDistillMathConfig(BellmanDistillConfig):
-    """The paper's math form (``algo=iql_bd_math``): vocabulary-max Q shift, phi at the expert token, LM term."""
-
-    alpha: float = 0.1
-    q_shift: str = "vocab"
-    mass_coef: float = 0.0
-    ce_coef: float = 1.0
-
-
-@dataclass
-class BellmanDistillReleasedConfig(BellmanDistillConfig):
-    """The released code's form (``algo=iql_bd_released``), as described in ``/work/shared/bellman-distill.md``.
-
-    Vocabulary-mean expert term and chi^2 over the vocabulary, both weighted at the release's |V| = 151936;
-    EOS masked out of the BD terms (it is the pad token there); projection ``softmax(Q) * mask / p + epsilon``
-    renormalised, with V the entropy-regularised expectation under it; LM term 0.5 CE + 0.5 token KD.
-    ``epsilon`` and the LM weight are unpublished: 1e-8 and 1 here.
-    """
-
-    alpha: float = 0.1
-    q_shift: str = "vocab"
-    chi2_on: str = "vocab"
-    expert_term: str = "vocab_mean"
-    value: str = "released"
-    released_vocab_size: int = 151936
-    mask_eos: bool = True
-    mass_coef: float = 0.0
-    ce_coef: float = 0.5
-    kd_coef: float = 0.5
-
-
-class BellmanDistillMath(BellmanDistill):
-    """Bellman Distill in the paper's math form (see :class:`BellmanDistillMathConfig`)."""
-
-    name = "iql_bd_math"
-
-
-class BellmanDistillReleased(BellmanDistill):
-    """Bellman Distill as the released code computes it (see :class:`BellmanDistillReleasedConfig`)."""
-
-    name = "iql_bd_released"

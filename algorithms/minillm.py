@@ -22,11 +22,31 @@ three tricks all are implemented:
 3. length normalisation: ``R_{t+1}`` is divided by the number of future tokens (``length_norm``), so long
    responses are not penalised for summing more negative rewards.
 
+The pre-training loss of the paper (added to the objective following InstructGPT's PPO-ptx) is on by default:
+
+    L_PT(theta) = - E_{d ~ D_PT} [ log pi_theta(d) ],        L = L_KL + pt_coef * L_PT,   pt_coef = 1 (paper),
+
+on a batch of the task's pre-training corpus that the trainer attaches to every batch (``batch.lm_batch``,
+:mod:`tokenrl.tasks.corpus`: free text of the synthetic language, or a text file / the teacher's unconditional
+samples on a transformers task; the paper's is OpenWebText). Like the paper's (and :func:`minillm_loss`), it is
+per sequence: the NLL summed over each row's tokens, averaged over rows. ``pt_coef = 0`` turns it off (no
+corpus is built then). The synthetic corpus is drawn at the data's top-p by default: on text drawn at top-p 1.0
+the PT term teaches the synthetic teacher's uniform smoothing floor, and from the default SFT start MiniLLM's
+samples then got worse (``experiments/onpolicy_start.py``; :mod:`tokenrl.tasks.corpus`).
+
 Rollouts are reused PPO-style: ``rho_t`` is taken against the behaviour policy the rollout came from (the
 snapshot :meth:`MiniLLM.sync_behaviour` takes in :meth:`MiniLLM.before_rollout`) and clipped to
 ``[1 - clip_eps, 1 + clip_eps]``. The baseline ``b_t`` is the leave-one-out mean of ``R_{t+1}`` over the other
 rows at the same position (independent of the row's own sample, so the estimator stays unbiased).
 Teacher rows (``is_expert``) were sampled by the teacher: their behaviour log-prob is the teacher's.
+
+Not as in the paper or its release: the release's PT loss mixes 0.5 CE with 0.5 token KD to the teacher
+(``--kd-ratio 0.5``) and averages both losses per token rather than per sequence; its policy-gradient return is
+discounted (gamma 0.95 in its arguments) where ours is not, and its advantages are whitened over the batch where
+ours subtract a leave-one-out baseline; its rewards are scaled (``--reward-scaling 0.5``). Optimiser: the
+release fine-tunes an SFT student at a constant lr 5e-6 after 100 warm-up steps with gradient clipping at 1; the
+shipped ``experiments/conf/algo/minillm.yaml`` keeps the constant schedule and the short warm-up at an lr for
+this task's small student (see its comment).
 """
 
 from __future__ import annotations
@@ -38,10 +58,10 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
-from envs.token_env import PolicyFn
-from envs.top_p_wrapper import restrict_logits_to_top_p
-from tokenrl.core.backup import kl, masked_mean, project_to_set, upcast
-from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
+from tokenrl.core.distributions import kl, masked_mean, project_to_set, upcast
+from tokenrl.core.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, PROBABILITY, field_problems
+from tokenrl.core.top_p import PolicyFn, restrict_logits_to_top_p
+from tokenrl.data.buffer import Batch, ReplayBuffer, require_lm_batch, require_teacher_logprobs
 from tokenrl.lm.policy import CausalLMPolicy
 
 
@@ -55,13 +75,18 @@ class MiniLLMConfig(AlgoConfig):
     length_norm: bool = True  # divide R_{t+1} by the number of future tokens
     baseline: bool = True  # subtract the leave-one-out mean of R_{t+1} over the batch at each position
     sparse: bool = True  # top_p < 1: student logits on the set as h @ W[ids]^T instead of dense logits
+    pt_coef: float = 1.0  # weight of the pre-training loss on a corpus batch (paper: 1; 0 = off, no corpus)
+    # Optimiser: MiniLLM fine-tunes a converged (SFT) student; its release uses a constant lr (5e-6 for GPT-2)
+    # after 100 warm-up steps of 5000, clipping at 1. The same shape here (constant after 20 warm-up steps) at an
+    # lr for this task's small student, tuned by the benchmark (RESULTS.md; 1e-3, the SFT peak, collapses it).
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 1.0  # constant after the warm-up
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.mix < 1.0:
-            raise ValueError(f"minillm.mix must be in [0, 1), got {self.mix}")
-        if self.clip_eps <= 0:
-            raise ValueError(f"minillm.clip_eps must be > 0, got {self.clip_eps}")
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus MiniLLM's ranges."""
+        ranges = {"top_p": PROBABILITY, "mix": HALF_OPEN_UNIT, "clip_eps": POSITIVE, "pt_coef": NON_NEGATIVE}
+        return super().problems() + field_problems(self, "algo", ranges)
 
     def reads_cached_sets(self) -> bool:
         """``top_p = 1`` reads the teacher's full-vocabulary log-probs from the batch, not the cache."""
@@ -73,7 +98,7 @@ def mixed_policy_fn(student_fn: PolicyFn, teacher_fn: PolicyFn, mix: float) -> P
 
     Args:
         student_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the student (e.g. already restricted with
-            :func:`envs.top_p_wrapper.top_p_restricted_policy`).
+            :func:`tokenrl.core.top_p.top_p_restricted_policy`).
         teacher_fn: ``(tokens_BT, lengths_B) -> logits_BV`` of the teacher, restricted the same way
             (e.g. ``restrict_logits_to_top_p(t, t, p)``), so the loss's importance weights match.
         mix: teacher weight in [0, 1).
@@ -155,6 +180,17 @@ def minillm_loss(
     return long_term + single_step, stats
 
 
+def pt_loss(nll_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """MiniLLM's pre-training loss ``- E_d[log pi_theta(d)]``: the NLL summed over each row's tokens, averaged over
+    rows (per sequence, the scale of :func:`minillm_loss`).
+
+    Args:
+        nll_BT: ``[B, T]`` full-vocabulary NLL of the corpus batch's tokens.
+        mask_BT: ``[B, T]`` bool valid tokens.
+    """
+    return (nll_BT * mask_BT.to(nll_BT.dtype)).sum() / max(mask_BT.shape[0], 1)
+
+
 def action_slots(actions_BT: torch.Tensor, cand_ids_BTK: torch.Tensor, cand_mask_BTK: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` slot of each taken action among its state's valid candidates, -1 if outside the set."""
     match_BTK = (cand_ids_BTK == actions_BT[..., None]) & cand_mask_BTK
@@ -176,11 +212,16 @@ class MiniLLM(Algorithm):
 
     Batch fields read: ``actions_BT``, ``action_mask_BT``, ``is_expert_B``, the model inputs, and
     ``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
-    (``top_p < 1``). Not implemented: the paper's auxiliary pre-training (language-modelling) loss.
+    (``top_p < 1``), and ``lm_batch`` (the corpus batch of the PT loss) when ``pt_coef > 0``.
     """
 
     name = "minillm"
     needs_rollouts = True
+
+    @property
+    def needs_lm_batch(self) -> bool:
+        """The PT loss (``pt_coef > 0``) reads a batch of the task's pre-training corpus."""
+        return self.config.pt_coef > 0
 
     @property
     def needs_teacher_logprobs(self) -> bool:
@@ -263,6 +304,12 @@ class MiniLLM(Algorithm):
             logp_BT, behaviour_BT, teacher_logp_BT, kl_BT, valid_BT, cfg.clip_eps, cfg.length_norm, cfg.baseline
         )
         out = {k: float(v) for k, v in stats.items()}
+        if cfg.pt_coef > 0:
+            lm = require_lm_batch(batch, self.name)
+            h_lm_BTD = self.policy.state_hidden(lm)[:, : lm.actions_BT.shape[1]]
+            pt = pt_loss(self.policy.action_nll(h_lm_BTD, lm.actions_BT), lm.action_mask_BT)
+            loss = loss + cfg.pt_coef * pt
+            out["loss/pt"] = float(pt.detach())
         out["loss/total"] = float(loss.detach())
         out["top_p/action_outside_frac"] = float(masked_mean((~valid_BT).float(), batch.action_mask_BT))
         out["data/student_frac"] = float((~batch.is_expert_B).float().mean())

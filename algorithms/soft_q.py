@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from tokenrl.core.backup import TargetNetwork, gather_action, masked_mean, next_state_values, state_values, td_target, upcast
+from tokenrl.core.options import PROBABILITY, UNIT_INTERVAL, field_problems
+from tokenrl.core.backup import eos_steps, gather_action, next_state_values, state_values, td_target
+from tokenrl.core.distributions import masked_mean, upcast
+from tokenrl.core.target import TargetNetwork
 from tokenrl.data.buffer import Batch
 from tokenrl.lm.policy import CandidateQ, CausalLMPolicy
 
@@ -37,6 +40,15 @@ class SoftQConfig(AlgoConfig):
     reward: str = "teacher_logprob"  # teacher_logprob: r = log pi*(a|s); sqil: 1 on teacher data, 0 on rollouts
     target_update_rate: float = 0.01  # Polyak rate of the target network (1.0 = copy every step)
     sparse: bool = True  # gather candidate rows of the output embedding instead of dense logits
+
+    def problems(self) -> list[str]:
+        """The optimiser's problems plus the ranges, the reward choice and SQIL's need of gamma < 1."""
+        ranges = {"top_p": PROBABILITY, "gamma": UNIT_INTERVAL, "target_update_rate": PROBABILITY}
+        found = super().problems() + field_problems(self, "algo", ranges, {"reward": REWARD_CHOICES})
+        if self.reward == "sqil" and self.gamma >= 1.0:
+            found.append(f"algo.gamma={self.gamma} with algo.reward='sqil': needs gamma < 1 (the absorbing state after "
+                         "EOS is worth 1 / (1 - gamma)); set algo.gamma=0.99")
+        return found
 
     def reads_cached_sets(self) -> bool:
         """SQIL's reward is not the teacher's: at ``top_p = 1`` (the whole vocabulary) nothing reads the cache."""
@@ -90,16 +102,6 @@ class SoftQ(Algorithm):
     name = "soft_q"
     uses_target_network = True
 
-    def __init__(self, policy: CausalLMPolicy, config: SoftQConfig, total_steps: int = 1000):
-        if config.reward not in REWARD_CHOICES:
-            raise ValueError(f"soft_q.reward must be one of {REWARD_CHOICES}, got {config.reward!r}")
-        if config.reward == "sqil" and config.gamma >= 1.0:
-            raise ValueError(
-                f"soft_q.reward=sqil needs gamma < 1 (the absorbing state after EOS is worth 1 / (1 - gamma)), "
-                f"got gamma={config.gamma}"
-            )
-        super().__init__(policy, config, total_steps)
-
     @property
     def needs_rollouts(self) -> bool:
         """SQIL's reward is defined on the learner's own transitions too (reward 0)."""
@@ -119,8 +121,7 @@ class SoftQ(Algorithm):
         v_next_BT = td.v_next_BT
         if cfg.reward == "sqil":
             # The EOS step of a terminated response leads to SQIL's absorbing state (module docstring).
-            T = reward_BT.shape[1]
-            eos_BT = batch.terminated_B[:, None] & (torch.arange(1, T + 1, device=reward_BT.device) == batch.lengths_B[:, None])
+            eos_BT = eos_steps(batch.lengths_B, batch.terminated_B, reward_BT.shape[1])
             v_next_BT = torch.where(eos_BT, reward_BT / (1.0 - cfg.gamma), v_next_BT)
         in_set_BT = td.cq.action_in_set_BT & known_BT
         loss = soft_q_loss(td.q_sa_BT, reward_BT, v_next_BT, in_set_BT, cfg.gamma)

@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from tokenrl.data.buffer import ReplayBuffer
-from tokenrl.tasks.datagen import file_sha256, generate_teacher_data, load_teacher_data, shard_path
+from tokenrl.tasks.datagen import generate_teacher_data, load_teacher_data, shard_path
+from tokenrl.tasks.manifest import file_sha256
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
 

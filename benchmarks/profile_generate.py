@@ -5,8 +5,9 @@ First the process CPU time (not wall time, so a loaded machine disturbs it less)
 of the sampling pass, what ``experiments/generate.py`` runs for a transformers teacher), the sampler alone, and
 the old two-pass path (sampler, then ``compute_top_p_cache``), as ratios to ``generate``. Then torch.profiler on
 one batch of the first two: the operators with the largest self CPU time as markdown tables. Last, the CPU time of
-one top-p mask of ``[batch, vocab]`` logits: ``tokenrl.core.top_p.top_p_mask`` vs the indexed full sort it falls back
-to on boundary ties (what every step paid before). One thread.
+one top-p computation on ``[batch, vocab]`` logits: ``tokenrl.core.top_p.top_p_mask`` vs the indexed full sort it
+falls back to on boundary ties (what every step paid before), and the exact sparse sets (``top_p_sparse``) vs the
+sampling pass's probed sets (``tokenrl.lm.probed_sets.probed_top_p_sets``, what a data-generation step pays now). One thread.
 
     python benchmarks/profile_generate.py --layers 4
 """
@@ -29,8 +30,9 @@ def main() -> None:
     from profile_step import print_profile, profile_parser
     from run import _hf_teacher, _smol_like
     from tokenrl.tasks.datagen import compute_top_p_cache
+    from tokenrl.lm.probed_sets import probed_top_p_sets
     from tokenrl.lm.sampling import TeacherSampler
-    from tokenrl.core.top_p import _mask_by_indexed_sort, top_p_mask
+    from tokenrl.core.top_p import _mask_by_indexed_sort, top_p_mask, top_p_sparse
 
     ap = profile_parser(__doc__, vocab=49152, layers=10, batch=8, top=10)
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -76,8 +78,12 @@ def main() -> None:
         print_profile(variants[name], f"{name}: {{total}} s self CPU time for one batch", args.top)
     with torch.no_grad():
         logits_BV = model(prompt_BT).logits[:, -1, : args.vocab].float()
+    logprobs_BV = torch.log_softmax(logits_BV, -1)
     for name, fn in {"top_p_mask": lambda: top_p_mask(logits_BV, 0.8),
-                     "indexed torch.sort (before)": lambda: _mask_by_indexed_sort(logits_BV, 0.8, 1)}.items():
+                     "indexed torch.sort (before)": lambda: _mask_by_indexed_sort(logits_BV, 0.8, 1),
+                     "top_p_sparse (the exact sets)": lambda: top_p_sparse(logits_BV, 0.8),
+                     "the sampling pass's probed sets (probed_top_p_sets)": lambda: probed_top_p_sets(logits_BV, logprobs_BV, 0.8),
+                     }.items():
         fn()
         t0 = time.process_time()
         for _ in range(20):

@@ -13,7 +13,8 @@ seconds per figure are printed and written into BENCHMARKS.md.
 Figures: 1 BD step vs SFT step (GPT-2-small shape), 2 offline cache vs teacher forward on every batch,
 3 teacher-data generation vs ``model.generate``, 4 cache bytes per token, 5 peak memory of one step at
 vocabulary 150k, 6 sparse top-p value iteration vs full-action value iteration, 7 env rollout vs a raw
-KV-cache loop.
+KV-cache loop, 9 the student's forward with bf16 autocast and torch.compile (CPU). The GPU figures are
+``benchmarks/gpu_check.sh``'s.
 """
 
 from __future__ import annotations
@@ -461,7 +462,7 @@ def _worker_env(params: dict) -> dict:
     import torch
 
     from envs.token_env import BatchedTokenGenerationEnv
-    from envs.top_p_wrapper import top_p_restricted_policy
+    from tokenrl.core.top_p import top_p_restricted_policy
     from tokenrl.lm.models import IncrementalTeacher
     from tokenrl.lm.sampling import KVCacheStepper
     from tokenrl.core.top_p import top_p_mask
@@ -476,7 +477,7 @@ def _worker_env(params: dict) -> dict:
 
     def env_rollout() -> None:
         student_fn = IncrementalTeacher(_hf_teacher(student, V)).next_token_logits
-        policy = top_p_restricted_policy(student_fn, IncrementalTeacher(_hf_teacher(teacher_model, V)), 0.8)
+        policy = top_p_restricted_policy(student_fn, IncrementalTeacher(_hf_teacher(teacher_model, V)).next_token_logits, 0.8)
         with torch.no_grad():
             made["env"] = int(env.rollout(policy, prompts, seed=0).response_mask_BT.sum())
 
@@ -524,6 +525,72 @@ def figure_7(quick: bool, repeats: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Figure 9: the student's forward options on CPU: bf16 autocast and torch.compile (issue 22)
+# --------------------------------------------------------------------------------------------------
+FIG9_VARIANTS = {
+    "sft (bc), fp32 eager": ("bc", "fp32", False),
+    "sft (bc), bf16 autocast": ("bc", "bf16", False),
+    "sft (bc), fp32 compiled": ("bc", "fp32", True),
+    "iql_bd default, fp32 eager": ("iql_bd", "fp32", False),
+    "iql_bd default, bf16 autocast": ("iql_bd", "bf16", False),
+    "iql_bd default, fp32 compiled": ("iql_bd", "fp32", True),
+}
+
+
+def _worker_forward_options(params: dict) -> dict:
+    import torch
+
+    from algorithms import make_algorithm
+    from step_cost import random_llama, synthetic_buffer
+    from tokenrl.lm.policy import CausalLMPolicy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    V, T, B = params["vocab"], params["seq"], params["batch"]
+    model = random_llama(V, params["hidden"], params["layers"], 2 * T + 64)
+    buf = synthetic_buffer(V, T, B)
+    steps, first_call, shared = {}, {}, None
+    for name, (algo_name, precision, compiled) in FIG9_VARIANTS.items():
+        compile_ = params["backend"] if compiled else False
+        algo = make_algorithm(algo_name, CausalLMPolicy(model, V, precision=precision, compile=compile_), {},
+                              total_steps=100)
+        shared = shared or (algo.optimizer, algo.scheduler)
+        algo.optimizer, algo.scheduler = shared  # one AdamW state, as in figure 1
+        batch = buf.collate(list(range(B)), top_p=algo.top_p)
+        steps[name] = lambda a=algo, b=batch: a.update(b)
+        t0 = time.perf_counter()
+        steps[name]()  # the first call compiles (compiled variants) and allocates the optimiser state
+        first_call[name] = time.perf_counter() - t0
+    return {"times": _interleaved(steps, params["repeats"], warmup=False), "first_call": first_call}
+
+
+def figure_9(quick: bool, repeats: int) -> str:
+    params = dict(vocab=1000, hidden=64, layers=1, batch=2, seq=16, backend="aot_eager") if quick else \
+        dict(vocab=32000, hidden=256, layers=4, batch=4, seq=128, backend="inductor")
+    r = _worker_json("9", {**params, "repeats": repeats}, quick)
+    times, first = r["times"], r["first_call"]
+    lines = ["| variant | first call s | median s | x its fp32 eager: median [min-max] over repeats |", "|---|---:|---:|---|"]
+    for name, ts in times.items():
+        base = times[name.split(",")[0] + ", fp32 eager"]
+        lines.append(f"| {name} | {first[name]:.3g} | {statistics.median(ts):.3g} | {_ratio_cells(ts, base)} |")
+    compiled = {n: _median_ratio(times, n, n.split(",")[0] + ", fp32 eager") for n in times if "compiled" in n}
+    bf16 = {n: _median_ratio(times, n, n.split(",")[0] + ", fp32 eager") for n in times if "bf16" in n}
+    return "\n".join([
+        f"Random untied Llama ({params['layers']} layers, hidden {params['hidden']}, vocab {params['vocab']}), batch "
+        f"{params['batch']} x {params['seq']} response tokens, synthetic top-0.8 sets, threads 1, {repeats} interleaved "
+        "rounds after each variant's first call; the variants share the model and one AdamW state. bf16 = "
+        "`precision=bf16` (autocast of the body and head, float32 master weights); compiled = `compile=true` "
+        f"(torch.compile of the decoder body, backend {params['backend']}, dynamic shapes). The first call includes "
+        "the compilation; the ratios compare steady-state steps with the same algorithm's fp32 eager step.", "",
+        *lines, "",
+        "Goal (issue 22): measure before recommending. In this run: `compile=true` "
+        + ", ".join(f"{v:.2f}x" for v in compiled.values()) + " and `precision=bf16` "
+        + ", ".join(f"{v:.2f}x" for v in bf16.values())
+        + " of the fp32 eager step (sft, iql_bd) on this CPU; GPU: not measured (benchmarks/gpu_check.sh).",
+    ])
+
+
+# --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
 FIGURES = {
@@ -534,11 +601,13 @@ FIGURES = {
     5: ("Peak memory of one step at vocabulary 150k", figure_5, 1),
     6: ("Tabular top-p value iteration vs full-action value iteration", figure_6, 2),
     7: ("Env rollout throughput vs a raw KV-cache loop", figure_7, 3),
+    9: ("The student's forward on CPU: bf16 autocast and torch.compile", figure_9, 3),
 }
 """Figure number -> (title, function, default repeats). Two timed rounds where a round is expensive and the
 earlier spread was far from deciding the goal (figure 1, the suite's costliest steps; figure 2, 0.11-0.13 for a
 0.25 goal; figure 6, ratios orders of magnitude apart); figures 4 and 5 are deterministic sizes and peaks."""
-WORKERS = {"1": _worker_steps, "2": _worker_offline, "3": _worker_generate, "4": _worker_cache, "7": _worker_env}
+WORKERS = {"1": _worker_steps, "2": _worker_offline, "3": _worker_generate, "4": _worker_cache, "7": _worker_env,
+           "9": _worker_forward_options}
 
 
 def _header(argv: list[str], quick: bool) -> str:
@@ -554,8 +623,8 @@ def _header(argv: list[str], quick: bool) -> str:
         f"Machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, load average {load:.1f} at the start (the "
         "machine was shared with other jobs: absolute times are noise, read the ratios, each measured side by "
         f"side in one run). Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, numpy {numpy.__version__}. Figure 8 (GPU, issue 11 item 8): no GPU was "
-        "lent to this task, so it is not measured.", "",
+        f"{transformers.__version__}, numpy {numpy.__version__}. The GPU tables (issue 11 item 8, issue 22) come from "
+        "`benchmarks/gpu_check.sh`, not from this script: see the section GPU check below.", "",
         *(["**--quick: tiny shapes, one repeat, every variant in this one process, so the peak-memory columns are "
            "the process's running peak, not per variant. A smoke test, not a measurement.**", ""] if quick else []),
     ])

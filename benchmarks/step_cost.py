@@ -27,7 +27,7 @@ CONFIGS = {
     "bd dense head (iql_bd default, sparse=False)": ("iql_bd", {"sparse": False}),
 }
 """Step configurations: the SFT baseline, the pure BD loss (both Q shifts), the default ``iql_bd`` recipe
-(``experiments/conf/algo/iql_bd.yaml``), and that recipe with dense logits."""
+(the defaults of ``BellmanDistillConfig``), and that recipe with dense logits."""
 
 
 def random_llama(vocab: int, hidden: int, layers: int, max_len: int):
@@ -57,7 +57,7 @@ def synthetic_buffer(vocab: int, seq: int, batch: int, seed: int = 0):
         sizes = np.minimum(1 + rng.geometric(0.2, size=T + 1), 128).astype(np.int32)
         ids, lps = [], []
         for t, k in enumerate(sizes):
-            others = rng.choice(np.arange(1, V), size=k, replace=False)
+            others = rng.choice(V - 1, size=k, replace=False) + 1  # = choice(arange(1, V)), without the O(V) arange
             if t < T:
                 others[0] = resp[t]  # the expert action lies in its set (data sampled at the training p)
             ids.append(others)

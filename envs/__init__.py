@@ -1,4 +1,4 @@
-"""Gymnasium environments and wrappers: token generation, the top-p action restriction, toy MDPs."""
+"""Gymnasium environments and wrappers: token generation, the top-p action restriction, the distillation envs, toy MDPs."""
 
 from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
 from envs.top_p_wrapper import TopPActionWrapper

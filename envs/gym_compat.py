@@ -9,12 +9,15 @@ Registered on ``import envs`` (``gymnasium.make(id, **kwargs)``):
 ``tokenrl/ToyTokenGeneration-v0``    :func:`make_toy_token_generation_env`: the token env with a tabular
                                      teacher, wrapped in :class:`envs.top_p_wrapper.TopPActionWrapper`
                                      and :class:`ActionMasks` (reward ``log pi_teacher(a|s)``)
+``tokenrl/SyntheticDistill-v0``      :mod:`envs.distill`: the synthetic task's teacher, its top-p mask and
+                                     reward ``log pi_teacher(a|s)``; ``make_vec`` gives the batched env
+``tokenrl/HFDistill-v0``             :mod:`envs.distill`: the same on a transformers teacher from local files
 ===================================  ======================================================================
 
 Maskable-RL libraries (sb3-contrib's ``MaskablePPO``) read the legal actions from an ``action_masks()``
 method; :class:`ActionMasks` provides it from the Gymnasium-convention ``info["action_mask"]`` that the
 top-p wrapper and :class:`envs.toy_mdps.TabularMDPEnv` emit. :class:`TokenGenerationVectorEnv` is the
-batched env as a ``gymnasium.vector.VectorEnv`` with next-step autoreset.
+batched env as a ``gymnasium.vector.VectorEnv`` (next-step or same-step autoreset) with batched top-p masks.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from envs.checks import reset_options
 from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv, _validate_prompt
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
+from tokenrl.core.teachers import Teacher
+from tokenrl.core.top_p import check_p, top_p_mask
 from tokenrl.theory.tabular import top_p_support
 
 
@@ -147,12 +152,21 @@ def make_toy_token_generation_env(
 
 
 class TokenGenerationVectorEnv(VectorEnv):
-    """:class:`envs.token_env.BatchedTokenGenerationEnv` as a ``gymnasium.vector.VectorEnv``.
+    """:class:`envs.token_env.BatchedTokenGenerationEnv` as a ``gymnasium.vector.VectorEnv``, with top-p masks.
 
     ``num_envs`` token-generation episodes, each the MDP of :class:`envs.token_env.TokenGenerationEnv` (same
-    single observation and action spaces), stepped by one batched env. Autoreset is Gymnasium's default
-    next-step mode: the step after a row ends ignores that row's action, starts a new episode from a fresh
-    prompt and returns its first observation with reward 0 and both flags False.
+    single observation and action spaces), stepped by one batched env. Autoreset is Gymnasium's
+    ``autoreset_mode``: ``NEXT_STEP`` (default) returns a row's last observation with its flags, and the next
+    step ignores that row's action, starts a new episode from a fresh prompt and returns its first observation
+    with reward 0 and both flags False; ``SAME_STEP`` starts the new episode in the step that ended the old
+    one and puts the old one's last observation in ``info["final_obs"]`` (and its mask in
+    ``info["final_info"]``).
+
+    With a ``teacher``, ``info["action_mask"]`` (``[num_envs, V]`` int8, Gymnasium's convention) and
+    :meth:`action_masks` (bool, sb3-contrib's protocol) hold the teacher's top-p set of every row's current
+    state after each reset and step, as :class:`envs.top_p_wrapper.TopPActionWrapper` does for one env: all
+    zeros for a row whose observation is a terminal state (no action exists there; the next step ignores its
+    action), the set itself for a truncated one. The mask does not restrict the actions ``step`` accepts.
 
     Args:
         num_envs: number of rows.
@@ -161,9 +175,11 @@ class TokenGenerationVectorEnv(VectorEnv):
         prompts: fixed prompts, drawn uniformly for every (re)started episode.
         prompt_sampler: ``prompt_sampler(n, np_random) -> n prompts`` instead (give exactly one of the two).
         reward_fn: as in :class:`envs.token_env.BatchedTokenGenerationEnv`.
+        teacher: the :class:`tokenrl.core.teachers.Teacher` whose top-p sets are the masks; None: no mask
+            (``action_masks()`` all True, no ``info["action_mask"]``).
+        top_p: the sets' threshold in (0, 1].
+        autoreset_mode: ``AutoresetMode.NEXT_STEP`` or ``AutoresetMode.SAME_STEP`` (or their string values).
     """
-
-    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(
         self,
@@ -177,17 +193,27 @@ class TokenGenerationVectorEnv(VectorEnv):
         reward_fn: BatchRewardFn | None = None,
         pad_token_id: int | None = None,
         device: str | torch.device = "cpu",
+        teacher: Teacher | None = None,
+        top_p: float = 1.0,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
     ):
         if (prompts is None) == (prompt_sampler is None):
             raise ValueError("give exactly one of prompts= and prompt_sampler=")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        modes = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
+        if AutoresetMode(autoreset_mode) not in modes:
+            raise ValueError(f"autoreset_mode must be one of {[m.value for m in modes]}, got {autoreset_mode!r}")
+        if teacher is not None and teacher.vocab_size != vocab_size:
+            raise ValueError(f"teacher vocab_size={teacher.vocab_size} differs from the env's vocab_size={vocab_size}")
+        self.metadata = {"autoreset_mode": AutoresetMode(autoreset_mode)}
         self.batched = BatchedTokenGenerationEnv(
             vocab_size, eos_token_id, max_new_tokens, max_prompt_len, reward_fn=reward_fn,
             pad_token_id=pad_token_id, device=device,
         )
         self._prompts = None if prompts is None else [_validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
         self._prompt_sampler = prompt_sampler
+        self.teacher, self.top_p = teacher, check_p(top_p)
         self.num_envs = num_envs
         single = TokenGenerationEnv(vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id=pad_token_id)
         self.single_observation_space = single.observation_space
@@ -195,6 +221,7 @@ class TokenGenerationVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._autoreset_B = np.zeros(num_envs, dtype=bool)
+        self._mask_BV = np.ones((num_envs, vocab_size), dtype=np.int8)
 
     def _draw(self, n: int) -> list[list[int]]:
         if self._prompt_sampler is not None:
@@ -211,10 +238,10 @@ class TokenGenerationVectorEnv(VectorEnv):
             raise ValueError(f"got {len(prompts)} prompts for {self.num_envs} envs")
         self.batched.reset(prompts, seed=int(self.np_random.integers(2**62)))
         self._autoreset_B[:] = False
-        return self._obs(), {}
+        return self._obs(), self._mask_info(np.zeros(self.num_envs, dtype=bool))
 
     def step(self, actions):
-        """Step every row; rows that ended on the previous step restart instead (their action is ignored)."""
+        """Step every row; under ``NEXT_STEP``, rows that ended on the previous step restart instead."""
         if self.batched.tokens_BL is None:
             raise RuntimeError("step() called before reset()")
         actions_B = np.asarray(actions)
@@ -229,10 +256,38 @@ class TokenGenerationVectorEnv(VectorEnv):
         restart_t = torch.as_tensor(restart_B, device=self.batched.device)
         terminated_B = (self.batched.terminated_B & ~restart_t).cpu().numpy()
         truncated_B = (self.batched.truncated_B & ~restart_t).cpu().numpy()
+        ended_B = terminated_B | truncated_B
+        infos: dict[str, Any] = {}
+        if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
+            if ended_B.any():
+                obs, final = self._obs(), self._mask_info(terminated_B)
+                for row in np.flatnonzero(ended_B).tolist():
+                    final_obs = {key: value[row] for key, value in obs.items()}
+                    final_info = {key: value[row] for key, value in final.items() if not key.startswith("_")}
+                    infos = self._add_info(infos, {"final_obs": final_obs, "final_info": final_info}, row)
+            restart_B, self._autoreset_B = ended_B, np.zeros_like(ended_B)
+            terminal_B = np.zeros_like(ended_B)
+        else:
+            self._autoreset_B, terminal_B = ended_B, terminated_B
         if restart_B.any():
             self._restart_rows(np.flatnonzero(restart_B))
-        self._autoreset_B = terminated_B | truncated_B
-        return self._obs(), rewards_B, terminated_B, truncated_B, {}
+        return self._obs(), rewards_B, terminated_B, truncated_B, {**infos, **self._mask_info(terminal_B)}
+
+    def action_masks(self) -> np.ndarray:
+        """``[num_envs, V]`` bool: the legal actions of every row's current state (sb3-contrib's protocol)."""
+        return self._mask_BV.astype(bool)
+
+    def _mask_info(self, terminal_B: np.ndarray) -> dict[str, np.ndarray]:
+        """Compute the masks of the current states (rows in ``terminal_B`` have none) as ``info`` entries."""
+        if self.teacher is None:
+            return {}
+        env = self.batched
+        width = int(env.lengths_B.max())
+        logits_BV = self.teacher.next_token_logits(env.tokens_BL[:, :width], env.lengths_B.clone())
+        mask_BV = top_p_mask(logits_BV.detach().cpu(), self.top_p).numpy().astype(np.int8)
+        mask_BV[terminal_B] = 0
+        self._mask_BV = mask_BV
+        return {"action_mask": mask_BV.copy(), "_action_mask": np.ones(self.num_envs, dtype=bool)}
 
     def _restart_rows(self, rows: np.ndarray) -> None:
         env = self.batched
@@ -257,11 +312,18 @@ ENV_IDS = {
     "tokenrl/RandomMDP-v0": "envs.gym_compat:make_random_mdp_env",
     "tokenrl/RandomTokenMDP-v0": "envs.gym_compat:make_random_token_mdp_env",
     "tokenrl/ToyTokenGeneration-v0": "envs.gym_compat:make_toy_token_generation_env",
+    "tokenrl/SyntheticDistill-v0": "envs.distill:make_synthetic_distill_env",
+    "tokenrl/HFDistill-v0": "envs.distill:make_hf_distill_env",
 }
+VECTOR_ENTRY_POINTS = {
+    "tokenrl/SyntheticDistill-v0": "envs.distill:make_synthetic_distill_vector_env",
+    "tokenrl/HFDistill-v0": "envs.distill:make_hf_distill_vector_env",
+}
+"""``gymnasium.make_vec(id, num_envs=n, vectorization_mode="vector_entry_point")``: one batched env."""
 
 
 def register_envs() -> None:
     """Register :data:`ENV_IDS` with Gymnasium (idempotent: ids already registered are left alone)."""
     for env_id, entry_point in ENV_IDS.items():
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry_point)
+            gym.register(id=env_id, entry_point=entry_point, vector_entry_point=VECTOR_ENTRY_POINTS.get(env_id))

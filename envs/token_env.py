@@ -24,6 +24,7 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 
 from envs.checks import check_step, reset_options
+from tokenrl.core.top_p import PolicyFn
 
 RewardFn = Callable[[np.ndarray, int, bool], float]
 """``reward_fn(tokens, action, terminated) -> reward`` of :class:`TokenGenerationEnv`; ``tokens`` is the
@@ -33,9 +34,6 @@ BatchRewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 """``reward_fn(tokens_BL, lengths_B, actions_B, terminated_B) -> rewards_B`` of
 :class:`BatchedTokenGenerationEnv`; ``tokens_BL``/``lengths_B`` are the states before the actions (read-only:
 ``tokens_BL`` is a view of the env's state)."""
-
-PolicyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``policy_fn(tokens_BL, lengths_B)`` returning actions ``[B]`` (integer) or next-token logits ``[B, V]``."""
 
 
 def _check_sizes(

@@ -3,8 +3,8 @@
 The top-p MDP M_p keeps the states, transitions and reward of the token MDP but allows only the actions in
 A_p(s), the nucleus of the teacher's next-token distribution at s. :class:`TopPActionWrapper` exposes A_p(s)
 of the current state in ``info`` after every reset and step, and decides what an action outside it does.
-For batched rollouts, :func:`teacher_top_p_set` and :func:`restrict_logits_to_top_p` compute the sets of all
-rows from one teacher call. Set selection is always :mod:`tokenrl.core.top_p`.
+Set selection is always :mod:`tokenrl.core.top_p`, which also holds the batched forms used by vectorised
+rollouts (``teacher_top_p_set``, ``restrict_logits_to_top_p``, ``top_p_restricted_policy``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from envs.checks import check_step
-from envs.token_env import PolicyFn
-from tokenrl.core.backup import project_to_set, restrict_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.teachers import Teacher
-from tokenrl.core.top_p import TopPSet, check_p, top_p_mask, top_p_sparse
+from tokenrl.core.top_p import check_p, top_p_sparse
 
 ON_OUTSIDE_CHOICES = ("flag", "project", "raise")
 
@@ -29,9 +28,11 @@ class TopPActionWrapper(gym.Wrapper):
 
     After ``reset`` and every ``step``, ``info`` holds the set of the new state:
         ``action_mask``: ``[V]`` int8, 1 for tokens in the set (the Gymnasium convention).
-        ``top_p_ids``: ``[K]`` int64 token ids of the set in descending teacher probability.
-        ``top_p_logprobs``: ``[K]`` float32 teacher log-probabilities of those ids (full distribution, not
-        renormalised).
+        ``top_p_ids``: the K token ids of the set in descending teacher probability (a list of int).
+        ``top_p_logprobs``: the teacher log-probabilities of those ids (full distribution, not renormalised; a
+        list of float).
+    The set's entries are lists because K changes from state to state: Gymnasium's vector envs batch an
+    array info entry only when every env's has the same shape, and keep other objects in an object array.
     After a terminating step (EOS) no action exists, so the mask is all zeros and the set empty (and the teacher
     is not called). A truncated state keeps its set: its value is bootstrapped over it.
 
@@ -110,70 +111,4 @@ class TopPActionWrapper(gym.Wrapper):
         self._set_ids, self._set_logprobs = ids, logprobs
         mask = np.zeros(self.action_space.n, dtype=np.int8)
         mask[ids] = 1
-        # Copies: info is handed to the caller, who may keep or modify it; the stored set must not change.
-        return {"action_mask": mask, "top_p_ids": ids.copy(), "top_p_logprobs": logprobs.copy()}
-
-
-def teacher_top_p_set(
-    teacher: Teacher, tokens_BL: torch.Tensor, lengths_B: torch.Tensor, p: float, max_k: int | None = None
-) -> TopPSet:
-    """Top-p sets of the teacher at the states of all rows, from one teacher call.
-
-    Args:
-        teacher: the teacher defining the sets.
-        tokens_BL: ``[B, L]`` right-padded states (e.g. ``obs["tokens_BL"]`` of the batched env).
-        lengths_B: ``[B]`` real tokens per row.
-        p: top-p threshold in (0, 1].
-        max_k: optional cap on the set width K (see :func:`tokenrl.core.top_p.top_p_sparse`).
-
-    Returns:
-        A :class:`tokenrl.core.top_p.TopPSet` with ``[B, K]`` tensors.
-    """
-    return top_p_sparse(teacher.next_token_logits(tokens_BL, lengths_B).detach(), p, max_k=max_k)
-
-
-def restrict_logits_to_top_p(
-    student_logits_BV: torch.Tensor, teacher_logits_BV: torch.Tensor, p: float
-) -> torch.Tensor:
-    """Student logits with every token outside the teacher's top-p set set to ``-inf``.
-
-    Softmax of the result is the projection of the student policy onto A_p(s).
-
-    Args:
-        student_logits_BV: ``[..., V]`` student logits.
-        teacher_logits_BV: ``[..., V]`` teacher logits at the same states.
-        p: top-p threshold in (0, 1].
-
-    Returns:
-        ``[..., V]`` restricted student logits (a new tensor).
-    """
-    if student_logits_BV.shape != teacher_logits_BV.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits_BV.shape)} and teacher logits "
-            f"{tuple(teacher_logits_BV.shape)} must have the same shape"
-        )
-    keep_BV = top_p_mask(teacher_logits_BV.detach(), p).to(student_logits_BV.device)
-    return restrict_to_set(student_logits_BV, keep_BV)
-
-
-def top_p_restricted_policy(student_logits_fn: PolicyFn, teacher: Teacher, p: float) -> PolicyFn:
-    """A ``policy_fn`` for :meth:`BatchedTokenGenerationEnv.rollout` sampling the student inside the teacher's set.
-
-    Each call runs one student forward and one teacher forward for the whole batch.
-
-    Args:
-        student_logits_fn: ``(tokens_BL, lengths_B) -> logits_BV`` of the student.
-        teacher: the teacher defining the sets.
-        p: top-p threshold in (0, 1].
-
-    Returns:
-        ``policy_fn(tokens_BL, lengths_B) -> logits_BV`` with outside tokens at ``-inf``.
-    """
-    p = check_p(p)
-
-    def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        return restrict_logits_to_top_p(
-            student_logits_fn(tokens_BL, lengths_B), teacher.next_token_logits(tokens_BL, lengths_B), p
-        )
-
-    return policy_fn
+        return {"action_mask": mask, "top_p_ids": ids.tolist(), "top_p_logprobs": logprobs.tolist()}

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tokenrl.run.config import make_run_config, register_configs
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.tasks.datagen import load_teacher_data
 from tokenrl.tasks.synthetic import SyntheticLanguage
 from tokenrl.core.top_p import top_p_mask

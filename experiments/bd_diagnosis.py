@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from tokenrl.core.backup import restrict_to_set
+from tokenrl.core.distributions import restrict_to_set
 from tokenrl.theory.bd_solvers import completion, fit, out_mass_slope, solve_q
 from tokenrl.theory.bd_tabular import BDOptions, make_problem, metrics, q_values, sft_start
 from tokenrl.theory.toy_language import data_policy, make_toy_language

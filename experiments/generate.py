@@ -17,16 +17,19 @@ number of trajectories, the bytes per token of the stored top-p sets and set-siz
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 import time
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.run.config import make_run_config, refuse_unknown_algo, register_configs
 from tokenrl.run.distributed import process_group
 from tokenrl.run.trainer import apply_threads, build_task, load_data
-from tokenrl.run.checks import check_student_tokenizer, validate
+from tokenrl.run.checks import check_config, check_student_tokenizer
 
 register_configs()
 
@@ -34,9 +37,10 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_cfg = make_run_config(cfg)
-    validate(run_cfg)
+    check_config(run_cfg)
     apply_threads(run_cfg.threads)
-    with process_group(run_cfg.device, run_cfg.dist.timeout_min) as (dist_ctx, _):
+    with process_group(run_cfg.device, run_cfg.dist.timeout_min) as (dist_ctx, device):
+        run_cfg = dataclasses.replace(run_cfg, device=device)  # under torchrun and nccl: this rank's GPU
         task = build_task(run_cfg)
         check_student_tokenizer(run_cfg, task.tokenizer)
         start = time.time()
@@ -56,4 +60,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_unknown_algo(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
     main()

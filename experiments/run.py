@@ -13,12 +13,13 @@ student/, checkpoints/, config.yaml. Continue an interrupted run with `resume=tr
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tokenrl.run.config import make_run_config, register_configs
+from tokenrl.run.config import make_run_config, refuse_unknown_algo, register_configs
 from tokenrl.core.ranks import env_rank
 from tokenrl.run.trainer import run
 
@@ -58,4 +59,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    refuse_unknown_algo(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
     main()

@@ -4,6 +4,14 @@ Usage (the full comparison of issue 10; a reduced one: fewer seeds, ``steps``, a
 
     python experiments/time_to_quality.py --seeds 0 1 2 --out runs/ttq \
         --plot docs/time_to_quality.png --markdown runs/ttq/time_to_quality.md
+    # each algorithm at the lr a benchmark chose (experiments/benchmark.py's output directory); suite=default's
+    # SQIL runs on the teacher's top-0.8 set, which is the label soft_q_sqil_p0.8 here
+    python experiments/time_to_quality.py --from-benchmark multirun/benchmark/default \
+        --algos bc kd iql_bd minillm gkd soft_q_sqil_p0.8 --seeds 0 1 2 --out runs/ttq_tuned
+
+Without ``--from-benchmark`` every algorithm runs at its preset's lr (``experiments/conf/algo``); with it, at
+the lr the benchmark chose for the method whose algorithm config (lr aside) is the label's, on the benchmark's
+task (``--benchmark-task`` when it has several); a label no benchmark method matches is an error.
 
 What it does, in one process with the run's thread count (``threads``, default 1):
 
@@ -16,7 +24,7 @@ What it does, in one process with the run's thread count (``threads``, default 1
    :func:`tokenrl.run.trainer.train_loop` with ``eval.val_every_s``: every that many seconds of the training
    clock (rollouts, teacher scoring, batch drawing, updates; validation excluded) the student is scored on
    the validation prompts (teacher NLL, teacher-forced KL, on-policy KL, Rouge-L). Records go to
-   ``<out>/runs/<algo>_s<seed>.json``;
+   ``<out>/runs/<algo>_lr<lr>_s<seed>.json``;
 4. writes the plot (each metric against the training clock, one line per algorithm: mean over seeds, band
    = min..max over seeds) and a markdown section: seconds to reach 95% of each algorithm's own best and of
    the best of all, the on-policy / offline ratios, seconds per stage, and the one-time costs.
@@ -37,6 +45,7 @@ import time
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
@@ -45,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algorithms import make_algorithm  # noqa: E402
 from tokenrl.run import distributed  # noqa: E402
 from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
-from tokenrl.run.config import RunConfig, make_run_config  # noqa: E402
+from tokenrl.run.config import RunConfig, make_run_config, register_configs  # noqa: E402
 from tokenrl.core.divergence import DivergenceGuard  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.run.trainer import (  # noqa: E402
@@ -54,14 +63,15 @@ from tokenrl.run.trainer import (  # noqa: E402
     build_student,
     build_task,
     load_data,
+    load_task_corpus,
     train_loop,
     warm_start,
 )
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "algo")
-# label -> (algo=<name> YAML, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+# label -> (algo=<name>: an algorithm or a preset, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
 # fixed default: set-max Q shift, top_p 0.8, LM term); the on-policy baselines in their papers' full-vocabulary form
-# (the minillm and gkd YAMLs, soft_q with top_p = 1.0).
+# (minillm and gkd at their defaults, soft_q with top_p = 1.0).
 ALGOS = {
     "bc": ("bc", {}),
     "kd": ("kd", {}),
@@ -98,9 +108,52 @@ def copy_buffer(buffer: ReplayBuffer) -> ReplayBuffer:
 def algo_node(label: str) -> dict:
     """The ``algo`` node of ``label`` as ``experiments/run.py algo=<name>`` composes it, plus its overrides."""
     name, overrides = {**ALGOS, **TOP_P_ALGOS}[label]
-    node = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, f"{name}.yaml")))
-    node.pop("defaults", None)
-    return {**node, **overrides, "name": name}
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        node = OmegaConf.to_container(compose("config", overrides=[f"algo={name}"]).algo, resolve=True)
+    return {**node, **overrides}
+
+
+def algo_config(label: str, lr: float | None = None):
+    """The typed ``algo`` node of ``label`` (at ``lr``, else the preset's)."""
+    node = algo_node(label)
+    return make_run_config({"algo": node if lr is None else {**node, "lr": lr}}).algo
+
+
+def benchmark_lrs(out: str, labels: list[str], task: str | None = None) -> dict[str, float]:
+    """Each label's lr from ``<out>/leaderboard.json`` of ``experiments/benchmark.py``: the chosen lr of the
+    method whose algorithm config, lr aside, is the label's.
+
+    Raises:
+        ValueError: no leaderboard, several tasks and no ``task``, no matching method (the message lists the
+            methods of the same algorithm and the keys where they differ), or a method without a chosen lr.
+    """
+    path = os.path.join(out, "leaderboard.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: run experiments/benchmark.py with out={out} first")
+    with open(path) as f:
+        tasks = json.load(f)["tasks"]
+    if task is None and len(tasks) != 1:
+        raise ValueError(f"{path} has tasks {sorted(tasks)}: choose one with --benchmark-task")
+    task = task if task is not None else next(iter(tasks))
+    if task not in tasks:
+        raise ValueError(f"{path} has no task {task!r}; it has {sorted(tasks)}")
+    methods = tasks[task]["methods"]
+    lrs = {}
+    for label in labels:
+        wanted = json.loads(json.dumps(dataclasses.asdict(algo_config(label))))
+        wanted.pop("lr")
+        matches = [name for name, info in methods.items() if info["algo"] == wanted]
+        if not matches:
+            near = {name: sorted(k for k in set(info["algo"]) | set(wanted) if info["algo"].get(k) != wanted.get(k))
+                    for name, info in methods.items() if info["algo"]["name"] == wanted["name"]}
+            raise ValueError(f"no method of {path} (task {task}) runs {label}'s algorithm config; methods of "
+                             f"algo={wanted['name']} there and the keys where they differ: {near or 'none'}")
+        chosen = methods[matches[0]]["chosen_lr"]
+        if chosen is None:
+            raise ValueError(f"{matches[0]} in {path} has no chosen lr yet (runs pending, or every lr failed)")
+        lrs[label] = chosen
+    return lrs
 
 
 def base_config(overrides: list[str]) -> RunConfig:
@@ -109,9 +162,11 @@ def base_config(overrides: list[str]) -> RunConfig:
     return make_run_config(OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(overrides)))
 
 
-def run_all(args: argparse.Namespace) -> dict:
-    """Steps 1-3 of the module docstring; returns ``{"costs": ..., "runs": {label: [records per seed]}}``."""
+def run_all(args: argparse.Namespace, lrs: dict[str, float]) -> dict:
+    """Steps 1-3 of the module docstring at ``lrs`` (label -> lr; the preset's where absent); returns
+    ``{"costs": ..., "lrs": {label: lr}, "runs": {label: [records per seed]}}``."""
     cfg = base_config([*args.set, f"data_dir={os.path.join(args.out, 'data')}", f"eval.val_every_s={args.val_every_s}"])
+    algos = {label: algo_config(label, lrs.get(label)) for label in args.algos}
     apply_threads(cfg.threads)
     task = build_task(cfg)
     # One-time costs, kept for later invocations that reuse the data and the finished runs.
@@ -126,7 +181,7 @@ def run_all(args: argparse.Namespace) -> dict:
         costs.update({"teacher_data_s": time.perf_counter() - start, "cached": cached})
 
     def record_path(label: str, seed: int) -> str:
-        return os.path.join(args.out, "runs", f"{label}_s{seed}.json")
+        return os.path.join(args.out, "runs", f"{label}_lr{algos[label].lr:g}_s{seed}.json")
 
     warm_state = None
     if any(not os.path.exists(record_path(label, seed)) for label in args.algos for seed in args.seeds):
@@ -143,13 +198,15 @@ def run_all(args: argparse.Namespace) -> dict:
         for seed in args.seeds:
             path = record_path(label, seed)
             if not os.path.exists(path):
-                run_cfg = dataclasses.replace(cfg, seed=seed, algo=make_run_config({"algo": algo_node(label)}).algo)
+                run_cfg = dataclasses.replace(cfg, seed=seed, algo=algos[label])
                 student = build_student(cfg.model, task, seed, cfg.device)
                 student.load_state_dict(warm_state)
                 run_ctx = _context(run_cfg, args.out, f"{label}_s{seed}", task, copy_buffer(buffer), student, seed)
                 algo = make_algorithm(
                     run_cfg.algo_name, run_ctx.policy, run_cfg.algo_config(), total_steps=run_cfg.steps
                 )
+                if algo.needs_lm_batch:  # MiniLLM's PT loss: a batch of the task's corpus with every batch
+                    run_ctx.corpus, _ = load_task_corpus(run_cfg, task)
                 torch.manual_seed(seed)
                 train_loop(run_ctx, algo, 0)
                 run_ctx.writer.close()
@@ -160,7 +217,7 @@ def run_all(args: argparse.Namespace) -> dict:
                 print(f"{label} seed {seed}: {clock_s:.1f} s training clock", flush=True)
             with open(path) as f:
                 runs.setdefault(label, []).append(json.load(f))
-    return {"costs": costs, "runs": runs}
+    return {"costs": costs, "lrs": {label: algo.lr for label, algo in algos.items()}, "runs": runs}
 
 
 def _context(cfg: RunConfig, out: str, name: str, task, buffer, model, seed: int) -> RunContext:
@@ -248,7 +305,7 @@ def markdown(data: dict, analysis: dict, command: str) -> str:
     """The RESULTS.md section body (tables only; the caller adds the heading and the reading)."""
     fmt = lambda x: "not reached" if np.isnan(x) else f"{x:.1f}"  # noqa: E731
     labels = list(data["runs"])
-    lines = [f"Command: `{command}`", ""]
+    lines = [f"Command: `{command}`", "", "lr: " + ", ".join(f"{label} {lr:g}" for label, lr in data["lrs"].items()), ""]
     lines.append(
         "Best validation value, then seconds of training clock (validation excluded) to make 95% of the way "
         "from the shared SFT warm start to the algorithm's own best (own) and to the best of all algorithms "
@@ -316,9 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/ttq", help="data, per-run records and TensorBoard logs")
     parser.add_argument("--plot", default="docs/time_to_quality.png")
     parser.add_argument("--markdown", default=None, help="write the section here (default <out>/time_to_quality.md)")
+    parser.add_argument("--from-benchmark", metavar="OUT", help="each algorithm at the lr experiments/benchmark.py chose in OUT")
+    parser.add_argument("--benchmark-task", help="the benchmark task whose lrs to take (default: its only task)")
     args = parser.parse_args(argv)
+    try:
+        lrs = benchmark_lrs(args.from_benchmark, args.algos, args.benchmark_task) if args.from_benchmark else {}
+    except ValueError as err:
+        parser.error(str(err))
     os.makedirs(args.out, exist_ok=True)
-    data = run_all(args)
+    data = run_all(args, lrs)
     analysis = analyse(data)
     plot(data, analysis, args.plot)
     command = "python experiments/time_to_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -20,9 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from envs.toy_mdps import TabularMDP, random_mdp  # noqa: E402
+from tokenrl.core.progress import track  # noqa: E402
 from tokenrl.theory.tabular import (  # noqa: E402
     contraction_modulus,
     kappa,
@@ -99,7 +99,7 @@ def main() -> None:
     stats = {p: {"size": [], "mod_opt": [], "mod_eval": [], "gap": [], "bound": [], "sandwich": []} for p in args.p}
     curves = {p: [] for p in args.p}
 
-    for i in tqdm(range(args.n_mdps), desc="MDPs", leave=False):
+    for i in track(range(args.n_mdps), "MDPs"):
         # Every other MDP has an absorbing terminal state, so both kinds are covered.
         mdp = random_mdp(args.n_states, args.n_actions, rng, gamma=gamma, n_terminal=i % 2)
         r_SA, P_SAS, terminal_S = mdp.r_SA, mdp.P_SAS, mdp.terminal_S

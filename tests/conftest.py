@@ -50,6 +50,49 @@ def load_experiment(name: str):
     return module
 
 
+def with_lm_batch(batch, algo, corpus, seed: int = 0):
+    """``batch`` as the trainer hands it to ``algo``: with a pre-training batch of ``corpus`` (as many rows, at the
+    algorithm's p) attached when the algorithm asks for one (``needs_lm_batch``), else unchanged."""
+    import dataclasses
+
+    if not algo.needs_lm_batch:
+        return batch
+    n = batch.actions_BT.shape[0]
+    lm = corpus.sample(n, torch.Generator().manual_seed(10_000 + seed), top_p=algo.top_p)
+    return dataclasses.replace(batch, lm_batch=lm)
+
+
+CONF = os.path.join(ROOT, "experiments", "conf")
+
+
+def compose_config(*overrides: str):
+    """``experiments/conf`` composed with ``overrides`` as ``experiments/run.py`` composes it (a DictConfig)."""
+    from hydra import compose, initialize_config_dir
+
+    from tokenrl.run.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def algo_options(algo: str) -> dict:
+    """The ``algo`` node of ``algo=<algo>`` (an algorithm or a preset YAML) as a dict, ``name`` and ``preset`` included."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_config(f"algo={algo}").algo, resolve=True)
+
+
+def make_preset(algo: str, policy, overrides: dict | None = None, total_steps: int = 1000):
+    """The algorithm of ``algo=<algo>`` (a registered algorithm or a preset YAML) on ``policy``, with ``overrides``."""
+    from algorithms import make_algorithm
+
+    options = algo_options(algo)
+    name = options.pop("name")
+    options.pop("preset")
+    return make_algorithm(name, policy, {**options, **(overrides or {})}, total_steps=total_steps)
+
+
 LossAndGrads = tuple[torch.Tensor, list[torch.Tensor]]  # (detached loss, one gradient per parameter)
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tokenrl.core.backup import soft_value
+from tokenrl.core.distributions import soft_value
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
 

@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from algorithms import REGISTRY, make_algorithm, make_config
-from algorithms.iql_bd import iq_bd_loss
-from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
+from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama, with_lm_batch
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
 
 def _batch(buf, algo, n=16, seed=0):
-    """A batch as the trainer gives it: with the teacher over the whole vocabulary when the algorithm reads it."""
-    batch = buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p)
+    """A batch as the trainer gives it: with the teacher over the whole vocabulary when the algorithm reads it, and
+    a pre-training batch when it asks for one (``buf`` stands in for the corpus)."""
+    batch = with_lm_batch(buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p), algo, buf, seed)
     # SyntheticLanguage(): the language the synthetic_buffer fixture was sampled from.
     return with_teacher_logprobs(batch, SyntheticLanguage(), buf.pad_id) if algo.needs_teacher_logprobs else batch
 
@@ -110,9 +111,11 @@ def test_bd_loss_matches_per_token_loop(synthetic_buffer):
     idx[0, 0] = -1
     vmax = logits.amax(-1) + torch.rand(B, S, dtype=torch.float64)  # a vocabulary max above the set's
     args = (logits, batch.cand_mask_BSK, idx, batch.action_mask_BT, batch.lengths_B, batch.terminated_B)
-    loss, stats = iq_bd_loss(*args[:2], vmax, *args[2:], gamma=0.9, alpha=0.1, q_min=-2.0, vocab_size=64)
+    cfg = BellmanDistillConfig(gamma=0.9, alpha=0.1, q_min=-2.0, q_shift="vocab", ce_coef=0.0)
+    loss, stats = bellman_distill_loss(cfg, *args, vocab_size=64, vocab_max_BS=vmax)
     ref = _reference_bd_loss(*args, vmax, gamma=0.9, alpha=0.1, q_min=-2.0)
-    loss_set, _ = iq_bd_loss(*args[:2], None, *args[2:], gamma=0.9, alpha=0.1, q_min=-2.0, vocab_size=64)
+    cfg.q_shift = "set"
+    loss_set, _ = bellman_distill_loss(cfg, *args, vocab_size=64)
     ref_set = _reference_bd_loss(*args, None, gamma=0.9, alpha=0.1, q_min=-2.0)
     assert loss_set.item() == pytest.approx(ref_set.item(), rel=1e-10, abs=1e-10)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10, abs=1e-10)
@@ -168,7 +171,7 @@ def test_bd_at_smaller_p_counts_outside_actions(synthetic_buffer):
     assert 0.0 < stats["top_p/expert_outside_frac"] < 1.0
 
 
-def test_chunked_token_nll_equals_dense(synthetic_buffer):
+def test_chunked_action_nll_equals_dense(synthetic_buffer):
     """The checkpointed, chunked NLL (flat memory at large V) equals bc_loss on dense logits, with gradients."""
     from algorithms.bc import bc_loss
 
@@ -180,9 +183,9 @@ def test_chunked_token_nll_equals_dense(synthetic_buffer):
         policy.zero_grad()
         h = policy.state_hidden(batch)[:, :T]
         if chunked:
-            from tokenrl.core.backup import masked_mean
+            from tokenrl.core.distributions import masked_mean
 
-            loss = masked_mean(policy.token_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
+            loss = masked_mean(policy.action_nll(h, batch.actions_BT, chunk_tokens=7), batch.action_mask_BT)
         else:
             loss = bc_loss(policy.dense_logits(h), batch.actions_BT, batch.action_mask_BT)
         grads.append(backward_and_grads(loss, policy))

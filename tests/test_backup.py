@@ -1,5 +1,6 @@
 """TD-backup functions against slow per-token Python loops on random tensors with random lengths and flags."""
 
+import copy
 import math
 
 import pytest
@@ -7,26 +8,27 @@ import torch
 
 from tests.reference import scatter_mask, soft_value_dense
 from tokenrl.core.backup import (
-    TargetNetwork,
     chi2_penalty,
     chi2_phi,
     gather_action,
     implicit_reward,
     iq_learn_value_term,
+    next_state_values,
+    shifted_q,
+    state_values,
+    td_target,
+)
+from tokenrl.core.distributions import (
     kl,
     masked_max,
     masked_mean,
-    next_state_values,
-    polyak_update,
     project_to_set,
     restrict_to_set,
-    shifted_q,
     soft_value,
-    state_values,
-    td_target,
     token_nll,
     vocab_logprobs,
 )
+from tokenrl.core.target import TargetNetwork
 
 B, T, K, V = 6, 7, 5, 23
 
@@ -317,42 +319,51 @@ def test_iq_learn_value_term_telescopes_with_gamma_one():
 # ------------------------------------------------------------------------------------------------
 # Polyak
 # ------------------------------------------------------------------------------------------------
-def make_nets():
+def make_nets(dtype=torch.float32):
     torch.manual_seed(0)
-    online = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    target = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    online(torch.randn(8, 4))  # moves the BatchNorm running stats (buffers)
-    return online, target
+    online = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).to(dtype)
+    online(torch.randn(8, 4, dtype=dtype))  # moves the BatchNorm running stats (buffers)
+    return online
 
 
-def test_polyak_rate_one_copies():
-    online, target = make_nets()
-    polyak_update(target, online, 1.0)
-    for a, b in zip(target.state_dict().values(), online.state_dict().values()):
-        assert torch.equal(a, b)
-
-
-def test_polyak_rate_half_averages_parameters_and_copies_buffers():
-    online, target = make_nets()
-    before = [p.detach().clone() for p in target.parameters()]
-    polyak_update(target, online, 0.5)
-    for p_t, p_0, p_o in zip(target.parameters(), before, online.parameters()):
-        torch.testing.assert_close(p_t, 0.5 * (p_0 + p_o))
+@torch.no_grad()
+def _hand_written_polyak(target: torch.nn.Module, online: torch.nn.Module, rate: float) -> None:
+    """The target update tokenrl wrote by hand before it used torch.optim.swa_utils.AveragedModel."""
+    for p_t, p_o in zip(target.parameters(), online.parameters()):
+        p_t.lerp_(p_o.detach(), rate)
     for b_t, b_o in zip(target.buffers(), online.buffers()):
-        assert torch.equal(b_t, b_o)
-    # The online network is untouched and no graph is built.
-    assert all(not p.requires_grad or p.grad is None for p in online.parameters())
+        b_t.copy_(b_o)
 
 
-@pytest.mark.parametrize("rate", [0.0, -0.5, 1.5])
-def test_polyak_bad_rate_raises(rate):
-    online, target = make_nets()
-    with pytest.raises(ValueError, match="target_update_rate"):
-        polyak_update(target, online, rate)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rate", [0.01, 0.5, 1.0])
+def test_target_network_equals_the_hand_written_polyak_update(rate, dtype):
+    """AveragedModel + get_ema_multi_avg_fn(1 - rate) gives the hand-written target after every one of n updates,
+    the online network moving (and training its BatchNorm statistics) in between. The EMA's weight is
+    ``1 - (1 - rate)``: bit-equal to ``rate`` in float32 (the parameters' dtype in training), equal to 1e-13
+    relative in float64 (1 - (1 - 0.01) is 1 ulp above 0.01: 6e-15 relative after 100 updates)."""
+    online = make_nets(dtype)
+    target = TargetNetwork(online, rate)
+    reference = copy.deepcopy(online)
+    g = gen(1)
+    for _ in range(12):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=dtype))
+        online(torch.randn(8, 4, generator=g, dtype=dtype))
+        target.update()
+        _hand_written_polyak(reference, online, rate)
+        for got, want in zip(target.state_dict().values(), reference.state_dict().values()):
+            if dtype == torch.float32:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    assert all(not p.requires_grad for p in target.net.parameters())
+    assert all(p.requires_grad and p.grad is None for p in online.parameters())  # untouched, no graph built
 
 
 def test_target_network_copies_updates_and_round_trips():
-    online, _ = make_nets()
+    online = make_nets()
     target = TargetNetwork(online, 0.5)
     assert all(not p.requires_grad for p in target.net.parameters())
     for a, b in zip(target.state_dict().values(), online.state_dict().values()):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms.iql_bd import iq_bd_loss
+from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
 from tokenrl.theory.bd_solvers import completion, fit, solve_q
 from tokenrl.theory.bd_tabular import BDOptions, Problem, bd_loss, make_problem, metrics, q_values, sft_start, soft_values
 from tokenrl.theory.toy_language import action_sets, data_policy, make_toy_language, transition_weights
@@ -54,7 +54,7 @@ def test_transition_weights_are_expected_counts(lang):
 
 
 def batch_loss(lang, theta_SV, trajs, mult, opts):
-    """The real iq_bd_loss on a batch holding each trajectory ``mult`` times (dense candidates, K = V)."""
+    """The real bellman_distill_loss on a batch holding each trajectory ``mult`` times (dense candidates, K = V)."""
     T = lang.max_len
     rows = [tr for tr, m in zip(trajs, mult) for _ in range(m)]
     B, V = len(rows), lang.vocab_size
@@ -72,15 +72,18 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
     action_mask = torch.arange(T)[None] < lengths[:, None]
     in_set = mask[:, :T].gather(-1, actions[..., None])[..., 0] & action_mask
     expert_idx = torch.where(in_set, actions, torch.full_like(actions, -1))
-    max_logit = {"vocab": logits.amax(-1), "set": None, "none": torch.zeros(B, T + 1, dtype=logits.dtype)}
+    # The tabular "none" shift (no shift) is the vocabulary shift by a zero max.
+    vocab_max = {"vocab": logits.amax(-1), "set": None, "none": torch.zeros(B, T + 1, dtype=logits.dtype)}
     nll = -torch.log_softmax(logits[:, :T], -1).gather(-1, actions[..., None])[..., 0]
-    loss, _ = iq_bd_loss(
-        logits, mask, max_logit[opts.shift], expert_idx, action_mask, lengths, terminated,
-        gamma=opts.gamma, alpha=opts.alpha, q_min=opts.q_min, vocab_size=V,
-        chi2_on="expert" if opts.form == "math" else "vocab",
-        expert_term="math" if opts.form == "math" else "vocab_mean",
-        ce_coef=opts.ce_coef, lm_nll_BT=nll,
-        mass_coef=opts.mass_coef, lse_BS=torch.logsumexp(logits, -1),
+    released = opts.form != "math"
+    cfg = BellmanDistillConfig(
+        top_p=opts.p, gamma=opts.gamma, alpha=opts.alpha, q_min=opts.q_min, q_shift="set" if opts.shift == "set" else "vocab",
+        chi2_on="vocab" if released else "expert", expert_term="vocab_mean" if released else "math",
+        ce_coef=opts.ce_coef, mass_coef=opts.mass_coef,
+    )
+    loss, _ = bellman_distill_loss(
+        cfg, logits, mask, expert_idx, action_mask, lengths, terminated, vocab_size=V,
+        vocab_max_BS=vocab_max[opts.shift], lse_BS=torch.logsumexp(logits, -1), lm_nll_BT=nll,
         teacher_logprobs_BSK=torch.from_numpy(np.log(lang.teacher_SV))[state_idx],
     )
     return loss
@@ -112,7 +115,7 @@ def both_losses(lang, prob, trajs, mult, theta, opts):
 
 
 def test_weighted_objective_is_the_real_loss(lang):
-    """bd_loss with weights = trajectory multiplicities equals iq_bd_loss on that batch, value and gradient."""
+    """bd_loss with weights = trajectory multiplicities equals bellman_distill_loss on that batch, value and gradient."""
     trajs, mult, prob, theta = repeated_trajectories(lang, seed=1)
     grid = itertools.product(("math", "released"), (0.5, 0.8, 1.0), ("vocab", "set", "none"), (-10.0, None), (0.0, 1.0))
     for form, p, shift, q_min, ce in grid:
@@ -123,7 +126,7 @@ def test_weighted_objective_is_the_real_loss(lang):
 
 
 def test_fixed_variant_objective_is_the_real_loss(lang):
-    """The fix (set shift + set-mass term, with and without CE, alpha 0.1 and 1) as iq_bd_loss computes it
+    """The fix (set shift + set-mass term, with and without CE, alpha 0.1 and 1) as bellman_distill_loss computes it
     equals the tabular objective the diagnosis solved, value and gradient."""
     trajs, mult, prob, theta = repeated_trajectories(lang, seed=2)
     for p, ce, alpha in itertools.product((0.5, 0.8, 1.0), (0.0, 1.0), (0.1, 1.0)):

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from algorithms import make_algorithm, make_config
-from algorithms.iql_bd import iq_bd_loss
-from tests.conftest import tiny_llama
-from tokenrl.core.backup import bernoulli_kl, released_state_values, set_mass_kl
+from algorithms import make_algorithm
+from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from tests.conftest import algo_options, tiny_llama
+from tokenrl.core.backup import released_state_values
+from tokenrl.core.distributions import bernoulli_kl, set_mass_kl
 from tokenrl.lm.policy import CausalLMPolicy
 
 
@@ -101,13 +102,20 @@ def _bd_batch(B=3, T=4, K=5, V=9, seed=0):
     return logits, mask, slot, action_mask, lengths, terminated, lse, teacher
 
 
+def _loss(args, vocab_size=9, inputs=None, **options):
+    """bellman_distill_loss of the math form at alpha 0.1 with the set shift, no LM term, and ``options``."""
+    cfg = BellmanDistillConfig(**{"alpha": 0.1, "ce_coef": 0.0, **options})
+    return bellman_distill_loss(cfg, *args, vocab_size=vocab_size, **(inputs or {}))
+
+
 def test_mass_and_kd_terms_of_the_loss_equal_per_token_loops():
     logits, mask, slot, amask, lengths, term, lse, teacher = _bd_batch()
     T = slot.shape[1]
-    kw = dict(gamma=0.99, alpha=0.1, q_min=-10.0, vocab_size=9, lse_BS=lse, teacher_logprobs_BSK=teacher)
-    base, _ = iq_bd_loss(logits, mask, None, slot, amask, lengths, term, **kw)
-    with_mass, stats = iq_bd_loss(logits, mask, None, slot, amask, lengths, term, mass_coef=2.0, **kw)
-    with_kd, _ = iq_bd_loss(logits, mask, None, slot, amask, lengths, term, kd_coef=0.5, **kw)
+    args = (logits, mask, slot, amask, lengths, term)
+    inputs = dict(lse_BS=lse, teacher_logprobs_BSK=teacher)
+    base, _ = _loss(args, inputs=inputs)
+    with_mass, stats = _loss(args, inputs=inputs, mass_coef=2.0)
+    with_kd, _ = _loss(args, inputs=inputs, kd_coef=0.5)
     mass_terms, kd_terms = [], []
     for b in range(3):
         for t in range(T):
@@ -130,18 +138,16 @@ def test_mask_eos_is_the_batch_without_its_eos_steps_bootstrapped():
     """The release masks EOS as padding: the BD terms then see each terminated response one step shorter,
     truncated (bootstrapped), while the LM term still reads the EOS step."""
     logits, mask, slot, amask, lengths, term, lse, teacher = _bd_batch()
-    kw = dict(gamma=0.99, alpha=0.1, q_min=-10.0, vocab_size=9, chi2_on="vocab", expert_term="vocab_mean")
+    released = dict(chi2_on="vocab", expert_term="vocab_mean")
     nll = torch.rand(slot.shape, dtype=torch.float64)
-    got, _ = iq_bd_loss(logits, mask, None, slot, amask, lengths, term, mask_eos=True, **kw)
+    got, _ = _loss((logits, mask, slot, amask, lengths, term), mask_eos=True, **released)
     eos_step = term[:, None] & (torch.arange(slot.shape[1])[None] == lengths[:, None] - 1)
-    want, _ = iq_bd_loss(
-        logits, mask, None, torch.where(eos_step, -1, slot), amask & ~eos_step, lengths - term.long(),
-        torch.zeros_like(term), **kw
-    )
+    shorter = (logits, mask, torch.where(eos_step, -1, slot), amask & ~eos_step, lengths - term.long(), torch.zeros_like(term))
+    want, _ = _loss(shorter, **released)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
-    assert got.item() != pytest.approx(iq_bd_loss(logits, mask, None, slot, amask, lengths, term, **kw)[0].item())
-    with_ce, _ = iq_bd_loss(
-        logits, mask, None, slot, amask, lengths, term, mask_eos=True, ce_coef=1.0, lm_nll_BT=nll, **kw
+    assert got.item() != pytest.approx(_loss((logits, mask, slot, amask, lengths, term), **released)[0].item())
+    with_ce, _ = _loss(
+        (logits, mask, slot, amask, lengths, term), inputs=dict(lm_nll_BT=nll), mask_eos=True, ce_coef=1.0, **released
     )
     assert (with_ce - got).item() == pytest.approx((nll * amask).sum().item() / amask.sum().item(), rel=1e-10)
 
@@ -176,10 +182,10 @@ def test_presets_train_a_step_with_finite_loss(name, synthetic_buffer):
     from tests.test_algorithms import _batch
 
     policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
-    algo = make_algorithm(name, policy, {}, total_steps=10)
+    algo = make_algorithm("iql_bd", policy, algo_options(name), total_steps=10)
     stats = algo.update(_batch(synthetic_buffer, algo, n=8))
     assert math.isfinite(stats["loss/total"])
-    cfg = make_config(name)
+    cfg = algo.config
     if name == "iql_bd":
         assert cfg.q_shift == "set" and cfg.alpha == 1.0 and cfg.ce_coef > 0 and "loss/lm" in stats
     elif name == "iql_bd_math":
@@ -189,10 +195,7 @@ def test_presets_train_a_step_with_finite_loss(name, synthetic_buffer):
         assert {"loss/kd", "loss/lm"} <= set(stats)
 
 
-def test_kd_term_at_full_vocabulary_is_a_clear_error(synthetic_buffer):
+def test_kd_term_at_full_vocabulary_is_a_clear_error():
     policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
-    algo = make_algorithm("iql_bd_released", policy, {"top_p": 1.0}, total_steps=10)
-    from tests.test_algorithms import _batch
-
     with pytest.raises(ValueError, match="kd_coef"):
-        algo.compute_loss(_batch(synthetic_buffer, algo, n=4))
+        make_algorithm("iql_bd", policy, {**algo_options("iql_bd_released"), "top_p": 1.0}, total_steps=10)

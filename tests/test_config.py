@@ -1,4 +1,5 @@
-"""Every YAML under experiments/conf composes against its structured schema; bad keys fail at compose time."""
+"""Every YAML under experiments/conf composes against its structured schema; bad keys fail at compose time;
+every registered algorithm composes with no YAML and a preset YAML lists only what differs from its schema."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from algorithms import REGISTRY, make_config
 from algorithms.iql_bd import BellmanDistillConfig
-from tokenrl.run.config import RunConfig, make_run_config, register_configs
+from tokenrl.run.config import RunConfig, make_run_config, refuse_unknown_algo, register_configs
 from tokenrl.tasks.hf import HFTaskConfig
 from tokenrl.tasks.base import SyntheticTaskConfig
 
@@ -29,17 +30,34 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_every_algorithm_has_a_yaml_and_back():
-    assert set(_options("algo")) == set(REGISTRY)
+def test_algo_yamls_are_presets_not_algorithms():
+    """A YAML named like a registered algorithm would shadow its generated config (and Hydra would warn)."""
+    assert _options("algo") and not set(_options("algo")) & set(REGISTRY)
 
 
-@pytest.mark.parametrize("algo", _options("algo"))
-def test_algo_yaml_composes_into_its_dataclass(algo):
+@pytest.mark.parametrize("algo", sorted(REGISTRY))
+def test_every_registered_algorithm_composes_with_no_yaml(algo):
     cfg = _compose([f"algo={algo}"])
-    assert cfg.algo.name == algo
-    algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True)
-    algo_cfg.pop("name")
-    make_config(algo, algo_cfg)  # every YAML key is a field of the algorithm's config
+    assert cfg.algo.name == algo and cfg.algo.preset == algo
+    assert make_config(algo, OmegaConf.to_container(cfg.algo)) == REGISTRY[algo].config_cls()
+
+
+@pytest.mark.parametrize("preset", _options("algo"))
+def test_preset_yaml_names_itself_and_lists_only_what_differs(preset):
+    with open(os.path.join(CONF, "algo", f"{preset}.yaml")) as f:
+        yaml = OmegaConf.create(f.read())
+    (parent,) = yaml.defaults
+    algo = parent.removeprefix("/schema/algo/").removesuffix("@_here_")
+    assert algo in REGISTRY, f"{preset}.yaml extends {parent}, not a registered algorithm's schema"
+    assert yaml.preset == preset
+    defaults = REGISTRY[algo].config_cls()
+    changed = {k: v for k, v in yaml.items() if k not in ("defaults", "preset")}
+    assert changed and all(getattr(defaults, k) != v for k, v in changed.items()), f"{preset} restates defaults"
+    cfg = _compose([f"algo={preset}"])
+    assert cfg.algo.name == algo and cfg.algo.preset == preset
+    built = make_config(algo, OmegaConf.to_container(cfg.algo))
+    assert all(getattr(built, k) == v for k, v in changed.items())
+    make_run_config(cfg).algo.check()  # a preset is a valid config
 
 
 @pytest.mark.parametrize("group", ["task", "model", "selection"])
@@ -54,6 +72,19 @@ def test_unknown_algorithm_lists_valid_choices():
         _compose(["algo=no_such_algo"])
     msg = str(err.value) + str(err.value.__cause__)
     assert "iql_bd" in msg and "bc" in msg
+
+
+@pytest.mark.parametrize("args", [["algo=no_such_algo"], ["steps=2", "algo=bc,no_such_algo"], ["+algo=no_such_algo"]])
+def test_unknown_algorithm_on_the_command_line_says_how_to_register(args):
+    with pytest.raises(SystemExit) as err:
+        refuse_unknown_algo(args, CONF)
+    msg = str(err.value)
+    assert "'no_such_algo'" in msg and "iql_bd_math" in msg and all(name in msg for name in REGISTRY)
+    assert "tokenrl.algorithms" in msg and "pyproject.toml" in msg
+
+
+def test_known_algorithms_and_presets_pass_the_command_line_check():
+    refuse_unknown_algo(["algo=bc,iql_bd_math", "algo.lr=0.1", "algo=glob(*)"], CONF)
 
 
 @pytest.mark.parametrize("override", ["algo.gama=0.9", "no_such_key=1", "task.n_train=3", "model.width=3"])

@@ -16,14 +16,8 @@ from tests.conftest import edit_manifest
 from tests.test_datagen import MANIFEST, assert_buffers_equal, generate
 from tokenrl.data.buffer import ReplayBuffer
 from tokenrl.run.config import make_run_config
-from tokenrl.tasks.datagen import (
-    DataIntegrityError,
-    data_manifest,
-    dataset_dir,
-    file_sha256,
-    load_or_generate_data,
-    load_teacher_data,
-)
+from tokenrl.tasks.datagen import load_or_generate_data, load_teacher_data
+from tokenrl.tasks.manifest import DataIntegrityError, data_manifest, dataset_dir, file_sha256
 from tokenrl.run.trainer import build_task, load_data
 
 

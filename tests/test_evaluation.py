@@ -11,12 +11,9 @@ import torch
 
 from tests.reference import sequence_logprob
 from tests.test_sampling import EOS, V, random_prompts, slow_logits, tiny_llama
-from tokenrl.evaluation.metrics import (
+from tokenrl.evaluation.metrics import evaluate, evaluate_decodings, evaluate_teacher_samples, rouge_l
+from tokenrl.evaluation.teacher_forced import (
     SET_METRIC_KEYS,
-    evaluate,
-    evaluate_decodings,
-    evaluate_teacher_samples,
-    rouge_l,
     set_metrics_per_token,
     teacher_forced_kl,
     teacher_forced_set_metrics,

@@ -106,6 +106,8 @@ def test_build_hf_task(tiny_files, template, tmp_path):
     assert sum(len(r) == 3 for r in task.test_references) == task.info["test_prompts_with_ground_truth"]
     assert len(task.val_references) == len(task.val_prompts)
     assert task.heldout[0] == task.val_prompts and len(task.heldout[1]) == len(task.val_prompts)
+    # The evaluation's teacher-forced metrics read their own held-out samples, of the test prompts.
+    assert task.test_heldout[0] == task.test_prompts and len(task.test_heldout[1]) == len(task.test_prompts)
 
     manifest = task.manifest
     assert manifest["teacher"]["name_or_path"] == cfg.teacher and manifest["teacher"]["gguf_file"] is None
@@ -130,6 +132,7 @@ def test_build_hf_task(tiny_files, template, tmp_path):
     assert os.listdir(tmp_path / "eval")
     again = build_hf_task(cfg)
     assert again.test_references == task.test_references and again.heldout == task.heldout
+    assert again.test_heldout == task.test_heldout
     assert again.manifest == task.manifest
     assert build_hf_task(dataclasses.replace(cfg, data_seed=1)).manifest != task.manifest
 

@@ -20,15 +20,8 @@ from transformers import (
 )
 
 from tests.conftest import tiny_llama as conftest_llama
-from tokenrl.lm.models import (
-    HFTeacher,
-    check_same_vocabulary,
-    decoder_layers,
-    load_causal_lm,
-    make_student,
-    save_student,
-    usable_vocab_size,
-)
+from tokenrl.lm.loading import check_same_vocabulary, load_causal_lm, usable_vocab_size
+from tokenrl.lm.models import HFTeacher, decoder_layers, make_student, save_student
 from tokenrl.core.teachers import Teacher
 
 WORDS = "the a cat dog sat ran on under mat rug and then quickly slowly big small red blue".split()

@@ -2,15 +2,20 @@
 
 The page's ```python blocks are executed in order in a fresh module. Then: the online rollouts reached the
 buffer with caches, the doc's updates are finite and move the parameters, the loss falls on a fixed batch,
-the shared algorithm contract passes, and the page's YAML composes against the generated schema.
+the shared algorithm contract passes, and the page's preset YAML composes against the generated schema.
+Last, the page's algorithm file and ``pyproject.toml`` are built into a package in a temporary folder,
+installed there without network, and run through ``experiments/run.py algo=sqil_doc`` by its entry point,
+with no edit to this project.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import types
 
@@ -19,6 +24,7 @@ import torch
 
 import algorithms
 import tests.test_algorithms as algorithm_tests
+from tests.test_run_smoke import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "new_algorithm.md")
@@ -132,39 +138,68 @@ def test_doc_algorithm_passes_the_shared_contract(doc, synthetic_buffer):
     algorithm_tests.test_contract(NAME, synthetic_buffer)
 
 
-def test_doc_yaml_composes_against_the_generated_schema(doc, tmp_path):
+def test_doc_preset_composes_against_the_generated_schema(doc, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import ConfigCompositionException
 
-    from tokenrl.run.config import register_configs
+    from tokenrl.run.config import make_run_config, register_configs
 
     (yaml,) = _blocks("yaml")
     conf = tmp_path / "conf"
     shutil.copytree(os.path.join(ROOT, "experiments", "conf"), conf)
-    (conf / "algo" / f"{NAME}.yaml").write_text(yaml)
+    (conf / "algo" / "sqil_half.yaml").write_text(yaml)
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=[f"algo={NAME}", "algo.learner_weight=0.5"])
-            assert cfg.algo.name == NAME and cfg.algo.learner_weight == 0.5 and cfg.algo.top_p == 0.8
-            algo_cfg = dict(cfg.algo)
-            algo_cfg.pop("name")
-            assert algorithms.make_config(NAME, algo_cfg).target_update_rate == 0.01
+            cfg = compose("config", overrides=["algo=sqil_half"])
+            assert cfg.algo.name == NAME and cfg.algo.preset == "sqil_half" and cfg.algo.learner_weight == 0.5
+            run_cfg = make_run_config(cfg)
+            assert run_cfg.algo_config() == doc.SQILConfig(learner_weight=0.5) and run_cfg.algo_preset == "sqil_half"
+            plain = compose("config", overrides=[f"algo={NAME}", "algo.learner_weight=0.25"])
+            assert plain.algo.preset == NAME and plain.algo.learner_weight == 0.25
             with pytest.raises(ConfigCompositionException):
                 compose("config", overrides=[f"algo={NAME}", "algo.lernr_weight=0.5"])
     finally:
-        ConfigStore.instance().repo["schema"]["algo"].pop(f"{NAME}.yaml", None)
+        for group in (ConfigStore.instance().repo["algo"], ConfigStore.instance().repo["schema"]["algo"]):
+            group.pop(f"{NAME}.yaml", None)
 
 
-def test_doc_can_be_executed_twice(doc):
-    """Re-running the algorithm block (a notebook, a second test) neither fails nor keeps a stale class once unregistered."""
+def test_importing_the_algorithm_file_registers_nothing(doc):
+    """The file is what an entry point loads: importing it (twice, as a notebook would) has no side effect."""
     (algo_block,) = _blocks("python")[:1]
-    _exec([algo_block], "new_algorithm_doc_again")  # still registered by the fixture: skips register
-    saved = algorithms.REGISTRY.pop(NAME)
+    before = dict(algorithms.REGISTRY)
     try:
-        again = _exec([algo_block], "new_algorithm_doc_again")
-        assert algorithms.REGISTRY[NAME].cls is again.SQIL is not doc.SQIL
+        first = _exec([algo_block], "new_algorithm_doc_again")
+        again = _exec([algo_block], "new_algorithm_doc_again_2")
+        assert algorithms.REGISTRY == before and first.SQIL is not again.SQIL is not doc.SQIL
+        assert again.SQIL.config_class is again.SQILConfig
     finally:
-        algorithms.REGISTRY[NAME] = saved
         sys.modules.pop("new_algorithm_doc_again", None)
+        sys.modules.pop("new_algorithm_doc_again_2", None)
+
+
+def test_doc_algorithm_as_an_installed_package_runs_through_run_py(tmp_path):
+    """The page's file plus its pyproject.toml, pip-installed into a folder of their own, run by name alone."""
+    (toml,) = _blocks("toml")
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "sqil_doc.py").write_text(_blocks("python")[0])
+    (package / "pyproject.toml").write_text(toml)
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+    proc = subprocess.run([*pip, "--target", str(site), str(package)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (dist,) = site.glob("sqil_doc-*.dist-info")
+    assert 'sqil_doc = sqil_doc:SQIL' in (dist / "entry_points.txt").read_text()
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(site), TOKENRL_DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), *TINY, f"algo={NAME}", "algo.learner_weight=0.5",
+           "sft_steps=0", "init_eval=false", "teacher_eval=false", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["algo"] == NAME and metrics["config"]["algo"]["learner_weight"] == 0.5
+    assert metrics["train"]["steps"] == 4 and "loss/td_learner" in metrics["train"]["last_stats"]
+    assert metrics["rollouts"]["rollout/trajectories"] > 0  # it learned from its own rollouts (needs_rollouts)

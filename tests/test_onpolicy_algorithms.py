@@ -12,7 +12,7 @@ import torch
 from algorithms import make_algorithm
 from algorithms.gkd import generalized_jsd_loss, top_p_generalized_jsd_loss
 from algorithms.soft_q import soft_td_terms
-from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
+from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama, with_lm_batch
 from tests.reference import teacher_logprobs_loop
 from tests.test_gkd import _loop_jsd
 from tokenrl.data.buffer import Batch, ReplayBuffer
@@ -24,8 +24,9 @@ TEACHER = SyntheticLanguage()  # the language the synthetic_buffer fixture was s
 
 
 def _sample(buf: ReplayBuffer, algo, n: int = 8, seed: int = 0) -> Batch:
-    """A batch as the trainer gives it to ``algo``: with the teacher's log-probs when the algorithm reads them."""
-    batch = buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p)
+    """A batch as the trainer gives it to ``algo``: with the teacher's log-probs when the algorithm reads them, and a
+    pre-training batch when it asks for one (``buf`` stands in for the corpus)."""
+    batch = with_lm_batch(buf.sample(n, torch.Generator().manual_seed(seed), top_p=algo.top_p), algo, buf, seed)
     return with_teacher_logprobs(batch, TEACHER, buf.pad_id) if algo.needs_teacher_logprobs else batch
 
 

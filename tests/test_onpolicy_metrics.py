@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import tiny_llama
 from tests.tiny_token_mdp import TinyTokenMDP
-from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_nll
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl, on_policy_reverse_kl_of_model, student_token_logprobs
 
 
@@ -38,7 +38,7 @@ def test_empty_mask_is_nan():
 
 def test_model_convenience_on_synthetic_teacher():
     """Sampled log-probs equal a direct forward; the exact-state form equals teacher_forced_kl on the samples."""
-    from tokenrl.evaluation.metrics import sample_responses
+    from tokenrl.lm.sampling import sample_responses
     from tokenrl.tasks.synthetic import SyntheticLanguage
 
     lang = SyntheticLanguage()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 
 from tests.conftest import load_experiment
 
@@ -61,8 +63,14 @@ def write_multirun(root: Path, config_in_json: bool) -> Path:
 
 
 def expected(values):
+    """Mean and the 95% t-interval's half-width (scipy's)."""
     arr = np.asarray(values)
-    return float(arr.mean()), float(arr.std(ddof=1))
+    half = scipy_stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size)
+    return float(arr.mean()), float(half)
+
+
+def approx_interval(interval, mean, half, n):
+    assert (interval.mean, interval.half_width, interval.n) == pytest.approx((mean, half, n))
 
 
 @pytest.mark.parametrize("config_in_json", [True, False], ids=["config-field", "hydra-yaml"])
@@ -88,15 +96,15 @@ def test_report_rows_means_stds_and_plot(report, tmp_path, capsys, config_in_jso
         assert row.n == 2 and row.labels == {"task.p": 0.8}
         nll_mean, nll_std = expected([FINAL[(algo, s)][0] for s in (0, 1)])
         rouge_mean, rouge_std = expected([FINAL[(algo, s)][1] for s in (0, 1)])
-        assert row.stats["eval/teacher_nll"] == pytest.approx((nll_mean, nll_std, 2))
-        assert row.stats["eval/rougeL"] == pytest.approx((rouge_mean, rouge_std, 2))
-        assert f"| {algo} | 0.8 | {nll_mean:.3f} ± {nll_std:.3f} | {rouge_mean:.3f} ± {rouge_std:.3f} |" in stdout
+        approx_interval(row.stats["eval/teacher_nll"], nll_mean, nll_std, 2)
+        approx_interval(row.stats["eval/rougeL"], rouge_mean, rouge_std, 2)
+        assert f"| {algo} | 0.8 | {nll_mean:.3f} ± {nll_std:.3f} | – | {rouge_mean:.3f} ± {rouge_std:.3f} |" in stdout
     # Baselines: one value per training seed, although four runs carry them.
-    assert by_algo["teacher"].stats["eval/teacher_nll"] == pytest.approx((*expected([1.0, 1.2]), 2))
-    assert by_algo["teacher"].stats["eval/rougeL"] == pytest.approx((40.0, 0.0, 2))
-    assert by_algo["untrained student"].stats["eval/teacher_nll"] == pytest.approx((*expected([7.0, 7.5]), 2))
+    approx_interval(by_algo["teacher"].stats["eval/teacher_nll"], *expected([1.0, 1.2]), 2)
+    approx_interval(by_algo["teacher"].stats["eval/rougeL"], 40.0, 0.0, 2)
+    approx_interval(by_algo["untrained student"].stats["eval/teacher_nll"], *expected([7.0, 7.5]), 2)
     assert "eval/rougeL" not in by_algo["untrained student"].stats
-    assert "| untrained student |  | 7.250 ± 0.354 | – |" in stdout
+    assert f"| untrained student |  | 7.250 ± {expected([7.0, 7.5])[1]:.3f} | – | – |" in stdout
 
 
 def test_report_splits_rows_on_swept_keys(report, tmp_path):
@@ -111,7 +119,7 @@ def test_report_splits_rows_on_swept_keys(report, tmp_path):
     assert [(row.algo, row.labels["algo.expectile"], row.n) for row in rows] == [
         ("bd", 0.7, 2), ("bd", 0.9, 2), ("sft", 0.7, 2), ("sft", 0.9, 2)
     ]
-    assert rows[0].stats["eval/teacher_nll"] == pytest.approx((1.2, float(np.std([0.7, 1.7], ddof=1)), 2))
+    approx_interval(rows[0].stats["eval/teacher_nll"], *expected([0.7, 1.7]), 2)
 
 
 def test_report_fails_cleanly_without_runs(report, tmp_path, capsys):
@@ -132,8 +140,10 @@ def test_report_protocol_columns_forced_label_and_best_steps(report, tmp_path, c
             }))
     assert report.main([str(tmp_path), "--protocol", "--label", "algo.lr"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| algo | lr | teacher NLL @1.0 | teacher NLL @0.8 |") and "| best step | n seeds |" in lines[0]
-    assert lines[2] == "| bd | 0.001 | " + "0.500 ± 0.707 | " * len(report.PROTOCOL_METRICS) + "300,700 | 2 |"
+    assert lines[0].startswith("| algo | lr | teacher NLL @1.0 | resp. len @1.0 | teacher NLL @0.8 | resp. len @0.8 |")
+    assert "| best step | n seeds |" in lines[0]
+    half = expected([0.0, 1.0])[1]
+    assert lines[2] == "| bd | 0.001 | " + f"0.500 ± {half:.3f} | " * len(report.PROTOCOL_METRICS) + "300,700 | 2 |"
     assert lines[3].startswith("| sft | 0.0003 |") and lines[3].endswith("| 301,701 | 2 |")
 
 
@@ -154,3 +164,60 @@ def test_report_curves_list_each_runs_validation_history(report, tmp_path, capsy
     assert "| kd | 0 | 0: 4.3000, 20: 4.2000, 40: 3.8000 |" in out
     assert report.main([str(tmp_path)]) == 0
     assert "validation score by step" not in capsys.readouterr().out
+
+
+def _run(report, algo, seed, final, sft=None):
+    config = report.flatten({"seed": seed, "algo": {"name": algo}})
+    return report.Run(Path(f"{algo}_{seed}"), algo, seed, config, final, sft_eval=sft or {})
+
+
+def test_one_seed_prints_n_1_and_a_cell_with_fewer_seeds_its_own_n(report):
+    runs = [
+        _run(report, "bd", 0, {"eval/teacher_nll": 2.0, "eval/rougeL": 30.0}),
+        _run(report, "kd", 0, {"eval/teacher_nll": 1.0, "eval/rougeL": 40.0}),
+        _run(report, "kd", 1, {"eval/teacher_nll": 1.5}),
+        _run(report, "kd", 2, {"eval/teacher_nll": 1.2, "eval/rougeL": 44.0}),
+    ]
+    metrics = [("eval/teacher_nll", "NLL"), ("eval/rougeL", "Rouge-L")]
+    keys, rows = report.build_rows(runs, [k for k, _ in metrics])
+    lines = report.to_markdown(keys, rows, metrics).splitlines()
+    assert "| bd | 2.000 (n = 1) | 30.000 (n = 1) | 1 |" in lines
+    nll, nll_half = expected([1.0, 1.5, 1.2])
+    rouge, rouge_half = expected([40.0, 44.0])
+    assert f"| kd | {nll:.3f} ± {nll_half:.3f} | {rouge:.3f} ± {rouge_half:.3f} (n = 2) | 3 |" in lines
+    assert "± 0.000" not in "\n".join(lines)
+
+
+def test_sft_start_is_one_row_when_shared_and_one_per_start_otherwise(report):
+    start = {0: {"eval/teacher_nll": 3.0}, 1: {"eval/teacher_nll": 3.4}}
+    runs = [_run(report, algo, seed, {"eval/teacher_nll": 1.0 + seed}, start[seed]) for algo in ("bd", "kd") for seed in (0, 1)]
+    _, rows = report.build_rows(runs, ["eval/teacher_nll"])
+    assert [row.algo for row in rows] == ["SFT start (of every row)", "bd", "kd"]
+    approx_interval(rows[0].stats["eval/teacher_nll"], *expected([3.0, 3.4]), 2)
+    # gkd started from another SFT start (a different evaluation at seed 0): two start rows, named by their rows.
+    runs += [_run(report, "gkd", seed, {"eval/teacher_nll": 2.0}, {"eval/teacher_nll": 5.0 + seed}) for seed in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "baseline keeps the first one" warning any more
+        _, rows = report.build_rows(runs, ["eval/teacher_nll"])
+    assert [row.algo for row in rows[:2]] == ["SFT start of bd, kd", "SFT start of gkd"]
+    approx_interval(rows[1].stats["eval/teacher_nll"], *expected([5.0, 6.0]), 2)
+
+
+def test_plot_panels_one_per_metric_with_direction(report, tmp_path):
+    assert report.axis_label("eval_p0.8/teacher_nll", "teacher NLL @0.8") == "teacher NLL @0.8, lower is better"
+    assert report.axis_label("eval/rougeL", "Rouge-L") == "Rouge-L, higher is better"
+    assert report.axis_label("eval/response_len", "length", teacher_line=True) == "length (no direction; teacher dashed)"
+    assert report.axis_label("eval/student_entropy", "entropy") == "entropy (no direction)"
+    from tokenrl.evaluation.stats import t_interval
+
+    rows = [
+        report.PlotRow("SFT start", {"eval/teacher_nll": t_interval([3.0, 3.2])}, baseline=True),
+        report.PlotRow("kd (lr 0.0003)", {"eval/teacher_nll": t_interval([1.0, 1.2, 1.1]),
+                                          "eval/response_len": t_interval([9.0])}),
+    ]
+    path = tmp_path / "panels.png"
+    report.plot_panels(rows, [("eval/teacher_nll", "NLL"), ("eval/response_len", "length"), ("eval/rougeL", "R")], path,
+                       teacher={"eval/response_len": t_interval([10.0, 10.0])})
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="nothing to plot"):
+        report.plot_panels(rows, [("eval/rougeL", "R")], path)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from algorithms.iql_bd import BellmanDistill
+from tests.conftest import algo_options
 from tokenrl.run.checkpoint import (
     WRITE_DELAY_ENV,
     CheckpointError,
@@ -152,6 +153,25 @@ def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(straight, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only installed while training
     _assert_same_metrics(straight_metrics, run(_cfg(data, resume=True), str(out)))
     _assert_same_student(straight_dir, out)
+
+
+def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch):
+    """An algorithm that draws a corpus batch with every batch (iql_bd_math: its LM term on the corpus) resumes
+    bit-identically too: the corpus rows come from the checkpointed batch generator."""
+    overrides = {
+        "algo": algo_options("iql_bd_math"),
+        "task": {**_config("")["task"], "corpus_sequences": 16, "corpus_max_tokens": 6},
+    }
+    data = tmp_path / "data"
+    straight = run(_cfg(data, **overrides), str(tmp_path / "straight"))
+    original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
+    with pytest.raises(Killed):
+        run(_cfg(data, **overrides), str(tmp_path / "killed"))
+    monkeypatch.setattr(BellmanDistill, "update", original)
+    resumed = run(_cfg(data, resume=True, **overrides), str(tmp_path / "killed"))
+    assert "loss/lm" in resumed["train"]["last_stats"] and resumed["corpus"]["corpus/cached"]
+    _assert_same_student(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_metrics(straight, resumed)
 
 
 @pytest.mark.parametrize(

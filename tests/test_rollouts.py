@@ -92,7 +92,7 @@ def test_rollout_policy_samples_inside_the_teacher_set(name):
 
 def test_minillm_before_rollout_syncs_the_behaviour_policy(synthetic_buffer):
     policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
-    algo = make_algorithm("minillm", policy, {"top_p": 0.8}, total_steps=4)
+    algo = make_algorithm("minillm", policy, {"top_p": 0.8, "pt_coef": 0.0}, total_steps=4)  # no corpus batch here
     algo.after_rollout(range(len(synthetic_buffer)))  # any rows will do as "rollouts" for one update
     algo.update(algo.sample_batch(synthetic_buffer, 4, torch.Generator().manual_seed(0)))
     differs = lambda: any(  # noqa: E731
@@ -179,7 +179,7 @@ def test_onpolicy_kl_does_not_change_the_other_metrics(tiny_task):
     alone = evaluate(
         model, tiny_task.teacher, tiny_task.test_prompts, tiny_task.test_references, tiny_task.decode,
         eos_token_id=tiny_task.eos_token_id, pad_token_id=tiny_task.pad_token_id,
-        max_new_tokens=tiny_task.max_new_tokens, seeds=[0, 1], heldout=tiny_task.heldout,
+        max_new_tokens=tiny_task.max_new_tokens, seeds=[0, 1], heldout=tiny_task.test_heldout,
         batch_size=cfg.eval.batch_size, vocab_size=tiny_task.vocab_size,
     )
     other_decodings = {k for k in got if k.startswith("eval_p")}  # eval.decode_top_p beyond the first

@@ -20,6 +20,8 @@ TINY = [
     "task.n_val_prompts=4",
     "task.n_test_prompts=6",
     "task.max_new_tokens=8",
+    "task.corpus_sequences=24",
+    "task.corpus_max_tokens=8",
     "eval.seeds=[0]",
     "progress=false",
     "log_every=1",
@@ -71,7 +73,7 @@ def test_second_run_reuses_cached_data_and_resume_continues(tmp_path):
 def test_bad_override_names_the_problem(tmp_path):
     proc, _ = _run(tmp_path, "algo=iql_bd", "algo.top_p=1.5", check=False)
     assert proc.returncode != 0
-    assert "p must be in (0, 1]" in proc.stderr + proc.stdout
+    assert "algo.top_p=1.5: must be in (0, 1]" in proc.stderr + proc.stdout
 
 
 STAGE_KEYS = ("time/rollout_s", "time/teacher_score_s", "time/batch_s", "time/update_s")

@@ -109,7 +109,7 @@ def test_sample_responses_restores_train_mode(llama):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_top_p_samples_stay_in_the_students_top_p_set(llama, temperature):
+def test_top_p_samples_stay_in_the_studentsprobed_top_p_sets(llama, temperature):
     prompts = random_prompts(16, seed=2)
     top_p = 0.6
     responses = sample_responses(llama, prompts, 10, EOS, EOS, seed=1, temperature=temperature, top_p=top_p)
@@ -167,3 +167,48 @@ def test_sampling_rejects_bad_arguments(llama):
         sample_responses(llama, [[1]], 4, EOS, EOS, seed=0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         sample_responses(llama, [[1]], 4, EOS, EOS, seed=0, temperature=-1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The probed top-p sets of the sampling pass against the exact rule (tokenrl.core.top_p)
+# --------------------------------------------------------------------------------------------------
+def _probe_cases() -> list[tuple[str, torch.Tensor]]:
+    """Logit rows that take both branches of ``probed_top_p_sets``: sharp and flat rows, sets larger than the probe,
+    bf16-rounded rows (ties inside and across the boundary), rows whose tail mass sits at ``1 - p``, and a
+    vocabulary smaller than the probe."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 3000
+    base = torch.randn(64, vocab, generator=gen)
+    # Two tokens of mass ~0.45 / 0.35 / rest: the p = 0.8 boundary falls on the second token's tail mass.
+    boundary = torch.full((4, vocab), -30.0)
+    boundary[:, 0], boundary[:, 1] = 0.0, float(np.log(0.35 / 0.45))
+    boundary[:, 2:] += torch.randn(4, vocab - 2, generator=gen) * 1e-3
+    return [
+        ("sharp", base * 6.0),
+        ("flat (sets beyond the probe)", base * 0.5),
+        ("bf16 ties", (base * 4.0).bfloat16().float()),
+        ("equal top logits", torch.cat([torch.full((8, 3), 2.0), base[:8, 3:] * 3.0], dim=1)),
+        ("tail mass at the boundary", boundary),
+        ("vocabulary below the probe", base[:, :40] * 3.0),
+    ]
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 0.95, 1.0])
+def test_probed_top_p_sets_equal_the_exact_rule_bit_for_bit(p):
+    from tokenrl.core.top_p import top_p_sparse
+    from tokenrl.lm.probed_sets import probed_top_p_sets
+
+    branches = set()
+    for name, logits_BV in _probe_cases():
+        sets = probed_top_p_sets(logits_BV, torch.log_softmax(logits_BV, -1), p)
+        exact = top_p_sparse(logits_BV, p)
+        assert torch.equal(sets.sizes_B, exact.sizes), name
+        for b, n in enumerate(exact.sizes.tolist()):
+            assert torch.equal(sets.ids_BK[b, :n], exact.ids[b, :n]), (name, b)
+            assert torch.equal(sets.logprobs_BK[b, :n], exact.logprobs[b, :n]), (name, b)
+        assert torch.equal(sets.mask(logits_BV), top_p_mask(logits_BV, p)), name
+        sizes, ids, logprobs = sets.to_numpy()
+        assert sizes.dtype == ids.dtype == np.int32 and logprobs.dtype == np.float16
+        branches |= set(sets.exact_B.tolist())
+    # p = 1 keeps every token of non-zero probability: no set ends inside the probe.
+    assert branches == ({True} if p == 1.0 else {True, False}), "both branches must be exercised"

@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from tokenrl.lm import scoring
 from tokenrl.core.padding import right_pad
 from tokenrl.tasks.datagen import compute_top_p_cache
-from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_nll
 from tokenrl.lm.models import HFTeacher
 from tokenrl.tasks.synthetic import SyntheticLanguage
 from tokenrl.core.teachers import Teacher
@@ -145,10 +145,10 @@ def test_position_logits_equal_sequence_logits(teacher, chunk):
 
 
 @pytest.mark.parametrize("chunk", [1, 4, None])
-def test_token_nll_matches_dense(teacher, chunk):
+def test_teacher_response_nll_matches_dense(teacher, chunk):
     prompts, responses = ragged_pairs(teacher.vocab_size)
     tokens_BT, lengths_B = right_pad([p + r for p, r in zip(prompts, responses)], teacher.eos_token_id)
-    nll_N = scoring.token_nll(teacher, tokens_BT, lengths_B, torch.tensor(PROMPT_LENS), chunk=chunk)
+    nll_N = scoring.teacher_response_nll(teacher, tokens_BT, lengths_B, torch.tensor(PROMPT_LENS), chunk=chunk)
     assert nll_N.dtype == torch.float64
     expected = np.concatenate(dense_teacher_nll(teacher, prompts, responses))
     np.testing.assert_allclose(nll_N.numpy(), expected, rtol=1e-6, atol=1e-5)

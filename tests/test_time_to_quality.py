@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # experiments/ is not a package: load the script as a module.
 _spec = importlib.util.spec_from_file_location(
@@ -41,21 +43,49 @@ def test_seconds_to_reach_95_percent_of_the_way_in_either_direction():
     assert math.isnan(ttq.seconds_to_reach(t, np.array([0.0, 50.0, 60.0, 70.0]), 0.0, 100.0, higher=True))
 
 
-def test_tiny_comparison_writes_records_plot_and_section(tmp_path):
+def _leaderboard(out: Path, methods: dict[str, tuple[str, float | None]]) -> None:
+    """A benchmark output with ``leaderboard.json``: method -> (time_to_quality label of its config, chosen lr)."""
+    out.mkdir(parents=True)
+    entries = {}
+    for name, (label, lr) in methods.items():
+        algo = json.loads(json.dumps(dataclasses.asdict(ttq.algo_config(label))))
+        algo.pop("lr")
+        entries[name] = {"algo": algo, "chosen_lr": lr}
+    (out / "leaderboard.json").write_text(json.dumps({"tasks": {"synthetic": {"methods": entries}}}))
+
+
+def test_benchmark_lrs_match_methods_by_their_algorithm_config(tmp_path):
+    _leaderboard(tmp_path / "b", {"bc": ("bc", 3e-4), "sqil": ("soft_q_sqil_p0.8", 1e-3), "gkd": ("gkd", None)})
+    assert ttq.benchmark_lrs(str(tmp_path / "b"), ["bc", "soft_q_sqil_p0.8"]) == {"bc": 3e-4, "soft_q_sqil_p0.8": 1e-3}
+    # The benchmark's SQIL ran on the top-0.8 set; the full-vocabulary label is another config.
+    with pytest.raises(ValueError, match=r"soft_q_sqil's algorithm config.*'sqil': \['top_p'\]"):
+        ttq.benchmark_lrs(str(tmp_path / "b"), ["soft_q_sqil"])
+    with pytest.raises(ValueError, match="gkd in .* has no chosen lr"):
+        ttq.benchmark_lrs(str(tmp_path / "b"), ["gkd"])
+    with pytest.raises(ValueError, match="no task 'other'"):
+        ttq.benchmark_lrs(str(tmp_path / "b"), ["bc"], task="other")
+    with pytest.raises(ValueError, match="run experiments/benchmark.py"):
+        ttq.benchmark_lrs(str(tmp_path / "missing"), ["bc"])
+
+
+def test_tiny_comparison_at_a_benchmarks_lrs_writes_records_plot_and_section(tmp_path):
     sets = [
         "steps=6", "sft_steps=2", "batch_size=4", "rollout_every=3", "rollout_prompts=4", "task.n_train_prompts=24",
         "task.samples_per_prompt=1", "task.n_val_prompts=4", "task.n_test_prompts=6", "task.max_new_tokens=8",
-        "eval.seeds=[0]",
+        "eval.seeds=[0]", "task.corpus_sequences=16", "task.corpus_max_tokens=8",
     ]
+    _leaderboard(tmp_path / "bench", {"bc": ("bc", 5e-4), "minillm": ("minillm", 2e-5)})
     md = tmp_path / "ttq.md"
     ttq.main(["--algos", "bc", "minillm", "--seeds", "0", "--val-every-s", "0.2", "--out", str(tmp_path / "out"),
-              "--plot", str(tmp_path / "ttq.png"), "--markdown", str(md), "--set", *sets])
-    records = json.loads((tmp_path / "out" / "runs" / "minillm_s0.json").read_text())
+              "--plot", str(tmp_path / "ttq.png"), "--markdown", str(md), "--from-benchmark", str(tmp_path / "bench"),
+              "--set", *sets])
+    records = json.loads((tmp_path / "out" / "runs" / "minillm_lr2e-05_s0.json").read_text())
     assert records[0]["train_clock_s"] == 0.0 and records[-1]["step"] == 6 and records[-1]["time/rollout_s"] > 0
-    first_bc = json.loads((tmp_path / "out" / "runs" / "bc_s0.json").read_text())[0]
+    first_bc = json.loads((tmp_path / "out" / "runs" / "bc_lr0.0005_s0.json").read_text())[0]
     assert first_bc["val/teacher_nll"] == records[0]["val/teacher_nll"]  # one shared warm start
     assert (tmp_path / "ttq.png").stat().st_size > 0
     text = md.read_text()
+    assert "lr: bc 0.0005, minillm 2e-05" in text
     assert "| minillm | bc |" in text and "One-time costs" in text and "teacher data" in text
 
 

@@ -8,13 +8,14 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from envs.token_env import BatchedTokenGenerationEnv, TokenGenerationEnv
-from envs.top_p_wrapper import (
-    TopPActionWrapper,
+from envs.top_p_wrapper import TopPActionWrapper
+from tokenrl.core.top_p import (
     restrict_logits_to_top_p,
     teacher_top_p_set,
+    top_p_mask,
     top_p_restricted_policy,
+    top_p_sparse,
 )
-from tokenrl.core.top_p import top_p_mask, top_p_sparse
 
 EOS = 0
 PROMPT = [3, 17, 5, 9]
@@ -63,10 +64,11 @@ def test_action_mask_is_the_exact_top_p_set_of_the_current_prefix(lang):
         assert info["action_mask"].dtype == np.int8 and info["action_mask"].shape == (lang.vocab_size,)
         np.testing.assert_array_equal(info["action_mask"], mask.numpy().astype(np.int8))
         logprobs = lang.next_token_logits(torch.tensor([tokens]), torch.tensor([len(tokens)]))[0].numpy()
-        assert sorted(info["top_p_ids"].tolist()) == mask.nonzero().flatten().tolist()
-        np.testing.assert_allclose(info["top_p_logprobs"], logprobs[info["top_p_ids"]], atol=1e-6)
+        ids = np.asarray(info["top_p_ids"])
+        assert sorted(info["top_p_ids"]) == mask.nonzero().flatten().tolist()
+        np.testing.assert_allclose(info["top_p_logprobs"], logprobs[ids], atol=1e-6)
         assert (np.diff(info["top_p_logprobs"]) <= 0).all()
-        action = int(rng.choice(info["top_p_ids"][info["top_p_ids"] != EOS]))
+        action = int(rng.choice(ids[ids != EOS]))
         obs, _, terminated, truncated, info = env.step(action)
         assert info["action_in_top_p"] is True
         tokens.append(action)
@@ -80,7 +82,7 @@ def test_p_one_allows_every_token_and_termination_empties_the_set(lang):
     _, info = env.reset(seed=0, options={"prompt": PROMPT})
     assert info["action_mask"].all()  # smoothing puts mass on every token
     _, _, terminated, _, info = env.step(EOS)
-    assert terminated and not info["action_mask"].any() and info["top_p_ids"].size == 0
+    assert terminated and not info["action_mask"].any() and info["top_p_ids"] == []
 
 
 def outside_action(info):
@@ -99,9 +101,9 @@ def test_flag_steps_an_outside_action_and_reports_it(lang):
 def test_project_draws_the_replacement_from_the_projected_teacher(lang):
     env = make_wrapped(lang, on_outside="project")
     _, info = env.reset(seed=0, options={"prompt": PROMPT})
-    ids, logprobs = info["top_p_ids"], info["top_p_logprobs"]
+    ids, logprobs = info["top_p_ids"], np.asarray(info["top_p_logprobs"])
     action = outside_action(info)
-    counts = dict.fromkeys(ids.tolist(), 0)
+    counts = dict.fromkeys(ids, 0)
     n = 2000
     for _ in range(n):
         env.reset(options={"prompt": PROMPT})
@@ -110,7 +112,7 @@ def test_project_draws_the_replacement_from_the_projected_teacher(lang):
         assert obs["tokens"][obs["length"] - 1] == info["projected_action"]
         counts[info["projected_action"]] += 1
     projected = np.exp(logprobs.astype(np.float64)) / np.exp(logprobs.astype(np.float64)).sum()
-    freqs = np.array([counts[i] for i in ids.tolist()]) / n
+    freqs = np.array([counts[i] for i in ids]) / n
     np.testing.assert_allclose(freqs, projected, atol=4 * np.sqrt(0.25 / n))
     # Inside actions are never replaced.
     env.reset(options={"prompt": PROMPT})
@@ -177,7 +179,7 @@ def test_restricted_rollout_stays_inside_the_teacher_set(lang):
         return torch.zeros(tokens_BL.shape[0], lang.vocab_size)  # uniform student
 
     env = BatchedTokenGenerationEnv(lang.vocab_size, EOS, max_new, 8, batch_size=64, prompt_sampler=lang.sample_prompts)
-    traj = env.rollout(top_p_restricted_policy(student_logits_fn, lang, p), seed=0)
+    traj = env.rollout(top_p_restricted_policy(student_logits_fn, lang.next_token_logits, p), seed=0)
     assert len(calls) == max(len(r) for r in traj.responses)
     for prompt, response in zip(traj.prompts, traj.responses):
         for t, action in enumerate(response):

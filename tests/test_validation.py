@@ -8,12 +8,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf.errors import ConfigKeyError
 
+from tests.conftest import algo_options
 from tests.test_hf_task import _write_teacher
 from tests.test_models import tiny_llama, word_tokenizer
 from tokenrl.run.config import make_run_config, register_configs
 from tokenrl.tasks.prompts import load_jsonl_prompts
 from tokenrl.run.trainer import run
-from tokenrl.run.checks import ConfigError, validate
+from tokenrl.run.checks import ConfigError, check_config
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "conf")
 
@@ -33,7 +34,7 @@ def _cfg(tmp_path, algo=None, **top):
         (None, {"task": {"max_new_tokens": 0}}, "task.max_new_tokens=0"),
         ({"top_p": 0.9}, {"task": {"cache_top_p": 0.8}}, "task.cache_top_p=0.8 < algo.top_p=0.9"),
         ({"name": "kd", "top_p": 1.0}, {"task": {"cache_top_p": 0.8}}, "task.cache_top_p=0.8 < algo.top_p=1.0"),
-        ({"name": "iql_bd_released", "top_p": 1.0}, {}, "algo.kd_coef=0.5 with algo.top_p=1.0"),
+        ({**algo_options("iql_bd_released"), "top_p": 1.0}, {}, "algo.kd_coef=0.5 with algo.top_p=1.0"),
         (None, {"eval": {"seeds": []}}, "eval.seeds=[]"),
         (None, {"eval": {"n_prompts": 0}}, "eval.n_prompts=0"),
         (None, {"on_divergence": "ignore"}, "on_divergence='ignore'"),
@@ -51,26 +52,49 @@ def test_bad_setting_is_refused_before_any_work(tmp_path, algo, top, key):
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("algo", [{"name": "iql_bd"}, {"name": "iql_bd_released", "kd_coef": 0.0}])
+@pytest.mark.parametrize("algo", [{"name": "iql_bd"}, {**algo_options("iql_bd_released"), "kd_coef": 0.0}])
 def test_full_vocabulary_td_needs_no_full_cache(tmp_path, algo):
     """At p = 1 BD reads dense logits only, so the default top-0.8 cache is enough (soft_q's teacher reward
     reads the cache: see test_cache_p_is_checked_only_where_the_loss_reads_the_cache)."""
-    validate(_cfg(tmp_path, {**algo, "top_p": 1.0}, task={"cache_top_p": 0.8}))
+    check_config(_cfg(tmp_path, {**algo, "top_p": 1.0}, task={"cache_top_p": 0.8}))
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
-        validate(_cfg(tmp_path, {"alpha": -1.0}, steps=-1, batch_size=0))
+        check_config(_cfg(tmp_path, {"alpha": -1.0, "q_shift": "max", "lr": 0.0}, steps=-1, batch_size=0))
     message = str(err.value)
     assert "steps=-1" in message and "batch_size=0" in message and "algo.alpha=-1.0" in message
+    assert "algo.q_shift='max'" in message and "algo.lr=0.0" in message  # the algorithm config's own checks
     assert "set batch_size=" in message  # the fix
+
+
+@pytest.mark.parametrize(
+    "name, options, keys",
+    [
+        ("iql_bd", {"gamma": 1.5, "chi2_on": "both", "value": "released", "epsilon": 0.0}, ["algo.gamma", "algo.chi2_on", "algo.epsilon"]),
+        ("soft_q", {"reward": "sqil", "gamma": 1.0, "target_update_rate": 0.0}, ["gamma < 1", "algo.target_update_rate"]),
+        ("kd", {"student_norm": "set", "top_p": 0.0}, ["algo.student_norm", "algo.top_p"]),
+        ("gkd", {"beta": 2.0, "temperature": 0.0}, ["algo.beta", "algo.temperature"]),
+        ("minillm", {"mix": 1.0, "clip_eps": 0.0}, ["algo.mix", "algo.clip_eps"]),
+    ],
+)
+def test_an_algorithm_config_lists_all_its_problems_and_the_algorithm_refuses_it(name, options, keys):
+    from algorithms import make_algorithm, make_config
+    from tests.conftest import tiny_llama as tiny_student
+    from tokenrl.lm.policy import CausalLMPolicy
+
+    config = make_config(name, options)  # building the dataclass checks nothing: the run lists every problem
+    assert len(config.problems()) == len(keys) and all(any(k in p for p in config.problems()) for k in keys)
+    with pytest.raises(ValueError) as err:
+        make_algorithm(name, CausalLMPolicy(tiny_student(), vocab_size=64), config)
+    assert all(k in str(err.value) for k in keys)
 
 
 def test_default_config_is_valid(tmp_path):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        for algo in ("iql_bd", "bc", "kd", "soft_q", "gkd", "minillm"):
-            validate(make_run_config(compose(config_name="config", overrides=[f"algo={algo}"])))
+        for algo in ("iql_bd", "iql_bd_math", "iql_bd_released", "bc", "kd", "soft_q", "gkd", "minillm"):
+            check_config(make_run_config(compose(config_name="config", overrides=[f"algo={algo}"])))
 
 
 @pytest.mark.parametrize(
@@ -88,9 +112,9 @@ def test_cache_p_is_checked_only_where_the_loss_reads_the_cache(tmp_path, algo, 
     cfg = make_run_config({"algo": algo, "task": {"cache_top_p": 0.8}, "data_dir": str(tmp_path / "data")})
     if refused:
         with pytest.raises(ConfigError, match="task.cache_top_p=0.8 < algo.top_p"):
-            validate(cfg)
+            check_config(cfg)
     else:
-        validate(cfg)
+        check_config(cfg)
 
 
 def test_appended_unknown_key_is_refused():

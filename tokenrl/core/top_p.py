@@ -4,14 +4,24 @@ Semantics are exactly those of transformers' ``TopPLogitsWarper``: sort the prob
 drop every token whose ascending cumulative probability is ``<= 1 - p``, and always keep the
 ``min_keep`` most likely tokens. Hence the kept set is the shortest descending prefix whose mass is
 ``>= p``; ``p = 1`` keeps every token with non-zero probability.
+
+The batched forms (the sets of all rows from one teacher call, logits and policies restricted to them) serve
+the vectorised env rollouts and the on-policy algorithms; ``envs.TopPActionWrapper`` is the single-env form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from tokenrl.core.distributions import restrict_to_set
+from tokenrl.core.teachers import Teacher
+
+PolicyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``policy_fn(tokens_BL, lengths_B)`` returning actions ``[B]`` (integer) or next-token logits ``[B, V]``."""
 
 
 def check_p(p: float) -> float:
@@ -157,3 +167,70 @@ def restrict_top_p(logprobs_K: torch.Tensor, mask_K: torch.Tensor, p: float) -> 
     keep = mass_before < p
     keep[..., 0] = True
     return keep & mask_K
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched sets and policies restricted to them (vectorised env rollouts, on-policy algorithms)
+# ------------------------------------------------------------------------------------------------
+def teacher_top_p_set(
+    teacher: Teacher, tokens_BL: torch.Tensor, lengths_B: torch.Tensor, p: float, max_k: int | None = None
+) -> TopPSet:
+    """Top-p sets of the teacher at the states of all rows, from one teacher call.
+
+    Args:
+        teacher: the teacher defining the sets.
+        tokens_BL: ``[B, L]`` right-padded states (e.g. ``obs["tokens_BL"]`` of the batched env).
+        lengths_B: ``[B]`` real tokens per row.
+        p: top-p threshold in (0, 1].
+        max_k: optional cap on the set width K (see :func:`tokenrl.core.top_p.top_p_sparse`).
+
+    Returns:
+        A :class:`tokenrl.core.top_p.TopPSet` with ``[B, K]`` tensors.
+    """
+    return top_p_sparse(teacher.next_token_logits(tokens_BL, lengths_B).detach(), p, max_k=max_k)
+
+
+def restrict_logits_to_top_p(
+    student_logits_BV: torch.Tensor, teacher_logits_BV: torch.Tensor, p: float
+) -> torch.Tensor:
+    """Student logits with every token outside the teacher's top-p set set to ``-inf``.
+
+    Softmax of the result is the projection of the student policy onto A_p(s).
+
+    Args:
+        student_logits_BV: ``[..., V]`` student logits.
+        teacher_logits_BV: ``[..., V]`` teacher logits at the same states.
+        p: top-p threshold in (0, 1].
+
+    Returns:
+        ``[..., V]`` restricted student logits (a new tensor).
+    """
+    if student_logits_BV.shape != teacher_logits_BV.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits_BV.shape)} and teacher logits "
+            f"{tuple(teacher_logits_BV.shape)} must have the same shape"
+        )
+    keep_BV = top_p_mask(teacher_logits_BV.detach(), p).to(student_logits_BV.device)
+    return restrict_to_set(student_logits_BV, keep_BV)
+
+
+def top_p_restricted_policy(student_logits_fn: PolicyFn, teacher_logits_fn: PolicyFn, p: float) -> PolicyFn:
+    """A ``policy_fn`` for :meth:`envs.BatchedTokenGenerationEnv.rollout` sampling the student inside the teacher's set.
+
+    Each call runs one student forward and one teacher forward for the whole batch.
+
+    Args:
+        student_logits_fn: ``(tokens_BL, lengths_B) -> logits_BV`` of the student.
+        teacher_logits_fn: the same for the teacher defining the sets (``teacher.next_token_logits`` of a
+            :class:`~tokenrl.core.teachers.Teacher`).
+        p: top-p threshold in (0, 1].
+
+    Returns:
+        ``policy_fn(tokens_BL, lengths_B) -> logits_BV`` with outside tokens at ``-inf``.
+    """
+    p = check_p(p)
+
+    def policy_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        return restrict_logits_to_top_p(student_logits_fn(tokens_BL, lengths_B), teacher_logits_fn(tokens_BL, lengths_B), p)
+
+    return policy_fn

@@ -52,7 +52,7 @@ class ActionSlots:
 @dataclass
 class Batch(ActionSlots):
     """A padded batch of trajectories: ``B`` rows, ``T`` response slots, ``S = T + 1`` states, ``K`` set width
-    (shape letters as in :mod:`tokenrl.core.backup`).
+    (shape letters as in :mod:`tokenrl.core`).
 
     The model input is ``[left-padded prompt | right-padded response]``: response token ``t`` sits at column
     ``prompt_width + t`` and the logits of state ``s_t`` are at column ``prompt_width - 1 + t``.
@@ -82,6 +82,9 @@ class Batch(ActionSlots):
             (uniform on padding), for losses over the full vocabulary; None unless added by
             :func:`tokenrl.lm.scoring.with_teacher_logprobs` (the trainer does for algorithms with
             ``needs_teacher_logprobs``).
+        lm_batch: a pre-training batch of the task's corpus (its own ``B`` rows of free text with their cached
+            top-p sets, at the same p), for the language-modelling terms of algorithms with ``needs_lm_batch``;
+            None unless the trainer attached one (:func:`tokenrl.run.trainer.train_step`).
     """
 
     input_ids_BL: torch.Tensor
@@ -103,11 +106,12 @@ class Batch(ActionSlots):
     action_logprob_BT: torch.Tensor
     top_p: float
     teacher_logprobs_BSV: torch.Tensor | None = None
+    lm_batch: "Batch | None" = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        """Move every tensor to ``device``."""
+        """Move every tensor (and the attached ``lm_batch``) to ``device``."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()})
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) or isinstance(v, Batch) else v for k, v in kw.items()})
 
 
 def require_teacher_logprobs(batch: Batch, algo_name: str) -> torch.Tensor:
@@ -119,6 +123,17 @@ def require_teacher_logprobs(batch: Batch, algo_name: str) -> torch.Tensor:
             "to use the cached top-p sets"
         )
     return batch.teacher_logprobs_BSV
+
+
+def require_lm_batch(batch: Batch, algo_name: str) -> Batch:
+    """``batch.lm_batch``, or a ValueError that names the algorithm and the fix when it is missing."""
+    if batch.lm_batch is None:
+        raise ValueError(
+            f"{algo_name} asks for a pre-training batch (needs_lm_batch) but the batch has none: attach one drawn "
+            "from the task's corpus, dataclasses.replace(batch, lm_batch=corpus.sample(...)) (the trainer does), or "
+            "set the algorithm's LM term to the distillation batch (lm_batch=expert) or off"
+        )
+    return batch.lm_batch
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tokenrl.lm import scoring
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.padding import right_pad
 from tokenrl.core.teachers import Teacher
 from tokenrl.core.top_p import check_p, top_p_mask
@@ -129,7 +129,7 @@ def on_policy_reverse_kl_of_model(
         states (same expectation, lower variance; unrestricted student, so it equals the first only at
         ``top_p = 1``).
     """
-    from tokenrl.evaluation.metrics import teacher_forced_kl, teacher_nll
+    from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_nll
     from tokenrl.lm.sampling import sample_responses
 
     responses = sample_responses(

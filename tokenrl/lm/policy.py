@@ -3,19 +3,24 @@
 The student's logits are its Q-function. The network itself (any ``AutoModelForCausalLM``) knows nothing
 about training; this module turns a batch into per-state hidden states and then into either dense logits
 ``[B, S, V]`` or *sparse* logits on candidate ids ``[B, S, K]`` computed as ``h @ W[ids]^T``, which costs
-O(K) per state instead of O(|V|). Both paths give the same numbers and gradients (tested).
+O(K) per state instead of O(|V|). Both paths give the same numbers and gradients (tested). With
+``precision="bf16"`` the body and the head run under bfloat16 autocast (:mod:`tokenrl.lm.precision`). An
+optional scalar value head on the same hidden states (:meth:`CausalLMPolicy.add_value_head`) serves algorithms
+that learn a state value next to the logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenrl.core.backup import soft_value, upcast
+from tokenrl.core.distributions import soft_value, upcast
 from tokenrl.data.buffer import ActionSlots, Batch
+from tokenrl.lm.precision import PRECISIONS, autocast, compiled_body
 
 
 SPARSE_GATHER_ELEMENTS = 1 << 24
@@ -60,11 +65,24 @@ class CausalLMPolicy(nn.Module):
     Args:
         model: an ``AutoModelForCausalLM`` (Llama, GPT-2, Qwen2, ...).
         vocab_size: the shared tokenizer's size; logits beyond it (padding rows of the embedding) are dropped.
+        precision: ``fp32`` or ``bf16`` (:mod:`tokenrl.lm.precision`): the autocast of the body and the head.
+            Their outputs are then bfloat16; every loss upcasts them (:func:`tokenrl.core.backup.upcast`).
+        compile: run the decoder body through ``torch.compile`` (:func:`tokenrl.lm.precision.compiled_body`);
+            True for the inductor backend, or a backend name.
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int | None = None):
+    def __init__(
+        self, model: nn.Module, vocab_size: int | None = None, precision: str = "fp32", compile: bool | str = False
+    ):
         super().__init__()
         self.model = model
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: must be one of {sorted(PRECISIONS)}")
+        self.precision = precision
+        # A function, not a module attribute, so the policy's state_dict keys stay the model's.
+        self._compiled_body = None
+        if compile:
+            self._compiled_body = compiled_body(model.base_model, *([] if compile is True else [compile]))
         head = model.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):
             raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); tokenrl needs a causal LM")
@@ -77,27 +95,33 @@ class CausalLMPolicy(nn.Module):
         self.vocab_size = int(vocab_size or head.weight.shape[0])
         if self.vocab_size > head.weight.shape[0]:
             raise ValueError(f"vocab_size={self.vocab_size} exceeds the model's {head.weight.shape[0]} output rows")
+        self.value_head: nn.Linear | None = None  # see add_value_head
 
     @property
     def head(self) -> nn.Module:
         """The output projection ``lm_head``."""
         return self.model.get_output_embeddings()
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.head.weight.device.type)
+
     def state_hidden(self, batch: Batch) -> torch.Tensor:
         """Final hidden states at the batch's ``S = T + 1`` states: ``[B, S, D]``."""
-        out = self.model.base_model(
-            input_ids=batch.input_ids_BL,
-            attention_mask=batch.attention_mask_BL,
-            position_ids=batch.position_ids_BL,
-            use_cache=False,
-        )
+        with self._autocast():
+            out = (self._compiled_body or self.model.base_model)(
+                input_ids=batch.input_ids_BL,
+                attention_mask=batch.attention_mask_BL,
+                position_ids=batch.position_ids_BL,
+                use_cache=False,
+            )
         h_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         P = batch.prompt_width
         return h_BLD[:, P - 1 :]
 
     def dense_logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits ``[B, S, V]`` from hidden states."""
-        return self.head(h_BSD)[..., : self.vocab_size]
+        with self._autocast():
+            return self.head(h_BSD)[..., : self.vocab_size]
 
     def sparse_logits(self, h_BSD: torch.Tensor, ids_BSK: torch.Tensor) -> torch.Tensor:
         """Logits of the candidate ids only, ``[B, S, K]`` = ``h . W[ids] + b[ids]``.
@@ -109,13 +133,33 @@ class CausalLMPolicy(nn.Module):
         """
         w_VD = self.head.weight
         if ids_BSK.numel() * w_VD.shape[1] > max(SPARSE_GATHER_ELEMENTS, ids_BSK[..., 0].numel() * w_VD.shape[0]):
-            return self.head(h_BSD.to(w_VD.dtype)).gather(-1, ids_BSK)
-        w_BSKD = w_VD[ids_BSK]
-        logits = torch.einsum("bsd,bskd->bsk", h_BSD.to(w_VD.dtype), w_BSKD)
-        bias = getattr(self.head, "bias", None)
-        if bias is not None:
-            logits = logits + bias[ids_BSK]
-        return logits
+            return self.dense_logits(h_BSD.to(w_VD.dtype)).gather(-1, ids_BSK)
+        with self._autocast():
+            w_BSKD = w_VD[ids_BSK]
+            logits = torch.einsum("bsd,bskd->bsk", h_BSD.to(w_VD.dtype), w_BSKD)
+            bias = getattr(self.head, "bias", None)
+            if bias is not None:
+                logits = logits + bias[ids_BSK]
+            return logits
+
+    def add_value_head(self) -> nn.Linear:
+        """Attach (once) a scalar state-value head ``V(s) = w . h(s) + b`` on the final hidden state, zero at the start.
+
+        The head belongs to this policy, not to ``model``: it trains, is clipped and is saved with the policy's
+        parameters and ``state_dict``, while the network that samples and is saved as the student stays the plain LM.
+        """
+        if self.value_head is None:
+            w_VD = self.head.weight
+            self.value_head = nn.Linear(w_VD.shape[1], 1, device=w_VD.device, dtype=w_VD.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        return self.value_head
+
+    def value(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """The value head at the given states, ``[B, S]`` (at least float32); needs :meth:`add_value_head`."""
+        if self.value_head is None:
+            raise ValueError("this policy has no value head; call add_value_head() first")
+        return upcast(self.value_head(h_BSD.to(self.value_head.weight.dtype))[..., 0])
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Dense logits at the batch's states, ``[B, S, V]``."""
@@ -167,6 +211,7 @@ class CausalLMPolicy(nn.Module):
         return VocabStats(
             max_BS=max_BS if need_max else None,
             lse_BS=lse_BS if need_lse else None,
+            # token_nll's -log softmax(logits)[a] with the chunks' log-normaliser, which is computed anyway
             nll_BT=(lse_BS - picked_BS)[:, :T] if need_nll else None,
         )
 
@@ -174,9 +219,9 @@ class CausalLMPolicy(nn.Module):
         logits_NV = upcast(self.dense_logits(h_ND))
         return logits_NV.amax(-1), soft_value(logits_NV), logits_NV.gather(-1, a_N[:, None])[:, 0]
 
-    def token_nll(self, h_BTD: torch.Tensor, actions_BT: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-        """Full-vocabulary ``-log softmax(logits)[action]`` per position, ``[B, T]``, with flat memory
-        (see :meth:`vocab_stats`)."""
+    def action_nll(self, h_BTD: torch.Tensor, actions_BT: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+        """Full-vocabulary NLL of the batch's actions, ``[B, T]``, from hidden states with flat memory: the chunked
+        form of :func:`tokenrl.core.distributions.token_nll` (see :meth:`vocab_stats`)."""
         return self.vocab_stats(h_BTD, actions_BT, chunk_tokens=chunk_tokens).nll_BT
 
     def candidate_q(

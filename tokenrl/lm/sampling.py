@@ -18,10 +18,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.padding import left_pad
+from tokenrl.core.progress import track
 from tokenrl.data.buffer import TopPCache
-from tokenrl.core.top_p import check_p, top_p_mask, top_p_sparse
+from tokenrl.core.top_p import check_p
+from tokenrl.lm.probed_sets import probed_top_p_sets
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -163,14 +165,23 @@ def _sample_batch(
     logprob_steps: list[torch.Tensor] = []
     set_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per state: sizes [B], ids / logprobs [B, K]
     for step in range(max_new_tokens):
-        if cache_top_p is not None:
-            set_steps.append(_sets_to_numpy(logits_BV, cache_top_p))
         logprobs_BV = project_to_set(logits_BV)
+        cached_set = None
+        if cache_top_p is not None:
+            cached_set = probed_top_p_sets(logits_BV, logprobs_BV, cache_top_p)
+            set_steps.append(cached_set.to_numpy())
         if temperature == 0.0:
             token_B = logits_BV.argmax(-1)
         else:
-            scaled_BV = logits_BV / temperature
-            mask_BV = top_p_mask(scaled_BV, top_p) if top_p < 1.0 else None
+            # Dividing by 1.0 is exact, so the untempered logits serve as they are (and their log-softmax too).
+            scaled_BV = logits_BV if temperature == 1.0 else logits_BV / temperature
+            mask_BV = None
+            if top_p < 1.0:
+                if temperature == 1.0 and top_p == cache_top_p:
+                    mask_BV = cached_set.mask(scaled_BV)
+                else:
+                    scaled_logprobs_BV = logprobs_BV if temperature == 1.0 else project_to_set(scaled_BV)
+                    mask_BV = probed_top_p_sets(scaled_BV, scaled_logprobs_BV, top_p).mask(scaled_BV)
             probs_BV = project_to_set(scaled_BV, mask_BV, log=False)
             token_B = torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
         token_B = torch.where(finished_B, torch.full_like(token_B, pad_token_id), token_B)
@@ -182,7 +193,8 @@ def _sample_batch(
             break
         logits_BV = stepper.advance(token_B)
         if last_step:
-            set_steps.append(_sets_to_numpy(logits_BV, cache_top_p))  # the state after the last token
+            # The state after the last token.
+            set_steps.append(probed_top_p_sets(logits_BV, project_to_set(logits_BV), cache_top_p).to_numpy())
             break
     stepper.stop()
 
@@ -206,17 +218,6 @@ def _sample_batch(
         lps = np.concatenate([lps_BK[b, :n] for (_, _, lps_BK), n in zip(states, sizes)])
         caches.append(TopPCache(sizes=sizes, ids=ids, logprobs=lps))
     return responses, logprobs, caches
-
-
-def _sets_to_numpy(logits_BV: torch.Tensor, p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-p sets of ``[B, V]`` logits in the cache's storage types: sizes ``[B]``, ids int32 and log-probs
-    float16 ``[B, K]`` (each row's first ``sizes[b]`` slots, descending)."""
-    sets = top_p_sparse(logits_BV, p)
-    return (
-        sets.sizes.cpu().numpy().astype(np.int32),
-        sets.ids.cpu().numpy().astype(np.int32),
-        sets.logprobs.cpu().numpy().astype(np.float16),
-    )
 
 
 def sample_responses(
@@ -252,7 +253,7 @@ def sample_responses(
         batch_size: prompts per forward.
         vocab_size: logits are sliced to ``[:vocab_size]`` so padded embedding rows (``V' > V``) are never
             sampled; None keeps all ``V'``.
-        progress: show a tqdm bar over batches.
+        progress: show progress over batches (:func:`tokenrl.core.progress.track`).
 
     Returns:
         ``N`` responses (token lists of length ``<= max_new_tokens``, ending with EOS iff terminated).
@@ -287,10 +288,7 @@ def _sample(
     _check_sampling_args(prompts, max_new_tokens, temperature, top_p, batch_size)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"sampling (seed {seed})", unit="batch")
+    starts = track(starts, f"sampling (seed {seed})", enabled=progress, unit="batch")
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []

@@ -23,8 +23,7 @@ from typing import Iterator
 
 import torch
 
-from tokenrl.core import backup
-from tokenrl.core.backup import kl, project_to_set
+from tokenrl.core.distributions import kl, project_to_set, token_nll
 from tokenrl.data.buffer import Batch
 from tokenrl.core.teachers import Teacher, TokenPositions
 from tokenrl.core.top_p import TopPSet, top_p_sparse
@@ -135,7 +134,7 @@ def causal_lm_position_logits(
         yield head(h_ND[start : start + size])[..., :vocab_size]
 
 
-def token_nll(
+def teacher_response_nll(
     teacher: Teacher,
     tokens_BT: torch.Tensor,
     lengths_B: torch.Tensor,
@@ -165,7 +164,7 @@ def token_nll(
         n = logits_nV.shape[0]
         logits_nV = logits_nV.double()
         target_n = targets_N[done : done + n].to(logits_nV.device)
-        nll_N[done : done + n] = backup.token_nll(logits_nV, target_n).cpu()
+        nll_N[done : done + n] = token_nll(logits_nV, target_n).cpu()
         done += n
     return nll_N
 
@@ -205,7 +204,7 @@ def kl_both_directions(
     size = chunk_positions(vocab, chunk)
     student = causal_lm_position_logits(model, at, vocab, size)
     teacher_chunks = teacher.position_logits(at, size)
-    # Preallocated results (see token_nll).
+    # Preallocated results (see teacher_response_nll).
     kl_st_N = torch.zeros(len(at), dtype=torch.float64)
     kl_ts_N = torch.zeros(len(at), dtype=torch.float64)
     done = 0

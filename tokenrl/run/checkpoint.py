@@ -33,8 +33,8 @@ WRITE_DELAY_ENV = "TOKENRL_CHECKPOINT_WRITE_DELAY_S"
 """Fault-injection hook for the kill tests: seconds to sleep between writing a checkpoint and committing it."""
 
 RESUME_MAY_CHANGE = frozenset(
-    {"steps", "progress", "threads", "device", "resume", "log_every", "checkpoint_every", "checkpoint_seconds",
-     "keep_checkpoints", "dist"}
+    {"steps", "progress", "threads", "device", "precision", "compile", "resume", "log_every", "checkpoint_every",
+     "checkpoint_seconds", "keep_checkpoints", "dist"}
 )
 """Config keys a resumed run may change: the length of the run and how it is executed, watched and saved."""
 

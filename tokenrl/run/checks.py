@@ -1,8 +1,10 @@
 """Start-up checks of a resolved :class:`~tokenrl.run.config.RunConfig`: every bad input is refused before any work.
 
-The schemas already refuse unknown keys and wrongly typed values when the config is composed; :func:`validate`
+The schemas already refuse unknown keys and wrongly typed values when the config is composed; :func:`check_config`
 adds the ranges and cross-field constraints (cache p >= the algorithm's p, a pretrained student only on a
-transformers task, ...) and reports every problem at once, each naming its key and a fix. It is the first
+transformers task, ...) and the algorithm config's own problems (:meth:`algorithms.base.AlgoConfig.problems`),
+and reports every problem at once, each naming its key and a fix. ("Validation" in this project is the
+held-out evaluation during training, :mod:`tokenrl.run.selection`.) It is the first
 call of :func:`tokenrl.run.trainer.run` and of ``experiments/generate.py``; :func:`check_student_tokenizer`
 compares a pretrained student's tokenizer with the teacher's before any data shard is written.
 """
@@ -11,12 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 
 import torch
 
-from algorithms.iql_bd import CHI2_CHOICES, EXPERT_TERM_CHOICES, Q_SHIFT_CHOICES, VALUE_CHOICES
-from algorithms.soft_q import REWARD_CHOICES
+from tokenrl.core.options import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    OPEN_UNIT,
+    POSITIVE,
+    PROBABILITY,
+    choice_problem,
+    range_problem,
+)
+from tokenrl.lm.precision import check_precision
 from tokenrl.run.config import RunConfig
 from tokenrl.tasks.hf import TEMPLATES, HFTaskConfig
 
@@ -30,86 +39,46 @@ class ConfigError(ValueError):
     """A resolved run config that cannot give a correct run; the message lists every bad key and its fix."""
 
 
-def _positive(x) -> bool:
-    return x > 0
-
-
-def _non_negative(x) -> bool:
-    return x >= 0
-
-
-def _probability(x) -> bool:
-    return 0.0 < x <= 1.0
-
-
-def _unit_interval(x) -> bool:
-    return 0.0 <= x <= 1.0
-
-
-# key -> (test, what the value must be); keys are dotted paths into the resolved config.
-_RANGES: dict[str, tuple[Callable, str]] = {
-    "steps": (_non_negative, ">= 0"),
-    "sft_steps": (_non_negative, ">= 0"),
-    "sft_lr": (_positive, "> 0"),
-    "batch_size": (_positive, "> 0"),
-    "threads": (_non_negative, ">= 0 (0 = torch default)"),
-    "log_every": (_positive, "> 0"),
-    "checkpoint_every": (_non_negative, ">= 0 (0 = time-based only)"),
-    "checkpoint_seconds": (_non_negative, ">= 0 (0 = step-based only)"),
-    "keep_checkpoints": (_positive, ">= 1"),
-    "divergence_factor": (_positive, "> 0"),
-    "rollout_every": (_non_negative, ">= 0"),
-    "rollout_prompts": (_positive, "> 0"),
-    "eval.temperature": (_positive, "> 0"),
-    "eval.batch_size": (_positive, "> 0"),
-    "eval.val_every": (_non_negative, ">= 0"),
-    "model.hidden_size": (_positive, "> 0"),
-    "model.num_layers": (_positive, "> 0"),
-    "model.num_heads": (_positive, "> 0"),
-    "model.intermediate_size": (_positive, "> 0"),
-    "model.keep_every": (_positive, ">= 1"),
-    "task.max_new_tokens": (_positive, "> 0"),
-    "task.samples_per_prompt": (_positive, "> 0"),
-    "task.sample_top_p": (_probability, "in (0, 1]"),
-    "task.cache_top_p": (_probability, "in (0, 1]"),
-    "task.shard_prompts": (_positive, "> 0"),
-    "task.cache_batch_size": (_positive, "> 0"),
+# key -> its range; keys are dotted paths into the resolved config. The algorithm's fields are checked by its
+# own config (:meth:`algorithms.base.AlgoConfig.problems`).
+_RANGES = {
+    "steps": NON_NEGATIVE,
+    "sft_steps": NON_NEGATIVE,
+    "sft_lr": POSITIVE,
+    "batch_size": POSITIVE,
+    "threads": NON_NEGATIVE.explained("0 = torch default"),
+    "log_every": POSITIVE,
+    "checkpoint_every": NON_NEGATIVE.explained("0 = time-based only"),
+    "checkpoint_seconds": NON_NEGATIVE.explained("0 = step-based only"),
+    "keep_checkpoints": AT_LEAST_ONE,
+    "divergence_factor": POSITIVE,
+    "rollout_every": NON_NEGATIVE,
+    "rollout_prompts": POSITIVE,
+    "eval.temperature": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "eval.val_every": NON_NEGATIVE,
+    "model.hidden_size": POSITIVE,
+    "model.num_layers": POSITIVE,
+    "model.num_heads": POSITIVE,
+    "model.intermediate_size": POSITIVE,
+    "model.keep_every": AT_LEAST_ONE,
+    "task.max_new_tokens": POSITIVE,
+    "task.samples_per_prompt": POSITIVE,
+    "task.sample_top_p": PROBABILITY,
+    "task.cache_top_p": PROBABILITY,
+    "task.shard_prompts": POSITIVE,
+    "task.cache_batch_size": POSITIVE,
     # synthetic task
-    "task.n_train_prompts": (_positive, "> 0"),
-    "task.n_val_prompts": (_positive, "> 0"),
-    "task.n_test_prompts": (_positive, "> 0"),
-    "task.n_references": (_non_negative, ">= 0"),
+    "task.n_train_prompts": POSITIVE,
+    "task.n_val_prompts": POSITIVE,
+    "task.n_test_prompts": POSITIVE,
+    "task.n_references": NON_NEGATIVE,
     # transformers task
-    "task.sample_temperature": (_positive, "> 0"),
-    "task.max_prompt_tokens": (_positive, "> 0"),
-    "task.gen_batch_size": (_positive, "> 0"),
-    "task.val_fraction": (lambda x: 0.0 < x < 1.0, "in (0, 1)"),
-    "task.test_fraction": (lambda x: 0.0 < x < 1.0, "in (0, 1)"),
-    # algorithm fields, where the algorithm has them
-    "algo.lr": (_positive, "> 0"),
-    "algo.alpha": (_positive, "> 0 (the chi^2 regulariser divides by alpha)"),
-    "algo.gamma": (_unit_interval, "in [0, 1]"),
-    "algo.top_p": (_probability, "in (0, 1]"),
-    "algo.temperature": (_positive, "> 0"),
-    "algo.beta": (_unit_interval, "in [0, 1]"),
-    "algo.beta1": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
-    "algo.beta2": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
-    "algo.weight_decay": (_non_negative, ">= 0"),
-    "algo.warmup_steps": (_non_negative, ">= 0"),
-    "algo.min_lr_ratio": (_unit_interval, "in [0, 1]"),
-    "algo.lmbda": (_unit_interval, "in [0, 1]"),
-    "algo.mix": (_unit_interval, "in [0, 1]"),
-    "algo.clip_eps": (_positive, "> 0"),
-    "algo.target_update_rate": (_probability, "in (0, 1]"),
-}
-
-# (algorithm, field) -> allowed values of the algorithms' string options (else checked only at their first use)
-BD_PRESETS = ("iql_bd", "iql_bd_math", "iql_bd_released")  # registry names of the Bellman Distill variants
-_BD_CHOICES = {"q_shift": Q_SHIFT_CHOICES, "chi2_on": CHI2_CHOICES, "expert_term": EXPERT_TERM_CHOICES, "value": VALUE_CHOICES}
-_ALGO_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    **{(name, key): choices for name in BD_PRESETS for key, choices in _BD_CHOICES.items()},
-    ("kd", "student_norm"): ("vocab", "top_p"),
-    ("soft_q", "reward"): REWARD_CHOICES,
+    "task.sample_temperature": POSITIVE,
+    "task.max_prompt_tokens": POSITIVE,
+    "task.gen_batch_size": POSITIVE,
+    "task.val_fraction": OPEN_UNIT,
+    "task.test_fraction": OPEN_UNIT,
 }
 
 _OPTIONAL_POSITIVE = ("eval.n_prompts", "task.max_train_prompts", "task.max_val_prompts", "task.max_test_prompts")
@@ -126,33 +95,27 @@ def _lookup(cfg: RunConfig, key: str):
 
 
 def config_problems(cfg: RunConfig) -> list[str]:
-    """Every range or cross-field violation of ``cfg``, one ``"key=value: what it must be; fix"`` line each."""
+    """Every range or cross-field violation of ``cfg``, the algorithm's own included, one line each with its fix."""
     problems = []
-    for key, (ok, must) in _RANGES.items():
+    for key, rule in _RANGES.items():
         value = _lookup(cfg, key)
-        if value is dataclasses.MISSING or value is None:
-            continue
-        if not ok(value):
-            problems.append(f"{key}={value!r}: must be {must}; set {key}=<a value {must.split(' (')[0]}>")
+        if value is not dataclasses.MISSING and value is not None:
+            problems.append(range_problem(key, value, rule))
     for key in _OPTIONAL_POSITIVE:
         value = _lookup(cfg, key)
         if value is not None and value is not dataclasses.MISSING and value <= 0:
             problems.append(f"{key}={value!r}: must be > 0 or null (all); set {key}=null or a positive count")
-    for (algo, key), choices in _ALGO_CHOICES.items():
-        value = getattr(cfg.algo, key, None)
-        if cfg.algo_name == algo and value not in choices:
-            problems.append(f"algo.{key}={value!r}: must be one of {choices}")
+    problems.append(choice_problem("on_divergence", cfg.on_divergence, ON_DIVERGENCE))
+    problems += cfg.algo.problems()
     if not cfg.eval.seeds:
         problems.append("eval.seeds=[]: needs at least one seed; set eval.seeds=[0]")
-    if not cfg.eval.decode_top_p or not all(_probability(p) for p in cfg.eval.decode_top_p):
+    if not cfg.eval.decode_top_p or not all(PROBABILITY.ok(p) for p in cfg.eval.decode_top_p):
         problems.append(
             f"eval.decode_top_p={list(cfg.eval.decode_top_p)!r}: needs one or more values in (0, 1]; "
             "set eval.decode_top_p=[1.0,0.8]"
         )
-    if cfg.on_divergence not in ON_DIVERGENCE:
-        problems.append(f"on_divergence={cfg.on_divergence!r}: must be one of {ON_DIVERGENCE}")
     problems += _cross_field_problems(cfg)
-    return problems
+    return [line for line in problems if line is not None]
 
 
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
@@ -161,13 +124,8 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     cache_p = cfg.task.cache_top_p
     # Each algorithm config says whether its loss reads the cached sets (at top_p = 1 the full-vocabulary losses
     # do not, so any task.cache_top_p serves them).
-    reads_cache = getattr(cfg.algo, "reads_cached_sets", lambda: True)()
-    if algo_p is not None and algo_p >= 1.0 and getattr(cfg.algo, "kd_coef", 0.0) > 0:
-        problems.append(
-            f"algo.kd_coef={cfg.algo.kd_coef} with algo.top_p={algo_p}: the KD term reads the teacher's cached set, "
-            "which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1"
-        )
-    elif reads_cache and algo_p is not None and _probability(algo_p) and _probability(cache_p) and cache_p < algo_p:
+    reads_cache = cfg.algo.reads_cached_sets()
+    if reads_cache and algo_p is not None and PROBABILITY.ok(algo_p) and PROBABILITY.ok(cache_p) and cache_p < algo_p:
         problems.append(
             f"task.cache_top_p={cache_p} < algo.top_p={algo_p}: the stored teacher sets are smaller than the "
             f"sets the algorithm trains on; set task.cache_top_p>={algo_p} (new data) or algo.top_p<={cache_p}"
@@ -191,6 +149,8 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"model.dtype={model.dtype!r}: not a torch dtype; use float32, bfloat16 or float16")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device={cfg.device!r}: CUDA is not available on this machine; set device=cpu")
+    elif isinstance(getattr(torch, model.dtype, None), torch.dtype):
+        problems += check_precision(cfg.precision, cfg.device, model.dtype)
     if isinstance(cfg.task, HFTaskConfig):
         task = cfg.task
         for key in ("teacher", "prompts_file"):
@@ -201,7 +161,7 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         if task.template not in TEMPLATES:
             problems.append(f"task.template={task.template!r}: must be one of {TEMPLATES}")
         fractions = (task.val_fraction, task.test_fraction)
-        if all(_probability(f) for f in fractions) and sum(fractions) >= 1:
+        if all(PROBABILITY.ok(f) for f in fractions) and sum(fractions) >= 1:
             problems.append(
                 f"task.val_fraction + task.test_fraction = {task.val_fraction + task.test_fraction} leaves no "
                 "training prompt; lower one of them"
@@ -209,7 +169,7 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def validate(cfg: RunConfig) -> None:
+def check_config(cfg: RunConfig) -> None:
     """Refuse a config that cannot give a correct run, before any data, model or evaluation work.
 
     Args:
@@ -219,10 +179,6 @@ def validate(cfg: RunConfig) -> None:
         ConfigError: listing every bad key with its value, the allowed range and the fix.
     """
     problems = config_problems(cfg)
-    try:
-        cfg.algo_config()  # the algorithm's own checks (its enums, ...)
-    except (ValueError, TypeError) as error:
-        problems.append(f"algo ({cfg.algo_name}): {error}")
     if problems:
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
 
@@ -236,16 +192,16 @@ def check_student_tokenizer(cfg: RunConfig, teacher_tokenizer) -> None:
 
     Raises:
         ValueError: naming both tokenizers and the first differing token (see
-            :func:`tokenrl.lm.models.check_same_vocabulary`).
+            :func:`tokenrl.lm.loading.check_same_vocabulary`).
     """
     if cfg.model.kind != "pretrained" or teacher_tokenizer is None:
         return
     from transformers import AutoTokenizer
 
-    from tokenrl.lm.models import check_same_vocabulary
+    from tokenrl.lm.loading import check_same_vocabulary
 
     path, gguf_file = cfg.model.name_or_path, cfg.model.gguf_file
     if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
-        path, gguf_file = os.path.split(os.path.abspath(path))  # as tokenrl.lm.models.load_causal_lm reads it
+        path, gguf_file = os.path.split(os.path.abspath(path))  # as tokenrl.lm.loading.load_causal_lm reads it
     student_tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer)

@@ -5,7 +5,7 @@ Every YAML in a config group extends one of these schemas (registered in Hydra's
 before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.base.SyntheticTaskConfig`,
 :class:`tokenrl.tasks.hf.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
 newly registered algorithm only needs its YAML. Ranges and cross-field constraints of a built config are
-checked by :func:`tokenrl.run.checks.validate`. Every default lives in a schema and nowhere else:
+checked by :func:`tokenrl.run.checks.check_config`. Every default lives in a schema and nowhere else:
 
     >>> cfg = make_run_config({"algo": {"name": "bc"}, "steps": 10})   # Python callers and tests
     >>> cfg.task.samples_per_prompt, cfg.model.hidden_size
@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms import REGISTRY, AlgoConfig, get_spec
+from algorithms import REGISTRY, AlgoConfig, get_spec, unknown_algorithm_message
 from tokenrl.tasks.hf import HFTaskConfig
 from tokenrl.tasks.base import SyntheticTaskConfig
 
@@ -61,9 +65,22 @@ class EvalConfig:
     decode_top_p: list[float] = field(default_factory=lambda: [1.0, 0.8])
     batch_size: int = 128  # sequences per sampling batch
     n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
-    val_every: int = 0  # validation (teacher-forced KL + one sampling seed) every n steps; 0 = off
+    val_every: int = 0  # validation (val/*: teacher-forced KLs + the sampled metrics below) every n steps; 0 = off
     val_every_s: float = 0.0  # validation every n seconds of the training clock (validation excluded); 0 = off
+    # Sampled validation (val_every, val_every_s, a sampled selection.metric): one pass per seed over the first
+    # val_n_prompts validation prompts, with seeds apart from the test evaluation's. Teacher-forced validation
+    # always reads every validation prompt's held-out sample. Sampled metrics are heavy-tailed: between two
+    # students, 500 prompts x 1 seed spread the teacher-NLL difference by ~0.09 and Rouge-L's by ~0.5 (100: 0.14,
+    # 1.8) at ~5x the cost (experiments/validation_noise.py), so selection uses a teacher-forced metric.
+    val_seeds: list[int] = field(default_factory=lambda: [1000])
+    val_n_prompts: int | None = 500  # None = all validation prompts
     onpolicy_kl_seed: int = 7919  # sampling seed of eval/onpolicy_kl (its own stream: other metrics unchanged)
+
+    def __post_init__(self):
+        if not self.val_seeds:
+            raise ValueError("eval.val_seeds needs at least one sampling seed, e.g. [1000]")
+        if self.val_n_prompts is not None and self.val_n_prompts <= 0:
+            raise ValueError(f"eval.val_n_prompts must be > 0 or null (all), got {self.val_n_prompts}")
 
 
 @dataclass
@@ -79,21 +96,41 @@ class SelectionConfig:
     """How the SFT start and the reported weights are chosen (``selection=fixed`` | ``selection=best``).
 
     Validation = the teacher-forced ``metric`` on the task's held-out teacher samples (validation prompts),
-    lower is better; see :mod:`tokenrl.run.selection`.
+    lower is better; see :mod:`tokenrl.run.selection`. The SFT start stops by a moving average of its validation
+    scores (:class:`tokenrl.run.selection.PlateauStop`), so that the noise of single validations does not stop it.
     """
 
     metric: str = "kl_student_teacher"  # a key of tokenrl.run.selection.VALIDATION_METRICS
     sft_eval_every: int = 0  # validate the SFT warm start every n steps and stop when it stops improving; 0 = run all sft_steps
-    sft_patience: int = 3  # SFT stops after this many validations without improvement (it keeps the best weights)
+    # The SFT stopping rule (with sft_eval_every > 0): the smoothed score s_i = sft_smoothing * s_{i-1} +
+    # (1 - sft_smoothing) * score_i "improves" when it falls below its best so far by sft_min_improvement times the
+    # best's magnitude; SFT stops after sft_patience validations without improvement and keeps the best raw-scored
+    # weights (tokenrl.run.selection.PlateauStop).
+    # sft_smoothing=0, sft_min_improvement=0 is plain patience on the raw scores.
+    sft_patience: int = 6  # validations without improvement of the smoothed score before SFT stops
+    sft_smoothing: float = 0.8  # weight of the past in the moving average, in [0, 1) (~ (1+x)/(1-x) validations)
+    sft_min_improvement: float = 0.001  # relative fall of the smoothed score that counts as improvement, in [0, 1)
     sft_cache: bool = False  # save the SFT start under data_dir and reuse it (keyed by model, SFT settings, seed)
     every: int = 0  # validate the algorithm every n steps (step 0 = the SFT start) and report the best weights; 0 = the last
+
+    def __post_init__(self):
+        # Ranges fail here, when the config is built, naming the key; the metric is checked against the
+        # metrics tokenrl.run.selection computes (check_selection).
+        for key in ("sft_eval_every", "every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"selection.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
+        if self.sft_patience < 1:
+            raise ValueError(f"selection.sft_patience must be >= 1, got {self.sft_patience}")
+        for key in ("sft_smoothing", "sft_min_improvement"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"selection.{key} must be in [0, 1), got {getattr(self, key)}")
 
 
 @dataclass
 class RunConfig:
     """Top-level run settings (``algo`` and ``task`` come from their config groups)."""
 
-    algo: Any = None  # the algorithm's config dataclass plus its registry ``name`` (see :func:`algo_schema`)
+    algo: Any = None  # the algorithm's config dataclass plus its registry ``name`` and ``preset`` (see :func:`algo_schema`)
     task: Any = None  # a :data:`TASK_SCHEMAS` dataclass, chosen by ``task.kind``
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -106,6 +143,10 @@ class RunConfig:
     batch_size: int = 32  # trajectories per update (the global batch over all ranks and accumulation steps)
     micro_batch_size: int | None = None  # trajectories per forward/backward (None = batch_size / world size)
     device: str = "cpu"  # torch device
+    # fp32 | bf16: bfloat16 autocast of the student's training forward, float32 master weights and AdamW state
+    # (tokenrl.lm.precision; sampling and evaluation stay in the weights' dtype)
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the student's decoder body in training (measured in BENCHMARKS.md)
     threads: int = 1  # torch intra-op threads (0 = torch default); 1 avoids oversubscribing a shared small CPU
     log_every: int = 20  # TensorBoard scalar interval
     checkpoint_every: int = 0  # checkpoint every n steps (0 = time-based only)
@@ -119,12 +160,17 @@ class RunConfig:
     rollout_prompts: int = 32  # prompts per rollout batch
     init_eval: bool = True  # evaluate the untrained student too
     teacher_eval: bool = True  # evaluate the teacher's own samples (the reference row)
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars on a terminal, a plain line every 30 s otherwise; false = silent
 
     @property
     def algo_name(self) -> str:
-        """The registry name of the algorithm (``algo=<name>``)."""
+        """The registry name of the algorithm (the ``algo=<name>`` of a plain run, or the algorithm a preset sets)."""
         return self.algo.name
+
+    @property
+    def algo_preset(self) -> str:
+        """What ran, as reports and output directories name it: the preset (``iql_bd_math``) or the algorithm."""
+        return self.algo.preset
 
     def algo_config(self) -> AlgoConfig:
         """The algorithm's own config dataclass (without the registry ``name``)."""
@@ -135,11 +181,11 @@ class RunConfig:
 
 @functools.cache
 def algo_schema(name: str) -> type:
-    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name`` (one class per name)."""
+    """The schema of ``algo=<name>``: the registered config dataclass plus its ``name`` and ``preset`` (one class
+    per name; a preset YAML sets ``preset`` to its own name, a plain run keeps the algorithm's)."""
     spec = get_spec(name)
-    return dataclasses.make_dataclass(
-        f"{spec.config_cls.__name__}Node", [("name", str, field(default=name))], bases=(spec.config_cls,)
-    )
+    extra = [("name", str, field(default=name)), ("preset", str, field(default=name))]
+    return dataclasses.make_dataclass(f"{spec.config_cls.__name__}Node", extra, bases=(spec.config_cls,))
 
 
 def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
@@ -154,6 +200,7 @@ def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
 
     Raises:
         ValueError: no ``algo.name``, or an unknown ``task.kind``.
+        KeyError: an unregistered ``algo.name`` (the message lists the registered names and how to register).
     """
     if isinstance(cfg, RunConfig):
         return cfg
@@ -161,6 +208,7 @@ def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
     algo_name = (raw.get("algo") or {}).get("name")
     if algo_name is None:
         raise ValueError(f"the run config needs algo.name (one of {sorted(REGISTRY)})")
+
     kind = (raw.get("task") or {}).get("kind", "synthetic")
     if kind not in TASK_SCHEMAS:
         raise ValueError(f"unknown task.kind {kind!r}; expected one of {sorted(TASK_SCHEMAS)}")
@@ -171,12 +219,45 @@ def make_run_config(cfg: Mapping | DictConfig | RunConfig) -> RunConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (call before composing)."""
+    """Put the schemas in Hydra's ConfigStore (call before composing).
+
+    Every registered algorithm gets ``algo/<name>`` (its schema with the defaults: ``algo=<name>`` needs no
+    YAML, so there must be none of that name) and ``schema/algo/<name>`` (what preset YAMLs extend).
+    """
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name in REGISTRY:
+        cs.store(group="algo", name=name, node=algo_schema(name))
         cs.store(group="schema/algo", name=name, node=algo_schema(name))
     for kind, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=kind, node=schema)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/selection", name="selection", node=SelectionConfig)
+
+
+def refuse_unknown_algo(args: Sequence[str], conf_dir: str) -> None:
+    """Stop before Hydra composes when an ``algo=`` override names neither an algorithm nor a preset.
+
+    Hydra's own error says only that it could not find ``algo/<name>``; this one lists the registered
+    algorithms and the presets (``conf_dir/algo/*.yaml``) and says how to register an algorithm.
+
+    Args:
+        args: the command line's overrides (``sys.argv[1:]``); sweeps (``algo=bc,kd``) are checked name by name.
+        conf_dir: the Hydra config directory of the entry point.
+
+    Raises:
+        SystemExit: naming the unknown algorithm.
+    """
+    algo_dir = os.path.join(conf_dir, "algo")
+    presets = sorted(f[: -len(".yaml")] for f in os.listdir(algo_dir) if f.endswith(".yaml"))
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.lstrip("+").partition("=")[0] != "algo":
+            continue
+        (override,) = parser.parse_overrides([arg])
+        value = override.value()
+        # A plain name or a list of names (algo=bc,kd); range and glob sweeps are left to Hydra.
+        names = [value] if isinstance(value, str) else value.list if isinstance(value, ChoiceSweep) else []
+        for name in names:
+            if name not in REGISTRY and name not in presets:
+                sys.exit(f"{arg}: {unknown_algorithm_message(name, presets)}")

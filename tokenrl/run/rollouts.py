@@ -25,8 +25,8 @@ import torch
 
 from algorithms import Algorithm
 from envs import BatchedTokenGenerationEnv
-from envs.token_env import PolicyFn
 from tokenrl.run import distributed
+from tokenrl.core.top_p import PolicyFn
 from tokenrl.data.buffer import ReplayBuffer
 from tokenrl.tasks.datagen import compute_top_p_cache
 from tokenrl.lm.models import HFTeacher, IncrementalTeacher
@@ -91,7 +91,9 @@ def student_and_teacher_fns(model: torch.nn.Module, task: Task) -> tuple[PolicyF
     :class:`~tokenrl.lm.sampling.KVCacheStepper`); the teacher's function is wrapped by :func:`once_per_state`.
 
     Returns:
-        ``(student_fn, teacher_fn)``, each ``(tokens_BL, lengths_B) -> logits_BV``, without gradient.
+        ``(student_fn, teacher_fn)``, each ``(tokens_BL, lengths_B) -> logits_BV``, without gradient, on the
+        tokens' device (the Teacher interface's rule), so the rollout hooks can combine the two whatever device
+        the student is on.
     """
     teacher = task.teacher
     if task.tokenizer is not None:
@@ -99,7 +101,12 @@ def student_and_teacher_fns(model: torch.nn.Module, task: Task) -> tuple[PolicyF
         if isinstance(teacher, HFTeacher):
             teacher = IncrementalTeacher(teacher)
     else:
-        student_fn = torch.no_grad()(KVCacheStepper(model, task.pad_token_id, task.vocab_size).next_token_logits)
+        stepper = KVCacheStepper(model, task.pad_token_id, task.vocab_size)
+
+        @torch.no_grad()
+        def student_fn(tokens_BL: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+            return stepper.next_token_logits(tokens_BL, lengths_B).to(tokens_BL.device)
+
     return student_fn, once_per_state(teacher.next_token_logits)
 
 

@@ -2,21 +2,24 @@
 
 The fair-comparison protocol (``selection=best``; ``selection=fixed`` is the paper's fixed recipe):
 
-* **SFT start** (:func:`train_sft`): BC on the offline data for at most ``sft_steps`` updates, validated every
-  ``selection.sft_eval_every`` steps; it stops after ``selection.sft_patience`` validations without
-  improvement and keeps the best weights. With ``selection.sft_cache`` the start (weights and the RNG states
-  after it) is saved under the task's data directory, keyed by everything it depends on (task, data, model,
-  SFT settings, seed, device), and reused by every method of that seed: a run that loads it continues
-  exactly as the run that trained it.
+* **SFT start** (:func:`train_sft`): BC on the offline data for at most ``sft_steps`` updates (its cosine
+  schedule spans ``sft_steps``), validated every ``selection.sft_eval_every`` steps; it stops when a moving
+  average of the validation scores has not improved for ``selection.sft_patience`` validations
+  (:class:`PlateauStop`: validation noise neither ends nor extends it) and keeps the best weights. With
+  ``selection.sft_cache`` the start (weights and the RNG states after it) is saved under the task's data
+  directory, keyed by everything it depends on (task, data, validation set, model, SFT settings and stopping
+  rule, seed, device), and reused by every method of that seed: a run that loads it continues exactly as the
+  run that trained it.
 * **Best checkpoint** (:class:`BestCheckpoint`): the algorithm is validated every ``selection.every`` steps,
   step 0 (the SFT start) and the last step included; the best weights are kept in memory and are what the
   final evaluation scores and the run saves. ``metrics.json`` records the chosen step under ``selection``.
 
 Validation (:func:`validation_score`) is one number, lower is better, on the validation prompts: a
-teacher-forced metric on the task's held-out teacher samples (cheap, no sampling noise), or a sampled one
-(one seed, the first ``eval.decode_top_p``). The teacher-forced metrics of the final evaluation are computed
-on the same held-out samples, so they carry the (small, equal for every method) bias of one selection among
-a few checkpoints; the sampled metrics of the final evaluation use the test prompts.
+teacher-forced metric on the task's held-out teacher samples (``task.heldout``, one per validation prompt; no
+sampling noise between checkpoints), or a sampled one (the seeds ``eval.val_seeds``, the first
+``eval.decode_top_p``). The final evaluation never reads the validation split: its teacher-forced metrics use
+the held-out samples of the test prompts (``task.test_heldout``), its sampled ones the test prompts. How many
+validation prompts make the score precise enough: ``experiments/validation_noise.py``.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from algorithms import Algorithm, make_algorithm
+from tokenrl.core.progress import track
 from tokenrl.run.config import RunConfig
-from tokenrl.evaluation.metrics import evaluate, teacher_forced_kl, teacher_forced_set_metrics
+from tokenrl.evaluation.metrics import evaluate
+from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_forced_set_metrics
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.tasks.base import Task
 
@@ -48,26 +53,23 @@ VALIDATION_METRICS = TEACHER_FORCED + SAMPLED
 
 
 def check_selection(cfg: RunConfig) -> None:
-    """Fail before any work on an unknown ``selection.metric`` or a negative interval.
+    """Fail before any work on an unknown ``selection.metric`` (the ranges are checked by ``SelectionConfig``).
 
     Raises:
         ValueError: naming the bad key and the valid values.
     """
-    sel = cfg.selection
-    if sel.metric not in VALIDATION_METRICS:
-        raise ValueError(f"unknown selection.metric {sel.metric!r}; expected one of {list(VALIDATION_METRICS)}")
-    for key in ("sft_eval_every", "every"):
-        if getattr(sel, key) < 0:
-            raise ValueError(f"selection.{key} must be >= 0 (0 = off), got {getattr(sel, key)}")
-    if sel.sft_patience < 1:
-        raise ValueError(f"selection.sft_patience must be >= 1, got {sel.sft_patience}")
+    if cfg.selection.metric not in VALIDATION_METRICS:
+        raise ValueError(
+            f"unknown selection.metric {cfg.selection.metric!r}; expected one of {list(VALIDATION_METRICS)}"
+        )
 
 
 def validation_score(model: torch.nn.Module, task: Task, cfg: RunConfig) -> float:
     """``cfg.selection.metric`` of ``model`` on the validation prompts; lower is better.
 
     Teacher-forced metrics read the task's held-out teacher samples (``task.heldout``); sampled ones draw one
-    response per validation prompt (seed 0) at the first ``eval.decode_top_p``.
+    response per seed of ``eval.val_seeds`` on each of the first ``eval.val_n_prompts`` validation prompts, at
+    the first ``eval.decode_top_p``.
     """
     metric = cfg.selection.metric
     prompts, responses = task.heldout
@@ -77,14 +79,60 @@ def validation_score(model: torch.nn.Module, task: Task, cfg: RunConfig) -> floa
         return teacher_forced_set_metrics(
             model, task.teacher, prompts, responses, cfg.task.cache_top_p, cfg.eval.batch_size, task.vocab_size
         )[metric]
+    n = cfg.eval.val_n_prompts
     sampled = evaluate(
-        model, task.teacher, task.val_prompts, task.val_references if metric == "rougeL" else None, task.decode,
+        model, task.teacher, task.val_prompts[:n], task.val_references[:n] if metric == "rougeL" else None, task.decode,
         eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id, max_new_tokens=task.max_new_tokens,
-        seeds=[0], temperature=cfg.eval.temperature, top_p=cfg.eval.decode_top_p[0],
+        seeds=cfg.eval.val_seeds, temperature=cfg.eval.temperature, top_p=cfg.eval.decode_top_p[0],
         batch_size=cfg.eval.batch_size, vocab_size=task.vocab_size,
     )
     value = float(sampled[f"eval/{metric}"])
     return -value if metric == "rougeL" else value
+
+
+class PlateauStop:
+    """When to stop a training run whose validation score (lower is better) has stopped improving.
+
+    The rule reads an exponential moving average of the scores, ``s_i = smoothing * s_{i-1} + (1 - smoothing) *
+    score_i`` (``s_0 = score_0``), so that one lucky or unlucky validation neither resets nor ends the patience:
+    ``s_i`` improves when it is below the best smoothed score so far by more than ``min_improvement`` times its
+    magnitude, and the run stops after ``patience`` validations in a row without improvement. A still-falling
+    noisy curve keeps lowering its average; a plateau (or a rise, as when BC overfits) does not.
+    ``smoothing=0, min_improvement=0`` is plain patience on the raw scores.
+
+    Args:
+        patience: validations without improvement before :meth:`update` says stop (>= 1).
+        smoothing: weight of the past in the moving average, in [0, 1).
+        min_improvement: relative fall of the average that counts as improvement, in [0, 1).
+    """
+
+    def __init__(self, patience: int, smoothing: float = 0.0, min_improvement: float = 0.0):
+        if patience < 1 or not 0.0 <= smoothing < 1.0 or not 0.0 <= min_improvement < 1.0:
+            raise ValueError(
+                f"PlateauStop needs patience >= 1 and smoothing, min_improvement in [0, 1); got {patience}, "
+                f"{smoothing}, {min_improvement}"
+            )
+        self.patience, self.smoothing, self.min_improvement = patience, smoothing, min_improvement
+        self.smoothed: list[float] = []
+        self.best = float("inf")
+        self.since_best = 0
+
+    def update(self, score: float) -> bool:
+        """Take the next validation score; True when the run should stop.
+
+        A NaN score leaves the average as it is and counts as a validation without improvement.
+        """
+        average = self.smoothed[-1] if self.smoothed else float("nan")
+        if not math.isnan(score):
+            average = score if math.isnan(average) else self.smoothing * average + (1 - self.smoothing) * score
+        self.smoothed.append(average)
+        # Relative to |best| (rougeL is negated, so scores may be negative); the first finite average improves.
+        first = math.isinf(self.best) and average < self.best
+        if first or average < self.best - self.min_improvement * abs(self.best):
+            self.best, self.since_best = average, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
 
 
 class BestCheckpoint:
@@ -141,12 +189,15 @@ def sft_cache_path(cfg: RunConfig, task: Task, data_dir: str) -> str:
         "sft_steps": cfg.sft_steps,
         "sft_lr": cfg.sft_lr,
         "batch_size": cfg.batch_size,
-        "selection": {k: getattr(cfg.selection, k) for k in ("metric", "sft_eval_every", "sft_patience")},
+        "selection": {
+            k: getattr(cfg.selection, k)
+            for k in ("metric", "sft_eval_every", "sft_patience", "sft_smoothing", "sft_min_improvement")
+        },
         "seed": cfg.seed,
         "device": cfg.device,
     }
-    if cfg.selection.metric in SAMPLED:  # sampled validation depends on the decoding too
-        key["decoding"] = [cfg.eval.decode_top_p[0], cfg.eval.temperature]
+    if cfg.selection.metric in SAMPLED:  # sampled validation depends on the decoding and its draws too
+        key["decoding"] = [cfg.eval.decode_top_p[0], cfg.eval.temperature, cfg.eval.val_seeds, cfg.eval.val_n_prompts]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(data_dir, "sft_starts", f"{digest}.pt")
 
@@ -190,22 +241,24 @@ def train_sft(
         return {**state["summary"], "cached": True}, state["last_stats"]
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
     best = BestCheckpoint(model, lambda m: validation_score(m, task, cfg)) if sel.sft_eval_every else None
+    stop = PlateauStop(sel.sft_patience, sel.sft_smoothing, sel.sft_min_improvement)
     if best is not None:
         best.consider(0, "sft validation")
+        stop.update(best.history[-1][1])
     stats: dict[str, float] = {}
-    since_best, steps_run = 0, 0
-    for step in tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not cfg.progress):
+    steps_run = 0
+    for step in track(range(cfg.sft_steps), "sft warm start", enabled=cfg.progress):
         stats = sft_step(sft)
         steps_run = step + 1
         if best is not None and (steps_run % sel.sft_eval_every == 0 or steps_run == cfg.sft_steps):
-            since_best = 0 if best.consider(steps_run, "sft validation") else since_best + 1
-            if since_best >= sel.sft_patience:
+            best.consider(steps_run, "sft validation")
+            if stop.update(best.history[-1][1]):
                 break
     sft.zero_grad()  # its gradients are not needed after the warm start
     summary: dict = {"steps_run": steps_run}
     if best is not None:
         best.restore()
-        summary.update(best.summary())
+        summary.update(best.summary(), smoothed=stop.smoothed)
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         state = {

@@ -12,10 +12,11 @@ or a dict) and an output directory, and writes there
   ``keep_checkpoints``), written every ``checkpoint_every`` steps, every ``checkpoint_seconds``, on SIGTERM/SIGINT
   and at the end, so that ``resume=true`` continues an interrupted run (:mod:`tokenrl.run.checkpoint`).
 
-:func:`run` reads as its stages: :func:`tokenrl.run.checks.validate` and :func:`find_resume_state` (the
+:func:`run` reads as its stages: :func:`tokenrl.run.checks.check_config` and :func:`find_resume_state` (the
 refusals come first), :func:`build_task`, :func:`load_data`, :func:`build_student`, then either :func:`resume`
-or :func:`reference_evaluations` and :func:`warm_start`, then :func:`train_loop`, :func:`final_evaluation` and
-:func:`save_outputs`. The stages share a :class:`RunContext`.
+or :func:`reference_evaluations` and :func:`warm_start`, then :func:`load_task_corpus` (only for an algorithm with
+``needs_lm_batch``), :func:`train_loop`, :func:`final_evaluation` and :func:`save_outputs`. The stages share a
+:class:`RunContext`.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_model
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from algorithms import Algorithm, get_spec, make_algorithm
+from tokenrl.core.progress import track
 from tokenrl.run import distributed
-from tokenrl.data.buffer import ReplayBuffer, write_json_atomic
+from tokenrl.data.buffer import Batch, ReplayBuffer, write_json_atomic
 from tokenrl.run.checkpoint import (
     CheckpointError,
     ResumeError,
+    _flatten,
     check_resume_config,
     checkpoint_dir,
     checkpoint_path,
@@ -52,7 +54,8 @@ from tokenrl.run.checkpoint import (
     save_checkpoint,
 )
 from tokenrl.run.config import EvalConfig, ModelConfig, RunConfig
-from tokenrl.tasks.datagen import data_manifest, dataset_dir, load_or_generate_data, remove_orphaned_tmp
+from tokenrl.tasks.datagen import load_or_generate_data, remove_orphaned_tmp
+from tokenrl.tasks.manifest import data_manifest, dataset_dir
 from tokenrl.core.divergence import DivergenceError, DivergenceGuard
 from tokenrl.evaluation.metrics import evaluate_decodings, evaluate_teacher_samples
 from tokenrl.tasks.hf import HFTaskConfig, build_hf_task
@@ -63,7 +66,8 @@ from tokenrl.run.rollouts import StageClock, collect_rollouts
 from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.run.selection import BestCheckpoint, check_selection, train_sft, validation_score
 from tokenrl.tasks.base import Task, build_synthetic_task
-from tokenrl.run.checks import check_student_tokenizer, validate
+from tokenrl.run.checks import check_config, check_student_tokenizer
+from tokenrl.tasks.corpus import load_corpus
 
 _KEPT_ON_RESUME = ("teacher_eval", "init_eval", "sft_eval")  # results a resumed run must not recompute
 _TIMINGS_KEPT_ON_RESUME = ("teacher_eval_s", "init_eval_s", "sft_s")  # the seconds of those stages
@@ -90,6 +94,7 @@ class RunContext:
     loss_module: distributed.LossForward | None = None  # its compute_loss is the current algorithm's
     loss_fn: torch.nn.Module | None = None  # loss_module, wrapped in DDP/FSDP under torchrun
     selector: BestCheckpoint | None = None  # best-validation weights of the algorithm phase (selection.every)
+    corpus: ReplayBuffer | None = None  # the task's pre-training corpus, loaded when the algorithm needs_lm_batch
 
 
 @contextlib.contextmanager
@@ -120,14 +125,14 @@ def apply_threads(threads: int) -> None:
 # Stages
 # --------------------------------------------------------------------------------------------------
 def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.task`` (synthetic or transformers)."""
+    """The task of ``cfg.task`` (synthetic or transformers; a transformers teacher on ``cfg.device``)."""
     if isinstance(cfg.task, HFTaskConfig):
-        return build_hf_task(cfg.task)
+        return build_hf_task(cfg.task, cfg.device)
     return build_synthetic_task(cfg.task)
 
 
 def data_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.datagen.data_manifest` records."""
+    """The data settings of ``cfg.task`` that :func:`tokenrl.tasks.manifest.data_manifest` records."""
     return {
         "samples_per_prompt": cfg.task.samples_per_prompt,
         "cache_top_p": cfg.task.cache_top_p,
@@ -180,6 +185,29 @@ def data_stats(buffer: ReplayBuffer, cached: bool) -> dict[str, Any]:
         "data/terminated_frac": float(np.mean(buffer.terminated)),
         "data/cached": bool(cached),
     }
+
+
+def load_task_corpus(
+    cfg: RunConfig, task: Task, dist_ctx: distributed.DistContext = distributed.DistContext()
+) -> tuple[ReplayBuffer, dict[str, Any]]:
+    """The task's pre-training corpus under ``cfg.data_dir`` (:func:`tokenrl.tasks.corpus.load_corpus`, built once
+    and verified like the teacher data) and its statistics (``results["corpus"]``).
+
+    Raises:
+        ValueError: the task has no corpus.
+    """
+    if task.corpus is None:
+        raise ValueError(
+            f"algo={cfg.algo_name} asks for pre-training batches, but task {task.name!r} has no corpus; set the "
+            "algorithm's LM term off or onto the distillation batch (algo.lm_batch=expert, algo.pt_coef=0)"
+        )
+    buffer, folder, cached = load_corpus(
+        task.teacher, task.corpus(), cfg.data_dir, task.name, cache_top_p=cfg.task.cache_top_p,
+        pad_id=task.pad_token_id, shard_prompts=cfg.task.shard_prompts, cache_batch_size=cfg.task.cache_batch_size,
+        progress=cfg.progress, shard_rank=dist_ctx.rank, shard_world=dist_ctx.world_size,
+    )
+    stats = {"corpus/rows": len(buffer), "corpus/tokens": buffer.n_tokens, "corpus/cached": bool(cached), "corpus/dir": folder}
+    return buffer, stats
 
 
 def build_student(model_cfg: ModelConfig, task: Task, seed: int, device: str) -> torch.nn.Module:
@@ -337,9 +365,9 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
         validation_eval(ctx, 0, clock)
     stats: dict[str, float] = {}
     last_save = time.monotonic()
-    bar = tqdm(
-        range(start_step, cfg.steps), desc=f"{cfg.algo_name} train", disable=not cfg.progress,
-        initial=start_step, total=cfg.steps,
+    bar = track(
+        range(start_step, cfg.steps), f"{cfg.algo_name} train", enabled=cfg.progress, initial=start_step,
+        total=cfg.steps,
     )
     with deferred_signals((signal.SIGTERM, signal.SIGINT)) as received:
         for step in bar:
@@ -396,7 +424,10 @@ def train_loop(ctx: RunContext, algo: Algorithm, start_step: int) -> dict[str, f
 
 
 def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
-    """Evaluate on the validation prompts (one sampling seed), log ``val/*`` and append to ``results["validation"]``.
+    """Evaluate on the validation prompts, log ``val/*`` and append to ``results["validation"]``.
+
+    Sampled metrics: the seeds ``eval.val_seeds`` on the first ``eval.val_n_prompts`` validation prompts;
+    teacher-forced ones: every validation prompt's held-out sample (the selection score's data).
 
     Each record holds ``step``, ``train_clock_s`` (the training clock so far, validation excluded), the
     clock's per-stage totals and the scalar ``val/*`` metrics.
@@ -404,7 +435,8 @@ def validation_eval(ctx: RunContext, step: int, clock: StageClock) -> None:
     with distributed.full_parameters(ctx.loss_fn):
         if not ctx.dist.is_main:
             return
-        val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, [0], ctx.task.val_prompts, ctx.task.val_references)
+        prompts, references = _first(ctx.task.val_prompts, ctx.task.val_references, ctx.cfg.eval.val_n_prompts)
+        val = evaluate_student(ctx.model, ctx.task, ctx.cfg.eval, ctx.cfg.eval.val_seeds, prompts, references)
     # eval/... -> val/..., eval_p0.8/... -> val_p0.8/...
     scalars = {k.replace("eval", "val", 1): v for k, v in val.items() if isinstance(v, (int, float))}
     _log_scalars(ctx.writer, scalars, step)
@@ -440,6 +472,18 @@ def save_outputs(ctx: RunContext, last_stats: dict[str, float], data_dir: str) -
         **ctx.timings,
     }
     ctx.results["task_info"] = ctx.task.info
+    # The run's hyper-parameters with its final metrics, for TensorBoard's HParams tab (it compares runs by them),
+    # before metrics.json marks the run finished; in tb_hparams/, as tb/ keeps the one event file of training.
+    hparams = {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in _flatten(dataclasses.asdict(ctx.cfg)).items()
+    }
+    final = {
+        f"hparam/{key}": float(value) for key, value in ctx.results["final_eval"].items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    with SummaryWriter(os.path.join(out_dir, "tb_hparams")) as writer:
+        writer.add_hparams(hparams, final, run_name=".")
     write_json_atomic(os.path.join(out_dir, "metrics.json"), ctx.results)
 
 
@@ -449,10 +493,10 @@ def run(cfg: RunConfig, out_dir: str) -> dict:
     Under ``torchrun`` every rank calls this: they train data-parallel, rank 0 evaluates and writes the
     outputs, and every rank returns rank 0's metrics. Every check that can refuse the run comes before any
     data, model or evaluation work: the config
-    (:func:`tokenrl.run.checks.validate`), the checkpoint and its config when ``resume=true``, and the
+    (:func:`tokenrl.run.checks.check_config`), the checkpoint and its config when ``resume=true``, and the
     student's tokenizer. Resuming a finished run returns its metrics and writes nothing.
     """
-    validate(cfg)
+    check_config(cfg)
     resume_state = find_resume_state(cfg, out_dir)
     if resume_state is not None:
         finished = finished_metrics(out_dir, resume_state, cfg)
@@ -499,7 +543,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
     with timed(timings, "data_s"):
         buffer, data_dir, cached = load_data(cfg, task, dist_ctx)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
-    policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
+    policy = CausalLMPolicy(model, vocab_size=task.vocab_size, precision=cfg.precision, compile=cfg.compile)
     loss_module = distributed.LossForward(policy)
     ctx = RunContext(
         cfg=cfg,
@@ -510,7 +554,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         policy=policy,
         generator=torch.Generator().manual_seed(cfg.seed),
         writer=SummaryWriter(os.path.join(out_dir, "tb")) if dist_ctx.is_main else distributed.NullWriter(),
-        results={"algo": cfg.algo_name, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
+        results={"algo": cfg.algo_preset, "seed": cfg.seed, "config": dataclasses.asdict(cfg), "data": data_stats(buffer, cached)},
         data_dir=data_dir,
         timings=timings,
         guard=DivergenceGuard(cfg.divergence_factor),
@@ -527,6 +571,9 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         warm_start(ctx)
         # Built after the warm start so that anything copied from the policy (target networks) starts there.
         algo, start_step = make_algorithm(cfg.algo_name, ctx.policy, cfg.algo_config(), total_steps=cfg.steps), 0
+    if algo.needs_lm_batch:
+        with timed(timings, "corpus_s"):
+            ctx.corpus, ctx.results["corpus"] = load_task_corpus(cfg, task, dist_ctx)
     if cfg.selection.every:
         ctx.selector = BestCheckpoint(ctx.model, lambda m: validation_score(m, task, cfg))
         ctx.selector.consider(0)  # the SFT start competes too
@@ -571,8 +618,11 @@ def evaluate_student(
     ``eval/onpolicy_kl_exact_state``; see :func:`tokenrl.evaluation.onpolicy.on_policy_reverse_kl_of_model`),
     sampled with its own seed ``eval.onpolicy_kl_seed`` so the other metrics are those of the evaluation alone.
 
-    Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics.
+    Every ``eval_cfg.decode_top_p`` is sampled; ``set_top_p`` adds the teacher-forced set metrics. The
+    teacher-forced metrics read the held-out teacher samples of the prompts' split: ``task.test_heldout`` for the
+    test prompts (the default), ``task.heldout`` for given (validation) prompts.
     """
+    heldout = task.test_heldout if prompts is None else task.heldout
     prompts, references = _first(
         task.test_prompts if prompts is None else prompts,
         task.test_references if references is None else references,
@@ -591,7 +641,7 @@ def evaluate_student(
         max_new_tokens=task.max_new_tokens,
         seeds=list(seeds),
         temperature=eval_cfg.temperature,
-        heldout=task.heldout,
+        heldout=heldout,
         batch_size=eval_cfg.batch_size,
         vocab_size=task.vocab_size,
     )
@@ -642,8 +692,8 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
     In one process without gradient accumulation the algorithm draws its batch itself
     (:meth:`~algorithms.base.Algorithm.sample_batch`); otherwise every rank draws the same global index list
     from the shared generator and keeps its micro-batches of it (:mod:`tokenrl.run.distributed`). For an algorithm
-    with ``needs_teacher_logprobs`` the teacher scores every batch over the whole vocabulary
-    (``time/teacher_score_s``).
+    with ``needs_lm_batch`` each batch gets its pre-training batch (:func:`attach_lm_batches`); for one with
+    ``needs_teacher_logprobs`` the teacher scores every batch over the whole vocabulary (``time/teacher_score_s``).
     """
     cfg = ctx.cfg
     clock = clock or StageClock()
@@ -657,12 +707,33 @@ def train_step(ctx: RunContext, algo: Algorithm, clock: StageClock | None = None
                 ctx.buffer.collate(part, top_p=algo.top_p).to(cfg.device)
                 for part in distributed.local_micro_batches(indices, ctx.dist, micro)
             ]
+        if algo.needs_lm_batch:
+            batches = attach_lm_batches(ctx, algo, batches, micro)
     if algo.needs_teacher_logprobs:
         with clock.stage("time/teacher_score_s"):
             batches = [with_teacher_logprobs(b, ctx.task.teacher, ctx.task.pad_token_id) for b in batches]
     ctx.loss_module.compute_loss = algo.compute_loss
     with clock.stage("time/update_s"):
         return distributed.accumulated_update(algo, batches, ctx.loss_fn, ctx.dist)
+
+
+def attach_lm_batches(ctx: RunContext, algo: Algorithm, batches: list[Batch], micro: int) -> list[Batch]:
+    """``batches`` (this rank's micro-batches of one step) with their parts of one pre-training batch attached
+    (``batch.lm_batch``).
+
+    The pre-training batch has ``batch_size`` corpus rows drawn uniformly with the run's batch generator right
+    after the distillation batch, so a run and its resumption draw the same ones, and is split over ranks and
+    micro-steps as the distillation batch is (:func:`tokenrl.run.distributed.local_micro_batches`). Its sets are
+    restricted to the algorithm's ``top_p``. Each micro-batch's LM term is a mean over its own part.
+    """
+    if ctx.corpus is None:
+        raise ValueError(f"algo={ctx.cfg.algo_name} needs pre-training batches but the run loaded no corpus")
+    indices = distributed.global_indices(ctx.corpus, ctx.cfg.batch_size, ctx.generator)
+    parts = distributed.local_micro_batches(indices, ctx.dist, micro)
+    return [
+        dataclasses.replace(batch, lm_batch=ctx.corpus.collate(part, top_p=algo.top_p).to(ctx.cfg.device))
+        for batch, part in zip(batches, parts)
+    ]
 
 
 def _log_scalars(writer: SummaryWriter, metrics: dict, step: int) -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tokenrl.tasks.corpus import CorpusSource, synthetic_corpus
 from tokenrl.tasks.datagen import Sampler
 from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
 from tokenrl.core.teachers import Teacher
@@ -36,11 +37,16 @@ class Task:
             teacher row of the evaluation.
         decode: tokens -> text for Rouge-L.
         manifest: settings that identify the offline data.
-        heldout: (prompts, responses) of teacher samples for the teacher-forced KL.
+        heldout: (prompts, responses): a teacher sample per validation prompt, for the teacher-forced metrics of
+            validation (the selection score).
+        test_heldout: (prompts, responses): a teacher sample per test prompt, for the teacher-forced metrics of
+            the evaluation (apart from ``heldout``, so that selection never sees what the evaluation reports).
         tokenizer: the teacher's tokenizer (transformers tasks), None for the synthetic language.
         student_config: model config fields a fresh student takes from the task (vocabulary, special ids)
             when there is no tokenizer to supply them (see :func:`tokenrl.lm.models.make_student`).
         info: extra facts reported in metrics.json.
+        corpus: builds the task's pre-training corpus source (:mod:`tokenrl.tasks.corpus`); called only by runs
+            whose algorithm asks for pre-training batches (``needs_lm_batch``). None: the task has none.
     """
 
     name: str
@@ -59,9 +65,11 @@ class Task:
     decode: Callable[[list[int]], str]
     manifest: dict
     heldout: tuple[list[list[int]], list[list[int]]]
+    test_heldout: tuple[list[list[int]], list[list[int]]]
     tokenizer: object | None = None
     student_config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    corpus: Callable[[], CorpusSource] | None = None
 
 
 @dataclass
@@ -73,7 +81,10 @@ class SyntheticTaskConfig:
     language: SyntheticLanguageConfig = field(default_factory=SyntheticLanguageConfig)
     n_train_prompts: int = 2000  # prompts of the offline data
     samples_per_prompt: int = 4  # teacher samples per training prompt (the paper uses 8)
-    n_val_prompts: int = 100  # validation prompts
+    # Validation prompts (one held-out teacher sample each: the selection score). Over redrawn validation sets of
+    # 2000, the teacher-forced KL(s||t) of one student spreads by 0.010 (std) and the difference between two by
+    # 0.003, against 0.031 and 0.012 with 100 prompts (experiments/validation_noise.py; methods differ by ~0.05).
+    n_val_prompts: int = 2000
     n_test_prompts: int = 200  # held-out test prompts
     n_references: int = 4  # teacher samples per test prompt used as Rouge-L references
     max_new_tokens: int = 32  # response budget; longer responses are truncated (bootstrapped)
@@ -82,33 +93,41 @@ class SyntheticTaskConfig:
     data_seed: int = 1234  # seed of prompts and teacher data (fixed across training seeds)
     shard_prompts: int = 256  # prompts per data shard
     cache_batch_size: int = 64  # sequences per teacher forward in the cache pass
+    corpus_sequences: int = 2000  # rows of the pre-training corpus: free text of the language (tokenrl.tasks.corpus)
+    corpus_max_tokens: int = 40  # tokens per corpus row after its first (fewer when EOS comes first)
+    # top-p of the teacher drawing the corpus; None = sample_top_p (the text the SFT student was trained on); 1.0 =
+    # the language's own distribution, uniform smoothing floor included (see tokenrl.tasks.corpus)
+    corpus_top_p: float | None = None
 
 
 def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
     """Build the synthetic task: prompts and references are drawn from the language itself.
 
-    References, held-out responses and the teacher's evaluation samples are teacher samples at the teacher's
-    own settings (top-p 1.0, temperature 1), drawn from streams seeded by ``data_seed`` alone, so they do not
-    change with the students' decoding settings (``eval.decode_top_p``, ``eval.temperature``).
+    References, held-out responses (of the validation and of the test prompts) and the teacher's evaluation
+    samples are teacher samples at the teacher's own settings (top-p 1.0, temperature 1), drawn from streams
+    seeded by ``data_seed`` alone, so they do not change with the students' decoding settings
+    (``eval.decode_top_p``, ``eval.temperature``). The validation split has a stream of its own, so that its size
+    changes neither the training prompts (the offline data) nor the test prompts.
     """
     lang_cfg = cfg.language if isinstance(cfg.language, SyntheticLanguageConfig) else SyntheticLanguageConfig(**cfg.language)
     lang = SyntheticLanguage(lang_cfg)
     rng = np.random.default_rng(cfg.data_seed)
-    n = cfg.n_train_prompts + cfg.n_val_prompts + cfg.n_test_prompts
-    prompts = lang.sample_prompts(n, rng)
-    train = prompts[: cfg.n_train_prompts]
-    val = prompts[cfg.n_train_prompts : cfg.n_train_prompts + cfg.n_val_prompts]
-    test = prompts[cfg.n_train_prompts + cfg.n_val_prompts :]
+    prompts = lang.sample_prompts(cfg.n_train_prompts + cfg.n_test_prompts, rng)
+    train, test = prompts[: cfg.n_train_prompts], prompts[cfg.n_train_prompts :]
+    val_rng = np.random.default_rng([cfg.data_seed, 1])
+    val = lang.sample_prompts(cfg.n_val_prompts, val_rng)
 
-    def refs(ps: list[list[int]]) -> list[list[str]]:
+    def refs(ps: list[list[int]], stream: np.random.Generator) -> list[list[str]]:
         rep = [p for p in ps for _ in range(cfg.n_references)]
-        samples = lang.sample_continuations(rep, cfg.max_new_tokens, rng, top_p=1.0, temperature=1.0)
+        samples = lang.sample_continuations(rep, cfg.max_new_tokens, stream, top_p=1.0, temperature=1.0)
         texts = [lang.token_to_text(r) for r, _ in samples]
         return [texts[i * cfg.n_references : (i + 1) * cfg.n_references] for i in range(len(ps))]
 
-    val_refs, test_refs = refs(val), refs(test)
-    held = lang.sample_continuations(val, cfg.max_new_tokens, rng, top_p=1.0)
-    heldout = (val, [r for r, _ in held])
+    def held_out(ps: list[list[int]], stream: np.random.Generator) -> tuple[list[list[int]], list[list[int]]]:
+        return ps, [r for r, _ in lang.sample_continuations(ps, cfg.max_new_tokens, stream, top_p=1.0)]
+
+    test_refs, test_heldout = refs(test, rng), held_out(test, rng)
+    val_refs, heldout = refs(val, val_rng), held_out(val, val_rng)
 
     def data_sampler(ps, seed):
         return lang.sample_continuations(ps, cfg.max_new_tokens, np.random.default_rng(seed), top_p=cfg.sample_top_p)
@@ -143,6 +162,7 @@ def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
         decode=lang.token_to_text,
         manifest=manifest,
         heldout=heldout,
+        test_heldout=test_heldout,
         # The synthetic language has no tokenizer; a fresh student has no BOS, short contexts and its own head.
         student_config={
             "vocab_size": lang.vocab_size,
@@ -153,6 +173,10 @@ def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:
             "tie_word_embeddings": False,
         },
         info={"teacher_top_p_states_mean_size": _mean_state_set_size(lang, cfg.cache_top_p)},
+        corpus=lambda: synthetic_corpus(
+            lang, {k: manifest[k] for k in ("teacher", "tokenizer")}, cfg.name, cfg.corpus_sequences,
+            cfg.corpus_max_tokens, cfg.data_seed, cfg.sample_top_p if cfg.corpus_top_p is None else cfg.corpus_top_p,
+        ),
     )
 
 

@@ -5,8 +5,8 @@ The cache comes from the sampling pass itself when the sampler can keep it (:cla
 state), and otherwise from a second, teacher-forced pass (:func:`compute_top_p_cache`).
 
 Data are written in shards (one :class:`~tokenrl.data.buffer.ReplayBuffer` file each) next to a
-``manifest.json`` that records every setting that changes the data (:func:`data_manifest`) and the SHA-256
-of each shard. Generation resumes at the first missing shard, and a training run loads the shards without
+``manifest.json`` that records every setting that changes the data and the SHA-256 of each shard
+(:mod:`tokenrl.tasks.manifest`). Generation resumes at the first missing shard, and a training run loads the shards without
 running the teacher again. Every load compares the manifest with the requested settings (a mismatch names
 the field) and every shard with its checksum (a damaged shard is named, with the fix: delete it and rerun,
 which regenerates exactly that shard; shard files are byte-reproducible).
@@ -15,23 +15,29 @@ which regenerates exactly that shard; shard files are byte-reproducible).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
-import warnings
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from tokenrl.core.progress import track
 from tokenrl.lm import scoring
 from tokenrl.data.buffer import ReplayBuffer, TopPCache, manifest_path, write_json_atomic
 from tokenrl.core.padding import right_pad
 from tokenrl.core.ranks import barrier
 from tokenrl.core.teachers import Teacher
 from tokenrl.core.top_p import check_p
+from tokenrl.tasks.manifest import (
+    DataIntegrityError,
+    compare_manifest,
+    data_manifest,
+    load_verified_shard,
+    read_manifest,
+    record_checksum,
+)
 
 #: sampler(prompts, seed) -> [(response_tokens, terminated)], EOS included as last token when terminated
 Sampler = Callable[[Sequence[Sequence[int]], int], list[tuple[list[int], bool]]]
@@ -48,6 +54,27 @@ class TopPCachingSampler(Protocol):
         self, prompts: Sequence[Sequence[int]], seed: int, p: float
     ) -> tuple[list[tuple[list[int], bool]], list[TopPCache]]:
         """The samples of ``self(prompts, seed)`` and one :class:`TopPCache` at ``p`` per sample."""
+
+
+@dataclass(frozen=True)
+class FixedResponses:
+    """Stands in for a :data:`Sampler` when the responses exist already (a text corpus): response ``j`` belongs to
+    prompt ``j`` of the list being stored, so generation takes each shard's slice instead of sampling (needs
+    ``samples_per_prompt = 1``; the top-p cache is a teacher-forced pass). The responses are part of the data, so
+    the manifest passed with them must identify them (e.g. the source file's SHA-256 and a digest of the tokens).
+
+    Attributes:
+        responses: one non-empty token list per prompt.
+        terminated: per response, whether it ends with EOS (EOS its last token).
+    """
+
+    responses: list[list[int]]
+    terminated: list[bool]
+
+    def shard(self, index: int, shard_prompts: int) -> list[tuple[list[int], bool]]:
+        """The ``(response, terminated)`` pairs of shard ``index`` (the same layout as the prompts' shards)."""
+        lo = index * shard_prompts
+        return list(zip(self.responses[lo : lo + shard_prompts], self.terminated[lo : lo + shard_prompts]))
 
 
 def shard_path(out_dir: str, index: int) -> str:
@@ -105,72 +132,6 @@ def compute_top_p_cache(
     return out
 
 
-DATA_FORMAT = 3
-"""Version of the dataset layout and content (manifest fields, shard format); part of every manifest.
-
-3: the top-p sets of a :class:`TopPCachingSampler` come from the sampling pass (KV-cached logits), not from a
-second teacher-forced pass; equal to float rounding, but the float16 log-probs (and at a tie on the top-p
-boundary, a set) can differ in the last bit, so shards are not byte-identical to format 2's.
-"""
-
-_NOT_COMPARED = ("shards",)  # manifest entries that describe the files, not the settings
-
-
-class DataIntegrityError(ValueError):
-    """A dataset file is damaged or does not match its manifest; the message names the file and the fix."""
-
-
-def data_manifest(
-    manifest: dict,
-    prompts: Sequence[Sequence[int]],
-    *,
-    samples_per_prompt: int,
-    cache_top_p: float,
-    shard_prompts: int,
-    seed: int,
-) -> dict:
-    """Every setting that changes the data: the task's ``manifest`` plus the counts, p, seed and layout.
-
-    Args:
-        manifest: the task's settings (teacher, tokenizer, sampling p and temperature, max tokens, ...).
-        prompts: the training prompts; their count and a hash of their token ids (which covers the prompt
-            file, the split and the tokenizer) are recorded.
-        samples_per_prompt, cache_top_p, shard_prompts, seed: as in :func:`generate_teacher_data`.
-
-    Returns:
-        A JSON-normalised dict (tuples as lists), as it is stored in ``manifest.json`` without ``shards``.
-    """
-    full = dict(manifest)
-    full.update(
-        {
-            "format": DATA_FORMAT,
-            "n_prompts": len(prompts),
-            "prompts_sha256": hashlib.sha256(json.dumps([[int(t) for t in p] for p in prompts]).encode()).hexdigest(),
-            "samples_per_prompt": samples_per_prompt,
-            "cache_top_p": cache_top_p,
-            "shard_prompts": shard_prompts,
-            "n_shards": (len(prompts) + shard_prompts - 1) // shard_prompts,
-            "seed": seed,
-        }
-    )
-    return json.loads(json.dumps(full, default=str))
-
-
-def dataset_dir(root: str, name: str, manifest: dict) -> str:
-    """The folder of the dataset ``manifest`` (see :func:`data_manifest`) under ``root``: ``<name>-<hash>``."""
-    blob = json.dumps(manifest, sort_keys=True, default=str).encode()
-    return os.path.join(root, f"{name}-{hashlib.sha1(blob).hexdigest()[:10]}")
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def generate_teacher_data(
     teacher: Teacher,
     sampler: Sampler,
@@ -198,6 +159,7 @@ def generate_teacher_data(
         sampler: draws responses from the teacher (its sampling top-p/temperature are the caller's choice and
             belong in ``manifest``). A :class:`TopPCachingSampler` also supplies the cache from its sampling
             pass (it must sample from ``teacher`` itself); otherwise the cache is a teacher-forced pass.
+            :class:`FixedResponses` stores given responses (a text corpus) instead of sampling.
         prompts: prompt token lists.
         out_dir: dataset directory (created); holds ``manifest.json`` and ``shard-XXXXX.safetensors``.
         samples_per_prompt: responses drawn per prompt.
@@ -209,7 +171,7 @@ def generate_teacher_data(
         pad_id: padding id.
         cache_batch_size: sequences per teacher forward in the cache pass (not used by a
             :class:`TopPCachingSampler`).
-        progress: show a tqdm bar.
+        progress: show progress (:func:`tokenrl.core.progress.track`).
         shard_rank, shard_world: generate only the shards ``i`` with ``i % shard_world == shard_rank`` (one
             process of a sharded generation; every shard's seed depends on ``i`` only, so the files are those
             of a single-process run).
@@ -231,12 +193,12 @@ def generate_teacher_data(
 
 def _open_manifest(out_dir: str, wanted: dict) -> dict:
     """The stored manifest, compared with ``wanted``; written (with no shard recorded yet) when absent."""
-    stored = _read_manifest(out_dir)
+    stored = read_manifest(out_dir)
     if stored is None:
         stored = {**wanted, "shards": {}}
         write_json_atomic(manifest_path(out_dir), stored)
     else:
-        _compare_manifest(out_dir, stored, wanted)
+        compare_manifest(out_dir, stored, wanted)
     stored.setdefault("shards", {})
     return stored
 
@@ -252,6 +214,11 @@ def _load_or_generate(
     all are on disk, so no two processes ever write the manifest.
     """
     check_p(cache_top_p)
+    if isinstance(sampler, FixedResponses) and (samples_per_prompt != 1 or len(sampler.responses) != len(prompts)):
+        raise ValueError(
+            f"fixed responses need samples_per_prompt=1 and one response per prompt, got samples_per_prompt="
+            f"{samples_per_prompt}, {len(sampler.responses)} responses for {len(prompts)} prompts"
+        )
     os.makedirs(out_dir, exist_ok=True)
     sharded = shard_world > 1
     wanted = data_manifest(
@@ -269,18 +236,21 @@ def _load_or_generate(
     names = [os.path.basename(shard_path(out_dir, i)) for i in range(wanted["n_shards"])]
     complete = all(name in checksums and os.path.exists(shard_path(out_dir, i)) for i, name in enumerate(names))
     buffer = ReplayBuffer(pad_id=pad_id, cache_top_p=cache_top_p)
-    bar = tqdm(range(shard_rank, wanted["n_shards"], shard_world), desc="teacher data (shards)", disable=not progress)
+    bar = track(range(shard_rank, wanted["n_shards"], shard_world), "teacher data (shards)", enabled=progress)
     for i in bar:
         path, name = shard_path(out_dir, i), names[i]
         if os.path.exists(path) and name in checksums:
-            buffer.extend(_load_shard(out_dir, path, checksums[name]))
+            buffer.extend(load_verified_shard(out_dir, path, checksums[name]))
             continue
         chunk = prompts[i * shard_prompts : (i + 1) * shard_prompts]
         rep_prompts = [list(pr) for pr in chunk for _ in range(samples_per_prompt)]
         if isinstance(sampler, TopPCachingSampler):
             samples, caches = sampler.with_top_p_cache(rep_prompts, seed * 1_000_003 + i, cache_top_p)
         else:
-            samples = sampler(rep_prompts, seed * 1_000_003 + i)
+            if isinstance(sampler, FixedResponses):
+                samples = sampler.shard(i, shard_prompts)
+            else:
+                samples = sampler(rep_prompts, seed * 1_000_003 + i)
             caches = compute_top_p_cache(
                 teacher, rep_prompts, [r for r, _ in samples], cache_top_p, cache_batch_size, pad_id=pad_id
             )
@@ -291,7 +261,7 @@ def _load_or_generate(
         shard.save(path)
         buffer.extend(shard)
         if not sharded:
-            _record_checksum(stored, out_dir, path)
+            record_checksum(stored, out_dir, path)
             write_json_atomic(manifest_path(out_dir), stored)
     if not sharded:
         return buffer, complete
@@ -299,23 +269,10 @@ def _load_or_generate(
     if shard_rank == 0:
         for i, name in enumerate(names):
             if name not in checksums:
-                _record_checksum(stored, out_dir, shard_path(out_dir, i))
+                record_checksum(stored, out_dir, shard_path(out_dir, i))
         write_json_atomic(manifest_path(out_dir), stored)
     barrier()  # the manifest records every shard
     return load_teacher_data(out_dir), complete
-
-
-def _record_checksum(stored: dict, out_dir: str, path: str) -> None:
-    """Put ``path``'s SHA-256 into the manifest dict ``stored`` (warning when it replaces a different one)."""
-    name, digest = os.path.basename(path), file_sha256(path)
-    checksums = stored["shards"]
-    if name in checksums and checksums[name] != digest:
-        warnings.warn(
-            f"regenerated {path} differs from the checksum recorded when it was first written (a teacher "
-            "that is not bit-reproducible on this device?); recording the new checksum",
-            stacklevel=3,
-        )
-    checksums[name] = digest
 
 
 def load_teacher_data(out_dir: str, manifest: dict | None = None) -> ReplayBuffer:
@@ -330,11 +287,11 @@ def load_teacher_data(out_dir: str, manifest: dict | None = None) -> ReplayBuffe
         ValueError: a given setting differs from the stored one.
         DataIntegrityError: the manifest or a shard is damaged (its checksum differs, or it cannot be read).
     """
-    stored = _read_manifest(out_dir)
+    stored = read_manifest(out_dir)
     if stored is None:
         raise FileNotFoundError(f"no dataset manifest at {manifest_path(out_dir)}; generate the data first")
     if manifest is not None:
-        _compare_manifest(out_dir, stored, manifest)
+        compare_manifest(out_dir, stored, manifest)
     checksums = stored.get("shards", {})
     buffer = ReplayBuffer(pad_id=0, cache_top_p=float(stored["cache_top_p"]))
     for i in range(int(stored["n_shards"])):
@@ -344,7 +301,7 @@ def load_teacher_data(out_dir: str, manifest: dict | None = None) -> ReplayBuffe
             raise FileNotFoundError(
                 f"{shard} is missing or was never completed: the generation was interrupted; rerun it to resume"
             )
-        part = _load_shard(out_dir, shard, checksums[name])
+        part = load_verified_shard(out_dir, shard, checksums[name])
         buffer.pad_id = part.pad_id
         buffer.extend(part)
     extra = sorted(set(checksums) - {os.path.basename(shard_path(out_dir, i)) for i in range(int(stored["n_shards"]))})
@@ -396,57 +353,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _regenerate_hint(path: str) -> str:
-    return (
-        f"delete {path} and rerun experiments/generate.py (or the training run) with the same settings: "
-        "generation resumes per shard and rewrites only the missing ones"
-    )
-
-
-def _read_manifest(out_dir: str) -> dict | None:
-    path = manifest_path(out_dir)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataIntegrityError(
-            f"dataset manifest {path} is damaged ({error}); delete the folder {out_dir} and regenerate the data"
-        ) from None
-    if not isinstance(stored, dict) or "n_shards" not in stored:
-        raise DataIntegrityError(f"{path} is not a dataset manifest; delete the folder {out_dir} and regenerate the data")
-    if stored.get("format") != DATA_FORMAT:
-        raise ValueError(
-            f"dataset at {out_dir} has data format {stored.get('format')!r}, this version of tokenrl reads and writes "
-            f"format {DATA_FORMAT} (see tokenrl.tasks.datagen.DATA_FORMAT for what changed); delete the folder {out_dir} "
-            "and regenerate the data (a training run with the same settings does it)"
-        )
-    return stored
-
-
-def _load_shard(out_dir: str, path: str, checksum: str) -> ReplayBuffer:
-    """Verify ``path`` against its recorded SHA-256, then load it."""
-    digest = file_sha256(path)
-    if digest != checksum:
-        raise DataIntegrityError(
-            f"{path} does not match its checksum in {manifest_path(out_dir)} (truncated or edited; sha256 "
-            f"{digest[:12]}... vs recorded {checksum[:12]}...); {_regenerate_hint(path)}"
-        )
-    try:
-        return ReplayBuffer.load(path)
-    except Exception as error:  # a file that matches its checksum but does not parse was written damaged
-        raise DataIntegrityError(f"{path} cannot be read ({error}); {_regenerate_hint(path)}") from error
-
-
-def _compare_manifest(out_dir: str, stored: dict, wanted: dict) -> None:
-    wanted = json.loads(json.dumps(wanted, default=str))  # normalise tuples etc. as stored
-    diffs = {k: (stored.get(k), v) for k, v in wanted.items() if k not in _NOT_COMPARED and stored.get(k) != v}
-    if diffs:
-        detail = ", ".join(f"{k}: stored {a!r} vs requested {b!r}" for k, (a, b) in sorted(diffs.items()))
-        raise ValueError(
-            f"dataset at {out_dir} was generated with different settings ({detail}); "
-            "use another data directory or delete this one to regenerate"
-        )

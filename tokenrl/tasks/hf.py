@@ -14,6 +14,9 @@ here through :func:`tokenrl.run.trainer.build_task`. The pieces are the ones of
   data's sampler (:class:`tokenrl.lm.sampling.TeacherSampler`) keeps the teacher's top-p sets of its own sampling
   pass, so data generation runs the teacher once.
 
+* the pre-training corpus (:mod:`tokenrl.tasks.corpus`, built only for algorithms with an LM term on it):
+  ``corpus_file`` (JSONL or text), or the teacher's own unconditional samples.
+
 Teacher samples needed at build time (references, the held-out KL responses) cost as much as a short data
 generation on a real teacher, so they are cached as JSON under ``eval_cache_dir`` when it is set.
 """
@@ -29,11 +32,13 @@ from dataclasses import dataclass
 import torch
 
 from tokenrl.data.buffer import write_json_atomic
-from tokenrl.tasks.datagen import file_sha256
-from tokenrl.lm.models import HFTeacher, load_causal_lm
+from tokenrl.tasks.manifest import file_sha256
+from tokenrl.lm.loading import load_causal_lm
+from tokenrl.lm.models import HFTeacher
 from tokenrl.tasks.prompts import PromptExample, format_prompt, load_jsonl_prompts, split_examples
 from tokenrl.lm.sampling import TeacherSampler, sample_responses
 from tokenrl.tasks.base import Task
+from tokenrl.tasks.corpus import hf_corpus
 
 TEMPLATES = ("minillm", "chat")
 """``minillm``: the MiniLLM/BD instruction template; ``chat``: ``tokenizer.apply_chat_template``."""
@@ -42,6 +47,7 @@ TEMPLATES = ("minillm", "chat")
 # reference and held-out draws apart from the offline data and from the evaluation draws (10_000 + seed).
 _REFERENCE_SEED_OFFSET = 500_000
 _HELDOUT_SEED_OFFSET = 600_000
+_TEST_HELDOUT_SEED_OFFSET = 700_000
 _EVAL_SEED_OFFSET = 10_000
 
 
@@ -77,6 +83,11 @@ class HFTaskConfig:
     cache_batch_size: int = 8  # sequences per teacher forward in the cache pass
     gen_batch_size: int = 16  # prompts per teacher sampling batch
     eval_cache_dir: str | None = None  # cache of the build-time teacher samples (references, held-out KL); None = off
+    # Pre-training corpus (tokenrl.tasks.corpus), built only for algorithms with an LM term on it:
+    corpus_file: str | None = None  # JSONL (text in corpus_text_field) or text file (a document per line); None = the teacher's unconditional samples
+    corpus_text_field: str = "text"  # JSONL field holding a document's text
+    corpus_sequences: int = 256  # rows of the corpus (the first documents of the file, or teacher samples)
+    corpus_max_tokens: int = 128  # tokens per row after the document separator (BOS, else EOS)
 
 
 def _check(cfg: HFTaskConfig) -> None:
@@ -120,11 +131,12 @@ def _tokens_digest(prompts: Sequence[Sequence[int]]) -> str:
     return hashlib.sha1(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
-def build_hf_task(cfg: HFTaskConfig) -> Task:
+def build_hf_task(cfg: HFTaskConfig, device: str = "cpu") -> Task:
     """Build a transformers-teacher task from a ``task=<hf task>`` config.
 
     Args:
         cfg: the task settings.
+        device: where the teacher runs (the run's ``device``; ``cuda:<local rank>`` under torchrun).
 
     Returns:
         The :class:`~tokenrl.tasks.base.Task`. ``task.teacher`` is an :class:`~tokenrl.lm.models.HFTeacher` (its
@@ -141,7 +153,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
     examples = load_jsonl_prompts(
         cfg.prompts_file, cfg.instruction_field, cfg.context_field, cfg.response_field
     )
-    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype)
+    model, tokenizer = load_causal_lm(cfg.teacher, gguf_file=cfg.teacher_gguf_file, dtype=cfg.teacher_dtype, device=device)
     teacher = HFTeacher(model, tokenizer, max_batch=int(cfg.cache_batch_size))
     eos, pad, vocab = teacher.eos_token_id, teacher.pad_token_id, teacher.vocab_size
     max_new = int(cfg.max_new_tokens)
@@ -211,7 +223,8 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
             ref_samples[split_name] = [[decode(d[j]) for d in draws] for j in range(len(prompts))]
         # Held-out KL responses come from the teacher's own (untruncated, temperature 1) distribution.
         heldout_responses = sample(val, base + _HELDOUT_SEED_OFFSET, 1.0, 1.0)
-        return {"references": ref_samples, "heldout": heldout_responses}
+        test_heldout_responses = sample(test, base + _TEST_HELDOUT_SEED_OFFSET, 1.0, 1.0)
+        return {"references": ref_samples, "heldout": heldout_responses, "test_heldout": test_heldout_responses}
 
     eval_key = {
         "manifest": manifest,
@@ -223,6 +236,7 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
         "gen_batch_size": gen_batch,  # sampled tokens depend on the batch composition
         "val": _tokens_digest(val),
         "test": _tokens_digest(test),
+        "test_heldout": True,  # caches drawn before the test prompts had held-out samples lack them
     }
     drawn = _cached(cfg.eval_cache_dir, cfg.name, eval_key, draw_eval_samples)
 
@@ -247,6 +261,17 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
         "test_prompts_with_ground_truth": sum(bool(e.response) for e in test_examples),
         "prompt_tokens_mean": sum(map(len, train)) / len(train),
     }
+    def corpus():
+        # The teacher's own text: its distribution (top-p 1.0, temperature 1) from the document separator.
+        free_text = TeacherSampler(
+            teacher.model, int(cfg.corpus_max_tokens), eos, pad, temperature=1.0, top_p=1.0, batch_size=gen_batch,
+            vocab_size=vocab,
+        )
+        return hf_corpus(
+            free_text, tokenizer, {k: manifest[k] for k in ("teacher", "tokenizer")}, cfg.name, cfg.corpus_file,
+            cfg.corpus_text_field, int(cfg.corpus_sequences), int(cfg.corpus_max_tokens), int(cfg.data_seed),
+        )
+
     return Task(
         name=cfg.name,
         teacher=teacher,
@@ -264,8 +289,10 @@ def build_hf_task(cfg: HFTaskConfig) -> Task:
         decode=decode,
         manifest=manifest,
         heldout=(val, drawn["heldout"]),
+        test_heldout=(test, drawn["test_heldout"]),
         tokenizer=tokenizer,
         info=info,
+        corpus=corpus,
     )
 
 

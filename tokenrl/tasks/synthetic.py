@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tokenrl.core.backup import project_to_set
+from tokenrl.core.distributions import project_to_set
 from tokenrl.core.teachers import TokenPositions
 
 
@@ -209,15 +209,18 @@ class SyntheticLanguage:
     # ----------------------------------------------------------------------------------------------
     # Sampling prompts and continuations
     # ----------------------------------------------------------------------------------------------
-    def sample_prompts(self, n: int, rng: np.random.Generator) -> list[list[int]]:
-        """Sample ``n`` prompts (token lists, never containing EOS) from the language."""
+    def sample_prompts(self, n: int, rng: np.random.Generator, length: int | None = None) -> list[list[int]]:
+        """Sample ``n`` prompts (token lists, never containing EOS) from the language.
+
+        Each prompt's length is drawn from ``[prompt_len_min, prompt_len_max]``, or is ``length`` when given.
+        """
         cfg = self.config
         prompts = []
         for _ in range(n):
-            length = int(rng.integers(cfg.prompt_len_min, cfg.prompt_len_max + 1))
+            n_tokens = length if length is not None else int(rng.integers(cfg.prompt_len_min, cfg.prompt_len_max + 1))
             s = self.start_state
             toks = []
-            for _ in range(length):
+            for _ in range(n_tokens):
                 pr = self.probs_SV[s].copy()
                 pr[self.eos_token_id] = 0.0
                 tok = int(rng.choice(self.vocab_size, p=pr / pr.sum()))

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tokenrl.core.backup import restrict_to_set, soft_value
+from tokenrl.core.distributions import restrict_to_set, soft_value
 from tokenrl.theory.bd_tabular import (
     BDOptions,
     Problem,

@@ -3,7 +3,8 @@
 The toy languages and their data weights are :mod:`tokenrl.theory.toy_language`'s; the solvers are
 :mod:`tokenrl.theory.bd_solvers`'. Because the real loss is a token-weighted mean over a batch (``masked_mean``),
 the weighted form below *is* the real loss in the limit of infinitely many trajectories, and equals it exactly on
-a batch whose trajectories appear with integer multiplicities (tested against :func:`algorithms.iql_bd.iq_bd_loss`).
+a batch whose trajectories appear with integer multiplicities (tested against
+:func:`algorithms.iql_bd.bellman_distill_loss`).
 
 The student is tabular: a free float64 logit vector over the whole vocabulary at every prefix,
 ``theta_SV``. Shape suffixes: ``S`` prefixes (states), ``V`` vocabulary.
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tokenrl.core.backup import chi2_penalty, chi2_phi, kl, project_to_set, shifted_q, soft_value
-from tokenrl.core.backup import set_mass_kl as backup_set_mass_kl
+from tokenrl.core.backup import chi2_penalty, chi2_phi, shifted_q
+from tokenrl.core.distributions import kl, project_to_set, soft_value
+from tokenrl.core.distributions import set_mass_kl as backup_set_mass_kl
 from tokenrl.theory.toy_language import ToyLanguage, action_sets, data_policy, transition_weights
 
 SHIFT_CHOICES = ("vocab", "set", "none")
@@ -137,7 +139,7 @@ def next_values(v_S: torch.Tensor, child_SV: torch.Tensor) -> torch.Tensor:
 
 def set_mass_kl(theta_SV: torch.Tensor, set_SV: torch.Tensor, teacher_SV: torch.Tensor) -> torch.Tensor:
     """``[S]`` KL(Bern(M_t) || Bern(m_s)) between the teacher's and the student's mass on the set (the real
-    loss's :func:`tokenrl.core.backup.set_mass_kl` with the states as the batch)."""
+    loss's :func:`tokenrl.core.distributions.set_mass_kl` with the states as the batch)."""
     return backup_set_mass_kl(theta_SV, set_SV, soft_value(theta_SV), torch.log(teacher_SV))
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tokenrl.core.backup import project_to_set, soft_value as masked_soft_value
+from tokenrl.core.distributions import project_to_set, soft_value as masked_soft_value
 from tokenrl.core.top_p import check_p, top_p_mask
 from tokenrl.theory.checks import (
     _check_distribution_rows,
