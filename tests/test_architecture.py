@@ -47,8 +47,6 @@ SIZE_CHECKED = ("tokenrl", "algorithms", "envs")  # the folders whose modules ar
 # changes land. Nothing may be added to it.
 KNOWN_LONG_MODULES = {
     "tokenrl/run/trainer.py",  # trainer split by stage (issue 17, item 2)
-    "tokenrl/theory/bd_tabular.py",  # theory split (issue 17)
-    "tokenrl/theory/tabular.py",  # theory split (issue 17)
     "envs/token_env.py",  # envs registration and masked vector env (issue 21) change this file
 }
 MAX_UNIT_SHARE = 0.20
