@@ -3,8 +3,9 @@
     python experiments/bd_diagnosis.py            # the full table (a few minutes on one core)
     python experiments/bd_diagnosis.py --quick    # p = 0.8, q_min = -10 only
 
-Every BD row is the exact optimum of the data-weighted BD loss (tokenrl/theory/bd_tabular.py), solved in Q-space to
-a projected-gradient tolerance (column ``pg``) from the SFT start and from a uniform start. Outside-set
+Every BD row is the exact optimum of the data-weighted BD loss (tokenrl/theory/bd_tabular.py), solved in Q-space
+(tokenrl/theory/bd_solvers.py) to a projected-gradient tolerance (column ``pg``) from the SFT start and from a
+uniform start. Outside-set
 columns use the *least* outside mass any optimum can have (pure BD fixes the logits on the set only).
 ``slope`` is d(out_mass)/d(step) along the negative BD gradient at the SFT start (positive = BD pushes
 mass out of the set) and ``|g_out|`` the gradient norm on the outside logits there.
@@ -18,19 +19,9 @@ import itertools
 import torch
 
 from tokenrl.core.distributions import restrict_to_set
-from tokenrl.theory.bd_tabular import (
-    BDOptions,
-    completion,
-    data_policy,
-    fit,
-    make_problem,
-    make_toy_language,
-    metrics,
-    out_mass_slope,
-    q_values,
-    sft_start,
-    solve_q,
-)
+from tokenrl.theory.bd_solvers import completion, fit, out_mass_slope, solve_q
+from tokenrl.theory.bd_tabular import BDOptions, make_problem, metrics, q_values, sft_start
+from tokenrl.theory.toy_language import data_policy, make_toy_language
 
 COLS = ("out_mass", "argmax_out", "kl_ts_set", "kl_st", "kl_ts", "entropy", "r_mean", "v_mean", "v_neg")
 

@@ -9,23 +9,9 @@ import pytest
 import torch
 
 from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
-from tokenrl.theory.bd_tabular import (
-    BDOptions,
-    Problem,
-    action_sets,
-    bd_loss,
-    completion,
-    data_policy,
-    fit,
-    make_problem,
-    make_toy_language,
-    metrics,
-    q_values,
-    sft_start,
-    soft_values,
-    solve_q,
-    transition_weights,
-)
+from tokenrl.theory.bd_solvers import completion, fit, solve_q
+from tokenrl.theory.bd_tabular import BDOptions, Problem, bd_loss, make_problem, metrics, q_values, sft_start, soft_values
+from tokenrl.theory.toy_language import action_sets, data_policy, make_toy_language, transition_weights
 
 GAMMA = 0.99
 

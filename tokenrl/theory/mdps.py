@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenrl.theory.tabular import _check_distribution_rows, _check_mdp, _check_terminal
+from tokenrl.theory.checks import _check_distribution_rows, _check_mdp, _check_terminal
 
 # Floor on sampled teacher probabilities: small Dirichlet concentrations can underflow to exactly 0, whose
 # log would be an infinite reward.
@@ -152,13 +152,16 @@ def random_mdp(
     return TabularMDP(r_SA, P_SAS, gamma, terminal_S=terminal_S, teacher_SA=teacher_SA, initial_S=initial_S)
 
 
-def token_prefixes(vocab_size: int, max_len: int, eos_id: int = 0) -> list[tuple[int, ...]]:
+def token_prefixes(
+    vocab_size: int, max_len: int, eos_id: int = 0, max_states: int = _MAX_TOKEN_MDP_STATES
+) -> list[tuple[int, ...]]:
     """The live-or-truncated states of :func:`random_token_mdp`, in state-index order.
 
     Args:
         vocab_size: number of tokens ``V`` (>= 2), EOS included.
         max_len: longest response, in tokens (>= 1).
         eos_id: the end-of-sequence token.
+        max_states: refuse more states than this (a dense ``[S, A, S]`` MDP grows as ``S^2``).
 
     Returns:
         Every EOS-free token prefix of length ``0 .. max_len``, shortest first, then lexicographic. State ``i``
@@ -170,10 +173,10 @@ def token_prefixes(vocab_size: int, max_len: int, eos_id: int = 0) -> list[tuple
             f"got vocab_size={vocab_size}, max_len={max_len}, eos_id={eos_id}"
         )
     n_states = sum((vocab_size - 1) ** length for length in range(max_len + 1)) + 1
-    if n_states > _MAX_TOKEN_MDP_STATES:
+    if n_states > max_states:
         raise ValueError(
             f"a token MDP with vocab_size={vocab_size}, max_len={max_len} has {n_states} states "
-            f"(> {_MAX_TOKEN_MDP_STATES}); use a smaller vocabulary or length"
+            f"(> {max_states}); use a smaller vocabulary or length"
         )
     tokens = [t for t in range(vocab_size) if t != eos_id]
     prefixes: list[tuple[int, ...]] = [()]
