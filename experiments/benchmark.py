@@ -22,7 +22,8 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
    ``hydra/launcher=joblib_local`` (Hydra's joblib launcher, ``hydra.launcher.n_jobs=2``), runs them in local
    worker processes; ``submitit_slurm`` (``pip install -e ".[slurm]"``) as cluster jobs. An interrupted run resumes
    in its directory from its newest checkpoint (``resume=true``; the checkpoint holds the best validated weights so
-   far, ``selection.every``), a failed one retried starts again.
+   far, ``selection.every``; one killed during its SFT warm start resumes from the SFT's checkpoint), a failed one
+   retried starts again.
    The first run of each seed goes alone in a first wave, so that the SFT start it caches is not trained
    twice by runs side by side (``sft_first=false``: all at once);
 4. **chooses** each method's lr: the best mean validation score over seeds (``selection.best_score``, lower is
@@ -570,11 +571,13 @@ def run_job(bench: BenchmarkConfig) -> str:
 
     Returns ``finished`` or ``failed``. A failure of the run (an exception, e.g. the divergence guard) is written
     to ``error.txt`` and does not stop the other jobs; an interruption (KeyboardInterrupt, after the trainer's
-    checkpoint) propagates and leaves the run pending. An interrupted earlier attempt (checkpoints, no
-    ``error.txt``) is resumed from its newest checkpoint; a failed one is cleared and started again.
+    checkpoint) propagates and leaves the run pending. An interrupted earlier attempt (checkpoints of training or
+    of the SFT warm start, no ``error.txt``) is resumed from its newest checkpoint; a failed one is cleared and
+    started again.
     """
     from tokenrl.run.checkpoint import list_checkpoints
     from tokenrl.run.config import make_run_config
+    from tokenrl.run.sft_checkpoints import STAGE as SFT_STAGE
     from tokenrl.run.trainer import run as train
 
     out = Path(bench.out)
@@ -592,7 +595,7 @@ def run_job(bench: BenchmarkConfig) -> str:
             print(f"[benchmark] {spec.key}: already finished", flush=True)
             return "finished"
         resume = (run_dir / RUN_FILE).exists() and not (run_dir / ERROR_FILE).exists()
-        resume = resume and bool(list_checkpoints(str(run_dir)))
+        resume = resume and bool(list_checkpoints(str(run_dir)) or list_checkpoints(str(run_dir), SFT_STAGE))
         if not resume:
             clear_outputs(run_dir)
             write_json(run_dir / RUN_FILE, spec.record())

@@ -190,13 +190,9 @@ def test_run_id_ignores_execution_keys_and_order(bench):
     assert other.id != run.id
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(bench, tmp_path, monkeypatch, capsys):
-    """A job whose earlier attempt was interrupted after a checkpoint resumes it (the best checkpoint so far is in
-    the checkpoint) and ends as the uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from algorithms.kd import KD
-
+def _interruptible_jobs(bench, tmp_path) -> tuple[dict, object]:
+    """The kd run of the tiny suite (checkpoints every 2 steps, of the SFT too) planned in two benchmark folders,
+    ``straight`` and ``killed``, sharing one data folder (the SFT start one of them caches, the other reads)."""
     _, runs = _suite(bench, "tiny", first_lr_only=True)
     spec = next(r for r in runs if r.method == "kd")
     extra = {"checkpoint_every": 2, "data_dir": str(tmp_path / "data")}
@@ -208,28 +204,69 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(bench, tmp_path, monkeyp
         out.mkdir()
         bench.write_json(out / bench.PLAN_FILE, {"suite": "tiny", "runs": {spec.key: spec.record()}})
         jobs[name] = types.SimpleNamespace(out=str(out), run=spec.key)
-    assert bench.run_job(jobs["straight"]) == "finished"
-    original, calls = KD.compute_loss, {"n": 0}
+    return jobs, spec
+
+
+def _kill_at_loss(monkeypatch, cls, n: int):
+    """Raise KeyboardInterrupt at the ``n``-th loss of ``cls`` (one micro-batch per update); returns the original."""
+    original, calls = cls.compute_loss, {"n": 0}
 
     def compute_loss(self, batch):
         calls["n"] += 1
-        if calls["n"] == 3:  # the update after the checkpoint at step 2
+        if calls["n"] == n:
             raise KeyboardInterrupt("simulated kill")
         return original(self, batch)
 
-    monkeypatch.setattr(KD, "compute_loss", compute_loss)
+    monkeypatch.setattr(cls, "compute_loss", compute_loss)
+    return original
+
+
+def _assert_same_run(a_dir, b_dir, cached: tuple[bool, bool]):
+    """Two runs ended alike: selection, final evaluation, SFT summary (but whether the start came from the cache,
+    ``cached`` for a and b) and student."""
+    from safetensors.torch import load_file
+
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (a_dir, b_dir))
+    assert a["selection"] == b["selection"] and a["final_eval"] == b["final_eval"]
+    assert (a["sft"].pop("cached"), b["sft"].pop("cached")) == cached and a["sft"] == b["sft"]
+    students = [load_file(d / "student.safetensors") for d in (a_dir, b_dir)]
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    """A job whose earlier attempt was interrupted after a checkpoint resumes it (the best checkpoint so far is in
+    the checkpoint) and ends as the uninterrupted run."""
+    from algorithms.kd import KD
+
+    jobs, spec = _interruptible_jobs(bench, tmp_path)
+    assert bench.run_job(jobs["straight"]) == "finished"
+    original = _kill_at_loss(monkeypatch, KD, 3)  # the update after the checkpoint at step 2
     with pytest.raises(KeyboardInterrupt):
         bench.run_job(jobs["killed"])
     monkeypatch.setattr(KD, "compute_loss", original)
     capsys.readouterr()
     assert bench.run_job(jobs["killed"]) == "finished" and "resuming" in capsys.readouterr().out
-    straight, resumed = (tmp_path / name / spec.key for name in ("straight", "killed"))
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
-    assert a["selection"] == b["selection"] and a["final_eval"] == b["final_eval"]
     # The straight run trained the SFT start and cached it; the killed one's first attempt read that cache.
-    assert (a["sft"].pop("cached"), b["sft"].pop("cached")) == (False, True) and a["sft"] == b["sft"]
-    students = [load_file(d / "student.safetensors") for d in (straight, resumed)]
-    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+    _assert_same_run(tmp_path / "straight" / spec.key, tmp_path / "killed" / spec.key, cached=(False, True))
+
+
+def test_a_run_interrupted_in_its_sft_resumes_from_the_sft_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    """A job interrupted during its SFT warm start, after an SFT checkpoint, resumes the SFT from it and ends as a
+    run that read the finished start from the cache."""
+    from algorithms.bc import BC
+    from tokenrl.run.checkpoint import list_checkpoints
+
+    jobs, spec = _interruptible_jobs(bench, tmp_path)
+    killed = tmp_path / "killed" / spec.key
+    original = _kill_at_loss(monkeypatch, BC, 3)  # the SFT update after its checkpoint at SFT step 2
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_job(jobs["killed"])
+    monkeypatch.setattr(BC, "compute_loss", original)
+    assert [s for s, _ in list_checkpoints(str(killed), "sft")] == [2] and not list_checkpoints(str(killed))
+    capsys.readouterr()
+    assert bench.run_job(jobs["killed"]) == "finished" and "resuming" in capsys.readouterr().out
+    assert bench.run_job(jobs["straight"]) == "finished"
+    _assert_same_run(killed, tmp_path / "straight" / spec.key, cached=(False, True))
 
 
 def test_unknown_suite_key_fails_at_compose_time(bench, tmp_path):
