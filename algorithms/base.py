@@ -1,19 +1,26 @@
 """What every algorithm shares: optimiser settings, the AdamW + warm-up/cosine schedule and the update step.
 
 An algorithm subclasses :class:`Algorithm` and implements ``compute_loss(batch) -> (loss, stats)`` from a
-pure loss function; ``update`` does the rest (backward, clipping, step, logging of lr and grad norm), split into
-``backward`` (per micro-batch) and ``optimizer_step`` for gradient accumulation.
+pure loss function; the rest of a step is shared: :meth:`Algorithm.backward` (the divergence guard, then the
+gradient) and :meth:`Algorithm.optimizer_step` (clipping, step, schedule, lr and grad-norm stats). The trainer
+asks for the loss of each micro-batch through its DDP/FSDP wrapper and accumulates
+(:func:`tokenrl.run.step.optimizer_update`); :meth:`Algorithm.update` is the same step on one batch in one
+process (tests, scripts).
+
+Batches are drawn by the algorithm's sampler (:meth:`Algorithm.make_sampler`, :mod:`tokenrl.data.samplers`):
+uniformly from the whole buffer by default; an on-policy algorithm mixes in its newest rollouts.
 
 An on-policy algorithm (``needs_rollouts``) also declares how the trainer collects and uses its rollouts,
-through four hooks the trainer calls (``tokenrl.run.rollouts``), none of which samples or steps an env itself:
+through hooks the trainer calls (``tokenrl.run.rollouts``), none of which samples or steps an env itself:
 
 * :meth:`Algorithm.rollout_policy` ``(student_fn, teacher_fn) -> policy_fn``: the policy the env samples
   from (default: the student, restricted to the teacher's top-p set when ``top_p < 1``);
 * :meth:`Algorithm.before_rollout` ``()``: called right before sampling (MiniLLM snapshots its behaviour
   policy here);
-* :meth:`Algorithm.after_rollout` ``(indices)``: the buffer indices of the rollouts just added;
-* :meth:`Algorithm.sample_batch` ``(buffer, batch_size, generator) -> Batch``: how each training batch is
-  drawn (default: uniformly from the whole buffer; GKD and MiniLLM draw from the newest rollouts).
+* :meth:`Algorithm.after_rollout` ``(indices)``: the buffer indices of the rollouts just added (passed on to the
+  sampler);
+* :meth:`Algorithm.make_sampler` ``(config) -> BatchSampler``: how each training batch is drawn (GKD and MiniLLM:
+  :class:`~tokenrl.data.samplers.RolloutMix`, a fraction of the rows from the newest rollouts).
 
 An algorithm whose loss compares the student with the teacher over the whole vocabulary sets
 ``needs_teacher_logprobs``; the trainer then adds the teacher's log-probs at every state to each batch
@@ -25,7 +32,7 @@ An algorithm with a language-modelling term on pre-training text (MiniLLM's PT l
 as the papers compute it) sets ``needs_lm_batch``; the trainer then attaches to each batch a batch of the
 task's pre-training corpus (``batch.lm_batch``: ``batch_size`` rows drawn uniformly with the run's seeded batch
 generator, right after the distillation batch, with the cached sets at the algorithm's ``top_p``; see
-:func:`tokenrl.run.trainer.train_step` and :mod:`tokenrl.tasks.corpus`).
+:func:`tokenrl.run.step.draw_batches` and :mod:`tokenrl.tasks.corpus`).
 
 A config checks its own options (:meth:`AlgoConfig.problems`: ranges, choices, cross-field rules, all of them
 at once); the run's start-up check lists them with the rest of the run's problems and :class:`Algorithm`
@@ -35,17 +42,17 @@ refuses a config that has any.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from tokenrl.core.divergence import DivergenceGuard
 from tokenrl.core.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, field_problems
 from tokenrl.core.target import TargetNetwork
 from tokenrl.core.top_p import PolicyFn, top_p_restricted_policy
-from tokenrl.data.buffer import Batch, ReplayBuffer
+from tokenrl.data.buffer import Batch
+from tokenrl.data.samplers import BatchSampler
 from tokenrl.lm.policy import CausalLMPolicy
 
 
@@ -150,7 +157,17 @@ class Algorithm:
             if rate is None:
                 raise ValueError(f"{type(config).__name__} needs a target_update_rate field for the target network")
             self.target = TargetNetwork(policy, rate)
-        self.newest_rollouts: list[int] = []  # buffer indices of the latest rollout batch (after_rollout)
+        #: draws the rows of every training batch (:meth:`make_sampler`); told of each rollout batch
+        self.sampler = self.make_sampler(config)
+
+    @classmethod
+    def make_sampler(cls, config: AlgoConfig) -> BatchSampler:
+        """How the trainer draws this algorithm's training batches: every row uniformly from the whole buffer.
+
+        A function of the config alone, so that a run can refuse what the sampler does not support (torchrun and
+        gradient accumulation for a sampler that is not ``splittable``) before any work.
+        """
+        return BatchSampler()
 
     @property
     def top_p(self) -> float | None:
@@ -162,40 +179,39 @@ class Algorithm:
         raise NotImplementedError
 
     def update(self, batch: Batch) -> dict[str, float]:
-        """One gradient step on ``batch``; returns namespaced float stats.
+        """One gradient step on ``batch`` in one process; returns namespaced float stats.
 
-        The same as :meth:`zero_grad`, :meth:`backward` and :meth:`optimizer_step` in a row; gradient
-        accumulation (:func:`tokenrl.run.distributed.accumulated_update`) calls ``backward`` once per micro-batch.
+        The trainer's step (:func:`tokenrl.run.step.optimizer_update`) is made of the same pieces, with gradient
+        accumulation and the DDP/FSDP wrapper around :meth:`compute_loss`: :meth:`zero_grad`, the loss in train
+        mode, :meth:`backward`, :meth:`optimizer_step`.
         """
         self.zero_grad()
-        return self.optimizer_step(self.backward(batch))
+        self.policy.train()
+        loss, stats = self.compute_loss(batch)
+        self.backward(loss, stats)
+        return self.optimizer_step(stats)
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(
-        self,
-        batch: Batch,
-        loss_scale: float = 1.0,
-        loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]] | None = None,
-    ) -> dict[str, float]:
-        """Add the gradient of ``loss_scale * loss(batch)`` to the parameters' gradients; returns the stats.
+    def backward(self, loss: torch.Tensor, stats: dict[str, float], loss_scale: float = 1.0) -> None:
+        """Refuse a diverging loss, then add the gradient of ``loss_scale * loss`` to the parameters' gradients.
 
         Args:
-            batch: a (micro-)batch.
+            loss: a (micro-)batch's scalar loss from :meth:`compute_loss`.
+            stats: its stats (named in the error of a non-finite loss without a guard).
             loss_scale: weight of this micro-batch's loss in the accumulated gradient.
-            loss_fn: computes ``(loss, stats)``; defaults to :meth:`compute_loss` (a DDP/FSDP wrapper of it
-                under torch.distributed, so that the backward synchronises gradients).
+
+        Raises:
+            DivergenceError: the guard refuses the loss (:mod:`tokenrl.core.divergence`).
+            FloatingPointError: no guard is set and the loss is not finite.
         """
-        self.policy.train()
-        loss, stats = (loss_fn or self.compute_loss)(batch)
         if self.guard is not None:
             self.guard.check(self.step, "loss/total", float(loss.detach()))
         elif not torch.isfinite(loss):
             raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step {self.step}; stats={stats}")
         (loss if loss_scale == 1.0 else loss * loss_scale).backward()
-        return stats
 
     def optimizer_step(self, stats: dict[str, float]) -> dict[str, float]:
         """Clip the accumulated gradient, step the optimiser and schedule, run :meth:`after_step`.
@@ -238,12 +254,8 @@ class Algorithm:
         """Called right before the trainer samples rollouts from :meth:`rollout_policy` (default: nothing)."""
 
     def after_rollout(self, indices: Sequence[int]) -> None:
-        """Called with the buffer indices of the rollouts just added; kept as :attr:`newest_rollouts`."""
-        self.newest_rollouts = list(indices)
-
-    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
-        """One training batch: ``batch_size`` trajectories drawn uniformly from the whole buffer."""
-        return buffer.sample(batch_size, generator, top_p=self.top_p)
+        """Called with the buffer indices of the rollouts just added; passed on to the sampler."""
+        self.sampler.rollouts_added(indices)
 
     def after_step(self) -> None:
         """Hook run after each optimiser step: moves the target network, if any."""
@@ -275,39 +287,3 @@ class Algorithm:
 def float_stats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Detach scalar tensors into a ``{key: float}`` dict (keys keep their ``/`` namespaces)."""
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
-
-
-def sample_rollout_mix(
-    buffer: ReplayBuffer,
-    batch_size: int,
-    generator: torch.Generator,
-    rollout_indices: Sequence[int],
-    rollout_frac: float,
-    top_p: float | None,
-) -> Batch:
-    """A batch with ``round(rollout_frac * batch_size)`` rows from ``rollout_indices``, the rest teacher data.
-
-    Both parts are drawn uniformly with replacement (``generator``); the teacher part from the buffer's
-    ``is_expert`` trajectories.
-
-    Raises:
-        ValueError: rollout rows are asked for but ``rollout_indices`` is empty (no rollout collected yet),
-            or teacher rows are asked for but the buffer holds no teacher data.
-    """
-    n_rollout = round(rollout_frac * batch_size)
-    if n_rollout and not rollout_indices:
-        raise ValueError(
-            "the batch needs student rollouts but none were collected; the trainer collects them every "
-            "rollout_every steps, starting at the first step (set rollout_every > 0)"
-        )
-    rows = []
-    if n_rollout:
-        picks = torch.randint(len(rollout_indices), (n_rollout,), generator=generator).tolist()
-        rows = [int(rollout_indices[i]) for i in picks]
-    if n_rollout < batch_size:
-        expert = np.flatnonzero(np.asarray(buffer.is_expert, dtype=bool))
-        if len(expert) == 0:
-            raise ValueError("the batch needs teacher data (is_expert=True) but the buffer holds none")
-        picks = torch.randint(len(expert), (batch_size - n_rollout,), generator=generator).tolist()
-        rows += [int(expert[i]) for i in picks]
-    return buffer.collate(rows, top_p=top_p)

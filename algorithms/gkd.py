@@ -24,9 +24,9 @@ Two forms, chosen by ``top_p``:
 
 The mix of student rollouts (fraction ``lmbda``) and teacher data is declared by the rollout hooks the
 trainer calls: :meth:`GKD.rollout_policy` samples the student at temperature ``temperature``, restricted to
-the teacher's set when ``top_p < 1`` (no gradient through the sampling), and :meth:`GKD.sample_batch` fills
-each batch with ``round(lmbda * batch_size)`` rows of the newest rollout batch and the rest from
-``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read:
+the teacher's set when ``top_p < 1`` (no gradient through the sampling), and the sampler of
+:meth:`GKD.make_sampler` fills each batch with ``round(lmbda * batch_size)`` rows of the newest rollout batch
+and the rest from ``is_expert=True`` teacher data; ``data/student_frac`` reports the mix it got. Batch fields read:
 ``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
 (``top_p < 1``), and ``action_mask_BT``, ``is_expert_B`` and the model inputs.
 
@@ -45,11 +45,12 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
+from algorithms.base import AlgoConfig, Algorithm
 from tokenrl.core.distributions import kl, masked_mean, project_to_set, upcast
 from tokenrl.core.options import POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.core.top_p import PolicyFn
-from tokenrl.data.buffer import Batch, ReplayBuffer, require_teacher_logprobs
+from tokenrl.data.buffer import Batch, require_teacher_logprobs
+from tokenrl.data.samplers import RolloutMix
 
 
 @dataclass
@@ -59,7 +60,7 @@ class GKDConfig(AlgoConfig):
     top_p: float = 1.0  # 1.0: JSD over the whole vocabulary; < 1: over the teacher's cached top-p set (<= the cache's p)
     beta: float = 0.5  # JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
-    lmbda: float = 0.5  # fraction of each batch drawn from the newest student rollouts (sample_batch)
+    lmbda: float = 0.5  # fraction of each batch drawn from the newest student rollouts (make_sampler)
     sparse: bool = True  # top_p < 1: student logits on the set as h @ W[ids]^T instead of dense logits
     # Optimiser: GKD fine-tunes a converged (SFT) student: a constant lr after 20 warm-up steps, clipping at 1
     # (the shape MiniLLM's release uses); the lr is tuned by the benchmark (RESULTS.md; 1e-3 trips the divergence
@@ -186,9 +187,10 @@ class GKD(Algorithm):
 
         return policy_fn
 
-    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
+    @classmethod
+    def make_sampler(cls, config: GKDConfig) -> RolloutMix:
         """``round(lmbda * batch_size)`` rows of the newest rollout batch, the rest teacher data."""
-        return sample_rollout_mix(buffer, batch_size, generator, self.newest_rollouts, self.config.lmbda, self.top_p)
+        return RolloutMix(config.lmbda)
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config

@@ -75,9 +75,9 @@ distinguishable from 0.5 at one seed), the trainer's rollout defaults (``rollout
 and lr 3e-4 as the centre of the benchmark's lr grid; ``algo=iql_bd_online_free`` is the free level.
 
 Rollouts come through the trainer's hooks (:mod:`algorithms.base`): the default :meth:`Algorithm.rollout_policy`
-(the student inside the teacher's top-p set, ``top_p < 1``), :meth:`OnlineBellmanDistill.sample_batch` (the
-newest rollouts and teacher data); like every algorithm that draws its own batches, it is refused under torchrun
-and with gradient accumulation.
+(the student inside the teacher's top-p set, ``top_p < 1``) and :meth:`OnlineBellmanDistill.make_sampler` (the
+newest rollouts and teacher data); like every rollout mix, its batches are not split, so with ``lmbda > 0`` the run
+is refused under torchrun and with gradient accumulation.
 """
 
 from __future__ import annotations
@@ -87,13 +87,14 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgoConfig, Algorithm, float_stats, sample_rollout_mix
+from algorithms.base import AlgoConfig, Algorithm, float_stats
 from algorithms.iql_bd import LM_BATCH_CHOICES, Q_SHIFT_CHOICES, BDValues, bd_diagnostics, expert_token_reward, lm_terms
 from algorithms.kd import lm_batch_loss
 from tokenrl.core.backup import chi2_penalty, next_state_values, shifted_q, state_values
 from tokenrl.core.distributions import masked_mean, project_to_set, upcast
 from tokenrl.core.options import NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
-from tokenrl.data.buffer import Batch, ReplayBuffer, require_lm_batch
+from tokenrl.data.buffer import Batch, require_lm_batch
+from tokenrl.data.samplers import BatchSampler, RolloutMix
 from tokenrl.lm.policy import CausalLMPolicy
 
 Q_PARAM_CHOICES = ("logits", "free_level")
@@ -306,12 +307,11 @@ class OnlineBellmanDistill(Algorithm):
         """``lm_batch = "corpus"`` with an LM term: CE and KD read a batch of the task's pre-training corpus."""
         return self.config.lm_batch == "corpus" and (self.config.ce_coef > 0 or self.config.kd_coef > 0)
 
-    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
+    @classmethod
+    def make_sampler(cls, config: OnlineBDConfig) -> BatchSampler:
         """``round(rollout_frac * batch_size)`` rows of the newest rollout batch and the rest teacher data; with
-        ``lmbda = 0`` offline BD's batch (uniform over the buffer, which then holds teacher data only)."""
-        if not self.needs_rollouts:
-            return super().sample_batch(buffer, batch_size, generator)
-        return sample_rollout_mix(buffer, batch_size, generator, self.newest_rollouts, self.config.rollout_frac, self.top_p)
+        ``lmbda = 0`` offline BD's sampler (uniform over the buffer, which then holds teacher data only)."""
+        return RolloutMix(config.rollout_frac) if config.lmbda > 0 else BatchSampler()
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         on_corpus = self.needs_lm_batch

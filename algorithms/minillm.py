@@ -57,11 +57,12 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgoConfig, Algorithm, sample_rollout_mix
+from algorithms.base import AlgoConfig, Algorithm
 from tokenrl.core.distributions import kl, masked_mean, project_to_set, upcast
 from tokenrl.core.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, PROBABILITY, field_problems
 from tokenrl.core.top_p import PolicyFn, restrict_logits_to_top_p
-from tokenrl.data.buffer import Batch, ReplayBuffer, require_lm_batch, require_teacher_logprobs
+from tokenrl.data.buffer import Batch, require_lm_batch, require_teacher_logprobs
+from tokenrl.data.samplers import RolloutMix
 from tokenrl.lm.policy import CausalLMPolicy
 
 
@@ -207,8 +208,9 @@ class MiniLLM(Algorithm):
       teacher cache;
     * :meth:`before_rollout` calls :meth:`sync_behaviour` (no update between the snapshot and the sampling),
       so the importance weights are taken against the policy that sampled;
-    * :meth:`sample_batch` draws every row from the newest rollout batch (reused PPO-style until the next
-      one, the clipping bounding the drift), so all weights are taken against the snapshot that sampled them.
+    * the sampler of :meth:`make_sampler` draws every row from the newest rollout batch (reused PPO-style until
+      the next one, the clipping bounding the drift), so all weights are taken against the snapshot that sampled
+      them.
 
     Batch fields read: ``actions_BT``, ``action_mask_BT``, ``is_expert_B``, the model inputs, and
     ``teacher_logprobs_BSV`` (``top_p = 1``) or ``cand_ids_BSK``, ``cand_logprobs_BSK``, ``cand_mask_BSK``
@@ -253,9 +255,10 @@ class MiniLLM(Algorithm):
         """Snapshot the behaviour policy that is about to sample (:meth:`sync_behaviour`)."""
         self.sync_behaviour()
 
-    def sample_batch(self, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> Batch:
+    @classmethod
+    def make_sampler(cls, config: MiniLLMConfig) -> RolloutMix:
         """Every row from the newest rollout batch (uniform, with replacement)."""
-        return sample_rollout_mix(buffer, batch_size, generator, self.newest_rollouts, 1.0, self.top_p)
+        return RolloutMix(1.0)
 
     def _logprobs(self, policy: CausalLMPolicy, batch: Batch, mask_BTK: torch.Tensor | None) -> torch.Tensor:
         """``[B, T, V]`` log-probs over the vocabulary (``mask_BTK`` None), else ``[B, T, K]`` projected on the set."""

@@ -340,6 +340,7 @@ def stage_nccl(args: argparse.Namespace) -> int:
     from step_cost import synthetic_buffer
     from tokenrl.lm.policy import CausalLMPolicy
     from tokenrl.run import distributed
+    from tokenrl.run.step import optimizer_update
 
     if "LOCAL_RANK" not in os.environ:
         print("gpu_check nccl: run under torchrun (torchrun --standalone --nproc_per_node=1 ...)", file=sys.stderr)
@@ -377,9 +378,8 @@ def stage_nccl(args: argparse.Namespace) -> int:
                 loss_fn = loss_module
             # As in the trainer: the optimiser is built after the wrapping (FSDP replaces the parameters).
             algo = make_algorithm("bc", policy, {}, total_steps=10)
-            loss_module.compute_loss = algo.compute_loss
             micro = [buffer.collate(part).to(device) for part in ([0, 1], [2, 3])]
-            stats = distributed.accumulated_update(algo, micro, loss_fn, distributed.DistContext())
+            stats = optimizer_update(algo, micro, loss_fn, distributed.DistContext())
             # bc's loss is a token mean, so the accumulated gradient is the full-batch gradient.
             ref_algo = make_algorithm("bc", reference, {}, total_steps=10)
             ref_stats = ref_algo.update(buffer.collate([0, 1, 2, 3]).to(device))
@@ -390,7 +390,7 @@ def stage_nccl(args: argparse.Namespace) -> int:
             state = distributed.algo_state(algo, loss_fn, distributed.DistContext())
             distributed.load_algo_state(algo, state, loss_fn)
             policy.precision = "bf16"  # and one accumulated update under the autocast
-            bf16_loss = distributed.accumulated_update(algo, micro, loss_fn, distributed.DistContext())["loss/total"]
+            bf16_loss = optimizer_update(algo, micro, loss_fn, distributed.DistContext())["loss/total"]
             assert bf16_loss == bf16_loss and abs(bf16_loss) < float("inf"), bf16_loss
             with distributed.full_parameters(loss_fn):
                 n = sum(p.numel() for p in model.parameters())

@@ -161,21 +161,17 @@ def _random_stage(stage: str, heldout: tuple[int, int]):
 # smollm2: the README's task
 # --------------------------------------------------------------------------------------------------
 def _smollm2_cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from tokenrl.run.config import compose_run_config
 
-    from tokenrl.run.config import make_run_config, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "experiments", "conf"), version_base="1.3"):
-        base = ["task=smollm2", "model=pruned", "model.keep_every=3", "algo=iql_bd", "batch_size=8"]
-        cfg = compose("config", base + overrides)
-    return make_run_config(cfg)
+    base = ["task=smollm2", "model=pruned", "model.keep_every=3", "algo=iql_bd", "batch_size=8"]
+    return compose_run_config(os.path.join(ROOT, "experiments", "conf"), base + overrides)
 
 
 def _smollm2_stage(stage: str, heldout: tuple[int, int], overrides: list[str]):
     import torch
 
-    from tokenrl.run.trainer import apply_threads, build_student, build_task, data_location, load_data
+    from tokenrl.run.context import apply_threads
+    from tokenrl.run.inputs import build_student, build_task, data_location, load_data
 
     cfg = _smollm2_cfg(overrides)
     apply_threads(cfg.threads)

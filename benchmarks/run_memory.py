@@ -22,7 +22,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tokenrl.run import trainer  # noqa: E402
+from tokenrl.evaluation import student  # noqa: E402
+from tokenrl.run import inputs, outputs, train_loop, train_state, trainer  # noqa: E402
+
+MODULES = (trainer, inputs, train_loop, train_state, outputs, student)  # where the stages are defined and called
 
 STAGES = (
     "build_task", "load_data", "build_student", "reference_evaluations", "evaluate_student", "warm_start",
@@ -57,8 +60,9 @@ class RssSampler:
 
 
 def instrument(sampler: RssSampler, name: str) -> None:
-    """Replace ``tokenrl.run.trainer.<name>`` by a wrapper that prints its memory line when it returns."""
-    fn = getattr(trainer, name)
+    """Replace the stage ``name`` in every module of :data:`MODULES` that holds it by a wrapper that prints its memory
+    line when it returns."""
+    fn = next(getattr(m, name) for m in MODULES if hasattr(m, name))
 
     def wrapper(*args, **kwargs):
         t0, before = time.time(), sampler.now()
@@ -71,7 +75,9 @@ def instrument(sampler: RssSampler, name: str) -> None:
                 file=sys.stderr, flush=True,
             )
 
-    setattr(trainer, name, wrapper)
+    for module in MODULES:
+        if getattr(module, name, None) is fn:
+            setattr(module, name, wrapper)
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.checks import reset_options
-from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv, _validate_prompt
+from envs.checks import reset_options, validate_prompt
+from envs.token_env import BatchedTokenGenerationEnv, BatchRewardFn, TokenGenerationEnv
 from envs.top_p_wrapper import TopPActionWrapper
 from envs.toy_mdps import TabularMDP, TabularMDPEnv, random_mdp, random_token_mdp, token_prefixes
 from tokenrl.core.distributions import project_to_set
@@ -211,7 +211,7 @@ class TokenGenerationVectorEnv(VectorEnv):
             vocab_size, eos_token_id, max_new_tokens, max_prompt_len, reward_fn=reward_fn,
             pad_token_id=pad_token_id, device=device,
         )
-        self._prompts = None if prompts is None else [_validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
+        self._prompts = None if prompts is None else [validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
         self._prompt_sampler = prompt_sampler
         self.teacher, self.top_p = teacher, check_p(top_p)
         self.num_envs = num_envs
@@ -292,7 +292,7 @@ class TokenGenerationVectorEnv(VectorEnv):
     def _restart_rows(self, rows: np.ndarray) -> None:
         env = self.batched
         for row, prompt in zip(rows.tolist(), self._draw(len(rows))):
-            arr = torch.from_numpy(_validate_prompt(prompt, env.vocab_size, env.max_prompt_len)).to(env.device)
+            arr = torch.from_numpy(validate_prompt(prompt, env.vocab_size, env.max_prompt_len)).to(env.device)
             env.tokens_BL[row] = env.pad_token_id
             env.tokens_BL[row, : arr.numel()] = arr
             env.lengths_B[row] = env.prompt_lengths_B[row] = arr.numel()

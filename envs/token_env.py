@@ -8,7 +8,7 @@ pluggable and 0 by default: in distillation the teacher is the expert and the re
 :class:`TokenGenerationEnv` is the single-sequence ``gymnasium.Env`` (what wrappers and ``check_env`` see).
 :class:`BatchedTokenGenerationEnv` steps B sequences on torch tensors so that a policy or teacher runs one
 forward per step for the whole batch; its :meth:`~BatchedTokenGenerationEnv.rollout` returns
-:class:`Trajectories` for the replay buffer.
+:class:`Trajectories` for the replay buffer. Both check their arguments with :mod:`envs.checks`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
-from envs.checks import check_step, reset_options
+from envs.checks import check_step, reset_options, set_sizes, validate_prompt
 from tokenrl.core.top_p import PolicyFn
 
 RewardFn = Callable[[np.ndarray, int, bool], float]
@@ -34,41 +34,6 @@ BatchRewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 """``reward_fn(tokens_BL, lengths_B, actions_B, terminated_B) -> rewards_B`` of
 :class:`BatchedTokenGenerationEnv`; ``tokens_BL``/``lengths_B`` are the states before the actions (read-only:
 ``tokens_BL`` is a view of the env's state)."""
-
-
-def _check_sizes(
-    vocab_size: int, eos_token_id: int, max_new_tokens: int, max_prompt_len: int, pad_token_id: int | None
-) -> int:
-    """Validate the shared constructor arguments and return the pad id (EOS when None)."""
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2 (EOS and at least one other token), got {vocab_size}")
-    if not 0 <= eos_token_id < vocab_size:
-        raise ValueError(f"eos_token_id={eos_token_id} is not a token id in [0, {vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_prompt_len < 1:
-        raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    # Padding must be a valid id so padded token arrays stay inside the observation space and gathers stay in range.
-    if not 0 <= pad < vocab_size:
-        raise ValueError(f"pad_token_id={pad} is not a token id in [0, {vocab_size})")
-    return pad
-
-
-def _validate_prompt(prompt: Sequence[int] | np.ndarray, vocab_size: int, max_prompt_len: int) -> np.ndarray:
-    """Return ``prompt`` as an int64 array, or raise ValueError naming what is wrong with it."""
-    arr = np.asarray(prompt)
-    if arr.ndim != 1:
-        raise ValueError(f"a prompt must be a flat sequence of token ids, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError("a prompt must hold at least one token (the first action is conditioned on it)")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"prompt token ids must be integers, got dtype {arr.dtype}")
-    if arr.size > max_prompt_len:
-        raise ValueError(f"prompt has {arr.size} tokens, more than max_prompt_len={max_prompt_len}")
-    if arr.min() < 0 or arr.max() >= vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got range [{arr.min()}, {arr.max()}]")
-    return arr.astype(np.int64)
 
 
 class TokenGenerationEnv(gym.Env):
@@ -110,17 +75,12 @@ class TokenGenerationEnv(gym.Env):
         reward_fn: RewardFn | None = None,
         pad_token_id: int | None = None,
     ):
-        self.pad_token_id = _check_sizes(vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id)
+        set_sizes(self, vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id)
         if prompts is not None and prompt_sampler is not None:
             raise ValueError("give at most one of prompts and prompt_sampler")
         if prompts is not None and len(prompts) == 0:
             raise ValueError("prompts is empty; pass None to supply prompts through reset(options={'prompt': ...})")
-        self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
-        self.max_new_tokens = max_new_tokens
-        self.max_prompt_len = max_prompt_len
-        self.max_len = max_prompt_len + max_new_tokens
-        self._prompts = None if prompts is None else [_validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
+        self._prompts = None if prompts is None else [validate_prompt(p, vocab_size, max_prompt_len) for p in prompts]
         self._prompt_sampler = prompt_sampler
         self._reward_fn = reward_fn
         self.action_space = spaces.Discrete(vocab_size)
@@ -163,7 +123,7 @@ class TokenGenerationEnv(gym.Env):
                 "no prompt to start from: pass prompts= or prompt_sampler= to the constructor, "
                 "or options={'prompt': [...]} to reset()"
             )
-        prompt = _validate_prompt(prompt, self.vocab_size, self.max_prompt_len)
+        prompt = validate_prompt(prompt, self.vocab_size, self.max_prompt_len)
         self._tokens.fill(self.pad_token_id)
         self._tokens[: prompt.size] = prompt
         self._length = self._prompt_length = prompt.size
@@ -281,14 +241,9 @@ class BatchedTokenGenerationEnv:
         pad_token_id: int | None = None,
         device: str | torch.device = "cpu",
     ):
-        self.pad_token_id = _check_sizes(vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id)
+        set_sizes(self, vocab_size, eos_token_id, max_new_tokens, max_prompt_len, pad_token_id)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
-        self.max_new_tokens = max_new_tokens
-        self.max_prompt_len = max_prompt_len
-        self.max_len = max_prompt_len + max_new_tokens
         self.batch_size = batch_size
         self.device = torch.device(device)
         self._prompt_sampler = prompt_sampler
@@ -321,7 +276,7 @@ class BatchedTokenGenerationEnv:
             prompts = self._prompt_sampler(self.batch_size, self.np_random)
         if len(prompts) == 0:
             raise ValueError("reset() needs at least one prompt")
-        arrays = [_validate_prompt(p, self.vocab_size, self.max_prompt_len) for p in prompts]
+        arrays = [validate_prompt(p, self.vocab_size, self.max_prompt_len) for p in prompts]
         tokens_BL = torch.full((len(arrays), self.max_len), self.pad_token_id, dtype=torch.long)
         for b, arr in enumerate(arrays):
             tokens_BL[b, : arr.size] = torch.from_numpy(arr)

@@ -21,7 +21,8 @@ from tokenrl.core.distributions import project_to_set
 from tokenrl.tasks.datagen import load_teacher_data
 from tokenrl.tasks.synthetic import SyntheticLanguage
 from tokenrl.core.top_p import top_p_mask
-from tokenrl.run.trainer import apply_threads, build_task, data_location
+from tokenrl.run.context import apply_threads
+from tokenrl.run.inputs import build_task, data_location
 
 register_configs()
 LAMBDAS = (0.003, 0.01, 0.03, 0.1)

@@ -25,7 +25,9 @@ from algorithms import make_algorithm
 from tokenrl.run.config import make_run_config
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
 from tokenrl.lm.policy import CausalLMPolicy
-from tokenrl.run.trainer import apply_threads, build_student, build_task, evaluate_student, load_data
+from tokenrl.evaluation.student import evaluate_student
+from tokenrl.run.context import apply_threads
+from tokenrl.run.inputs import build_student, build_task, load_data
 
 KEYS = ("eval/teacher_nll", "eval/kl_student_teacher", "eval/kl_teacher_student")
 ONPOLICY_SEEDS = (0, 1, 2, 3, 4)
@@ -43,7 +45,7 @@ def onpolicy_kl(model, task, n_prompts) -> float:
 
 
 def sft_start(cfg, task):
-    """Replay the run's SFT warm start (trainer.warm_start with the run's generator): the SFT student."""
+    """Replay the run's SFT warm start (tokenrl.run.trainer.warm_start with the run's generator): the SFT student."""
     buffer, _, _ = load_data(cfg, task)
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
     policy = CausalLMPolicy(model, vocab_size=task.vocab_size)

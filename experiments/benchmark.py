@@ -20,9 +20,10 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
    Hydra multirun of this script sweeping ``run`` over the pending runs' directories, so each job trains one
    run (:func:`run_job`, calling :func:`tokenrl.run.trainer.run` in that directory). The default launcher,
    ``hydra/launcher=joblib_local`` (Hydra's joblib launcher, ``hydra.launcher.n_jobs=2``), runs them in local
-   worker processes; ``submitit_slurm`` (``pip install -e ".[slurm]"``) as cluster jobs. An interrupted run starts again in its directory: the protocol validates the algorithm
-   (``selection.every > 0``), and the trainer refuses ``resume=true`` there because its checkpoints do not
-   hold the best weights so far; the SFT start is cached, so a restart repeats the algorithm's steps only.
+   worker processes; ``submitit_slurm`` (``pip install -e ".[slurm]"``) as cluster jobs. An interrupted run resumes
+   in its directory from its newest checkpoint (``resume=true``; the checkpoint holds the best validated weights so
+   far, ``selection.every``; one killed during its SFT warm start resumes from the SFT's checkpoint), a failed one
+   retried starts again.
    The first run of each seed goes alone in a first wave, so that the SFT start it caches is not trained
    twice by runs side by side (``sft_first=false``: all at once);
 4. **chooses** each method's lr: the best mean validation score over seeds (``selection.best_score``, lower is
@@ -78,6 +79,7 @@ from tokenrl.evaluation.stats import Interval, paired_difference, t_interval  # 
 # them: the launched multirun's driver process only composes this script's own config and dispatches jobs.
 
 SCRIPT = os.path.abspath(__file__)
+CONF_DIR = os.path.join(os.path.dirname(SCRIPT), "conf")  # the runs' configs: experiments/run.py's
 RUN_FILE, ERROR_FILE, LOG_FILE, LOCK_FILE, PLAN_FILE = "run.json", "error.txt", "run.log", ".lock", "plan.json"
 HYDRA_FILES = {".hydra", "benchmark.log", LOCK_FILE}  # what Hydra and the lock put in a run directory first
 LEADERBOARD_METRICS = (
@@ -167,7 +169,7 @@ class BenchmarkConfig:
 
 
 def register_benchmark_configs() -> None:
-    """Put the benchmark's schema in Hydra's ConfigStore (the runs' schemas: :func:`compose_run_config`)."""
+    """Put the benchmark's schema in Hydra's ConfigStore (the runs' schemas: :func:`resolved_run_config`)."""
     ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
 
 
@@ -268,10 +270,9 @@ Hydra composes once per task and method instead of once per run; the result is t
 
 @functools.lru_cache(maxsize=None)
 def _compose(overrides: tuple[str, ...]) -> DictConfig:
-    from tokenrl.run.config import register_configs
+    from tokenrl.run.config import compose_config
 
-    register_configs()
-    return hydra.compose(config_name="config", overrides=list(overrides))
+    return compose_config(CONF_DIR, overrides)
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,8 +284,8 @@ def _resolved(overrides: tuple[str, ...]) -> str:
     return json.dumps(dataclasses.asdict(make_run_config(cfg)))
 
 
-def compose_run_config(overrides: list[str]) -> dict[str, Any]:
-    """The resolved run config of ``experiments/run.py <overrides>`` (Hydra must be initialised on experiments/conf).
+def resolved_run_config(overrides: list[str]) -> dict[str, Any]:
+    """The resolved run config of ``experiments/run.py <overrides>`` (:func:`tokenrl.run.config.compose_config`).
 
     Each override list is composed once per process (the grid's rounds expand the same runs again).
 
@@ -319,7 +320,7 @@ def expand(
             for lr, seed in cells:
                 overrides = run_overrides(suite, task, method, lr, seed)
                 try:
-                    config = compose_run_config(overrides)
+                    config = resolved_run_config(overrides)
                 except Exception as err:  # noqa: BLE001 - Hydra's and the schemas' errors name the key
                     raise BenchmarkError(f"suite {suite.name!r}: the runs of {task}/{method} do not compose: "
                                          f"{type(err).__name__}: {err}") from err
@@ -570,10 +571,13 @@ def run_job(bench: BenchmarkConfig) -> str:
 
     Returns ``finished`` or ``failed``. A failure of the run (an exception, e.g. the divergence guard) is written
     to ``error.txt`` and does not stop the other jobs; an interruption (KeyboardInterrupt, after the trainer's
-    checkpoint) propagates and leaves the run pending. An earlier unfinished attempt is cleared first (see the
-    module docstring: the protocol's runs cannot resume).
+    checkpoint) propagates and leaves the run pending. An interrupted earlier attempt (checkpoints of training or
+    of the SFT warm start, no ``error.txt``) is resumed from its newest checkpoint; a failed one is cleared and
+    started again.
     """
+    from tokenrl.run.checkpoint import list_checkpoints
     from tokenrl.run.config import make_run_config
+    from tokenrl.run.sft_checkpoints import STAGE as SFT_STAGE
     from tokenrl.run.trainer import run as train
 
     out = Path(bench.out)
@@ -590,14 +594,18 @@ def run_job(bench: BenchmarkConfig) -> str:
         if state.kind == "finished":
             print(f"[benchmark] {spec.key}: already finished", flush=True)
             return "finished"
-        clear_outputs(run_dir)
-        write_json(run_dir / RUN_FILE, spec.record())
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(spec.config))
-        print(f"[benchmark] {spec.key}: starting; log {run_dir / LOG_FILE}", flush=True)
+        resume = (run_dir / RUN_FILE).exists() and not (run_dir / ERROR_FILE).exists()
+        resume = resume and bool(list_checkpoints(str(run_dir)) or list_checkpoints(str(run_dir), SFT_STAGE))
+        if not resume:
+            clear_outputs(run_dir)
+            write_json(run_dir / RUN_FILE, spec.record())
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(spec.config))
+        print(f"[benchmark] {spec.key}: {'resuming' if resume else 'starting'}; log {run_dir / LOG_FILE}", flush=True)
         start = time.perf_counter()
         try:
-            with open(run_dir / LOG_FILE, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                train(make_run_config(spec.config), str(run_dir))
+            with (open(run_dir / LOG_FILE, "a" if resume else "w") as log, contextlib.redirect_stdout(log),
+                  contextlib.redirect_stderr(log)):
+                train(make_run_config({**spec.config, "resume": resume}), str(run_dir))
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded and the others go on
             summary = " ".join(f"{type(err).__name__}: {err}".split())  # one line: the leaderboard shows it
             (run_dir / ERROR_FILE).write_text(traceback.format_exc() + summary + "\n")
@@ -964,7 +972,7 @@ def _forwarded_overrides() -> list[str]:
 register_benchmark_configs()
 
 
-@hydra.main(version_base="1.3", config_path=os.path.join(os.path.dirname(SCRIPT), "conf"), config_name="benchmark")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="benchmark")
 def main(cfg: DictConfig) -> str | int:
     bench: BenchmarkConfig = OmegaConf.to_object(cfg)
     if bench.run is not None:

@@ -28,7 +28,8 @@ from omegaconf import DictConfig
 
 from tokenrl.run.config import make_run_config, refuse_unknown_algo, register_configs
 from tokenrl.run.distributed import process_group
-from tokenrl.run.trainer import apply_threads, build_task, load_data
+from tokenrl.run.context import apply_threads
+from tokenrl.run.inputs import build_task, load_data
 from tokenrl.run.checks import check_config, check_student_tokenizer
 
 register_configs()

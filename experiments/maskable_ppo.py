@@ -67,7 +67,9 @@ from tokenrl.evaluation.teacher_forced import teacher_nll  # noqa: E402
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl  # noqa: E402
 from tokenrl.lm.sampling import KVCacheStepper  # noqa: E402
 from tokenrl.run.config import RunConfig, make_run_config  # noqa: E402
-from tokenrl.run.trainer import apply_threads, build_student, build_task, run  # noqa: E402
+from tokenrl.run.context import apply_threads  # noqa: E402
+from tokenrl.run.inputs import build_student, build_task  # noqa: E402
+from tokenrl.run.trainer import run  # noqa: E402
 from tokenrl.tasks.base import SyntheticTaskConfig  # noqa: E402
 
 TokenPolicy = Callable[[dict[str, torch.Tensor]], torch.Tensor]

@@ -41,7 +41,6 @@ import os
 import sys
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -53,11 +52,13 @@ from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
 from tokenrl.lm.sampling import sample_responses  # noqa: E402
 from tokenrl.lm.scoring import with_teacher_logprobs  # noqa: E402
-from tokenrl.run.config import make_run_config, register_configs  # noqa: E402
-from tokenrl.run.selection import sft_cache_path  # noqa: E402
-from tokenrl.run.trainer import build_student, build_task, data_location, run  # noqa: E402
+from tokenrl.run.config import compose_algo, make_run_config  # noqa: E402
+from tokenrl.run.inputs import build_student, build_task, data_location  # noqa: E402
+from tokenrl.run.selection import read_sft_start, sft_cache_path  # noqa: E402
+from tokenrl.run.trainer import run  # noqa: E402
 from tokenrl.tasks.synthetic import SyntheticLanguage  # noqa: E402
 
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 BASE = {  # the README's default run, shortened, with the shared SFT start and no reference evaluations
     "sft_steps": 500, "steps": 200, "threads": 1, "progress": False, "teacher_eval": False, "init_eval": False,
     "selection": {"sft_cache": True}, "checkpoint_seconds": 0,
@@ -82,24 +83,16 @@ def run_config(study: str, spec: str, overrides: list[str], val_every: int) -> t
     """``(label, config dict)`` of one run of ``study`` (``spec`` as in ``--runs``)."""
     if study == "lr":
         algo, lr = spec.split(":")
-        label, run = f"{algo}_lr{lr}", {"algo": {**_algo_yaml(algo), "lr": float(lr)}}
+        label, run = f"{algo}_lr{lr}", {"algo": {**compose_algo(CONF_DIR, algo), "lr": float(lr)}}
         # val_every_s validates at step 0 (the SFT start) and at the end; val_every in between.
         run["eval"] = {"val_every": val_every, "val_every_s": 1e9}
     else:
         top_p, lmbda, lr = spec.split(":")
         label = f"gkd_p{top_p}_l{lmbda}_lr{lr}"
-        run = {"algo": {**_algo_yaml("gkd"), "top_p": float(top_p), "lmbda": float(lmbda), "lr": float(lr)}}
+        run = {"algo": {**compose_algo(CONF_DIR, "gkd"), "top_p": float(top_p), "lmbda": float(lmbda), "lr": float(lr)}}
     # The command line's overrides come last: they change every run of the study.
     cfg = OmegaConf.merge(OmegaConf.create(BASE), run, OmegaConf.from_dotlist(overrides))
     return label, OmegaConf.to_container(cfg)
-
-
-def _algo_yaml(name: str) -> dict:
-    """The ``algo`` node of ``experiments/run.py algo=<name>`` (its schema defaults and preset YAML, if any)."""
-    register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
-    with initialize_config_dir(version_base="1.3", config_dir=conf_dir):
-        return OmegaConf.to_container(compose("config", overrides=[f"algo={name}"]).algo, resolve=True)
 
 
 def run_once(label: str, cfg: dict, out: str) -> dict:
@@ -164,7 +157,7 @@ def _sft_weights(metrics: dict) -> dict[str, torch.Tensor] | None:
     cfg = make_run_config(metrics["config"])
     task = build_task(cfg)
     path = sft_cache_path(cfg, task, data_location(cfg, task))
-    return torch.load(path, weights_only=True)["model"] if os.path.exists(path) else None
+    return read_sft_start(path)["model"] if os.path.exists(path) else None
 
 
 def lr_table(results: dict[str, dict]) -> str:

@@ -7,7 +7,13 @@
     torchrun --nproc_per_node=2 experiments/run.py hydra.run.dir=outputs/ddp   # data-parallel (README)
 
 Artifacts go to Hydra's run directory (printed at the end): metrics.json, tb/, student.safetensors,
-student/, checkpoints/, config.yaml. Continue an interrupted run with `resume=true hydra.run.dir=<its dir>`.
+student/, checkpoints/, config.yaml, owner.json. Continue an interrupted run with `resume=true hydra.run.dir=<its dir>`.
+
+The directory belongs to one run (:mod:`tokenrl.run.rundir`): nothing is written there before the config is
+checked and the directory is found free, so conf/config.yaml turns off Hydra's own ``.hydra/`` copies (written
+before any check, by every invocation, refused ones too) and opens Hydra's log file only when something is
+logged; the trainer writes ``config.yaml`` (the resolved config) and ``owner.json`` (the config's identity, the
+command, and one entry per resume) once the run is accepted.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tokenrl.run.config import make_run_config, refuse_unknown_algo, register_configs
 from tokenrl.core.ranks import env_rank
@@ -45,13 +51,7 @@ def _summary(metrics: dict, out_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    out_dir = HydraConfig.get().runtime.output_dir
-    config_file = os.path.join(out_dir, "config.yaml")
-    # Under torchrun only rank 0 writes (pass hydra.run.dir so that all ranks share it); a resumed run keeps
-    # the config it started with.
-    if env_rank() == 0 and not (cfg.resume and os.path.exists(config_file)):
-        with open(config_file, "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    out_dir = HydraConfig.get().runtime.output_dir  # under torchrun pass hydra.run.dir so that all ranks share it
     metrics = run(make_run_config(cfg), out_dir)
     if env_rank() == 0:
         print(_summary(metrics, out_dir))

@@ -21,7 +21,8 @@ from tokenrl.run.config import make_run_config, register_configs
 from tokenrl.core.padding import right_pad
 from tokenrl.tasks.datagen import load_teacher_data
 from tokenrl.core.top_p import top_p_mask
-from tokenrl.run.trainer import apply_threads, build_task, data_location
+from tokenrl.run.context import apply_threads
+from tokenrl.run.inputs import build_task, data_location
 
 register_configs()
 P_VALUES = (0.5, 0.8, 0.9, 0.95)

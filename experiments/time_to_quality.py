@@ -21,7 +21,7 @@ What it does, in one process with the run's thread count (``threads``, default 1
 2. trains one SFT warm start (``sft_steps``, seed 0) that every algorithm and seed starts from (skipped when
    every requested run already has its record under ``<out>/runs``, which are reused);
 3. for every algorithm and seed: a fresh copy of the warm-started student and of the teacher data, then
-   :func:`tokenrl.run.trainer.train_loop` with ``eval.val_every_s``: every that many seconds of the training
+   :func:`tokenrl.run.train_loop.train_loop` with ``eval.val_every_s``: every that many seconds of the training
    clock (rollouts, teacher scoring, batch drawing, updates; validation excluded) the student is scored on
    the validation prompts (teacher NLL, teacher-forced KL, on-policy KL, Rouge-L). Records go to
    ``<out>/runs/<algo>_lr<lr>_s<seed>.json``;
@@ -45,7 +45,6 @@ import time
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
@@ -54,19 +53,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from algorithms import make_algorithm  # noqa: E402
 from tokenrl.run import distributed  # noqa: E402
 from tokenrl.data.buffer import ReplayBuffer  # noqa: E402
-from tokenrl.run.config import RunConfig, make_run_config, register_configs  # noqa: E402
+from tokenrl.run.config import RunConfig, compose_algo, make_run_config  # noqa: E402
 from tokenrl.core.divergence import DivergenceGuard  # noqa: E402
 from tokenrl.lm.policy import CausalLMPolicy  # noqa: E402
-from tokenrl.run.trainer import (  # noqa: E402
-    RunContext,
-    apply_threads,
-    build_student,
-    build_task,
-    load_data,
-    load_task_corpus,
-    train_loop,
-    warm_start,
-)
+from tokenrl.run.context import RunContext, apply_threads  # noqa: E402
+from tokenrl.run.inputs import build_student, build_task, load_data, load_task_corpus  # noqa: E402
+from tokenrl.run.train_loop import train_loop  # noqa: E402
+from tokenrl.run.trainer import warm_start  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 # label -> (algo=<name>: an algorithm or a preset, overrides): the comparison of issue 10; iql_bd as `algo=iql_bd` runs it (the
@@ -108,10 +101,7 @@ def copy_buffer(buffer: ReplayBuffer) -> ReplayBuffer:
 def algo_node(label: str) -> dict:
     """The ``algo`` node of ``label`` as ``experiments/run.py algo=<name>`` composes it, plus its overrides."""
     name, overrides = {**ALGOS, **TOP_P_ALGOS}[label]
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        node = OmegaConf.to_container(compose("config", overrides=[f"algo={name}"]).algo, resolve=True)
-    return {**node, **overrides}
+    return {**compose_algo(CONF_DIR, name), **overrides}
 
 
 def algo_config(label: str, lr: float | None = None):
@@ -222,12 +212,11 @@ def run_all(args: argparse.Namespace, lrs: dict[str, float]) -> dict:
 
 def _context(cfg: RunConfig, out: str, name: str, task, buffer, model, seed: int) -> RunContext:
     policy = CausalLMPolicy(model, vocab_size=task.vocab_size)
-    loss_module = distributed.LossForward(policy)  # one process: the loss is called unwrapped
     return RunContext(
         cfg=cfg, out_dir=os.path.join(out, "runs"), task=task, buffer=buffer, model=model, policy=policy,
         generator=torch.Generator().manual_seed(seed), writer=SummaryWriter(os.path.join(out, "tb", name)),
         results={}, timings={}, data_dir=os.path.join(out, "data"), guard=DivergenceGuard(cfg.divergence_factor),
-        loss_module=loss_module, loss_fn=loss_module,
+        loss_fn=distributed.LossForward(policy),  # one process: the loss is called unwrapped
     )
 
 

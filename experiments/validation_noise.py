@@ -16,11 +16,11 @@ the seconds one validation takes (scoring and sampling, not drawing the held-out
 does once). With ``--versus`` a second student is scored on the same draws and the rows ``(difference)`` give
 the spread of the paired difference, which is what ranking two checkpoints or methods depends on.
 
-The student: ``--student`` (a run's ``student.safetensors``, or an SFT start ``sft_starts/<digest>.pt`` of
+The student: ``--student`` (a run's ``student.safetensors``, or an SFT start ``sft_starts/<digest>.safetensors`` of
 ``selection.sft_cache``), else ``--sft-steps`` BC updates at the run's ``sft_lr`` (deterministic for a seed).
 
     python experiments/validation_noise.py --quick                    # a 1000-step SFT student, a small grid
-    python experiments/validation_noise.py --student A.pt --versus outputs/<run>/student.safetensors \
+    python experiments/validation_noise.py --student A.safetensors --versus outputs/<run>/student.safetensors \
         --heldout 100:1,100:16,500:1,2000:1 --sampled 100:1,500:1,500:4
 """
 
@@ -34,15 +34,17 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from algorithms import make_algorithm
 from tokenrl.evaluation.metrics import evaluate_decodings, teacher_forced_kl
 from tokenrl.evaluation.onpolicy import on_policy_reverse_kl_of_model
 from tokenrl.lm.policy import CausalLMPolicy
-from tokenrl.run.config import RunConfig, make_run_config, register_configs
-from tokenrl.run.trainer import apply_threads, build_student, build_task, load_data
+from tokenrl.run.checkpoint import is_state_file
+from tokenrl.run.config import RunConfig, compose_run_config
+from tokenrl.run.context import apply_threads
+from tokenrl.run.inputs import build_student, build_task, load_data
+from tokenrl.run.selection import read_sft_start
 from tokenrl.tasks.base import Task
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
@@ -50,18 +52,11 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 SEED_BASE = 50_000  # replicate r's sampling seeds start at SEED_BASE + 1000 r: apart from any run's seeds
 
 
-def run_config(overrides: list[str]) -> RunConfig:
-    """The config ``experiments/run.py <overrides>`` composes."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return make_run_config(compose("config", ["progress=false", *overrides]))
-
-
 def fixed_student(cfg: RunConfig, task: Task, path: str | None, sft_steps: int) -> torch.nn.Module:
     """The student every row scores: the weights at ``path``, or ``sft_steps`` BC updates from the run's init."""
     model = build_student(cfg.model, task, cfg.seed, cfg.device)
     if path is not None:
-        state = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)["model"]
+        state = read_sft_start(path)["model"] if is_state_file(path) else load_file(path)
         loaded = model.load_state_dict(state, strict=False)  # a run's safetensors drops tied duplicates
         if loaded.unexpected_keys or (loaded.missing_keys and not model.config.tie_word_embeddings):
             raise SystemExit(
@@ -74,7 +69,7 @@ def fixed_student(cfg: RunConfig, task: Task, path: str | None, sft_steps: int) 
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=sft_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     for _ in range(sft_steps):
-        sft.update(sft.sample_batch(buffer, cfg.batch_size, generator))
+        sft.update(sft.sampler.batch(buffer, cfg.batch_size, generator, sft.top_p))
     return model
 
 
@@ -191,7 +186,7 @@ def pairs(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student", help="a run's student.safetensors or an SFT start (sft_starts/<digest>.pt)")
+    parser.add_argument("--student", help="a run's student.safetensors or an SFT start (sft_starts/<digest>.safetensors)")
     parser.add_argument("--versus", help="a second student: rows of the paired difference (student minus this one)")
     parser.add_argument("--sft-steps", type=int, default=1000, help="BC updates of the student without --student")
     parser.add_argument("--replicates", type=int, default=8, help="validation draws per setting")
@@ -202,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.replicates, args.heldout, args.sampled = 3, "100:1,100:4", "100:1,100:4"
-    cfg = run_config(args.overrides)
+    cfg = compose_run_config(CONF_DIR, ["progress=false", *args.overrides])
     apply_threads(cfg.threads)
     task = build_task(cfg)
     if not isinstance(task.teacher, SyntheticLanguage):

@@ -65,22 +65,11 @@ def with_lm_batch(batch, algo, corpus, seed: int = 0):
 CONF = os.path.join(ROOT, "experiments", "conf")
 
 
-def compose_config(*overrides: str):
-    """``experiments/conf`` composed with ``overrides`` as ``experiments/run.py`` composes it (a DictConfig)."""
-    from hydra import compose, initialize_config_dir
-
-    from tokenrl.run.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 def algo_options(algo: str) -> dict:
     """The ``algo`` node of ``algo=<algo>`` (an algorithm or a preset YAML) as a dict, ``name`` and ``preset`` included."""
-    from omegaconf import OmegaConf
+    from tokenrl.run.config import compose_algo
 
-    return OmegaConf.to_container(compose_config(f"algo={algo}").algo, resolve=True)
+    return compose_algo(CONF, algo)
 
 
 def make_preset(algo: str, policy, overrides: dict | None = None, total_steps: int = 1000):

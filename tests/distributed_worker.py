@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tokenrl.core.ranks import env_rank  # noqa: E402
-from tokenrl.run import distributed, trainer  # noqa: E402
+from tokenrl.run import distributed, outputs, train_state, trainer  # noqa: E402
+from tokenrl.run import step as step_module  # noqa: E402
 
 trace_dir, snapshot_step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rank = env_rank()
@@ -37,7 +38,7 @@ def _record_indices(indices, ctx, micro_batch_size):
 
 
 def _record_params(algo, micro_batches, loss_fn, ctx):
-    stats = _accumulated_update(algo, micro_batches, loss_fn, ctx)
+    stats = _optimizer_update(algo, micro_batches, loss_fn, ctx)
     # FSDP parameters are DTensor shards: gather the full tensors (a collective every rank runs here).
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in algo.policy.parameters()]
     trace["params"].append(torch.cat([p.detach().reshape(-1).clone() for p in full]))
@@ -53,23 +54,24 @@ def _writes(name, fn):
     return wrapper
 
 
-def _save_checkpoint(out_dir, state, step, keep):
+def _save_checkpoint(out_dir, state, step, keep, **kwargs):
     trace["writes"].append("save_checkpoint")
-    path = _save_checkpoint_fn(out_dir, state, step, keep)
+    path = _save_checkpoint_fn(out_dir, state, step, keep, **kwargs)
     if step == snapshot_step:
         shutil.copy(path, os.path.join(trace_dir, f"checkpoint_step{snapshot_step}.safetensors"))
     return path
 
 
-_local_micro_batches, _accumulated_update, _save, _save_checkpoint_fn = (
-    distributed.local_micro_batches, distributed.accumulated_update, torch.save, trainer.save_checkpoint,
+_local_micro_batches, _optimizer_update, _save, _save_checkpoint_fn = (
+    distributed.local_micro_batches, step_module.optimizer_update, torch.save, train_state.save_checkpoint,
 )
 distributed.local_micro_batches = _record_indices
-distributed.accumulated_update = _record_params
-trainer.save_checkpoint = _save_checkpoint
-trainer.SummaryWriter = _writes("SummaryWriter", trainer.SummaryWriter)
-trainer.save_model = _writes("save_model", trainer.save_model)
-trainer.write_json_atomic = _writes("write_json_atomic", trainer.write_json_atomic)
+step_module.optimizer_update = _record_params
+train_state.save_checkpoint = _save_checkpoint
+for module in (trainer, outputs):  # tb/ and tb_hparams/
+    module.SummaryWriter = _writes("SummaryWriter", module.SummaryWriter)
+outputs.save_model = _writes("save_model", outputs.save_model)
+outputs.write_json_atomic = _writes("write_json_atomic", outputs.write_json_atomic)
 atexit.register(lambda: _save(trace, os.path.join(trace_dir, f"rank{rank}.pt")))
 
 sys.argv = [os.path.join(ROOT, "experiments", "run.py"), *overrides]

@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -23,6 +25,7 @@ from scipy import stats as scipy_stats
 
 from tests.conftest import ROOT, load_experiment
 from tokenrl.evaluation.stats import paired_difference, t_interval, t_quantile
+from tokenrl.run.config import compose_config
 
 CONF = os.path.join(ROOT, "experiments", "conf")
 SCRIPT = os.path.join(ROOT, "experiments", "benchmark.py")
@@ -120,9 +123,8 @@ def test_lr_seeds_run_the_grid_on_some_seeds_and_the_rest_at_the_chosen_lr(bench
                               methods={"m": bench.MethodSpec("bc", [1e-4, 1e-3])}, seeds=[0, 1, 2], lr_seeds=[0], reference=None,
                               protocol=["selection=best"])
     bench.check_suite(suite)
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        grid_runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]})
-        runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]}, {("t", "m"): 1e-3})
+    grid_runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]})
+    runs = bench.expand(suite, {("t", "m"): [1e-4, 1e-3]}, {("t", "m"): 1e-3})
     assert [(r.lr, r.seed) for r in grid_runs] == [(1e-4, 0), (1e-3, 0)]
     assert [(r.lr, r.seed) for r in runs] == [(1e-4, 0), (1e-3, 0), (1e-3, 1), (1e-3, 2)]
     finished = {r.key: bench.RunState("finished", metrics={"selection": {"best_score": {0: 0.5, 1: 0.1, 2: 0.1}[r.seed] + r.lr}})
@@ -139,16 +141,14 @@ def test_lr_seeds_run_the_grid_on_some_seeds_and_the_rest_at_the_chosen_lr(bench
 # --------------------------------------------------------------------------------------------------
 def _suite(bench, name: str, overrides: tuple[str, ...] = (), conf: str = CONF, first_lr_only: bool = False):
     """The suite's config and its expanded runs (``first_lr_only``: each method's first lr, the first seed)."""
-    with initialize_config_dir(version_base="1.3", config_dir=conf):
-        cfg = compose(config_name="benchmark", overrides=[f"suite={name}", *overrides])
-        bench_cfg = OmegaConf.to_object(cfg)
-        suite = bench_cfg.suite
-        bench.check_suite(suite)
-        grids = {(t, m): list(spec.lrs) for t in suite.tasks for m, spec in suite.methods.items()}
-        if first_lr_only:  # composing a run takes 0.1-0.5 s: every method once, not the whole grid
-            grids = {key: lrs[:1] for key, lrs in grids.items()}
-            suite = bench.SuiteConfig(**{**vars(suite), "seeds": suite.seeds[:1]})
-        return bench_cfg, bench.expand(suite, grids)
+    bench_cfg = OmegaConf.to_object(compose_config(conf, [f"suite={name}", *overrides], config_name="benchmark"))
+    suite = bench_cfg.suite
+    bench.check_suite(suite)
+    grids = {(t, m): list(spec.lrs) for t in suite.tasks for m, spec in suite.methods.items()}
+    if first_lr_only:  # composing a run takes 0.1-0.5 s: every method once, not the whole grid
+        grids = {key: lrs[:1] for key, lrs in grids.items()}
+        suite = bench.SuiteConfig(**{**vars(suite), "seeds": suite.seeds[:1]})
+    return bench_cfg, bench.expand(suite, grids)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in Path(CONF, "suite").glob("*.yaml")))
@@ -188,6 +188,85 @@ def test_run_id_ignores_execution_keys_and_order(bench):
     assert same.id == run.id
     other = bench.RunSpec(run.task, run.method, run.lr, run.seed, [*run.overrides, "steps=5"], run.config)
     assert other.id != run.id
+
+
+def _interruptible_jobs(bench, tmp_path) -> tuple[dict, object]:
+    """The kd run of the tiny suite (checkpoints every 2 steps, of the SFT too) planned in two benchmark folders,
+    ``straight`` and ``killed``, sharing one data folder (the SFT start one of them caches, the other reads)."""
+    _, runs = _suite(bench, "tiny", first_lr_only=True)
+    spec = next(r for r in runs if r.method == "kd")
+    extra = {"checkpoint_every": 2, "data_dir": str(tmp_path / "data")}
+    spec = bench.RunSpec(spec.task, spec.method, spec.lr, spec.seed, [*spec.overrides, "checkpoint_every=2"],
+                         {**spec.config, **extra})
+    jobs = {}
+    for name in ("straight", "killed"):
+        out = tmp_path / name
+        out.mkdir()
+        bench.write_json(out / bench.PLAN_FILE, {"suite": "tiny", "runs": {spec.key: spec.record()}})
+        jobs[name] = types.SimpleNamespace(out=str(out), run=spec.key)
+    return jobs, spec
+
+
+def _kill_at_loss(monkeypatch, cls, n: int):
+    """Raise KeyboardInterrupt at the ``n``-th loss of ``cls`` (one micro-batch per update); returns the original."""
+    original, calls = cls.compute_loss, {"n": 0}
+
+    def compute_loss(self, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batch)
+
+    monkeypatch.setattr(cls, "compute_loss", compute_loss)
+    return original
+
+
+def _assert_same_run(a_dir, b_dir, cached: tuple[bool, bool]):
+    """Two runs ended alike: selection, final evaluation, SFT summary (but whether the start came from the cache,
+    ``cached`` for a and b) and student."""
+    from safetensors.torch import load_file
+
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (a_dir, b_dir))
+    assert a["selection"] == b["selection"] and a["final_eval"] == b["final_eval"]
+    assert (a["sft"].pop("cached"), b["sft"].pop("cached")) == cached and a["sft"] == b["sft"]
+    students = [load_file(d / "student.safetensors") for d in (a_dir, b_dir)]
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    """A job whose earlier attempt was interrupted after a checkpoint resumes it (the best checkpoint so far is in
+    the checkpoint) and ends as the uninterrupted run."""
+    from algorithms.kd import KD
+
+    jobs, spec = _interruptible_jobs(bench, tmp_path)
+    assert bench.run_job(jobs["straight"]) == "finished"
+    original = _kill_at_loss(monkeypatch, KD, 3)  # the update after the checkpoint at step 2
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_job(jobs["killed"])
+    monkeypatch.setattr(KD, "compute_loss", original)
+    capsys.readouterr()
+    assert bench.run_job(jobs["killed"]) == "finished" and "resuming" in capsys.readouterr().out
+    # The straight run trained the SFT start and cached it; the killed one's first attempt read that cache.
+    _assert_same_run(tmp_path / "straight" / spec.key, tmp_path / "killed" / spec.key, cached=(False, True))
+
+
+def test_a_run_interrupted_in_its_sft_resumes_from_the_sft_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    """A job interrupted during its SFT warm start, after an SFT checkpoint, resumes the SFT from it and ends as a
+    run that read the finished start from the cache."""
+    from algorithms.bc import BC
+    from tokenrl.run.checkpoint import list_checkpoints
+
+    jobs, spec = _interruptible_jobs(bench, tmp_path)
+    killed = tmp_path / "killed" / spec.key
+    original = _kill_at_loss(monkeypatch, BC, 3)  # the SFT update after its checkpoint at SFT step 2
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_job(jobs["killed"])
+    monkeypatch.setattr(BC, "compute_loss", original)
+    assert [s for s, _ in list_checkpoints(str(killed), "sft")] == [2] and not list_checkpoints(str(killed))
+    capsys.readouterr()
+    assert bench.run_job(jobs["killed"]) == "finished" and "resuming" in capsys.readouterr().out
+    assert bench.run_job(jobs["straight"]) == "finished"
+    _assert_same_run(killed, tmp_path / "straight" / spec.key, cached=(False, True))
 
 
 def test_unknown_suite_key_fails_at_compose_time(bench, tmp_path):

@@ -6,19 +6,17 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from algorithms import REGISTRY, make_config
 from algorithms.iql_bd import BellmanDistillConfig
-from tokenrl.run.config import RunConfig, make_run_config, refuse_unknown_algo, register_configs
+from tokenrl.run.config import RunConfig, compose_config, make_run_config, refuse_unknown_algo
 from tokenrl.tasks.hf import HFTaskConfig
 from tokenrl.tasks.base import SyntheticTaskConfig
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "conf")
-register_configs()
 
 
 def _options(group: str) -> list[str]:
@@ -26,8 +24,7 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(CONF, overrides)
 
 
 def test_algo_yamls_are_presets_not_algorithms():

@@ -15,9 +15,11 @@ import torch
 from tests.conftest import edit_manifest
 from tests.test_datagen import assert_buffers_equal
 from tests.test_hf_task import _task_cfg, tiny_files  # noqa: F401  (tiny_files is a fixture)
+from tokenrl.data.samplers import BatchSampler
 from tokenrl.run import distributed
 from tokenrl.run.config import make_run_config
-from tokenrl.run.trainer import attach_lm_batches, build_task
+from tokenrl.run.inputs import build_task
+from tokenrl.run.step import draw_batches
 from tokenrl.tasks.corpus import load_corpus, read_documents
 from tokenrl.tasks.datagen import FixedResponses, generate_teacher_data
 from tokenrl.tasks.manifest import DataIntegrityError, file_sha256
@@ -135,10 +137,10 @@ def test_hf_corpus_from_a_file_and_from_the_teacher(tiny_files, tmp_path):  # no
         read_documents(str(bad), "body")
 
 
-def _context(corpus, batch_size: int, seed: int = 0, world_size: int = 1, rank: int = 0):
-    """The fields of a RunContext that :func:`attach_lm_batches` reads."""
+def _context(buffer, corpus, batch_size: int, seed: int = 0, world_size: int = 1, rank: int = 0):
+    """The fields of a RunContext that :func:`draw_batches` reads."""
     return types.SimpleNamespace(
-        corpus=corpus, generator=torch.Generator().manual_seed(seed),
+        buffer=buffer, corpus=corpus, generator=torch.Generator().manual_seed(seed),
         cfg=types.SimpleNamespace(batch_size=batch_size, device="cpu", algo_name="test"),
         dist=distributed.DistContext(rank=rank, world_size=world_size),
     )
@@ -146,19 +148,19 @@ def _context(corpus, batch_size: int, seed: int = 0, world_size: int = 1, rank: 
 
 def test_lm_batches_are_drawn_with_the_run_generator_and_split_like_the_batch(synthetic, synthetic_buffer):
     _, _, corpus, _ = synthetic
-    algo = types.SimpleNamespace(top_p=0.5)
-    ctx = _context(corpus, 8, seed=3)
-    draws = [synthetic_buffer.collate([0])]
-    (whole,) = attach_lm_batches(ctx, algo, draws, micro=8)
-    rows = torch.randint(len(corpus), (8,), generator=torch.Generator().manual_seed(3)).tolist()
+    algo = types.SimpleNamespace(top_p=0.5, sampler=BatchSampler(), needs_lm_batch=True)
+    (whole,) = draw_batches(_context(synthetic_buffer, corpus, 8, seed=3), algo, micro=8)
+    generator = torch.Generator().manual_seed(3)
+    batch_rows = torch.randint(len(synthetic_buffer), (8,), generator=generator).tolist()
+    rows = torch.randint(len(corpus), (8,), generator=generator).tolist()  # right after the distillation batch
     expected = corpus.collate(rows, top_p=0.5)
     assert torch.equal(whole.lm_batch.input_ids_BL, expected.input_ids_BL) and whole.lm_batch.top_p == 0.5
     assert torch.equal(whole.lm_batch.cand_mask_BSK, expected.cand_mask_BSK)
-    assert torch.equal(whole.input_ids_BL, draws[0].input_ids_BL)  # the distillation batch is unchanged
+    assert torch.equal(whole.input_ids_BL, synthetic_buffer.collate(batch_rows, top_p=0.5).input_ids_BL)
     # Micro-batches (and ranks) get consecutive parts of the same draw.
-    parts = [b.lm_batch for rank in (0, 1) for b in attach_lm_batches(
-        _context(corpus, 8, seed=3, world_size=2, rank=rank), algo, draws * 2, micro=2)]
+    parts = [b.lm_batch for rank in (0, 1) for b in draw_batches(
+        _context(synthetic_buffer, corpus, 8, seed=3, world_size=2, rank=rank), algo, micro=2)]
     assert [len(p.lengths_B) for p in parts] == [2] * 4
     assert torch.equal(torch.cat([p.lengths_B for p in parts]), expected.lengths_B)
     with pytest.raises(ValueError, match="no corpus"):
-        attach_lm_batches(_context(None, 8), algo, draws, micro=8)
+        draw_batches(_context(synthetic_buffer, None, 8), algo, micro=8)

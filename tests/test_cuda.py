@@ -172,7 +172,8 @@ def test_synthetic_run_on_the_device(algo, tmp_path):
 
 def test_transformers_task_generates_and_trains_on_the_device(tmp_path):
     from tests.test_hf_task import _task_cfg, _write_prompts, _write_teacher
-    from tokenrl.run.trainer import build_task, run
+    from tokenrl.run.inputs import build_task
+    from tokenrl.run.trainer import run
 
     _write_teacher(str(tmp_path / "teacher"))
     _write_prompts(str(tmp_path / "prompts.jsonl"))

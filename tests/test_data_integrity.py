@@ -18,7 +18,7 @@ from tokenrl.data.buffer import ReplayBuffer
 from tokenrl.run.config import make_run_config
 from tokenrl.tasks.datagen import load_or_generate_data, load_teacher_data
 from tokenrl.tasks.manifest import DataIntegrityError, data_manifest, dataset_dir, file_sha256
-from tokenrl.run.trainer import build_task, load_data
+from tokenrl.run.inputs import build_task, load_data
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,20 @@ def test_shard_files_are_byte_reproducible(synthetic_buffer, tmp_path):
     assert len(digests) == 1
     assert_buffers_equal(ReplayBuffer.load(path), synthetic_buffer)
 
+
+
+def test_a_complete_data_set_is_read_without_writing_anything(lang, prompts, tmp_path):
+    """Under torchrun rank 0 rewrote manifest.json even when every shard was on disk and recorded, so a read-only
+    shared data cache failed. Each rank of a sharded load (without a process group ``barrier`` waits for nobody,
+    so the two ranks' calls run one after the other) and a single-process load leave every file untouched."""
+    out = tmp_path / "data"
+    reference = generate(lang, out, prompts)
+    before = {path: (data, os.stat(out / path).st_mtime_ns) for path, data in _snapshot(out).items()}
+    settings = dict(manifest=MANIFEST, samples_per_prompt=2, cache_top_p=0.9, shard_prompts=4, seed=3, progress=False)
+    for rank, world in ((0, 2), (1, 2), (0, 1)):
+        buffer, complete = load_or_generate_data(
+            lang, None, prompts, str(out), shard_rank=rank, shard_world=world, **settings
+        )
+        assert complete
+        assert_buffers_equal(buffer, reference)
+    assert {path: (data, os.stat(out / path).st_mtime_ns) for path, data in _snapshot(out).items()} == before

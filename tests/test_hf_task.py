@@ -16,7 +16,7 @@ from tests.test_models import tiny_llama, word_tokenizer
 from tokenrl.run.config import ModelConfig
 from tokenrl.tasks.hf import HFTaskConfig, build_hf_task, weights_sha256
 from tokenrl.run.rollouts import StageClock, collect_rollouts
-from tokenrl.run.trainer import build_student
+from tokenrl.run.inputs import build_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "experiments", "conf")
@@ -161,14 +161,11 @@ def _yaml_names(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,name", [("task", n) for n in _yaml_names("task")] + [("model", n) for n in _yaml_names("model")])
 def test_configs_compose(group, name):
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tokenrl.run.config import register_configs
+    from tokenrl.run.config import compose_config
 
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        cfg = compose(config_name="config", overrides=[f"{group}={name}"])
+    cfg = compose_config(CONF, [f"{group}={name}"])
     node = OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=False)
     assert node["kind"] in ({"synthetic", "hf"} if group == "task" else {"fresh", "pretrained", "pruned"})
     if group == "task" and node["kind"] == "hf":

@@ -136,7 +136,7 @@ def test_lmbda_zero_is_offline_bd_exactly(synthetic_buffer, q_shift):
     for name, extra in (("iql_bd", {}), ("iql_bd_online", {"lmbda": 0.0})):
         policy = CausalLMPolicy(tiny_llama(dtype=torch.float64), vocab_size=64)
         algo = make_algorithm(name, policy, {**options, **extra}, total_steps=10)
-        batch = algo.sample_batch(synthetic_buffer, 8, torch.Generator().manual_seed(3))
+        batch = algo.sampler.batch(synthetic_buffer, 8, torch.Generator().manual_seed(3), algo.top_p)
         draws.append(batch.actions_BT)
         results.append(backward_and_grads(algo.compute_loss(batch)[0], policy))
     assert not algo.needs_rollouts and torch.equal(*draws)
@@ -181,7 +181,7 @@ def _mixed_batch(buf: ReplayBuffer, algo: OnlineBellmanDistill, n: int = 8, seed
     """A batch as the algorithm draws it once the trainer has collected a rollout batch."""
     mixed, newest = _with_rollouts(buf)
     algo.after_rollout(newest)
-    return algo.sample_batch(mixed, n, torch.Generator().manual_seed(seed))
+    return algo.sampler.batch(mixed, n, torch.Generator().manual_seed(seed), algo.top_p)
 
 
 @pytest.mark.parametrize("rollout_frac", [0.25, 0.5])
@@ -250,7 +250,7 @@ def _config(data_dir, **top) -> dict:
 
 
 def test_gradient_accumulation_is_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="draws its own training batches"):
+    with pytest.raises(ValueError, match="RolloutMix.*micro_batch_size"):
         run(make_run_config(_config(tmp_path / "data", micro_batch_size=2)), str(tmp_path / "run"))
     assert not (tmp_path / "data").exists()
 
@@ -268,18 +268,18 @@ def test_run_resumed_at_a_rollout_step_is_bit_identical(tmp_path, monkeypatch):
     straight = run(make_run_config(_config(data)), str(tmp_path / "straight"))
     assert straight["rollouts"]["rollout/collections"] == 3
     calls = {"n": 0}
-    original = OnlineBellmanDistill.update
+    original = OnlineBellmanDistill.compute_loss
 
-    def update(self, batch):
+    def compute_loss(self, batch):
         calls["n"] += 1
-        if calls["n"] == 5:  # after the checkpoint at step 4, a rollout step
+        if calls["n"] == 5:  # the update after the checkpoint at step 4, a rollout step
             raise Killed("simulated kill")
         return original(self, batch)
 
-    monkeypatch.setattr(OnlineBellmanDistill, "update", update)
+    monkeypatch.setattr(OnlineBellmanDistill, "compute_loss", compute_loss)
     with pytest.raises(Killed):
         run(make_run_config(_config(data)), str(tmp_path / "killed"))
-    monkeypatch.setattr(OnlineBellmanDistill, "update", original)
+    monkeypatch.setattr(OnlineBellmanDistill, "compute_loss", original)
     resumed = run(make_run_config(_config(data, resume=True)), str(tmp_path / "killed"))
     assert resumed["train"]["last_stats"] == straight["train"]["last_stats"]
     assert resumed["final_eval"] == straight["final_eval"]

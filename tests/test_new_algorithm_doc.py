@@ -139,27 +139,24 @@ def test_doc_algorithm_passes_the_shared_contract(doc, synthetic_buffer):
 
 
 def test_doc_preset_composes_against_the_generated_schema(doc, tmp_path):
-    from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import ConfigCompositionException
 
-    from tokenrl.run.config import make_run_config, register_configs
+    from tokenrl.run.config import compose_config, make_run_config
 
     (yaml,) = _blocks("yaml")
     conf = tmp_path / "conf"
     shutil.copytree(os.path.join(ROOT, "experiments", "conf"), conf)
     (conf / "algo" / "sqil_half.yaml").write_text(yaml)
-    register_configs()
     try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=["algo=sqil_half"])
-            assert cfg.algo.name == NAME and cfg.algo.preset == "sqil_half" and cfg.algo.learner_weight == 0.5
-            run_cfg = make_run_config(cfg)
-            assert run_cfg.algo_config() == doc.SQILConfig(learner_weight=0.5) and run_cfg.algo_preset == "sqil_half"
-            plain = compose("config", overrides=[f"algo={NAME}", "algo.learner_weight=0.25"])
-            assert plain.algo.preset == NAME and plain.algo.learner_weight == 0.25
-            with pytest.raises(ConfigCompositionException):
-                compose("config", overrides=[f"algo={NAME}", "algo.lernr_weight=0.5"])
+        cfg = compose_config(str(conf), ["algo=sqil_half"])
+        assert cfg.algo.name == NAME and cfg.algo.preset == "sqil_half" and cfg.algo.learner_weight == 0.5
+        run_cfg = make_run_config(cfg)
+        assert run_cfg.algo_config() == doc.SQILConfig(learner_weight=0.5) and run_cfg.algo_preset == "sqil_half"
+        plain = compose_config(str(conf), [f"algo={NAME}", "algo.learner_weight=0.25"])
+        assert plain.algo.preset == NAME and plain.algo.learner_weight == 0.25
+        with pytest.raises(ConfigCompositionException):
+            compose_config(str(conf), [f"algo={NAME}", "algo.lernr_weight=0.5"])
     finally:
         for group in (ConfigStore.instance().repo["algo"], ConfigStore.instance().repo["schema"]["algo"]):
             group.pop(f"{NAME}.yaml", None)

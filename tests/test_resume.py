@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -22,6 +23,7 @@ from tokenrl.run.checkpoint import (
     WRITE_DELAY_ENV,
     CheckpointError,
     ResumeError,
+    checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -81,16 +83,17 @@ class Killed(RuntimeError):
 
 
 def _kill_at_update(monkeypatch, n: int, action):
+    """Run ``action`` when the algorithm's ``n``-th update asks for its loss (one micro-batch per update here)."""
     calls = {"n": 0}
-    original = BellmanDistill.update
+    original = BellmanDistill.compute_loss
 
-    def update(self, batch):
+    def compute_loss(self, batch):
         calls["n"] += 1
         if calls["n"] == n:
             action()
         return original(self, batch)
 
-    monkeypatch.setattr(BellmanDistill, "update", update)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", compute_loss)
     return original
 
 
@@ -125,9 +128,9 @@ def test_resume_after_kill_is_bit_identical_and_a_damaged_checkpoint_falls_back(
     original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
     with pytest.raises(Killed):
         run(_cfg(data), str(out))
-    monkeypatch.setattr(BellmanDistill, "update", original)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
     checkpoints = list_checkpoints(str(out))
-    assert [step for step, _ in checkpoints] == [4, 2]
+    assert [step for step, _ in checkpoints] == [4, 2, 0]  # step 0: the start of training
     # 256 overwritten bytes in the newest checkpoint used to give a completed run with changed results.
     newest = checkpoints[0][1]
     with open(newest, "r+b") as f:
@@ -148,8 +151,8 @@ def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(straight, tmp_
     original = _kill_at_update(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 3"):
         run(_cfg(data), str(out))
-    monkeypatch.setattr(BellmanDistill, "update", original)
-    assert [step for step, _ in list_checkpoints(str(out))] == [3, 2]
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
+    assert [step for step, _ in list_checkpoints(str(out))] == [3, 2, 0]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only installed while training
     _assert_same_metrics(straight_metrics, run(_cfg(data, resume=True), str(out)))
     _assert_same_student(straight_dir, out)
@@ -167,18 +170,38 @@ def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch
     original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
     with pytest.raises(Killed):
         run(_cfg(data, **overrides), str(tmp_path / "killed"))
-    monkeypatch.setattr(BellmanDistill, "update", original)
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
     resumed = run(_cfg(data, resume=True, **overrides), str(tmp_path / "killed"))
     assert "loss/lm" in resumed["train"]["last_stats"] and resumed["corpus"]["corpus/cached"]
     _assert_same_student(tmp_path / "straight", tmp_path / "killed")
     _assert_same_metrics(straight, resumed)
 
 
+def test_resume_with_best_checkpoint_selection_is_bit_identical(straight, tmp_path, monkeypatch):
+    """selection.every: the best checkpoint so far (its scores and weights) is in the train state, so a run killed
+    after the checkpoint that holds its best step resumes to the same selection, student and metrics."""
+    data, _, _ = straight
+    # lr 0.1 makes the last validation the worst: the chosen weights are the ones the checkpoint at step 4 holds.
+    overrides = {"algo": {"name": "iql_bd", "lr": 0.1}, "selection": {"every": 2}, "init_eval": False}
+    straight_metrics = run(_cfg(data, **overrides), str(tmp_path / "straight"))
+    assert straight_metrics["selection"]["best_step"] == 4
+    original = _kill_at_update(monkeypatch, 5, _raise_killed)  # after the checkpoint at step 4
+    with pytest.raises(Killed):
+        run(_cfg(data, **overrides), str(tmp_path / "killed"))
+    monkeypatch.setattr(BellmanDistill, "compute_loss", original)
+    resumed = run(_cfg(data, resume=True, **overrides), str(tmp_path / "killed"))
+    _assert_same_student(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_metrics(straight_metrics, resumed)
+    assert [step for step, _ in resumed["selection"]["history"]] == [0, 2, 4, 6]
+    for key in ("selection", "sft"):
+        assert resumed[key] == straight_metrics[key], key
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"algo": {"name": "kd"}}, "algo.name: checkpoint 'iql_bd' vs requested 'kd'"),
-        ({"seed": 5}, "seed: checkpoint 0 vs requested 5"),
+        ({"algo": {"name": "kd"}}, "algo.name: recorded 'iql_bd' vs requested 'kd'"),
+        ({"seed": 5}, "seed: recorded 0 vs requested 5"),
         ({"task": {**_config("")["task"], "samples_per_prompt": 2}}, "task.samples_per_prompt"),
     ],
 )
@@ -188,6 +211,7 @@ def test_resume_refuses_a_changed_config(straight, change, named):
     with pytest.raises(ResumeError) as err:
         run(_cfg(data, resume=True, steps=8, **change), str(straight_dir))
     assert named in str(err.value) and "steps" not in str(err.value).split("(only")[0]
+    assert str(straight_dir / "owner.json") in str(err.value)
     assert _snapshot(straight_dir) == before
 
 
@@ -209,21 +233,78 @@ def test_resuming_a_finished_run_changes_nothing(straight, capsys):
     assert _snapshot(straight_dir) == before
 
 
-def test_divergence_stops_after_saving_the_last_good_state(straight, tmp_path):
-    """algo.lr=1e3 algo.grad_clip=0 used to finish with exit 0 and a uniform student."""
-    data, _, _ = straight
-    overrides = dict(algo={"name": "iql_bd", "lr": 1e3, "grad_clip": 0.0}, steps=5, sft_steps=0, init_eval=False)
-    with pytest.raises(DivergenceError) as err:
-        run(_cfg(data, **overrides), str(tmp_path / "stop"))
-    message = str(err.value)
-    assert "loss/total" in message and "at update 2" in message and "algo.lr" in message
-    assert err.value.term == "loss/total"
-    assert [step for step, _ in list_checkpoints(str(tmp_path / "stop"))] == [1]
-    assert not (tmp_path / "stop" / "metrics.json").exists()
+def _max_abs_weight(checkpoint: str) -> float:
+    return max(float(t.abs().max()) for t in load_checkpoint(checkpoint)["algo"]["policy"].values())
 
-    metrics = run(_cfg(data, on_divergence="skip", **overrides), str(tmp_path / "skip"))
-    assert metrics["train"]["skipped_steps"] >= 1
-    assert metrics["train"]["last_stats"]["train/skipped_steps"] == metrics["train"]["skipped_steps"]
+
+def test_an_update_that_wrecks_the_weights_stops_at_the_last_good_state_and_the_fix_resumes(straight, tmp_path):
+    """algo.lr=1e9: the first update's loss and gradient norm look ordinary, its weights do not (max|w| ~ 1e9).
+    It used to pass the guard, and the checkpoint then saved as "the last good state (step 1)" held those weights;
+    on_divergence=skip went on to skip 29 of 30 updates and exit 0 with them; the fixes the message suggested were
+    refused by resume."""
+    data, straight_dir, straight_metrics = straight
+    out = tmp_path / "lr1e9"
+    wrecking = dict(algo={"name": "iql_bd", "lr": 1e9}, checkpoint_every=1)
+    for on_divergence in ("skip", "stop"):  # skip cannot undo an update already applied: both stop
+        shutil.rmtree(out, ignore_errors=True)
+        with pytest.raises(DivergenceError) as err:
+            run(_cfg(data, on_divergence=on_divergence, **wrecking), str(out))
+        message = str(err.value)
+        assert err.value.term == "weights/norm" and "after update 1" in message
+        assert str(checkpoint_path(str(out), 0)) in message and "(the start of training)" in message
+        assert "resume=true" in message and "algo.lr=1e+08" in message
+        assert ("cannot undo" in message) == (on_divergence == "skip")
+        assert [step for step, _ in list_checkpoints(str(out))] == [0]  # nothing after the sign is saved
+        assert not (out / "metrics.json").exists()
+    assert _max_abs_weight(checkpoint_path(str(out), 0)) < 10  # the start: the SFT weights
+    # The suggested fix (a lower lr) is accepted by resume, takes effect from the last good state as if the run
+    # had started with it, and is recorded.
+    resumed = run(_cfg(data, resume=True, checkpoint_every=1), str(out))
+    _assert_same_student(straight_dir, out)
+    _assert_same_metrics(straight_metrics, resumed)
+    assert resumed["resumes"] == [{"from_step": 0, "changed": {"algo.lr": [1e9, 1e-3]}, "schedule_steps": 6}]
+    assert json.loads((out / "owner.json").read_text())["resumes"][0]["changed"] == {"algo.lr": [1e9, 1e-3]}
+
+
+def test_skip_stops_past_its_budget_and_sets_aside_the_checkpoints_after_the_first_skip(straight, tmp_path, monkeypatch):
+    """From update 5 on every loss spikes: skip drops updates 5, 6 and 7, and the third is more than
+    max_skipped_fraction=0.1 of 20. The checkpoints written after the first skip are set aside; rotation
+    (keep_checkpoints=2) kept the last one before it."""
+    data, _, _ = straight
+    original = BellmanDistill.compute_loss
+    calls = {"n": 0}
+
+    def spiking(self, batch):
+        loss, stats = original(self, batch)
+        calls["n"] += 1
+        return (loss * 1e4 if calls["n"] > 4 else loss), stats
+
+    monkeypatch.setattr(BellmanDistill, "compute_loss", spiking)
+    out = tmp_path / "skip"
+    cfg = _cfg(data, steps=30, checkpoint_every=1, keep_checkpoints=2, on_divergence="skip")
+    with pytest.raises(DivergenceError) as err:
+        run(cfg, str(out))
+    message = str(err.value)
+    assert "dropped 3 of the 7 updates" in message and "max_skipped_fraction=0.1" in message
+    assert str(checkpoint_path(str(out), 4)) in message and "renamed *.diverged" in message
+    assert [step for step, _ in list_checkpoints(str(out))] == [4]
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.diverged")) == [
+        "step-00000005.safetensors.diverged", "step-00000006.safetensors.diverged",
+    ]
+    assert load_checkpoint(checkpoint_path(str(out), 4))["guard"]["first_skip"] is None
+
+
+def test_resume_with_more_steps_keeps_the_schedule_length_and_records_it(straight, tmp_path):
+    """Resuming with more steps used to re-stretch the cosine schedule mid-run (the lr jumped back up)."""
+    data, _, _ = straight
+    out = tmp_path / "extend"
+    algo = {"name": "iql_bd", "warmup_steps": 0}
+    run(_cfg(data, algo=algo, steps=4, checkpoint_every=1), str(out))
+    metrics = run(_cfg(data, algo=algo, steps=6, checkpoint_every=1, resume=True), str(out))
+    assert metrics["resumes"] == [{"from_step": 4, "changed": {"steps": [4, 6]}, "schedule_steps": 4}]
+    for step in (5, 6):  # past the schedule's end: its floor, min_lr_ratio * lr (re-stretched: 1.6e-4 at step 5)
+        scheduler = load_checkpoint(checkpoint_path(str(out), step))["algo"]["scheduler"]
+        assert scheduler["_last_lr"][0] == pytest.approx(1e-3 * 0.1, rel=1e-12)
 
 
 def _newest_step(out) -> int:

@@ -7,15 +7,17 @@ import pytest
 import torch
 
 from algorithms import make_algorithm
-from algorithms.base import sample_rollout_mix
 from tests.conftest import tiny_llama
 from tokenrl.data.buffer import ReplayBuffer
+from tokenrl.data.samplers import BatchSampler, RolloutMix
 from tokenrl.run.config import make_run_config
 from tokenrl.evaluation.metrics import evaluate
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.run.rollouts import StageClock, collect_rollouts, once_per_state
 from tokenrl.core.top_p import top_p_mask
-from tokenrl.run.trainer import build_task, evaluate_student
+from tokenrl.evaluation.student import evaluate_student
+from tokenrl.run.inputs import build_task
+from tokenrl.run.trainer import run
 
 V = 8
 
@@ -94,7 +96,7 @@ def test_minillm_before_rollout_syncs_the_behaviour_policy(synthetic_buffer):
     policy = CausalLMPolicy(tiny_llama(), vocab_size=64)
     algo = make_algorithm("minillm", policy, {"top_p": 0.8, "pt_coef": 0.0}, total_steps=4)  # no corpus batch here
     algo.after_rollout(range(len(synthetic_buffer)))  # any rows will do as "rollouts" for one update
-    algo.update(algo.sample_batch(synthetic_buffer, 4, torch.Generator().manual_seed(0)))
+    algo.update(algo.sampler.batch(synthetic_buffer, 4, torch.Generator().manual_seed(0), algo.top_p))
     differs = lambda: any(  # noqa: E731
         not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), algo.behaviour.state_dict().values())
     )
@@ -120,7 +122,7 @@ def test_gkd_batch_holds_lmbda_newest_rollouts(synthetic_buffer, lmbda):
     algo = make_algorithm("gkd", _policy(), {"lmbda": lmbda})
     newest = [23, 24, 25]  # the last rollout batch; rows 20-22 are older rollouts
     algo.after_rollout(newest)
-    batch = algo.sample_batch(buf, 8, torch.Generator().manual_seed(0))
+    batch = algo.sampler.batch(buf, 8, torch.Generator().manual_seed(0), algo.top_p)
     n_student = int((~batch.is_expert_B).sum())
     assert n_student == round(lmbda * 8) and algo.needs_rollouts == (lmbda > 0)
     # Rows are recognised by their response: rollout rows must be copies of the newest ones only.
@@ -135,15 +137,39 @@ def test_minillm_batch_is_all_newest_rollouts_and_needs_some(synthetic_buffer):
     buf = _mixed_buffer(synthetic_buffer)
     algo = make_algorithm("minillm", _policy(), {})
     with pytest.raises(ValueError, match="rollout_every"):
-        algo.sample_batch(buf, 4, torch.Generator().manual_seed(0))
+        algo.sampler.batch(buf, 4, torch.Generator().manual_seed(0), algo.top_p)
     algo.after_rollout(range(20, 26))
-    assert not algo.sample_batch(buf, 16, torch.Generator().manual_seed(0)).is_expert_B.any()
+    assert not algo.sampler.batch(buf, 16, torch.Generator().manual_seed(0), algo.top_p).is_expert_B.any()
 
 
 def test_rollout_mix_without_teacher_data_names_the_problem(synthetic_buffer):
     buf = _mixed_buffer(synthetic_buffer, n_expert=0)
+    mix = RolloutMix(0.5)
+    mix.rollouts_added([0, 1])
     with pytest.raises(ValueError, match="is_expert=True"):
-        sample_rollout_mix(buf, 4, torch.Generator(), [0, 1], 0.5, None)
+        mix.rows(buf, 4, torch.Generator())
+
+
+def test_uniform_sampler_draws_the_buffer_sample_stream(synthetic_buffer):
+    """The trainer's one draw (sampler rows, then collate) is the batch ``ReplayBuffer.sample`` draws: runs keep
+    their batches across the move of batch drawing into the sampler."""
+    sampler = make_algorithm("bc", _policy(), {}).sampler
+    assert type(sampler) is BatchSampler and sampler.splittable and not RolloutMix(0.5).splittable
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        drawn, sampled = sampler.batch(synthetic_buffer, 6, g1, 0.5), synthetic_buffer.sample(6, g2, top_p=0.5)
+        assert torch.equal(drawn.input_ids_BL, sampled.input_ids_BL)
+        assert torch.equal(drawn.cand_mask_BSK, sampled.cand_mask_BSK)
+
+
+@pytest.mark.parametrize("algo", ["gkd", "minillm"])
+def test_run_refuses_accumulation_for_a_sampler_that_does_not_split(tmp_path, algo):
+    """A rollout mix is drawn whole: micro_batch_size (and torchrun) is refused before any data or model work."""
+    cfg = make_run_config({"algo": {"name": algo}, "batch_size": 8, "micro_batch_size": 4, "progress": False,
+                           "data_dir": str(tmp_path / "data")})
+    with pytest.raises(ValueError, match="RolloutMix.*micro_batch_size"):
+        run(cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "data").exists()
 
 
 TINY_TASK = {
@@ -163,7 +189,7 @@ def test_collect_rollouts_adds_scored_student_rollouts_in_timed_stages(tiny_task
     clock = StageClock()
     stats = collect_rollouts(policy.model, tiny_task, buf, algo, n_prompts=5, seed=3, clock=clock)
     assert len(buf) == 25 and stats["rollout/buffer_size"] == 25 and stats["rollout/n"] == 5
-    assert algo.newest_rollouts == [20, 21, 22, 23, 24] and not any(buf.is_expert[20:])
+    assert algo.sampler.newest == [20, 21, 22, 23, 24] and not any(buf.is_expert[20:])
     assert set(clock.totals) == {"time/rollout_s", "time/teacher_score_s", "time/buffer_add_s"}
     # Scored by the teacher: every rollout state has its top-p cache, and every action lies in the set.
     batch = buf.collate(list(range(20, 25)), top_p=0.8)

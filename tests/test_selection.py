@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from tokenrl.evaluation.metrics import teacher_forced_kl
 from tokenrl.run.config import make_run_config
-from tokenrl.run.selection import BestCheckpoint, PlateauStop, check_selection, sft_cache_path
-from tokenrl.run.trainer import build_student, build_task, data_location, run
+from tokenrl.run.checks import check_config
+from tokenrl.run.inputs import build_student, build_task, data_location
+from tokenrl.run.selection import BestCheckpoint, PlateauStop, sft_cache_path
+from tokenrl.run.trainer import run
 
 TINY = {
     "algo": {"name": "bc"},
@@ -62,7 +64,7 @@ def test_references_do_not_depend_on_the_students_decoding():
 )
 def test_bad_selection_settings_fail_naming_the_key(bad):
     with pytest.raises(ValueError, match=f"selection.{next(iter(bad))}"):
-        check_selection(make_run_config({**TINY, "selection": bad}))
+        check_config(make_run_config({**TINY, "selection": bad}))
 
 
 def stop_step(rule: PlateauStop, scores) -> int | None:

@@ -8,10 +8,10 @@ import re
 import subprocess
 import sys
 
-import torch
+from safetensors.torch import save_model
 
 from tokenrl.run.config import make_run_config
-from tokenrl.run.trainer import build_student, build_task
+from tokenrl.run.inputs import build_student, build_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = ["task.n_train_prompts=8", "task.n_val_prompts=4", "task.n_test_prompts=4", "task.max_new_tokens=6"]
@@ -21,8 +21,8 @@ def test_table_spreads_levels_and_zeroes_self_differences(tmp_path):
     task = {"n_val_prompts": 4, "n_test_prompts": 4, "max_new_tokens": 6}
     cfg = make_run_config({"algo": {"name": "bc"}, "task": task})
     student = build_student(cfg.model, build_task(cfg), seed=0, device="cpu")
-    path = tmp_path / "student.pt"
-    torch.save({"model": student.state_dict()}, path)
+    path = tmp_path / "student.safetensors"
+    save_model(student, str(path))  # as a run writes it
     cmd = [
         sys.executable, os.path.join(ROOT, "experiments", "validation_noise.py"), "--student", str(path),
         "--versus", str(path), "--replicates", "3", "--heldout", "6:1,6:2", "--sampled", "5:1", *TASK,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from tokenrl.core.files import publish
 from tokenrl.core.top_p import check_p, restrict_top_p
 
 BUFFER_FORMAT = "tokenrl-buffer-v2"
@@ -84,7 +85,7 @@ class Batch(ActionSlots):
             ``needs_teacher_logprobs``).
         lm_batch: a pre-training batch of the task's corpus (its own ``B`` rows of free text with their cached
             top-p sets, at the same p), for the language-modelling terms of algorithms with ``needs_lm_batch``;
-            None unless the trainer attached one (:func:`tokenrl.run.trainer.train_step`).
+            None unless the trainer attached one (:func:`tokenrl.run.step.draw_batches`).
     """
 
     input_ids_BL: torch.Tensor
@@ -370,7 +371,7 @@ class ReplayBuffer:
         meta = {"pad_id": self.pad_id, "cache_top_p": self.cache_top_p, "format": BUFFER_FORMAT}
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(arrays, tmp, metadata={"tokenrl": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
+        publish(tmp, path)  # safetensors writes 0600; the umask decides who may read the data
 
     @classmethod
     def load(cls, path: str, capacity: int | None = None) -> "ReplayBuffer":

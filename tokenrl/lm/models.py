@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from tokenrl.core.files import apply_umask_to_tree
 from tokenrl.lm.loading import check_same_vocabulary, load_causal_lm, resolve_dtype, usable_vocab_size, with_sdpa
 from tokenrl.lm.sampling import KVCacheStepper
 from tokenrl.lm.scoring import causal_lm_position_logits
@@ -174,6 +175,7 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        apply_umask_to_tree(staging)  # mkdtemp makes it 0700 and safetensors its weights 0600
         if os.path.exists(out_dir):
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
             retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)

@@ -1,8 +1,8 @@
 """Train-state checkpoints: written atomically, verified on load, the last k kept, and resume that checks its config.
 
-A checkpoint is one safetensors file ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors``: the tensors of the
-state (model, optimiser moments, RNG states) as safetensors tensors, everything else as JSON in the file's
-metadata, and a SHA-256 over both. Nothing is unpickled, so a damaged or foreign file cannot run code; it
+A checkpoint is one safetensors file ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors`` (the SFT warm start's:
+``sft-XXXXXXXX.safetensors``): the tensors of the state (model, optimiser moments, RNG states) as safetensors
+tensors, everything else as JSON in the file's metadata, and a SHA-256 over both. Nothing is unpickled, so a damaged or foreign file cannot run code; it
 fails verification instead, and :func:`load_latest` falls back to the previous checkpoint with a warning.
 
 :func:`check_resume_config` refuses to continue a run under a different config: only the keys of
@@ -27,6 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tokenrl.core.files import publish
+from tokenrl.run.distributed import all_reduce_sum
+
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "tokenrl-checkpoint-v1"
 WRITE_DELAY_ENV = "TOKENRL_CHECKPOINT_WRITE_DELAY_S"
@@ -38,7 +41,12 @@ RESUME_MAY_CHANGE = frozenset(
 )
 """Config keys a resumed run may change: the length of the run and how it is executed, watched and saved."""
 
-_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
+RESUME_MAY_ADJUST = frozenset({"algo.lr", "algo.grad_clip", "on_divergence", "divergence_factor", "max_skipped_fraction"})
+"""Training settings a resumed run may also change: the fixes a divergence stop suggests. They change the
+result, so every change is recorded (``resumes`` in ``metrics.json``)."""
+
+STAGES = ("step", "sft")
+"""Checkpoint file prefixes: ``step`` the algorithm's updates, ``sft`` the SFT warm start's."""
 
 
 class CheckpointError(RuntimeError):
@@ -54,17 +62,18 @@ def checkpoint_dir(out_dir: str) -> str:
     return os.path.join(out_dir, CHECKPOINT_DIR)
 
 
-def checkpoint_path(out_dir: str, step: int) -> str:
-    """The checkpoint file of ``step`` (the one place that names checkpoints)."""
-    return os.path.join(checkpoint_dir(out_dir), f"step-{step:08d}.safetensors")
+def checkpoint_path(out_dir: str, step: int, stage: str = "step") -> str:
+    """The checkpoint file of ``step`` of ``stage`` (:data:`STAGES`; the one place that names checkpoints)."""
+    return os.path.join(checkpoint_dir(out_dir), f"{stage}-{step:08d}.safetensors")
 
 
-def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of every checkpoint file in ``out_dir``, newest first."""
+def list_checkpoints(out_dir: str, stage: str = "step") -> list[tuple[int, str]]:
+    """``(step, path)`` of every checkpoint file of ``stage`` in ``out_dir``, newest first."""
     directory = checkpoint_dir(out_dir)
+    pattern = re.compile(rf"^{stage}-(\d{{8}})\.safetensors$")
     found = []
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        match = _NAME.match(name)
+        match = pattern.match(name)
         if match:
             found.append((int(match.group(1)), os.path.join(directory, name)))
     return sorted(found, reverse=True)
@@ -143,34 +152,84 @@ def _digest(state_json: str, tensors: dict[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------------
-def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
-    """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the newest ``keep``.
+def write_state_file(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` as one verified safetensors file, atomically (a temporary file renamed into
+    place, readable as the umask says).
 
     Args:
-        out_dir: the run directory.
+        path: the file.
         state: nested dicts/lists/tuples of tensors and JSON values.
-        step: the number of updates done (names the file).
-        keep: checkpoints kept (>= 1).
-
-    Returns:
-        The checkpoint's path.
     """
     tensors: dict[str, torch.Tensor] = {}
     state_json = json.dumps(_encode(state, tensors, "state"), sort_keys=True)
     tensors = _writable(tensors)
     metadata = {"format": CHECKPOINT_FORMAT, "state": state_json, "sha256": _digest(state_json, tensors)}
-    path = checkpoint_path(out_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
     delay = float(os.environ.get(WRITE_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
-    os.replace(tmp, path)
-    for _, old in list_checkpoints(out_dir)[keep:]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(old)
+    publish(tmp, path)
+
+
+def read_state_file(path: str) -> dict:
+    """Read and verify a file of :func:`write_state_file`.
+
+    Raises:
+        ValueError: the file cannot be parsed, is of another format, or its checksum does not match (the
+            caller names the file and the fix).
+    """
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    tensors = load_file(path)
+    if _digest(metadata["state"], tensors) != metadata["sha256"]:
+        raise ValueError("its SHA-256 does not match the one recorded in it (the file was changed or damaged)")
+    return _decode(json.loads(metadata["state"]), tensors)
+
+
+def is_state_file(path: str) -> bool:
+    """Whether ``path`` is a file of :func:`write_state_file` (a checkpoint or a cached SFT start), not plain weights."""
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+
+
+def save_checkpoint(
+    out_dir: str, state: dict, step: int, keep: int, protect: int | None = None, stage: str = "step"
+) -> str:
+    """Write ``state`` as the checkpoint of ``step`` atomically, then delete all but the newest ``keep`` (of its stage).
+
+    Args:
+        out_dir: the run directory.
+        state: nested dicts/lists/tuples of tensors and JSON values.
+        step: the number of updates done (names the file).
+        keep: checkpoints kept (>= 1).
+        protect: if given, the newest checkpoint at or before this step is kept too (the last good state
+            before the first update the divergence guard skipped, :mod:`tokenrl.run.recovery`).
+        stage: the file prefix (:data:`STAGES`).
+
+    Returns:
+        The checkpoint's path.
+    """
+    path = checkpoint_path(out_dir, step, stage)
+    write_state_file(path, state)
+    found = list_checkpoints(out_dir, stage)
+    protected = next((p for s, p in found if s <= protect), None) if protect is not None else None
+    for _, old in found[keep:]:
+        if old != protected:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(old)
     return path
+
+
+def no_checkpoint_message(out_dir: str) -> str:
+    """The refusal of ``resume=true`` where no run was started."""
+    return (
+        f"resume=true but there is no checkpoint in {checkpoint_dir(out_dir)}: pass the directory of the "
+        "interrupted run (hydra.run.dir=<its output dir>), or drop resume=true to start a new run"
+    )
 
 
 def load_checkpoint(path: str) -> dict:
@@ -180,20 +239,13 @@ def load_checkpoint(path: str) -> dict:
         CheckpointError: the file cannot be parsed or its checksum does not match (naming the file).
     """
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        tensors = load_file(path)
-        if _digest(metadata["state"], tensors) != metadata["sha256"]:
-            raise ValueError("its SHA-256 does not match the one recorded in it (the file was changed or damaged)")
-        return _decode(json.loads(metadata["state"]), tensors)
+        return read_state_file(path)
     except Exception as error:  # any failure to read back what was written is damage
         raise CheckpointError(f"checkpoint {path} fails verification: {error}") from error
 
 
-def load_latest(out_dir: str) -> tuple[dict, str] | None:
-    """The newest checkpoint of ``out_dir`` that passes verification: ``(state, path)``, None without any.
+def load_latest(out_dir: str, stage: str = "step") -> tuple[dict, str] | None:
+    """The newest checkpoint of ``stage`` in ``out_dir`` that passes verification: ``(state, path)``, None without any.
 
     A damaged newer checkpoint is renamed to ``*.damaged`` (kept for inspection) with a warning, and the
     next older one is tried.
@@ -202,7 +254,7 @@ def load_latest(out_dir: str) -> tuple[dict, str] | None:
         CheckpointError: checkpoints exist but none passes verification.
     """
     failures = []
-    for _, path in list_checkpoints(out_dir):
+    for _, path in list_checkpoints(out_dir, stage):
         try:
             return load_checkpoint(path), path
         except CheckpointError as error:
@@ -230,28 +282,69 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def check_resume_config(stored: dict, requested: dict, where: str) -> None:
-    """Refuse to resume when the configs differ outside :data:`RESUME_MAY_CHANGE`.
+def _may_change(key: str) -> bool:
+    """Whether a resume may change the flattened config key ``key``."""
+    return key.split(".")[0] in RESUME_MAY_CHANGE or key in RESUME_MAY_ADJUST
+
+
+def run_identity(config: dict) -> dict[str, Any]:
+    """The flattened config (dotted keys) without the keys a resume may change: two configs with the same
+    identity are the same run (the run directory's owner record and resume compare exactly this)."""
+    return {k: v for k, v in _flatten(json.loads(json.dumps(config))).items() if not _may_change(k)}
+
+
+def identity_digest(config: dict) -> str:
+    """SHA-256 of :func:`run_identity`, the hash a run directory's owner record holds."""
+    return hashlib.sha256(json.dumps(run_identity(config), sort_keys=True).encode()).hexdigest()
+
+
+def identity_differences(stored: dict, requested: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, requested value)`` for every key in which the two configs' identities differ."""
+    old, new = run_identity(stored), run_identity(requested)
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def adjusted_settings(stored: dict, requested: dict) -> dict[str, list]:
+    """The training settings a resume changes (``steps`` and :data:`RESUME_MAY_ADJUST`): key -> ``[old, new]``."""
+    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(requested)))
+    keys = sorted(RESUME_MAY_ADJUST | {"steps"})
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def check_resume_config(stored: dict, requested: dict, where: str, label: str = "checkpoint") -> None:
+    """Refuse to resume when the configs differ outside :data:`RESUME_MAY_CHANGE` and :data:`RESUME_MAY_ADJUST`.
 
     Args:
-        stored: the checkpoint's ``dataclasses.asdict`` of the run config.
+        stored: the ``dataclasses.asdict`` of the run config in the checkpoint (or the run directory's owner record).
         requested: the same of the config asked to resume.
-        where: the checkpoint file (named in the error).
+        where: the file the stored config comes from (named in the error).
+        label: what that file is, in the error (``checkpoint``, ``recorded``).
 
     Raises:
         ResumeError: naming every differing key with both values.
     """
-    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(requested)))
-    diffs = sorted(
-        k for k in old.keys() | new.keys() if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)
-    )
+    diffs = identity_differences(stored, requested)
     if diffs:
-        detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs requested {new.get(k)!r}" for k in diffs)
+        detail = ", ".join(f"{k}: {label} {a!r} vs requested {b!r}" for k, a, b in diffs)
+        allowed = sorted(RESUME_MAY_CHANGE | RESUME_MAY_ADJUST)
         raise ResumeError(
-            f"resume=true with a config that differs from the checkpoint {where} ({detail}); resume with the "
-            f"checkpoint's values (only {sorted(RESUME_MAY_CHANGE)} may change), or start a new run in another "
-            "output directory"
+            f"resume=true with a config that differs from the run's, in {where} ({detail}); resume with the "
+            f"run's values (only {allowed} may change), or start a new run in another output directory"
         )
+
+
+def checkpoint_decision(due: bool, received: list[int]) -> tuple[bool, str | None]:
+    """``(write, stop)`` after an update: write a checkpoint when one is due or a signal arrived; ``stop`` names the
+    signal (None: go on).
+
+    Under torchrun every rank takes any rank's decision (one all-reduce of two numbers): a time-based checkpoint
+    and a signal may come to the ranks at different updates, while writing gathers the state from every rank
+    (a collective under FSDP) and the ranks must stop together.
+    """
+    due_any, signalled = all_reduce_sum([float(bool(due)), float(bool(received))])
+    if not signalled:
+        return bool(due_any), None
+    return True, signal.Signals(received[0]).name if received else "SIGTERM/SIGINT (on another rank)"
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """Start-up checks of a resolved :class:`~tokenrl.run.config.RunConfig`: every bad input is refused before any work.
 
 The schemas already refuse unknown keys and wrongly typed values when the config is composed; :func:`check_config`
-adds the ranges and cross-field constraints (cache p >= the algorithm's p, a pretrained student only on a
-transformers task, ...) and the algorithm config's own problems (:meth:`algorithms.base.AlgoConfig.problems`),
-and reports every problem at once, each naming its key and a fix. ("Validation" in this project is the
+adds the ranges each config states for its own fields (:meth:`tokenrl.run.config.RunConfig.problems`, the task's,
+the model's and the algorithm's, :meth:`algorithms.base.AlgoConfig.problems`), a NaN or infinity in any number,
+and the cross-field constraints (cache p >= the algorithm's p, a pretrained student only on a transformers task,
+prompt plus response within the teacher's context, ...), and reports every problem at once, each naming its key
+and a fix. ("Validation" in this project is the
 held-out evaluation during training, :mod:`tokenrl.run.selection`.) It is the first
 call of :func:`tokenrl.run.trainer.run` and of ``experiments/generate.py``; :func:`check_student_tokenizer`
 compares a pretrained student's tokenizer with the teacher's before any data shard is written.
@@ -11,111 +13,33 @@ compares a pretrained student's tokenizer with the teacher's before any data sha
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 
-from tokenrl.core.options import (
-    AT_LEAST_ONE,
-    NON_NEGATIVE,
-    OPEN_UNIT,
-    POSITIVE,
-    PROBABILITY,
-    choice_problem,
-    range_problem,
-)
+from tokenrl.core.options import PROBABILITY, nonfinite_problems
 from tokenrl.lm.precision import check_precision
-from tokenrl.run.config import RunConfig
-from tokenrl.tasks.hf import TEMPLATES, HFTaskConfig
-
-ON_DIVERGENCE = ("stop", "skip")
-"""``on_divergence`` choices: stop the run after its last good checkpoint, or skip the update and count it."""
-
-MODEL_KINDS = ("fresh", "pretrained", "pruned")
+from tokenrl.run.config import MODEL_KINDS, RunConfig
+from tokenrl.run.selection import check_selection
+from tokenrl.tasks.hf import HFTaskConfig
 
 
 class ConfigError(ValueError):
     """A resolved run config that cannot give a correct run; the message lists every bad key and its fix."""
 
 
-# key -> its range; keys are dotted paths into the resolved config. The algorithm's fields are checked by its
-# own config (:meth:`algorithms.base.AlgoConfig.problems`).
-_RANGES = {
-    "steps": NON_NEGATIVE,
-    "sft_steps": NON_NEGATIVE,
-    "sft_lr": POSITIVE,
-    "batch_size": POSITIVE,
-    "threads": NON_NEGATIVE.explained("0 = torch default"),
-    "log_every": POSITIVE,
-    "checkpoint_every": NON_NEGATIVE.explained("0 = time-based only"),
-    "checkpoint_seconds": NON_NEGATIVE.explained("0 = step-based only"),
-    "keep_checkpoints": AT_LEAST_ONE,
-    "divergence_factor": POSITIVE,
-    "rollout_every": NON_NEGATIVE,
-    "rollout_prompts": POSITIVE,
-    "eval.temperature": POSITIVE,
-    "eval.batch_size": POSITIVE,
-    "eval.val_every": NON_NEGATIVE,
-    "model.hidden_size": POSITIVE,
-    "model.num_layers": POSITIVE,
-    "model.num_heads": POSITIVE,
-    "model.intermediate_size": POSITIVE,
-    "model.keep_every": AT_LEAST_ONE,
-    "task.max_new_tokens": POSITIVE,
-    "task.samples_per_prompt": POSITIVE,
-    "task.sample_top_p": PROBABILITY,
-    "task.cache_top_p": PROBABILITY,
-    "task.shard_prompts": POSITIVE,
-    "task.cache_batch_size": POSITIVE,
-    # synthetic task
-    "task.n_train_prompts": POSITIVE,
-    "task.n_val_prompts": POSITIVE,
-    "task.n_test_prompts": POSITIVE,
-    "task.n_references": NON_NEGATIVE,
-    # transformers task
-    "task.sample_temperature": POSITIVE,
-    "task.max_prompt_tokens": POSITIVE,
-    "task.gen_batch_size": POSITIVE,
-    "task.val_fraction": OPEN_UNIT,
-    "task.test_fraction": OPEN_UNIT,
-}
-
-_OPTIONAL_POSITIVE = ("eval.n_prompts", "task.max_train_prompts", "task.max_val_prompts", "task.max_test_prompts")
-
-
-def _lookup(cfg: RunConfig, key: str):
-    """The value at dotted ``key``, or ``dataclasses.MISSING`` when that node has no such field."""
-    node = cfg
-    for part in key.split("."):
-        if not hasattr(node, part):
-            return dataclasses.MISSING
-        node = getattr(node, part)
-    return node
-
-
 def config_problems(cfg: RunConfig) -> list[str]:
-    """Every range or cross-field violation of ``cfg``, the algorithm's own included, one line each with its fix."""
-    problems = []
-    for key, rule in _RANGES.items():
-        value = _lookup(cfg, key)
-        if value is not dataclasses.MISSING and value is not None:
-            problems.append(range_problem(key, value, rule))
-    for key in _OPTIONAL_POSITIVE:
-        value = _lookup(cfg, key)
-        if value is not None and value is not dataclasses.MISSING and value <= 0:
-            problems.append(f"{key}={value!r}: must be > 0 or null (all); set {key}=null or a positive count")
-    problems.append(choice_problem("on_divergence", cfg.on_divergence, ON_DIVERGENCE))
-    problems += cfg.algo.problems()
-    if not cfg.eval.seeds:
-        problems.append("eval.seeds=[]: needs at least one seed; set eval.seeds=[0]")
-    if not cfg.eval.decode_top_p or not all(PROBABILITY.ok(p) for p in cfg.eval.decode_top_p):
-        problems.append(
-            f"eval.decode_top_p={list(cfg.eval.decode_top_p)!r}: needs one or more values in (0, 1]; "
-            "set eval.decode_top_p=[1.0,0.8]"
-        )
-    problems += _cross_field_problems(cfg)
-    return [line for line in problems if line is not None]
+    """Every problem of ``cfg``, one line each with its fix: a NaN or infinity anywhere, every field out of its
+    range (each config states its own, :meth:`~tokenrl.run.config.RunConfig.problems`), the selection settings,
+    and the cross-field rules (:func:`_cross_field_problems`)."""
+    problems = cfg.problems()
+    reported = {line.split("=")[0] for line in problems}
+    problems += [line for line in nonfinite_problems(cfg, "") if line.split("=")[0] not in reported]
+    try:
+        check_selection(cfg)
+    except ValueError as error:
+        problems.append(str(error))
+    return problems + _cross_field_problems(cfg)
 
 
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
@@ -131,9 +55,7 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             f"sets the algorithm trains on; set task.cache_top_p>={algo_p} (new data) or algo.top_p<={cache_p}"
         )
     model = cfg.model
-    if model.kind not in MODEL_KINDS:
-        problems.append(f"model.kind={model.kind!r}: must be one of {MODEL_KINDS}")
-    elif model.kind != "fresh" and not isinstance(cfg.task, HFTaskConfig):
+    if model.kind in MODEL_KINDS and model.kind != "fresh" and not isinstance(cfg.task, HFTaskConfig):
         problems.append(
             f"model.kind={model.kind!r}: needs a transformers task (task=smollm2, ...); the synthetic task only "
             "takes model.kind=fresh"
@@ -153,18 +75,46 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems += check_precision(cfg.precision, cfg.device, model.dtype)
     if isinstance(cfg.task, HFTaskConfig):
         task = cfg.task
-        for key in ("teacher", "prompts_file"):
-            if getattr(task, key) in (None, "???"):
-                problems.append(f"task.{key} is not set: the hf task needs it (see tokenrl.tasks.hf.HFTaskConfig)")
         if task.prompts_file not in (None, "???") and not os.path.isfile(task.prompts_file):
             problems.append(f"task.prompts_file={task.prompts_file!r}: no such file (cwd {os.getcwd()})")
-        if task.template not in TEMPLATES:
-            problems.append(f"task.template={task.template!r}: must be one of {TEMPLATES}")
-        fractions = (task.val_fraction, task.test_fraction)
-        if all(PROBABILITY.ok(f) for f in fractions) and sum(fractions) >= 1:
+        problems += _context_problems(cfg)
+    return problems
+
+
+def _context_length(name_or_path: str, gguf_file: str | None) -> int | None:
+    """The number of positions of a transformers model, read from its config alone, locally or from the hub's
+    cache (None when it cannot be read so: the model's loading then reports why)."""
+    from transformers import AutoConfig
+
+    if gguf_file is None and name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _context_problems(cfg: RunConfig) -> list[str]:
+    """The longest sequence of the task (a prompt of ``task.max_prompt_tokens`` plus ``task.max_new_tokens``)
+    must fit the teacher's positions, and a pretrained student's: past them a learned position table (GPT-2)
+    fails with an IndexError inside sampling."""
+    task = cfg.task
+    if task.teacher in (None, "???") or min(task.max_prompt_tokens, task.max_new_tokens) <= 0:
+        return []
+    longest = task.max_prompt_tokens + task.max_new_tokens
+    models = [("teacher", f"task.teacher={task.teacher!r}", task.teacher, task.teacher_gguf_file)]
+    student = cfg.model
+    if student.kind == "pretrained" and student.name_or_path:
+        models.append(("student", f"model.name_or_path={student.name_or_path!r}", student.name_or_path, student.gguf_file))
+    problems = []
+    for role, key, path, gguf in models:
+        positions = _context_length(path, gguf)
+        if positions is not None and longest > positions:
             problems.append(
-                f"task.val_fraction + task.test_fraction = {task.val_fraction + task.test_fraction} leaves no "
-                "training prompt; lower one of them"
+                f"task.max_prompt_tokens + task.max_new_tokens = {task.max_prompt_tokens} + {task.max_new_tokens} = "
+                f"{longest} > {positions}, the context length of the {role} ({key}); lower task.max_prompt_tokens "
+                f"(longer prompts are dropped) or task.max_new_tokens so that they sum to at most {positions}"
             )
     return problems
 

@@ -3,7 +3,8 @@
 Every YAML in a config group extends one of these schemas (registered in Hydra's ConfigStore by
 :func:`register_configs`), so an unknown key or a wrongly typed value fails when the config is composed,
 before any work starts. The task schemas live next to their builders (:class:`tokenrl.tasks.base.SyntheticTaskConfig`,
-:class:`tokenrl.tasks.hf.HFTaskConfig`); the algorithm schemas are generated from the algorithm registry, so a
+:class:`tokenrl.tasks.hf.HFTaskConfig`), the evaluation's next to it (:class:`tokenrl.evaluation.student.EvalConfig`);
+the algorithm schemas are generated from the algorithm registry, so a
 newly registered algorithm only needs its YAML. Ranges and cross-field constraints of a built config are
 checked by :func:`tokenrl.run.checks.check_config`. Every default lives in a schema and nowhere else:
 
@@ -22,17 +23,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms import REGISTRY, AlgoConfig, get_spec, unknown_algorithm_message
+from tokenrl.core.options import AT_LEAST_ONE, HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, field_problems
+from tokenrl.evaluation.student import EvalConfig
 from tokenrl.tasks.hf import HFTaskConfig
 from tokenrl.tasks.base import SyntheticTaskConfig
 
 TASK_SCHEMAS: dict[str, type] = {"synthetic": SyntheticTaskConfig, "hf": HFTaskConfig}
 """``task.kind`` -> the schema of that task node."""
+
+MODEL_KINDS = ("fresh", "pretrained", "pruned")
+ON_DIVERGENCE = ("stop", "skip")
+"""``on_divergence`` choices: stop the run (its last good checkpoint stays), or skip the update and count it."""
 
 
 @dataclass
@@ -53,34 +62,11 @@ class ModelConfig:
     # gradient checkpointing): less training memory for ~one extra forward; same loss and gradients.
     gradient_checkpointing: bool = False
 
-
-@dataclass
-class EvalConfig:
-    """Evaluation by sampling on held-out prompts (the MiniLLM/BD protocol, scaled down)."""
-
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # one sampling pass per seed
-    temperature: float = 1.0  # sampling temperature
-    # Student sampling top-p values, reported side by side (MiniLLM: 1.0, BD release: 0.8): the first under
-    # eval/..., each other one under eval_p<p>/... The teacher row and the references always sample at top-p 1.0.
-    decode_top_p: list[float] = field(default_factory=lambda: [1.0, 0.8])
-    batch_size: int = 128  # sequences per sampling batch
-    n_prompts: int | None = None  # evaluate on the first n test prompts (None = all)
-    val_every: int = 0  # validation (val/*: teacher-forced KLs + the sampled metrics below) every n steps; 0 = off
-    val_every_s: float = 0.0  # validation every n seconds of the training clock (validation excluded); 0 = off
-    # Sampled validation (val_every, val_every_s, a sampled selection.metric): one pass per seed over the first
-    # val_n_prompts validation prompts, with seeds apart from the test evaluation's. Teacher-forced validation
-    # always reads every validation prompt's held-out sample. Sampled metrics are heavy-tailed: between two
-    # students, 500 prompts x 1 seed spread the teacher-NLL difference by ~0.09 and Rouge-L's by ~0.5 (100: 0.14,
-    # 1.8) at ~5x the cost (experiments/validation_noise.py), so selection uses a teacher-forced metric.
-    val_seeds: list[int] = field(default_factory=lambda: [1000])
-    val_n_prompts: int | None = 500  # None = all validation prompts
-    onpolicy_kl_seed: int = 7919  # sampling seed of eval/onpolicy_kl (its own stream: other metrics unchanged)
-
-    def __post_init__(self):
-        if not self.val_seeds:
-            raise ValueError("eval.val_seeds needs at least one sampling seed, e.g. [1000]")
-        if self.val_n_prompts is not None and self.val_n_prompts <= 0:
-            raise ValueError(f"eval.val_n_prompts must be > 0 or null (all), got {self.val_n_prompts}")
+    def problems(self, prefix: str = "model") -> list[str]:
+        """Every field out of its range or choices, one line each (see :mod:`tokenrl.core.options`)."""
+        ranges = {"hidden_size": POSITIVE, "num_layers": POSITIVE, "num_heads": POSITIVE, "intermediate_size": POSITIVE,
+                  "keep_every": AT_LEAST_ONE}
+        return field_problems(self, prefix, ranges, choices={"kind": MODEL_KINDS})
 
 
 @dataclass
@@ -89,6 +75,10 @@ class DistConfig:
 
     strategy: str = "ddp"  # ddp: replicated student (DistributedDataParallel) | fsdp: sharded student (fully_shard)
     timeout_min: float = 60.0  # collective timeout; other ranks wait this long while rank 0 evaluates
+
+    def problems(self, prefix: str = "dist") -> list[str]:
+        """Every field out of its range or choices, one line each (see :mod:`tokenrl.core.options`)."""
+        return field_problems(self, prefix, {"timeout_min": POSITIVE}, choices={"strategy": ("ddp", "fsdp")})
 
 
 @dataclass
@@ -100,7 +90,7 @@ class SelectionConfig:
     scores (:class:`tokenrl.run.selection.PlateauStop`), so that the noise of single validations does not stop it.
     """
 
-    metric: str = "kl_student_teacher"  # a key of tokenrl.run.selection.VALIDATION_METRICS
+    metric: str = "kl_student_teacher"  # a key of tokenrl.evaluation.student.VALIDATION_METRICS
     sft_eval_every: int = 0  # validate the SFT warm start every n steps and stop when it stops improving; 0 = run all sft_steps
     # The SFT stopping rule (with sft_eval_every > 0): the smoothed score s_i = sft_smoothing * s_{i-1} +
     # (1 - sft_smoothing) * score_i "improves" when it falls below its best so far by sft_min_improvement times the
@@ -113,17 +103,12 @@ class SelectionConfig:
     sft_cache: bool = False  # save the SFT start under data_dir and reuse it (keyed by model, SFT settings, seed)
     every: int = 0  # validate the algorithm every n steps (step 0 = the SFT start) and report the best weights; 0 = the last
 
-    def __post_init__(self):
-        # Ranges fail here, when the config is built, naming the key; the metric is checked against the
-        # metrics tokenrl.run.selection computes (check_selection).
-        for key in ("sft_eval_every", "every"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"selection.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
-        if self.sft_patience < 1:
-            raise ValueError(f"selection.sft_patience must be >= 1, got {self.sft_patience}")
-        for key in ("sft_smoothing", "sft_min_improvement"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"selection.{key} must be in [0, 1), got {getattr(self, key)}")
+    def problems(self, prefix: str = "selection") -> list[str]:
+        """Every field out of its range, one line each (see :mod:`tokenrl.core.options`); the metric is checked
+        against the metrics :mod:`tokenrl.run.selection` computes (``check_selection``)."""
+        ranges = {"sft_eval_every": NON_NEGATIVE.explained("0 = off"), "every": NON_NEGATIVE.explained("0 = off"),
+                  "sft_patience": AT_LEAST_ONE, "sft_smoothing": HALF_OPEN_UNIT, "sft_min_improvement": HALF_OPEN_UNIT}
+        return field_problems(self, prefix, ranges)
 
 
 @dataclass
@@ -153,8 +138,11 @@ class RunConfig:
     checkpoint_seconds: float = 60.0  # also checkpoint when this many seconds passed since the last one (0 = off)
     keep_checkpoints: int = 3  # newest checkpoints kept; resume falls back to an older one if the newest is damaged
     resume: bool = False  # continue from the newest checkpoint in the output directory (an error if none)
-    on_divergence: str = "stop"  # non-finite or out-of-range loss/grad norm: stop (after a checkpoint) | skip (count)
-    divergence_factor: float = 10.0  # out of range = beyond the running [min, max] by this many times its width
+    # non-finite or out-of-range loss/grad norm/weight norm: stop (the last good checkpoint stays) | skip (count)
+    on_divergence: str = "stop"
+    # out of range = beyond the running [min, max] by this many times its width; weights: this many times their start norm
+    divergence_factor: float = 10.0
+    max_skipped_fraction: float = 0.1  # on_divergence=skip stops the run past this fraction of skipped updates (of >= 20)
     data_dir: str = "data_cache"  # where offline teacher data are cached (shared across runs)
     rollout_every: int = 0  # add student rollouts to the buffer every n steps (0 = only if the algorithm needs them: 10)
     rollout_prompts: int = 32  # prompts per rollout batch
@@ -177,6 +165,29 @@ class RunConfig:
         spec = get_spec(self.algo_name)
         values = {f.name: getattr(self.algo, f.name) for f in dataclasses.fields(spec.config_cls)}
         return spec.config_cls(**values)
+
+    def problems(self) -> list[str]:
+        """Every field of the run config out of its range or choices, its nodes' (model, eval, dist, task, algo)
+        included, one line each; cross-field rules that need files or devices are in :mod:`tokenrl.run.checks`."""
+        ranges = {
+            "seed": NON_NEGATIVE, "steps": NON_NEGATIVE, "sft_steps": NON_NEGATIVE, "sft_lr": POSITIVE,
+            "batch_size": POSITIVE, "micro_batch_size": POSITIVE.explained("null = batch_size / world size"),
+            "threads": NON_NEGATIVE.explained("0 = torch default"), "log_every": POSITIVE,
+            "checkpoint_every": NON_NEGATIVE.explained("0 = time-based only"),
+            "checkpoint_seconds": NON_NEGATIVE.explained("0 = step-based only"), "keep_checkpoints": AT_LEAST_ONE,
+            "divergence_factor": POSITIVE, "max_skipped_fraction": UNIT_INTERVAL, "rollout_every": NON_NEGATIVE,
+            "rollout_prompts": POSITIVE,
+        }
+        found = field_problems(self, "", ranges, choices={"on_divergence": ON_DIVERGENCE})
+        micro = self.micro_batch_size
+        if micro and micro > 0 and self.batch_size > 0 and self.batch_size % micro:
+            found.append(
+                f"micro_batch_size={micro} does not divide batch_size={self.batch_size}; set micro_batch_size to a "
+                "divisor of batch_size"
+            )
+        found += self.model.problems() + self.eval.problems() + self.dist.problems() + self.selection.problems()
+        found += self.task.problems("task") + self.algo.problems()
+        return found
 
 
 @functools.cache
@@ -233,6 +244,38 @@ def register_configs() -> None:
         cs.store(group="schema/task", name=kind, node=schema)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/selection", name="selection", node=SelectionConfig)
+
+
+def compose_config(conf_dir: str, overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """``conf_dir`` composed with ``overrides`` as its entry point composes it (``experiments/conf``:
+    ``experiments/run.py``'s ``config``, or ``experiments/benchmark.py``'s ``benchmark``), from Python.
+
+    The schemas are registered first. Inside another Hydra app (a script's own ``@hydra.main``) the app's Hydra is
+    set aside for the composition and restored after it, so the result depends on ``conf_dir`` alone.
+
+    Raises:
+        hydra.errors.ConfigCompositionException, omegaconf errors: an unknown key or option, named.
+    """
+    register_configs()
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=os.path.abspath(conf_dir)):
+            return compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+
+
+def compose_run_config(conf_dir: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """The typed config of ``experiments/run.py <overrides>`` (:func:`compose_config`, :func:`make_run_config`)."""
+    return make_run_config(compose_config(conf_dir, overrides))
+
+
+def compose_algo(conf_dir: str, algo: str) -> dict:
+    """The ``algo`` node of ``algo=<algo>`` (an algorithm with its schema defaults, or a preset YAML of
+    ``conf_dir/algo``) as a dict, its ``name`` and ``preset`` included."""
+    return OmegaConf.to_container(compose_config(conf_dir, [f"algo={algo}"]).algo, resolve=True)
 
 
 def refuse_unknown_algo(args: Sequence[str], conf_dir: str) -> None:

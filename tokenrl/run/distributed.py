@@ -6,9 +6,9 @@ describes (nccl on GPU, gloo on CPU); a plain ``python`` run is a world of one a
 
 Batches. The config names the global batch (``batch_size``) and the micro-batch (``micro_batch_size``,
 default ``batch_size / world_size``); the gradient-accumulation steps follow,
-``accumulation = batch_size / (world_size * micro_batch_size)``. Every rank draws the same global index list
-from the shared seeded generator (:func:`global_indices`), then keeps its part of it
-(:func:`local_micro_batches`): rank ``r``'s micro-step ``m`` is the slice
+``accumulation = batch_size / (world_size * micro_batch_size)``. Every rank draws the same global row list
+from the shared seeded generator (the algorithm's sampler, :mod:`tokenrl.data.samplers`), then keeps its part
+of it (:func:`local_micro_batches`): rank ``r``'s micro-step ``m`` is the slice
 ``[(r * accumulation + m) * micro, ... + micro)``. The micro-batches of one step are therefore the same for any
 world size with the same micro-batch size, and the ranks' samples are disjoint parts of one draw.
 
@@ -18,7 +18,8 @@ world size because DDP averages gradients over ranks. The accumulated gradient i
 ``sum_i (n_i / N) * loss_i``: exactly the full-batch gradient for losses that are a mean over the valid
 response tokens (bc, kd, the LM terms), and the token-count-weighted mean of the micro-batch gradients for
 losses whose terms average over other masks (iql_bd's in-set terms, soft_q's known-reward mask). A
-single-process run with one micro-batch is not scaled at all and is exactly the unsharded run.
+single-process run with one micro-batch is not scaled at all and is exactly the unsharded run. The update that
+applies these weights is :func:`tokenrl.run.step.optimizer_update`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextlib
 import copy
 import datetime
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from tokenrl.core.ranks import launched_by_torchrun
-from tokenrl.data.buffer import Batch, ReplayBuffer
+from tokenrl.data.buffer import Batch
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -140,13 +141,6 @@ def accumulation_steps(batch_size: int, micro_batch_size: int | None, world_size
     return micro, batch_size // (world_size * micro)
 
 
-def global_indices(buffer: ReplayBuffer, batch_size: int, generator: torch.Generator) -> list[int]:
-    """The global batch's trajectory indices, drawn as :meth:`ReplayBuffer.sample` draws them (same stream)."""
-    if len(buffer) == 0:
-        raise ValueError("cannot sample from an empty replay buffer; add data first")
-    return torch.randint(len(buffer), (batch_size,), generator=generator).tolist()
-
-
 def local_micro_batches(indices: list[int], ctx: DistContext, micro_batch_size: int) -> list[list[int]]:
     """This rank's micro-batches of a global index list: rank-major, then micro-step (see the module doc)."""
     per_rank = len(indices) // ctx.world_size
@@ -178,30 +172,25 @@ def reduce_stats(per_micro: list[dict[str, float]], weights: list[float]) -> dic
 # The student
 # --------------------------------------------------------------------------------------------------
 class LossForward(nn.Module):
-    """Routes an algorithm's ``compute_loss(batch)`` through a module ``forward``, so DDP/FSDP hook it.
+    """An algorithm's loss as the ``forward`` of a module that holds the student, so that DDP/FSDP hook it.
 
     The algorithms reach into the student through the policy's heads (``state_hidden``, ``sparse_logits``),
     not through one ``forward``; DDP only synchronises the gradients of a backward that follows its own
     ``forward``. Wrapping this module (whose only parameters are the policy's) once per run gives that
-    forward; the trainer points :attr:`compute_loss` at the algorithm being trained (SFT warm start, then
-    the algorithm), so one DDP instance serves both.
+    forward, which takes the algorithm being trained as an argument (the SFT warm start, then the algorithm), so
+    one DDP instance serves both.
 
     Args:
         policy: the student policy (its parameters are this module's parameters).
-
-    Attributes:
-        compute_loss: ``batch -> (loss, stats)``, e.g. ``Algorithm.compute_loss``.
     """
 
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy
-        self.compute_loss: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]] | None = None
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.compute_loss is None:
-            raise RuntimeError("LossForward.compute_loss is not set; point it at the algorithm being trained")
-        return self.compute_loss(batch)
+    def forward(self, algo, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """``algo.compute_loss(batch)``: the scalar loss and its stats (``algo`` trains this module's policy)."""
+        return algo.compute_loss(batch)
 
 
 def wrap_for_training(module: LossForward, ctx: DistContext, strategy: str) -> nn.Module:
@@ -266,7 +255,13 @@ def algo_state(algo, loss_fn: nn.Module, ctx: DistContext) -> dict | None:
         return algo.state_dict() if ctx.is_main else None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(loss_fn, options=options)
+    fresh = not algo.optimizer.state  # before the first update (the algorithm's step-0 checkpoint)
     optim_state = get_optimizer_state_dict(loss_fn, algo.optimizer, options=options)
+    if fresh:
+        # torch fills an empty optimiser state with a zero-lr step first; AdamW would count it as its first step
+        # (bias correction) and this run would no longer update as one process does: drop it again.
+        algo.optimizer.state.clear()
+        optim_state = {**optim_state, "state": {}}
     if not ctx.is_main:
         return None
     state = {k: v for k, v in algo.state_dict().items() if k not in ("policy", "optimizer")}
@@ -297,52 +292,10 @@ def load_algo_state(algo, state: dict, loss_fn: nn.Module) -> None:
         },
         options=options,
     )
+    if not optim["state"]:  # a checkpoint before the first update: torch's loading filled the state (see algo_state)
+        algo.optimizer.state.clear()
     algo.scheduler.load_state_dict(state["scheduler"])
     algo.step = int(state["step"])
-
-
-def accumulated_update(
-    algo, micro_batches: list[Batch], loss_fn: nn.Module, ctx: DistContext
-) -> dict[str, float]:
-    """One optimiser step of ``algo`` on this rank's micro-batches of a global batch.
-
-    A single process with one micro-batch calls ``algo.update`` (the unsharded step, unscaled). Otherwise each
-    micro-batch's loss is scaled by ``world_size * n_i / N`` (see the module doc), gradients are synchronised
-    by the DDP/FSDP wrapper on the last micro-batch only, and the stats are the token-weighted mean over every
-    rank's micro-batches.
-
-    Args:
-        algo: an :class:`~algorithms.base.Algorithm`.
-        micro_batches: this rank's micro-batches (already on the device).
-        loss_fn: the wrapped loss of :func:`wrap_for_training`.
-        ctx: the data-parallel context.
-    """
-    if not ctx.enabled and len(micro_batches) == 1:
-        return algo.update(micro_batches[0])
-    tokens = [float(b.action_mask_BT.sum()) for b in micro_batches]
-    total = all_reduce_sum([sum(tokens)])[0]
-    if total <= 0:
-        raise ValueError("the global batch has no valid response tokens; check the data (empty responses?)")
-    weights = [n / total for n in tokens]
-    algo.zero_grad()
-    per_micro = []
-    for i, (batch, w) in enumerate(zip(micro_batches, weights)):
-        with _gradient_sync(loss_fn, i == len(micro_batches) - 1):
-            per_micro.append(algo.backward(batch, loss_scale=w * ctx.world_size, loss_fn=loss_fn))
-    return algo.optimizer_step(reduce_stats(per_micro, weights))
-
-
-@contextlib.contextmanager
-def _gradient_sync(loss_fn: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) unless ``sync`` (the last micro-batch)."""
-    if isinstance(loss_fn, nn.parallel.DistributedDataParallel) and not sync:
-        with loss_fn.no_sync():
-            yield
-    elif is_fsdp(loss_fn):
-        loss_fn.set_requires_gradient_sync(sync)
-        yield
-    else:
-        yield
 
 
 class NullWriter:

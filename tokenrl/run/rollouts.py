@@ -10,8 +10,9 @@ One collection (:func:`collect_rollouts`) runs three stages, each timed on a :cl
 * ``time/buffer_add_s``: the trajectories go into the buffer (``is_expert=False``) and the algorithm is
   told their indices (:meth:`Algorithm.after_rollout`).
 
-The trainer times batch drawing (``time/batch_s``, :meth:`Algorithm.sample_batch`) and the gradient step
-(``time/update_s``) on the same clock, so the wall-clock of an on-policy run is attributable stage by stage.
+The trainer times batch drawing (``time/batch_s``, the algorithm's sampler) and the gradient step
+(``time/update_s``) on the same clock (:mod:`tokenrl.run.step`), so the wall-clock of an on-policy run is
+attributable stage by stage.
 """
 
 from __future__ import annotations

@@ -9,17 +9,17 @@ The fair-comparison protocol (``selection=best``; ``selection=fixed`` is the pap
   ``selection.sft_cache`` the start (weights and the RNG states after it) is saved under the task's data
   directory, keyed by everything it depends on (task, data, validation set, model, SFT settings and stopping
   rule, seed, device), and reused by every method of that seed: a run that loads it continues exactly as the
-  run that trained it.
+  run that trained it. The cache file is verified on every load (:func:`read_sft_start`: a SHA-256 over its
+  content, as a checkpoint's); a damaged one is refused, naming it. A run's SFT checkpoints (``checkpoints``
+  hooks of :func:`train_sft`, written by :mod:`tokenrl.run.sft_checkpoints`) let an interrupted SFT resume.
 * **Best checkpoint** (:class:`BestCheckpoint`): the algorithm is validated every ``selection.every`` steps,
   step 0 (the SFT start) and the last step included; the best weights are kept in memory and are what the
   final evaluation scores and the run saves. ``metrics.json`` records the chosen step under ``selection``.
 
-Validation (:func:`validation_score`) is one number, lower is better, on the validation prompts: a
-teacher-forced metric on the task's held-out teacher samples (``task.heldout``, one per validation prompt; no
-sampling noise between checkpoints), or a sampled one (the seeds ``eval.val_seeds``, the first
-``eval.decode_top_p``). The final evaluation never reads the validation split: its teacher-forced metrics use
-the held-out samples of the test prompts (``task.test_heldout``), its sampled ones the test prompts. How many
-validation prompts make the score precise enough: ``experiments/validation_noise.py``.
+Validation is one number, lower is better, on the validation prompts
+(:func:`tokenrl.evaluation.student.validation_score` of ``selection.metric``, :func:`validator`). The best
+checkpoint's state (scores and weights) goes into the run's checkpoints, so a run with ``selection.every``
+resumes as it would have continued.
 """
 
 from __future__ import annotations
@@ -36,24 +36,18 @@ import torch
 
 from algorithms import Algorithm, make_algorithm
 from tokenrl.core.progress import track
-from tokenrl.run.config import RunConfig
-from tokenrl.evaluation.metrics import evaluate
-from tokenrl.evaluation.teacher_forced import teacher_forced_kl, teacher_forced_set_metrics
+from tokenrl.evaluation.student import SAMPLED, VALIDATION_METRICS, validation_score
 from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.run.checkpoint import read_state_file, write_state_file
+from tokenrl.run.config import RunConfig
 from tokenrl.tasks.base import Task
+from tokenrl.tasks.manifest import DataIntegrityError
 
 log = logging.getLogger(__name__)
 
-TEACHER_FORCED = (
-    "kl_student_teacher", "kl_teacher_student", "mass_outside_set", "kl_teacher_student_on_set", "kl_set_teacher_student"
-)
-SAMPLED = ("teacher_nll", "rougeL")
-VALIDATION_METRICS = TEACHER_FORCED + SAMPLED
-"""Valid ``selection.metric`` values (``rougeL`` is negated so that lower is better for every metric)."""
-
 
 def check_selection(cfg: RunConfig) -> None:
-    """Fail before any work on an unknown ``selection.metric`` (the ranges are checked by ``SelectionConfig``).
+    """Fail before any work on an unknown ``selection.metric`` (the ranges: ``SelectionConfig.problems``).
 
     Raises:
         ValueError: naming the bad key and the valid values.
@@ -64,30 +58,10 @@ def check_selection(cfg: RunConfig) -> None:
         )
 
 
-def validation_score(model: torch.nn.Module, task: Task, cfg: RunConfig) -> float:
-    """``cfg.selection.metric`` of ``model`` on the validation prompts; lower is better.
-
-    Teacher-forced metrics read the task's held-out teacher samples (``task.heldout``); sampled ones draw one
-    response per seed of ``eval.val_seeds`` on each of the first ``eval.val_n_prompts`` validation prompts, at
-    the first ``eval.decode_top_p``.
-    """
-    metric = cfg.selection.metric
-    prompts, responses = task.heldout
-    if metric in ("kl_student_teacher", "kl_teacher_student"):
-        return teacher_forced_kl(model, task.teacher, prompts, responses, cfg.eval.batch_size, task.vocab_size)[metric]
-    if metric in TEACHER_FORCED:
-        return teacher_forced_set_metrics(
-            model, task.teacher, prompts, responses, cfg.task.cache_top_p, cfg.eval.batch_size, task.vocab_size
-        )[metric]
-    n = cfg.eval.val_n_prompts
-    sampled = evaluate(
-        model, task.teacher, task.val_prompts[:n], task.val_references[:n] if metric == "rougeL" else None, task.decode,
-        eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id, max_new_tokens=task.max_new_tokens,
-        seeds=cfg.eval.val_seeds, temperature=cfg.eval.temperature, top_p=cfg.eval.decode_top_p[0],
-        batch_size=cfg.eval.batch_size, vocab_size=task.vocab_size,
-    )
-    value = float(sampled[f"eval/{metric}"])
-    return -value if metric == "rougeL" else value
+def validator(cfg: RunConfig, task: Task) -> Callable[[torch.nn.Module], float]:
+    """``model -> score``: the run's validation score (``selection.metric`` at its evaluation settings and the data's
+    cache top-p, :func:`tokenrl.evaluation.student.validation_score`)."""
+    return lambda model: validation_score(model, task, cfg.selection.metric, cfg.eval, cfg.task.cache_top_p)
 
 
 class PlateauStop:
@@ -134,6 +108,14 @@ class PlateauStop:
             self.since_best += 1
         return self.since_best >= self.patience
 
+    def state_dict(self) -> dict:
+        """The rule's progress (an SFT checkpoint holds it)."""
+        return {"smoothed": list(self.smoothed), "best": self.best, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.smoothed, self.best, self.since_best = list(state["smoothed"]), state["best"], state["since_best"]
+
 
 class BestCheckpoint:
     """The best-scoring weights seen so far, kept in memory (a copy on the model's device).
@@ -174,11 +156,22 @@ class BestCheckpoint:
         """``best_step``, ``best_score`` and the ``history`` of ``[step, score]`` pairs."""
         return {"best_step": self.best_step, "best_score": self.best_score, "history": [list(h) for h in self.history]}
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: :meth:`summary` and the best weights (tensors and JSON values only, as a
+        checkpoint holds them: :mod:`tokenrl.run.checkpoint`)."""
+        return {**self.summary(), "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.best_score, self.best_step = float(state["best_score"]), state["best_step"]
+        self.history = [(int(step), float(score)) for step, score in state["history"]]
+        self.best_state = state["best_state"]
+
 
 def sft_cache_path(cfg: RunConfig, task: Task, data_dir: str) -> str:
-    """Where the SFT start of this run's settings is cached: ``<data_dir>/sft_starts/<digest>.pt``.
+    """Where the SFT start of this run's settings is cached: ``<data_dir>/sft_starts/<digest>.safetensors``.
 
-    ``data_dir`` is the dataset's folder, named by the hash of its full manifest (``trainer.data_location``).
+    ``data_dir`` is the dataset's folder, named by the hash of its full manifest (:func:`tokenrl.run.inputs.data_location`).
     """
     heldout = hashlib.sha1(json.dumps([task.heldout[0], task.heldout[1]]).encode()).hexdigest()
     key = {
@@ -199,7 +192,23 @@ def sft_cache_path(cfg: RunConfig, task: Task, data_dir: str) -> str:
     if cfg.selection.metric in SAMPLED:  # sampled validation depends on the decoding and its draws too
         key["decoding"] = [cfg.eval.decode_top_p[0], cfg.eval.temperature, cfg.eval.val_seeds, cfg.eval.val_n_prompts]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(data_dir, "sft_starts", f"{digest}.pt")
+    return os.path.join(data_dir, "sft_starts", f"{digest}.safetensors")
+
+
+def read_sft_start(path: str) -> dict:
+    """The cached SFT start at ``path`` (``model``, ``generator``, ``torch_rng``, ``summary``, ``last_stats``),
+    verified against the SHA-256 stored in it.
+
+    Raises:
+        DataIntegrityError: the file is truncated, changed or not an SFT start (naming it and the fix).
+    """
+    try:
+        return read_state_file(path)
+    except Exception as error:  # any failure to read back what was written is damage
+        raise DataIntegrityError(
+            f"SFT start {path} fails verification ({error}); delete it and rerun: the run trains the SFT start "
+            "again and caches it"
+        ) from error
 
 
 def train_sft(
@@ -210,6 +219,7 @@ def train_sft(
     generator: torch.Generator,
     sft_step: Callable[[Algorithm], dict[str, float]],
     data_dir: str,
+    checkpoints=None,
 ) -> tuple[dict, dict[str, float]]:
     """The SFT (BC) warm start of the protocol, from the cache when ``selection.sft_cache`` has it.
 
@@ -224,8 +234,13 @@ def train_sft(
         policy: the student's Q head over ``model``.
         generator: the run's batch-sampling generator (advanced exactly as by the training it replays).
         sft_step: one optimiser step of the SFT algorithm on the next batch of the offline data (the trainer's
-            ``train_step``: one process, gradient accumulation or data-parallel alike); returns its stats.
+            :func:`tokenrl.run.step.train_step`: one process, gradient accumulation or data-parallel alike); returns
+            its stats.
         data_dir: the offline data's folder (the SFT cache lives under it).
+        checkpoints: the run's SFT checkpoints (:class:`tokenrl.run.sft_checkpoints.SFTCheckpoints`): its
+            ``restore(sft)`` continues an interrupted SFT (it returns the loop's state, or None to start), its
+            ``after_step(sft, steps_run, loop_state)`` writes one when due (``loop_state()`` builds the loop's
+            state) and stops the run on SIGTERM/SIGINT.
 
     Returns:
         ``(summary, last_stats)``: ``summary`` has ``steps_run``, ``cached``, and with validation ``best_step``,
@@ -234,38 +249,50 @@ def train_sft(
     sel = cfg.selection
     path = sft_cache_path(cfg, task, data_dir) if sel.sft_cache else None
     if path is not None and os.path.exists(path):
-        state = torch.load(path, weights_only=True)
+        state = read_sft_start(path)
         model.load_state_dict(state["model"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         return {**state["summary"], "cached": True}, state["last_stats"]
     sft = make_algorithm("bc", policy, {"lr": cfg.sft_lr}, total_steps=cfg.sft_steps)
-    best = BestCheckpoint(model, lambda m: validation_score(m, task, cfg)) if sel.sft_eval_every else None
+    best = BestCheckpoint(model, validator(cfg, task)) if sel.sft_eval_every else None
     stop = PlateauStop(sel.sft_patience, sel.sft_smoothing, sel.sft_min_improvement)
-    if best is not None:
-        best.consider(0, "sft validation")
-        stop.update(best.history[-1][1])
     stats: dict[str, float] = {}
     steps_run = 0
-    for step in track(range(cfg.sft_steps), "sft warm start", enabled=cfg.progress):
+    loop = checkpoints.restore(sft) if checkpoints is not None else None
+    if loop is not None:
+        steps_run, stats = loop["steps_run"], loop["stats"]
+        stop.load_state_dict(loop["stop"])
+        if best is not None:
+            best.load_state_dict(loop["best"])
+    elif best is not None:
+        best.consider(0, "sft validation")
+        stop.update(best.history[-1][1])
+
+    def loop_state() -> dict:
+        return {"steps_run": steps_run, "stats": stats, "stop": stop.state_dict(),
+                "best": best.state_dict() if best is not None else None}
+
+    bar = track(range(steps_run, cfg.sft_steps), "sft warm start", enabled=cfg.progress, initial=steps_run,
+                total=cfg.sft_steps)
+    for step in bar:
         stats = sft_step(sft)
         steps_run = step + 1
         if best is not None and (steps_run % sel.sft_eval_every == 0 or steps_run == cfg.sft_steps):
             best.consider(steps_run, "sft validation")
             if stop.update(best.history[-1][1]):
                 break
+        if checkpoints is not None:
+            checkpoints.after_step(sft, steps_run, loop_state)
     sft.zero_grad()  # its gradients are not needed after the warm start
     summary: dict = {"steps_run": steps_run}
     if best is not None:
         best.restore()
         summary.update(best.summary(), smoothed=stop.smoothed)
     if path is not None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         state = {
             "model": model.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "summary": summary, "last_stats": stats,
         }
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: runs of a sweep that share the start may race
+        write_state_file(path, state)  # atomic: runs of a sweep that share the start may race
     return {**summary, "cached": False}, stats

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, field_problems
 from tokenrl.tasks.corpus import CorpusSource, synthetic_corpus
 from tokenrl.tasks.datagen import Sampler
 from tokenrl.tasks.synthetic import SyntheticLanguage, SyntheticLanguageConfig
@@ -98,6 +99,20 @@ class SyntheticTaskConfig:
     # top-p of the teacher drawing the corpus; None = sample_top_p (the text the SFT student was trained on); 1.0 =
     # the language's own distribution, uniform smoothing floor included (see tokenrl.tasks.corpus)
     corpus_top_p: float | None = None
+
+    def problems(self, prefix: str = "task") -> list[str]:
+        """Every field out of its range, the language's included, one line each."""
+        ranges = {
+            "n_train_prompts": POSITIVE, "samples_per_prompt": POSITIVE, "n_val_prompts": POSITIVE,
+            "n_test_prompts": POSITIVE, "n_references": NON_NEGATIVE, "max_new_tokens": POSITIVE,
+            "sample_top_p": PROBABILITY, "cache_top_p": PROBABILITY, "data_seed": NON_NEGATIVE, "shard_prompts": POSITIVE,
+            "cache_batch_size": POSITIVE, "corpus_sequences": POSITIVE, "corpus_max_tokens": POSITIVE,
+            "corpus_top_p": PROBABILITY.explained("null = sample_top_p"),
+        }
+        language = self.language
+        if not isinstance(language, SyntheticLanguageConfig):
+            language = SyntheticLanguageConfig(**language)
+        return field_problems(self, prefix, ranges) + language.problems(f"{prefix}.language")
 
 
 def build_synthetic_task(cfg: SyntheticTaskConfig) -> Task:

@@ -211,7 +211,8 @@ def _load_or_generate(
 
     Sharded (``shard_world > 1``, one call per rank): rank 0 writes or checks the manifest first; each rank then
     writes its own shards without touching the manifest, and rank 0 records every new shard's checksum once
-    all are on disk, so no two processes ever write the manifest.
+    all are on disk, so no two processes ever write the manifest. Nothing is written when every shard is on disk
+    and recorded, so a complete data set can be read from a read-only folder.
     """
     check_p(cache_top_p)
     if isinstance(sampler, FixedResponses) and (samples_per_prompt != 1 or len(sampler.responses) != len(prompts)):
@@ -266,10 +267,10 @@ def _load_or_generate(
     if not sharded:
         return buffer, complete
     barrier()  # every rank's shards are on disk
-    if shard_rank == 0:
-        for i, name in enumerate(names):
-            if name not in checksums:
-                record_checksum(stored, out_dir, shard_path(out_dir, i))
+    new = [i for i, name in enumerate(names) if name not in checksums]
+    if shard_rank == 0 and new:  # a complete data set is only read: a shared cache may be read-only
+        for i in new:
+            record_checksum(stored, out_dir, shard_path(out_dir, i))
         write_json_atomic(manifest_path(out_dir), stored)
     barrier()  # the manifest records every shard
     return load_teacher_data(out_dir), complete

@@ -1,7 +1,7 @@
 """Real-LM tasks: a transformers teacher, instruction prompts, references and samplers, built from a config.
 
 ``task.kind == "hf"`` configs (schema :class:`HFTaskConfig`, e.g. ``task=smollm2``, ``task=dolly_gpt2``) come
-here through :func:`tokenrl.run.trainer.build_task`. The pieces are the ones of
+here through :func:`tokenrl.run.inputs.build_task`. The pieces are the ones of
 :func:`tokenrl.tasks.base.build_synthetic_task`:
 
 * prompts: a Dolly-style JSONL file, rendered with the MiniLLM/BD template or the tokenizer's chat template,
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenrl.core.options import NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, field_problems
 from tokenrl.data.buffer import write_json_atomic
 from tokenrl.tasks.manifest import file_sha256
 from tokenrl.lm.loading import load_causal_lm
@@ -89,13 +90,34 @@ class HFTaskConfig:
     corpus_sequences: int = 256  # rows of the corpus (the first documents of the file, or teacher samples)
     corpus_max_tokens: int = 128  # tokens per row after the document separator (BOS, else EOS)
 
+    def problems(self, prefix: str = "task") -> list[str]:
+        """Every field out of its range or choices and every missing required field, one line each."""
+        ranges = {
+            "max_prompt_tokens": POSITIVE, "max_new_tokens": POSITIVE, "val_fraction": OPEN_UNIT,
+            "test_fraction": OPEN_UNIT, "max_train_prompts": POSITIVE.explained("null = all"),
+            "max_val_prompts": POSITIVE.explained("null = all"), "max_test_prompts": POSITIVE.explained("null = all"),
+            "samples_per_prompt": POSITIVE, "sample_top_p": PROBABILITY, "sample_temperature": POSITIVE,
+            "cache_top_p": PROBABILITY, "cache_max_k": POSITIVE.explained("null = no cap"), "n_references": NON_NEGATIVE,
+            "data_seed": NON_NEGATIVE, "shard_prompts": POSITIVE, "cache_batch_size": POSITIVE, "gen_batch_size": POSITIVE,
+            "corpus_sequences": POSITIVE, "corpus_max_tokens": POSITIVE,
+        }
+        found = field_problems(self, prefix, ranges, choices={"template": TEMPLATES})
+        for required in ("teacher", "prompts_file"):
+            if getattr(self, required) in (None, "???"):
+                found.append(f"{prefix}.{required} is not set: the hf task needs it (see tokenrl.tasks.hf.HFTaskConfig)")
+        fractions = (self.val_fraction, self.test_fraction)
+        if all(OPEN_UNIT.ok(f) for f in fractions) and sum(fractions) >= 1:
+            found.append(
+                f"{prefix}.val_fraction + {prefix}.test_fraction = {sum(fractions)} leaves no training prompt; lower "
+                "one of them"
+            )
+        return found
+
 
 def _check(cfg: HFTaskConfig) -> None:
-    for required in ("teacher", "prompts_file"):
-        if getattr(cfg, required) in (None, "???"):
-            raise ValueError(f"The hf task needs task.{required} (see tokenrl.tasks.hf.HFTaskConfig).")
-    if cfg.template not in TEMPLATES:
-        raise ValueError(f"task.template must be one of {TEMPLATES}, got {cfg.template!r}.")
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("invalid task config:\n  " + "\n  ".join(problems))
 
 
 def _tokenize_prompts(examples: Sequence[PromptExample], tokenizer, template: str) -> list[list[int]]:

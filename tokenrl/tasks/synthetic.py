@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tokenrl.core.distributions import project_to_set
+from tokenrl.core.options import AT_LEAST_ONE, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UNIT_INTERVAL, field_problems
 from tokenrl.core.teachers import TokenPositions
 
 
@@ -69,6 +70,31 @@ class SyntheticLanguageConfig:
     prompt_len_max: int = 8
     seed: int = 0
 
+    def problems(self, prefix: str = "language") -> list[str]:
+        """Every field out of its range or choices and every broken cross-field rule, one line each."""
+        ranges = {
+            "vocab_size": POSITIVE, "n_topics": POSITIVE, "n_local_states": POSITIVE, "mean_support": AT_LEAST_ONE,
+            "max_support": AT_LEAST_ONE, "concentration": POSITIVE, "support_log_std": NON_NEGATIVE.explained("0 = off"),
+            "concentration_log_std": NON_NEGATIVE.explained("0 = off"),
+            "smoothing": OPEN_UNIT.explained("so that every sequence has a finite likelihood"),
+            "eos_states": UNIT_INTERVAL, "eos_prob": UNIT_INTERVAL, "prompt_len_min": AT_LEAST_ONE,
+            "prompt_len_max": AT_LEAST_ONE, "seed": NON_NEGATIVE,
+        }
+        found = field_problems(self, prefix, ranges, choices={"transitions": ("fsm", "last_token")})
+        if self.vocab_size < self.n_topics + 2:
+            found.append(
+                f"{prefix}.vocab_size={self.vocab_size} is too small for {prefix}.n_topics={self.n_topics}: needs at "
+                "least n_topics + 2 (EOS and one more token)"
+            )
+        elif self.max_support > self.vocab_size - 1:
+            found.append(f"{prefix}.max_support={self.max_support}: must be <= vocab_size - 1 = {self.vocab_size - 1}")
+        if self.prompt_len_max < self.prompt_len_min:
+            found.append(
+                f"{prefix}.prompt_len_max={self.prompt_len_max} < {prefix}.prompt_len_min={self.prompt_len_min}; "
+                "raise the maximum or lower the minimum"
+            )
+        return found
+
 
 class SyntheticLanguage:
     """Exact synthetic teacher and data source (implements :class:`tokenrl.core.teachers.Teacher`).
@@ -86,25 +112,9 @@ class SyntheticLanguage:
 
     def __init__(self, config: SyntheticLanguageConfig | None = None):
         cfg = config or SyntheticLanguageConfig()
-        if cfg.vocab_size < cfg.n_topics + 2:
-            raise ValueError(
-                f"vocab_size={cfg.vocab_size} is too small for n_topics={cfg.n_topics}: need at least n_topics + 2"
-            )
-        if not 1 <= cfg.max_support <= cfg.vocab_size - 1:
-            raise ValueError(f"max_support must be in [1, vocab_size - 1 = {cfg.vocab_size - 1}], got {cfg.max_support}")
-        if cfg.support_log_std < 0 or cfg.concentration_log_std < 0:
-            raise ValueError(
-                f"support_log_std and concentration_log_std must be >= 0 (0 = off), got "
-                f"{cfg.support_log_std}, {cfg.concentration_log_std}"
-            )
-        if cfg.transitions not in ("fsm", "last_token"):
-            raise ValueError(f"transitions must be 'fsm' or 'last_token', got {cfg.transitions!r}")
-        if not 0.0 < cfg.smoothing < 1.0:
-            raise ValueError(f"smoothing must be in (0, 1) so every sequence has finite likelihood, got {cfg.smoothing}")
-        if cfg.prompt_len_min < 1 or cfg.prompt_len_max < cfg.prompt_len_min:
-            raise ValueError(
-                f"need 1 <= prompt_len_min <= prompt_len_max, got {cfg.prompt_len_min}, {cfg.prompt_len_max}"
-            )
+        problems = cfg.problems()
+        if problems:
+            raise ValueError("invalid SyntheticLanguageConfig:\n  " + "\n  ".join(problems))
         self.config = cfg
         self.vocab_size = cfg.vocab_size
         rng = np.random.default_rng(cfg.seed)
