@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from algorithms.kd import lm_batch_loss
+from algorithms.kd import kd_term_problems, lm_batch_loss
 from tokenrl.core.backup import (
     chi2_penalty,
     chi2_phi,
@@ -120,10 +120,7 @@ class BellmanDistillConfig(AlgoConfig):
         if self.value == "released" and not self.epsilon > 0:
             found.append(f"algo.epsilon={self.epsilon!r} with algo.value='released': the released projection needs "
                          "epsilon > 0 (0 gives 0 * log 0 = NaN); set algo.epsilon=1e-8")
-        if self.kd_coef > 0 and self.top_p >= 1.0:
-            found.append(f"algo.kd_coef={self.kd_coef} with algo.top_p={self.top_p}: the KD term reads the teacher's "
-                         "cached set, which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1")
-        return found
+        return found + kd_term_problems(self.kd_coef, self.top_p)
 
     def reads_cached_sets(self) -> bool:
         """At ``top_p = 1`` the BD terms take dense logits over the whole vocabulary, not the cached sets (the KD
@@ -152,21 +149,31 @@ class BDValues:
     action_mask_BT: torch.Tensor
 
 
-def drop_eos_steps(
-    action_slot_BT: torch.Tensor, action_mask_BT: torch.Tensor, lengths_B: torch.Tensor, terminated_B: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The release's EOS masking (EOS is its pad token): each terminated response loses its EOS step and is
-    bootstrapped from the state where EOS was chosen, as a truncated one.
+@dataclass
+class BDSteps:
+    """A batch's transitions as both BD losses read them: ``action_slot_BT`` and ``action_mask_BT`` as in
+    :class:`BDValues`, ``lengths_B`` the ``[B]`` response lengths, ``terminated_B`` ``[B]`` True after an EOS."""
 
-    Returns:
-        ``(action_slot_BT, action_mask_BT, lengths_B, terminated_B)`` of the batch without its EOS steps.
-    """
-    eos_BT = eos_steps(lengths_B, terminated_B, action_slot_BT.shape[1])
-    return (
-        torch.where(eos_BT, torch.full_like(action_slot_BT, -1), action_slot_BT),
-        action_mask_BT & ~eos_BT,
-        lengths_B - terminated_B.long(),
-        torch.zeros_like(terminated_B),
+    action_slot_BT: torch.Tensor
+    action_mask_BT: torch.Tensor
+    lengths_B: torch.Tensor
+    terminated_B: torch.Tensor
+
+    def values(self, q_BSK: torch.Tensor, mask_BSK: torch.Tensor, v_BS: torch.Tensor) -> BDValues:
+        """The :class:`BDValues` of these transitions under Q ``q_BSK`` and V ``v_BS`` on the sets ``mask_BSK``."""
+        v_next_BT = next_state_values(v_BS, self.lengths_B, self.terminated_B)
+        return BDValues(q_BSK, mask_BSK, v_BS, v_next_BT, self.action_slot_BT, self.action_mask_BT)
+
+
+def drop_eos_steps(steps: BDSteps) -> BDSteps:
+    """The release's EOS masking (EOS is its pad token): each terminated response loses its EOS step and is
+    bootstrapped from the state where EOS was chosen, as a truncated one."""
+    eos_BT = eos_steps(steps.lengths_B, steps.terminated_B, steps.action_slot_BT.shape[1])
+    return BDSteps(
+        torch.where(eos_BT, torch.full_like(steps.action_slot_BT, -1), steps.action_slot_BT),
+        steps.action_mask_BT & ~eos_BT,
+        steps.lengths_B - steps.terminated_B.long(),
+        torch.zeros_like(steps.terminated_B),
     )
 
 
@@ -309,10 +316,7 @@ def bellman_distill_loss(
     cfg: BellmanDistillConfig,
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
-    action_slot_BT: torch.Tensor,
-    action_mask_BT: torch.Tensor,
-    lengths_B: torch.Tensor,
-    terminated_B: torch.Tensor,
+    steps: BDSteps,
     *,
     vocab_size: int,
     vocab_max_BS: torch.Tensor | None = None,
@@ -326,9 +330,7 @@ def bellman_distill_loss(
         cfg: the options (Q shift, value, expert term, form, LM terms; see the module docstring).
         logits_BSK: ``[B, S, K]`` student logits on the candidates of states ``s_0..s_T`` (K = V when dense).
         mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
-        action_slot_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside or on padding.
-        action_mask_BT: ``[B, T]`` valid response steps.
-        lengths_B: ``[B]`` response lengths; ``terminated_B``: ``[B]`` True where the response ended with EOS.
+        steps: the transitions (expert action slots, valid steps, response lengths, terminations).
         vocab_size: |V| the released-code terms weigh the vocabulary at (may exceed the logits' width).
         vocab_max_BS: ``[B, S]`` the student's max logit over the vocabulary (``q_shift`` vocab, vocab_detached).
         lse_BS: ``[B, S]`` its log-normaliser over the vocabulary (released value, set-mass and KD terms).
@@ -338,11 +340,9 @@ def bellman_distill_loss(
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
     """
-    lm_action_mask_BT = action_mask_BT
+    lm_action_mask_BT = steps.action_mask_BT
     if cfg.mask_eos:
-        action_slot_BT, action_mask_BT, lengths_B, terminated_B = drop_eos_steps(
-            action_slot_BT, action_mask_BT, lengths_B, terminated_B
-        )
+        steps = drop_eos_steps(steps)
     logits_BSK = upcast(logits_BSK)
     lse_BS = None if lse_BS is None else upcast(lse_BS)
     if cfg.q_shift == "set":
@@ -358,7 +358,7 @@ def bellman_distill_loss(
         v_BS = released_state_values(q_BSK, logits_BSK, mask_BSK, lse_BS, cfg.top_p, cfg.epsilon, vocab_size)
     else:
         v_BS = state_values(q_BSK, mask_BSK)
-    x = BDValues(q_BSK, mask_BSK, v_BS, next_state_values(v_BS, lengths_B, terminated_B), action_slot_BT, action_mask_BT)
+    x = steps.values(q_BSK, mask_BSK, v_BS)
 
     if cfg.expert_term == "vocab_mean":
         r_BT, ok_BT = vocab_mean_reward(x, cfg.gamma, vocab_size)
@@ -381,7 +381,7 @@ def bellman_distill_loss(
         loss = loss + coef * term
         stats[key] = term
     if lse_BS is not None:
-        T = action_mask_BT.shape[1]
+        T = lm_action_mask_BT.shape[1]
         log_m_s_BT = soft_value(logits_BSK[:, :T], mask_BSK[:, :T]) - lse_BS[:, :T]
         stats["top_p/student_set_mass"] = masked_mean(log_m_s_BT.exp(), lm_action_mask_BT)
     stats["loss/total"] = loss
@@ -417,6 +417,17 @@ class BellmanDistill(Algorithm):
         on_corpus = self.needs_lm_batch
         # On the corpus the CE and KD terms are scored below, on the LM batch, not on the distillation batch.
         cfg = dataclasses.replace(self.config, ce_coef=0.0, kd_coef=0.0) if on_corpus else self.config
+        loss, stats = self.distillation_loss(cfg, batch)
+        if on_corpus:
+            lm_loss, lm_stats = lm_batch_loss(self.policy, require_lm_batch(batch, self.name), self.config.ce_coef,
+                                              self.config.kd_coef)
+            loss = loss + lm_loss
+            stats.update(lm_stats)
+            stats["loss/total"] = loss
+        return loss, float_stats(stats)
+
+    def distillation_loss(self, cfg: BellmanDistillConfig, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of ``cfg`` on the distillation batch (its LM terms included unless they score the corpus)."""
         full_vocab = cfg.top_p >= 1.0
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
@@ -427,24 +438,10 @@ class BellmanDistill(Algorithm):
             need_max=cfg.q_shift != "set",
             need_lse=cfg.value == "released" or (cfg.mass_coef > 0 and not full_vocab) or cfg.kd_coef > 0,
         )
-        loss, stats = bellman_distill_loss(
-            cfg,
-            cq.logits_BSK,
-            cq.mask_BSK,
-            cq.action_slot_BT,
-            batch.action_mask_BT,
-            batch.lengths_B,
-            batch.terminated_B,
-            vocab_size=cfg.released_vocab_size or self.policy.vocab_size,
-            vocab_max_BS=stats_v.max_BS,
-            lse_BS=stats_v.lse_BS,
-            lm_nll_BT=stats_v.nll_BT,
+        return bellman_distill_loss(
+            cfg, cq.logits_BSK, cq.mask_BSK,
+            BDSteps(cq.action_slot_BT, batch.action_mask_BT, batch.lengths_B, batch.terminated_B),
+            vocab_size=cfg.released_vocab_size or self.policy.vocab_size, vocab_max_BS=stats_v.max_BS,
+            lse_BS=stats_v.lse_BS, lm_nll_BT=stats_v.nll_BT,
             teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )
-        if on_corpus:
-            lm_batch = require_lm_batch(batch, self.name)
-            lm_loss, lm_stats = lm_batch_loss(self.policy, lm_batch, self.config.ce_coef, self.config.kd_coef)
-            loss = loss + lm_loss
-            stats.update(lm_stats)
-            stats["loss/total"] = loss
-        return loss, float_stats(stats)

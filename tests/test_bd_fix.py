@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms import make_algorithm
-from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from algorithms.iql_bd import BDSteps, BellmanDistillConfig, bellman_distill_loss
 from tests.conftest import algo_options, tiny_llama
 from tokenrl.core.backup import released_state_values
 from tokenrl.core.distributions import bernoulli_kl, set_mass_kl
@@ -105,7 +105,8 @@ def _bd_batch(B=3, T=4, K=5, V=9, seed=0):
 def _loss(args, vocab_size=9, inputs=None, **options):
     """bellman_distill_loss of the math form at alpha 0.1 with the set shift, no LM term, and ``options``."""
     cfg = BellmanDistillConfig(**{"alpha": 0.1, "ce_coef": 0.0, **options})
-    return bellman_distill_loss(cfg, *args, vocab_size=vocab_size, **(inputs or {}))
+    logits, mask, *steps = args
+    return bellman_distill_loss(cfg, logits, mask, BDSteps(*steps), vocab_size=vocab_size, **(inputs or {}))
 
 
 def test_mass_and_kd_terms_of_the_loss_equal_per_token_loops():

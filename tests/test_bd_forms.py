@@ -12,6 +12,7 @@ import torch
 from algorithms.iql_bd import (
     CHI2_CHOICES,
     EXPERT_TERM_CHOICES,
+    BDSteps,
     BDValues,
     BellmanDistillConfig,
     bellman_distill_loss,
@@ -103,7 +104,7 @@ def test_every_form_equals_a_per_token_loop(bd_batch, expert_term, chi2_on, valu
     )
     got_logits, ref_logits = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     got, stats = bellman_distill_loss(
-        cfg, got_logits, mask, slot, amask, lengths, terminated, vocab_size=VOCAB,
+        cfg, got_logits, mask, BDSteps(slot, amask, lengths, terminated), vocab_size=VOCAB,
         vocab_max_BS=vmax if shift == "vocab" else None, lse_BS=lse,
     )
     want = _reference_loss(
