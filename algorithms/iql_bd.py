@@ -73,6 +73,7 @@ from tokenrl.core.backup import (
 from tokenrl.core.distributions import kl, masked_mean, project_to_set, set_mass_kl, soft_value, upcast
 from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.data.buffer import Batch, require_lm_batch
+from tokenrl.lm.policy import VocabStats
 
 Q_SHIFT_CHOICES = ("set", "vocab", "vocab_detached")
 VALUE_CHOICES = ("soft", "released")
@@ -270,37 +271,36 @@ def lm_terms(
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
     action_mask_BT: torch.Tensor,
+    vocab: VocabStats,
+    teacher_logprobs_BSK: torch.Tensor | None,
     *,
     ce_coef: float,
     mass_coef: float,
     kd_coef: float,
-    lm_nll_BT: torch.Tensor | None,
-    lse_BS: torch.Tensor | None,
-    teacher_logprobs_BSK: torch.Tensor | None,
 ) -> list[tuple[str, float, torch.Tensor]]:
     """BD's language-model terms with a positive weight, in the order they are added to the loss.
 
     Args:
         logits_BSK: ``[B, S, K]`` student logits of the candidates (at least float32); ``mask_BSK``: the sets.
         action_mask_BT: ``[B, T]`` the steps the terms average over (EOS included).
-        ce_coef, mass_coef, kd_coef: weights of the CE, set-mass and KD terms (see :class:`BellmanDistillConfig`).
-        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (for the CE term).
-        lse_BS: ``[B, S]`` the student's log-normaliser over the whole vocabulary (set-mass and KD terms).
+        vocab: the student's full-vocabulary NLL of the expert tokens (``nll_BT``, CE term) and log-normaliser
+            (``lse_BS``, set-mass and KD terms).
         teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probs of the candidates (set-mass and KD terms).
+        ce_coef, mass_coef, kd_coef: weights of the CE, set-mass and KD terms (see :class:`BellmanDistillConfig`).
 
     Returns:
         ``[(stat key, weight, mean term), ...]``.
     """
     terms = []
     if ce_coef > 0:
-        if lm_nll_BT is None:
-            raise ValueError("ce_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
-        terms.append(("loss/lm", ce_coef, masked_mean(lm_nll_BT, action_mask_BT)))
+        if vocab.nll_BT is None:
+            raise ValueError("ce_coef > 0 needs vocab.nll_BT (the full-vocabulary NLL of the expert tokens)")
+        terms.append(("loss/lm", ce_coef, masked_mean(vocab.nll_BT, action_mask_BT)))
     if mass_coef > 0 or kd_coef > 0:
-        if lse_BS is None or teacher_logprobs_BSK is None:
-            raise ValueError("mass_coef > 0 and kd_coef > 0 need lse_BS and teacher_logprobs_BSK (the cache's set)")
+        if vocab.lse_BS is None or teacher_logprobs_BSK is None:
+            raise ValueError("mass_coef > 0 and kd_coef > 0 need vocab.lse_BS and teacher_logprobs_BSK (the cache's)")
         T = action_mask_BT.shape[1]
-        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], lse_BS[:, :T]
+        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], upcast(vocab.lse_BS[:, :T])
         t_lp_BTK = upcast(teacher_logprobs_BSK[:, :T]).to(logits_BSK.dtype)
     if mass_coef > 0:
         mass = masked_mean(set_mass_kl(s_logits_BTK, mask_BTK, lse_BT, t_lp_BTK), action_mask_BT)
@@ -312,6 +312,16 @@ def lm_terms(
     return terms
 
 
+def vocab_shift(q_shift: str, vocab_max_BS: torch.Tensor | None) -> torch.Tensor | None:
+    """The shift of :func:`shifted_q` that ``q_shift`` names: None for the set's max, else the student's max logit
+    over the vocabulary (without its gradient for ``vocab_detached``)."""
+    if q_shift == "set":
+        return None
+    if vocab_max_BS is None:
+        raise ValueError(f"q_shift={q_shift!r} needs vocab.max_BS (the student's max logit over the vocabulary)")
+    return upcast(vocab_max_BS.detach() if q_shift == "vocab_detached" else vocab_max_BS)
+
+
 def bellman_distill_loss(
     cfg: BellmanDistillConfig,
     logits_BSK: torch.Tensor,
@@ -319,9 +329,7 @@ def bellman_distill_loss(
     steps: BDSteps,
     *,
     vocab_size: int,
-    vocab_max_BS: torch.Tensor | None = None,
-    lse_BS: torch.Tensor | None = None,
-    lm_nll_BT: torch.Tensor | None = None,
+    vocab: VocabStats = VocabStats(),
     teacher_logprobs_BSK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD loss of ``cfg`` from the student's logits on each state's set: the one place its options choose.
@@ -332,9 +340,9 @@ def bellman_distill_loss(
         mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
         steps: the transitions (expert action slots, valid steps, response lengths, terminations).
         vocab_size: |V| the released-code terms weigh the vocabulary at (may exceed the logits' width).
-        vocab_max_BS: ``[B, S]`` the student's max logit over the vocabulary (``q_shift`` vocab, vocab_detached).
-        lse_BS: ``[B, S]`` its log-normaliser over the vocabulary (released value, set-mass and KD terms).
-        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (``ce_coef > 0``).
+        vocab: the student's full-vocabulary statistics (:meth:`CausalLMPolicy.vocab_stats`): ``max_BS`` for the
+            ``q_shift`` vocab and vocab_detached, ``lse_BS`` for the released value, set-mass and KD terms, ``nll_BT``
+            of the expert tokens for ``ce_coef > 0``.
         teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probs of the candidates (set-mass and KD terms).
 
     Returns:
@@ -344,17 +352,11 @@ def bellman_distill_loss(
     if cfg.mask_eos:
         steps = drop_eos_steps(steps)
     logits_BSK = upcast(logits_BSK)
-    lse_BS = None if lse_BS is None else upcast(lse_BS)
-    if cfg.q_shift == "set":
-        shift_BS = None
-    elif vocab_max_BS is None:
-        raise ValueError(f"q_shift={cfg.q_shift!r} needs vocab_max_BS (the student's max logit over the vocabulary)")
-    else:
-        shift_BS = upcast(vocab_max_BS.detach() if cfg.q_shift == "vocab_detached" else vocab_max_BS)
-    q_BSK = shifted_q(logits_BSK, mask_BSK, cfg.q_min, shift_BS)
+    lse_BS = None if vocab.lse_BS is None else upcast(vocab.lse_BS)
+    q_BSK = shifted_q(logits_BSK, mask_BSK, cfg.q_min, vocab_shift(cfg.q_shift, vocab.max_BS))
     if cfg.value == "released":
         if lse_BS is None:
-            raise ValueError("value='released' needs lse_BS (the student's log-normaliser over the vocabulary)")
+            raise ValueError("value='released' needs vocab.lse_BS (the student's log-normaliser over the vocabulary)")
         v_BS = released_state_values(q_BSK, logits_BSK, mask_BSK, lse_BS, cfg.top_p, cfg.epsilon, vocab_size)
     else:
         v_BS = state_values(q_BSK, mask_BSK)
@@ -375,8 +377,8 @@ def bellman_distill_loss(
     # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
     mass_coef = cfg.mass_coef if cfg.top_p < 1.0 else 0.0
     for key, coef, term in lm_terms(
-        logits_BSK, mask_BSK, lm_action_mask_BT, ce_coef=cfg.ce_coef, mass_coef=mass_coef, kd_coef=cfg.kd_coef,
-        lm_nll_BT=lm_nll_BT, lse_BS=lse_BS, teacher_logprobs_BSK=teacher_logprobs_BSK,
+        logits_BSK, mask_BSK, lm_action_mask_BT, vocab, teacher_logprobs_BSK,
+        ce_coef=cfg.ce_coef, mass_coef=mass_coef, kd_coef=cfg.kd_coef,
     ):
         loss = loss + coef * term
         stats[key] = term
@@ -432,7 +434,7 @@ class BellmanDistill(Algorithm):
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
         # One chunked pass over the vocabulary for everything that needs it (flat memory, exact gradients).
-        stats_v = self.policy.vocab_stats(
+        vocab = self.policy.vocab_stats(
             h_BSD,
             batch.actions_BT if cfg.ce_coef > 0 else None,
             need_max=cfg.q_shift != "set",
@@ -441,7 +443,6 @@ class BellmanDistill(Algorithm):
         return bellman_distill_loss(
             cfg, cq.logits_BSK, cq.mask_BSK,
             BDSteps(cq.action_slot_BT, batch.action_mask_BT, batch.lengths_B, batch.terminated_B),
-            vocab_size=cfg.released_vocab_size or self.policy.vocab_size, vocab_max_BS=stats_v.max_BS,
-            lse_BS=stats_v.lse_BS, lm_nll_BT=stats_v.nll_BT,
+            vocab_size=cfg.released_vocab_size or self.policy.vocab_size, vocab=vocab,
             teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )

@@ -97,6 +97,7 @@ from algorithms.iql_bd import (
     bd_diagnostics,
     expert_token_reward,
     lm_terms,
+    vocab_shift,
 )
 from algorithms.kd import kd_term_problems
 from tokenrl.core.backup import chi2_penalty, shifted_q, state_values
@@ -104,7 +105,7 @@ from tokenrl.core.distributions import masked_mean, project_to_set, upcast
 from tokenrl.core.options import NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.data.buffer import Batch
 from tokenrl.data.samplers import BatchSampler, RolloutMix
-from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.policy import CausalLMPolicy, VocabStats
 
 Q_PARAM_CHOICES = ("logits", "free_level")
 
@@ -228,10 +229,8 @@ def online_bellman_distill_loss(
     steps: BDSteps,
     is_expert_B: torch.Tensor,
     *,
-    vocab_max_BS: torch.Tensor | None = None,
+    vocab: VocabStats = VocabStats(),
     level_BS: torch.Tensor | None = None,
-    lse_BS: torch.Tensor | None = None,
-    lm_nll_BT: torch.Tensor | None = None,
     teacher_logprobs_BSK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The online BD loss of ``cfg`` plus its LM terms on the teacher rows: where the options choose.
@@ -240,23 +239,19 @@ def online_bellman_distill_loss(
         cfg: the options.
         logits_BSK, mask_BSK, steps: as :func:`algorithms.iql_bd.bellman_distill_loss`.
         is_expert_B: ``[B]`` True on teacher rows, False on the student's rollouts.
-        vocab_max_BS: ``[B, S]`` the max logit over the vocabulary (``q_shift`` vocab, vocab_detached).
+        vocab: the student's full-vocabulary statistics, as for offline BD (``max_BS`` read only with
+            ``q_param="logits"``, ``lse_BS`` by the KD term).
         level_BS: ``[B, S]`` the value head's output (``q_param="free_level"``).
-        lse_BS, lm_nll_BT, teacher_logprobs_BSK: the LM terms' inputs, as for offline BD.
+        teacher_logprobs_BSK: as for offline BD (KD term).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
     """
     if cfg.q_param == "free_level" and level_BS is None:
         raise ValueError("q_param='free_level' needs level_BS (the value head's V_theta at the batch's states)")
-    if cfg.q_param == "logits" and cfg.q_shift != "set":
-        if vocab_max_BS is None:
-            raise ValueError(f"q_shift={cfg.q_shift!r} needs vocab_max_BS (the student's max logit over the vocabulary)")
-        vocab_max_BS = vocab_max_BS.detach() if cfg.q_shift == "vocab_detached" else vocab_max_BS
-    else:
-        vocab_max_BS = None
     x = online_bd_values(
-        logits_BSK, mask_BSK, steps, q_min=cfg.q_min, vocab_max_BS=vocab_max_BS,
+        logits_BSK, mask_BSK, steps, q_min=cfg.q_min,
+        vocab_max_BS=vocab_shift(cfg.q_shift, vocab.max_BS) if cfg.q_param == "logits" else None,
         level_BS=level_BS if cfg.q_param == "free_level" else None,
     )
     action_slot_BT, action_mask_BT = steps.action_slot_BT, steps.action_mask_BT
@@ -271,8 +266,8 @@ def online_bellman_distill_loss(
     stats["data/student_frac"] = (~is_expert_B).float().mean()
     T = action_mask_BT.shape[1]
     for key, coef, term in lm_terms(
-        upcast(logits_BSK), mask_BSK, teacher_BT, ce_coef=cfg.ce_coef, mass_coef=0.0, kd_coef=cfg.kd_coef,
-        lm_nll_BT=lm_nll_BT, lse_BS=None if lse_BS is None else upcast(lse_BS), teacher_logprobs_BSK=teacher_logprobs_BSK,
+        upcast(logits_BSK), mask_BSK, teacher_BT, vocab, teacher_logprobs_BSK,
+        ce_coef=cfg.ce_coef, mass_coef=0.0, kd_coef=cfg.kd_coef,
     ):
         loss = loss + coef * term
         stats[key] = term
@@ -310,7 +305,7 @@ class OnlineBellmanDistill(BellmanDistill):
         """The online loss of ``cfg`` on the batch of teacher rows and rollouts (the corpus scored by the base)."""
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
-        stats_v = self.policy.vocab_stats(
+        vocab = self.policy.vocab_stats(
             h_BSD,
             batch.actions_BT if cfg.ce_coef > 0 else None,
             need_max=cfg.q_param == "logits" and cfg.q_shift != "set",
@@ -319,9 +314,7 @@ class OnlineBellmanDistill(BellmanDistill):
         return online_bellman_distill_loss(
             cfg, cq.logits_BSK, cq.mask_BSK,
             BDSteps(cq.action_slot_BT, batch.action_mask_BT, batch.lengths_B, batch.terminated_B), batch.is_expert_B,
-            vocab_max_BS=stats_v.max_BS,
+            vocab=vocab,
             level_BS=self.policy.value(h_BSD) if cfg.q_param == "free_level" else None,
-            lse_BS=stats_v.lse_BS,
-            lm_nll_BT=stats_v.nll_BT,
             teacher_logprobs_BSK=None if cfg.top_p >= 1.0 else batch.cand_logprobs_BSK,
         )

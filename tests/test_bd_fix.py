@@ -13,7 +13,7 @@ from algorithms.iql_bd import BDSteps, BellmanDistillConfig, bellman_distill_los
 from tests.conftest import algo_options, tiny_llama
 from tokenrl.core.backup import released_state_values
 from tokenrl.core.distributions import bernoulli_kl, set_mass_kl
-from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.policy import CausalLMPolicy, VocabStats
 
 
 def _rand_sets(B, S, K, V, seed=0):
@@ -113,7 +113,7 @@ def test_mass_and_kd_terms_of_the_loss_equal_per_token_loops():
     logits, mask, slot, amask, lengths, term, lse, teacher = _bd_batch()
     T = slot.shape[1]
     args = (logits, mask, slot, amask, lengths, term)
-    inputs = dict(lse_BS=lse, teacher_logprobs_BSK=teacher)
+    inputs = dict(vocab=VocabStats(lse_BS=lse), teacher_logprobs_BSK=teacher)
     base, _ = _loss(args, inputs=inputs)
     with_mass, stats = _loss(args, inputs=inputs, mass_coef=2.0)
     with_kd, _ = _loss(args, inputs=inputs, kd_coef=0.5)
@@ -148,7 +148,7 @@ def test_mask_eos_is_the_batch_without_its_eos_steps_bootstrapped():
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     assert got.item() != pytest.approx(_loss((logits, mask, slot, amask, lengths, term), **released)[0].item())
     with_ce, _ = _loss(
-        (logits, mask, slot, amask, lengths, term), inputs=dict(lm_nll_BT=nll), mask_eos=True, ce_coef=1.0, **released
+        (logits, mask, slot, amask, lengths, term), inputs=dict(vocab=VocabStats(nll_BT=nll)), mask_eos=True, ce_coef=1.0, **released
     )
     assert (with_ce - got).item() == pytest.approx((nll * amask).sum().item() / amask.sum().item(), rel=1e-10)
 
