@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import AlgoConfig, Algorithm, float_stats
-from algorithms.kd import lm_batch_loss
+from algorithms.kd import kd_term_problems, lm_batch_loss
 from tokenrl.core.backup import (
     chi2_penalty,
     chi2_phi,
@@ -73,6 +73,7 @@ from tokenrl.core.backup import (
 from tokenrl.core.distributions import kl, masked_mean, project_to_set, set_mass_kl, soft_value, upcast
 from tokenrl.core.options import NON_NEGATIVE, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
 from tokenrl.data.buffer import Batch, require_lm_batch
+from tokenrl.lm.policy import VocabStats
 
 Q_SHIFT_CHOICES = ("set", "vocab", "vocab_detached")
 VALUE_CHOICES = ("soft", "released")
@@ -120,10 +121,7 @@ class BellmanDistillConfig(AlgoConfig):
         if self.value == "released" and not self.epsilon > 0:
             found.append(f"algo.epsilon={self.epsilon!r} with algo.value='released': the released projection needs "
                          "epsilon > 0 (0 gives 0 * log 0 = NaN); set algo.epsilon=1e-8")
-        if self.kd_coef > 0 and self.top_p >= 1.0:
-            found.append(f"algo.kd_coef={self.kd_coef} with algo.top_p={self.top_p}: the KD term reads the teacher's "
-                         "cached set, which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1")
-        return found
+        return found + kd_term_problems(self.kd_coef, self.top_p)
 
     def reads_cached_sets(self) -> bool:
         """At ``top_p = 1`` the BD terms take dense logits over the whole vocabulary, not the cached sets (the KD
@@ -152,21 +150,31 @@ class BDValues:
     action_mask_BT: torch.Tensor
 
 
-def drop_eos_steps(
-    action_slot_BT: torch.Tensor, action_mask_BT: torch.Tensor, lengths_B: torch.Tensor, terminated_B: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The release's EOS masking (EOS is its pad token): each terminated response loses its EOS step and is
-    bootstrapped from the state where EOS was chosen, as a truncated one.
+@dataclass
+class BDSteps:
+    """A batch's transitions as both BD losses read them: ``action_slot_BT`` and ``action_mask_BT`` as in
+    :class:`BDValues`, ``lengths_B`` the ``[B]`` response lengths, ``terminated_B`` ``[B]`` True after an EOS."""
 
-    Returns:
-        ``(action_slot_BT, action_mask_BT, lengths_B, terminated_B)`` of the batch without its EOS steps.
-    """
-    eos_BT = eos_steps(lengths_B, terminated_B, action_slot_BT.shape[1])
-    return (
-        torch.where(eos_BT, torch.full_like(action_slot_BT, -1), action_slot_BT),
-        action_mask_BT & ~eos_BT,
-        lengths_B - terminated_B.long(),
-        torch.zeros_like(terminated_B),
+    action_slot_BT: torch.Tensor
+    action_mask_BT: torch.Tensor
+    lengths_B: torch.Tensor
+    terminated_B: torch.Tensor
+
+    def values(self, q_BSK: torch.Tensor, mask_BSK: torch.Tensor, v_BS: torch.Tensor) -> BDValues:
+        """The :class:`BDValues` of these transitions under Q ``q_BSK`` and V ``v_BS`` on the sets ``mask_BSK``."""
+        v_next_BT = next_state_values(v_BS, self.lengths_B, self.terminated_B)
+        return BDValues(q_BSK, mask_BSK, v_BS, v_next_BT, self.action_slot_BT, self.action_mask_BT)
+
+
+def drop_eos_steps(steps: BDSteps) -> BDSteps:
+    """The release's EOS masking (EOS is its pad token): each terminated response loses its EOS step and is
+    bootstrapped from the state where EOS was chosen, as a truncated one."""
+    eos_BT = eos_steps(steps.lengths_B, steps.terminated_B, steps.action_slot_BT.shape[1])
+    return BDSteps(
+        torch.where(eos_BT, torch.full_like(steps.action_slot_BT, -1), steps.action_slot_BT),
+        steps.action_mask_BT & ~eos_BT,
+        steps.lengths_B - steps.terminated_B.long(),
+        torch.zeros_like(steps.terminated_B),
     )
 
 
@@ -263,37 +271,36 @@ def lm_terms(
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
     action_mask_BT: torch.Tensor,
+    vocab: VocabStats,
+    teacher_logprobs_BSK: torch.Tensor | None,
     *,
     ce_coef: float,
     mass_coef: float,
     kd_coef: float,
-    lm_nll_BT: torch.Tensor | None,
-    lse_BS: torch.Tensor | None,
-    teacher_logprobs_BSK: torch.Tensor | None,
 ) -> list[tuple[str, float, torch.Tensor]]:
     """BD's language-model terms with a positive weight, in the order they are added to the loss.
 
     Args:
         logits_BSK: ``[B, S, K]`` student logits of the candidates (at least float32); ``mask_BSK``: the sets.
         action_mask_BT: ``[B, T]`` the steps the terms average over (EOS included).
-        ce_coef, mass_coef, kd_coef: weights of the CE, set-mass and KD terms (see :class:`BellmanDistillConfig`).
-        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (for the CE term).
-        lse_BS: ``[B, S]`` the student's log-normaliser over the whole vocabulary (set-mass and KD terms).
+        vocab: the student's full-vocabulary NLL of the expert tokens (``nll_BT``, CE term) and log-normaliser
+            (``lse_BS``, set-mass and KD terms).
         teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probs of the candidates (set-mass and KD terms).
+        ce_coef, mass_coef, kd_coef: weights of the CE, set-mass and KD terms (see :class:`BellmanDistillConfig`).
 
     Returns:
         ``[(stat key, weight, mean term), ...]``.
     """
     terms = []
     if ce_coef > 0:
-        if lm_nll_BT is None:
-            raise ValueError("ce_coef > 0 needs lm_nll_BT (the full-vocabulary NLL of the expert tokens)")
-        terms.append(("loss/lm", ce_coef, masked_mean(lm_nll_BT, action_mask_BT)))
+        if vocab.nll_BT is None:
+            raise ValueError("ce_coef > 0 needs vocab.nll_BT (the full-vocabulary NLL of the expert tokens)")
+        terms.append(("loss/lm", ce_coef, masked_mean(vocab.nll_BT, action_mask_BT)))
     if mass_coef > 0 or kd_coef > 0:
-        if lse_BS is None or teacher_logprobs_BSK is None:
-            raise ValueError("mass_coef > 0 and kd_coef > 0 need lse_BS and teacher_logprobs_BSK (the cache's set)")
+        if vocab.lse_BS is None or teacher_logprobs_BSK is None:
+            raise ValueError("mass_coef > 0 and kd_coef > 0 need vocab.lse_BS and teacher_logprobs_BSK (the cache's)")
         T = action_mask_BT.shape[1]
-        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], lse_BS[:, :T]
+        mask_BTK, s_logits_BTK, lse_BT = mask_BSK[:, :T], logits_BSK[:, :T], upcast(vocab.lse_BS[:, :T])
         t_lp_BTK = upcast(teacher_logprobs_BSK[:, :T]).to(logits_BSK.dtype)
     if mass_coef > 0:
         mass = masked_mean(set_mass_kl(s_logits_BTK, mask_BTK, lse_BT, t_lp_BTK), action_mask_BT)
@@ -305,19 +312,24 @@ def lm_terms(
     return terms
 
 
+def vocab_shift(q_shift: str, vocab_max_BS: torch.Tensor | None) -> torch.Tensor | None:
+    """The shift of :func:`shifted_q` that ``q_shift`` names: None for the set's max, else the student's max logit
+    over the vocabulary (without its gradient for ``vocab_detached``)."""
+    if q_shift == "set":
+        return None
+    if vocab_max_BS is None:
+        raise ValueError(f"q_shift={q_shift!r} needs vocab.max_BS (the student's max logit over the vocabulary)")
+    return upcast(vocab_max_BS.detach() if q_shift == "vocab_detached" else vocab_max_BS)
+
+
 def bellman_distill_loss(
     cfg: BellmanDistillConfig,
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
-    action_slot_BT: torch.Tensor,
-    action_mask_BT: torch.Tensor,
-    lengths_B: torch.Tensor,
-    terminated_B: torch.Tensor,
+    steps: BDSteps,
     *,
     vocab_size: int,
-    vocab_max_BS: torch.Tensor | None = None,
-    lse_BS: torch.Tensor | None = None,
-    lm_nll_BT: torch.Tensor | None = None,
+    vocab: VocabStats = VocabStats(),
     teacher_logprobs_BSK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD loss of ``cfg`` from the student's logits on each state's set: the one place its options choose.
@@ -326,39 +338,29 @@ def bellman_distill_loss(
         cfg: the options (Q shift, value, expert term, form, LM terms; see the module docstring).
         logits_BSK: ``[B, S, K]`` student logits on the candidates of states ``s_0..s_T`` (K = V when dense).
         mask_BSK: ``[B, S, K]`` top-p set membership (False at states past the response end).
-        action_slot_BT: ``[B, T]`` slot of the expert action in its state's set, -1 if outside or on padding.
-        action_mask_BT: ``[B, T]`` valid response steps.
-        lengths_B: ``[B]`` response lengths; ``terminated_B``: ``[B]`` True where the response ended with EOS.
+        steps: the transitions (expert action slots, valid steps, response lengths, terminations).
         vocab_size: |V| the released-code terms weigh the vocabulary at (may exceed the logits' width).
-        vocab_max_BS: ``[B, S]`` the student's max logit over the vocabulary (``q_shift`` vocab, vocab_detached).
-        lse_BS: ``[B, S]`` its log-normaliser over the vocabulary (released value, set-mass and KD terms).
-        lm_nll_BT: ``[B, T]`` full-vocabulary NLL of the expert tokens (``ce_coef > 0``).
+        vocab: the student's full-vocabulary statistics (:meth:`CausalLMPolicy.vocab_stats`): ``max_BS`` for the
+            ``q_shift`` vocab and vocab_detached, ``lse_BS`` for the released value, set-mass and KD terms, ``nll_BT``
+            of the expert tokens for ``ce_coef > 0``.
         teacher_logprobs_BSK: ``[B, S, K]`` teacher log-probs of the candidates (set-mass and KD terms).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
     """
-    lm_action_mask_BT = action_mask_BT
+    lm_action_mask_BT = steps.action_mask_BT
     if cfg.mask_eos:
-        action_slot_BT, action_mask_BT, lengths_B, terminated_B = drop_eos_steps(
-            action_slot_BT, action_mask_BT, lengths_B, terminated_B
-        )
+        steps = drop_eos_steps(steps)
     logits_BSK = upcast(logits_BSK)
-    lse_BS = None if lse_BS is None else upcast(lse_BS)
-    if cfg.q_shift == "set":
-        shift_BS = None
-    elif vocab_max_BS is None:
-        raise ValueError(f"q_shift={cfg.q_shift!r} needs vocab_max_BS (the student's max logit over the vocabulary)")
-    else:
-        shift_BS = upcast(vocab_max_BS.detach() if cfg.q_shift == "vocab_detached" else vocab_max_BS)
-    q_BSK = shifted_q(logits_BSK, mask_BSK, cfg.q_min, shift_BS)
+    lse_BS = None if vocab.lse_BS is None else upcast(vocab.lse_BS)
+    q_BSK = shifted_q(logits_BSK, mask_BSK, cfg.q_min, vocab_shift(cfg.q_shift, vocab.max_BS))
     if cfg.value == "released":
         if lse_BS is None:
-            raise ValueError("value='released' needs lse_BS (the student's log-normaliser over the vocabulary)")
+            raise ValueError("value='released' needs vocab.lse_BS (the student's log-normaliser over the vocabulary)")
         v_BS = released_state_values(q_BSK, logits_BSK, mask_BSK, lse_BS, cfg.top_p, cfg.epsilon, vocab_size)
     else:
         v_BS = state_values(q_BSK, mask_BSK)
-    x = BDValues(q_BSK, mask_BSK, v_BS, next_state_values(v_BS, lengths_B, terminated_B), action_slot_BT, action_mask_BT)
+    x = steps.values(q_BSK, mask_BSK, v_BS)
 
     if cfg.expert_term == "vocab_mean":
         r_BT, ok_BT = vocab_mean_reward(x, cfg.gamma, vocab_size)
@@ -375,13 +377,13 @@ def bellman_distill_loss(
     # At p = 1 the set is the whole vocabulary: both set masses are 1 and the mass term is 0 exactly.
     mass_coef = cfg.mass_coef if cfg.top_p < 1.0 else 0.0
     for key, coef, term in lm_terms(
-        logits_BSK, mask_BSK, lm_action_mask_BT, ce_coef=cfg.ce_coef, mass_coef=mass_coef, kd_coef=cfg.kd_coef,
-        lm_nll_BT=lm_nll_BT, lse_BS=lse_BS, teacher_logprobs_BSK=teacher_logprobs_BSK,
+        logits_BSK, mask_BSK, lm_action_mask_BT, vocab, teacher_logprobs_BSK,
+        ce_coef=cfg.ce_coef, mass_coef=mass_coef, kd_coef=cfg.kd_coef,
     ):
         loss = loss + coef * term
         stats[key] = term
     if lse_BS is not None:
-        T = action_mask_BT.shape[1]
+        T = lm_action_mask_BT.shape[1]
         log_m_s_BT = soft_value(logits_BSK[:, :T], mask_BSK[:, :T]) - lse_BS[:, :T]
         stats["top_p/student_set_mass"] = masked_mean(log_m_s_BT.exp(), lm_action_mask_BT)
     stats["loss/total"] = loss
@@ -417,34 +419,30 @@ class BellmanDistill(Algorithm):
         on_corpus = self.needs_lm_batch
         # On the corpus the CE and KD terms are scored below, on the LM batch, not on the distillation batch.
         cfg = dataclasses.replace(self.config, ce_coef=0.0, kd_coef=0.0) if on_corpus else self.config
+        loss, stats = self.distillation_loss(cfg, batch)
+        if on_corpus:
+            lm_loss, lm_stats = lm_batch_loss(self.policy, require_lm_batch(batch, self.name), self.config.ce_coef,
+                                              self.config.kd_coef)
+            loss = loss + lm_loss
+            stats.update(lm_stats)
+            stats["loss/total"] = loss
+        return loss, float_stats(stats)
+
+    def distillation_loss(self, cfg: BellmanDistillConfig, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of ``cfg`` on the distillation batch (its LM terms included unless they score the corpus)."""
         full_vocab = cfg.top_p >= 1.0
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
         # One chunked pass over the vocabulary for everything that needs it (flat memory, exact gradients).
-        stats_v = self.policy.vocab_stats(
+        vocab = self.policy.vocab_stats(
             h_BSD,
             batch.actions_BT if cfg.ce_coef > 0 else None,
             need_max=cfg.q_shift != "set",
             need_lse=cfg.value == "released" or (cfg.mass_coef > 0 and not full_vocab) or cfg.kd_coef > 0,
         )
-        loss, stats = bellman_distill_loss(
-            cfg,
-            cq.logits_BSK,
-            cq.mask_BSK,
-            cq.action_slot_BT,
-            batch.action_mask_BT,
-            batch.lengths_B,
-            batch.terminated_B,
-            vocab_size=cfg.released_vocab_size or self.policy.vocab_size,
-            vocab_max_BS=stats_v.max_BS,
-            lse_BS=stats_v.lse_BS,
-            lm_nll_BT=stats_v.nll_BT,
+        return bellman_distill_loss(
+            cfg, cq.logits_BSK, cq.mask_BSK,
+            BDSteps(cq.action_slot_BT, batch.action_mask_BT, batch.lengths_B, batch.terminated_B),
+            vocab_size=cfg.released_vocab_size or self.policy.vocab_size, vocab=vocab,
             teacher_logprobs_BSK=None if full_vocab else batch.cand_logprobs_BSK,
         )
-        if on_corpus:
-            lm_batch = require_lm_batch(batch, self.name)
-            lm_loss, lm_stats = lm_batch_loss(self.policy, lm_batch, self.config.ce_coef, self.config.kd_coef)
-            loss = loss + lm_loss
-            stats.update(lm_stats)
-            stats["loss/total"] = loss
-        return loss, float_stats(stats)

@@ -87,15 +87,25 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgoConfig, Algorithm, float_stats
-from algorithms.iql_bd import LM_BATCH_CHOICES, Q_SHIFT_CHOICES, BDValues, bd_diagnostics, expert_token_reward, lm_terms
-from algorithms.kd import lm_batch_loss
-from tokenrl.core.backup import chi2_penalty, next_state_values, shifted_q, state_values
+from algorithms.base import AlgoConfig
+from algorithms.iql_bd import (
+    LM_BATCH_CHOICES,
+    Q_SHIFT_CHOICES,
+    BDSteps,
+    BDValues,
+    BellmanDistill,
+    bd_diagnostics,
+    expert_token_reward,
+    lm_terms,
+    vocab_shift,
+)
+from algorithms.kd import kd_term_problems
+from tokenrl.core.backup import chi2_penalty, shifted_q, state_values
 from tokenrl.core.distributions import masked_mean, project_to_set, upcast
 from tokenrl.core.options import NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, UNIT_INTERVAL, field_problems
-from tokenrl.data.buffer import Batch, require_lm_batch
+from tokenrl.data.buffer import Batch
 from tokenrl.data.samplers import BatchSampler, RolloutMix
-from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.policy import CausalLMPolicy, VocabStats
 
 Q_PARAM_CHOICES = ("logits", "free_level")
 
@@ -132,10 +142,7 @@ class OnlineBDConfig(AlgoConfig):
         if self.q_param == "free_level" and self.q_shift != "set":
             found.append(f"algo.q_shift={self.q_shift!r} with algo.q_param='free_level': the free level has no shift; "
                          "set algo.q_shift=set or algo.q_param=logits")
-        if self.kd_coef > 0 and self.top_p >= 1.0:
-            found.append(f"algo.kd_coef={self.kd_coef} with algo.top_p={self.top_p}: the KD term reads the teacher's "
-                         "cached set, which the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1")
-        return found
+        return found + kd_term_problems(self.kd_coef, self.top_p)
 
     def reads_cached_sets(self) -> bool:
         """At ``top_p = 1`` every term runs over the whole vocabulary (the KD term, which reads the sets, is refused)."""
@@ -160,10 +167,7 @@ def weighted_token_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor, weight_B: tor
 def online_bd_values(
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
-    action_slot_BT: torch.Tensor,
-    action_mask_BT: torch.Tensor,
-    lengths_B: torch.Tensor,
-    terminated_B: torch.Tensor,
+    steps: BDSteps,
     *,
     q_min: float,
     vocab_max_BS: torch.Tensor | None = None,
@@ -173,7 +177,7 @@ def online_bd_values(
 
     Args:
         logits_BSK: ``[B, S, K]`` student logits on each state's set; ``mask_BSK``: the sets.
-        action_slot_BT, action_mask_BT, lengths_B, terminated_B: as :func:`algorithms.iql_bd.bellman_distill_loss`.
+        steps: the transitions, as for :func:`algorithms.iql_bd.bellman_distill_loss`.
         q_min: the shifted logits' lower clip.
         vocab_max_BS: ``[B, S]`` the max logit over the vocabulary (the paper's shift), None = the set's max.
         level_BS: ``[B, S]`` the value head's V_theta(s) (the free level), or None.
@@ -181,14 +185,11 @@ def online_bd_values(
     logits_BSK = upcast(logits_BSK)
     if level_BS is None:
         q_BSK = shifted_q(logits_BSK, mask_BSK, q_min, None if vocab_max_BS is None else upcast(vocab_max_BS))
-        v_BS = state_values(q_BSK, mask_BSK)
-    else:
-        # V(s) = log sum_{A_p} exp(log pi_p + level) = level exactly; entries off the set are never read.
-        level_BS = level_BS.to(logits_BSK.dtype)
-        q_BSK = project_to_set(logits_BSK, mask_BSK).masked_fill(~mask_BSK, 0.0) + level_BS[..., None]
-        v_BS = torch.where(mask_BSK.any(-1), level_BS, torch.zeros_like(level_BS))
-    v_next_BT = next_state_values(v_BS, lengths_B, terminated_B)
-    return BDValues(q_BSK, mask_BSK, v_BS, v_next_BT, action_slot_BT, action_mask_BT)
+        return steps.values(q_BSK, mask_BSK, state_values(q_BSK, mask_BSK))
+    # V(s) = log sum_{A_p} exp(log pi_p + level) = level exactly; entries off the set are never read.
+    level_BS = level_BS.to(logits_BSK.dtype)
+    q_BSK = project_to_set(logits_BSK, mask_BSK).masked_fill(~mask_BSK, 0.0) + level_BS[..., None]
+    return steps.values(q_BSK, mask_BSK, torch.where(mask_BSK.any(-1), level_BS, torch.zeros_like(level_BS)))
 
 
 def online_bd_loss(
@@ -225,43 +226,35 @@ def online_bellman_distill_loss(
     cfg: OnlineBDConfig,
     logits_BSK: torch.Tensor,
     mask_BSK: torch.Tensor,
-    action_slot_BT: torch.Tensor,
-    action_mask_BT: torch.Tensor,
-    lengths_B: torch.Tensor,
-    terminated_B: torch.Tensor,
+    steps: BDSteps,
     is_expert_B: torch.Tensor,
     *,
-    vocab_max_BS: torch.Tensor | None = None,
+    vocab: VocabStats = VocabStats(),
     level_BS: torch.Tensor | None = None,
-    lse_BS: torch.Tensor | None = None,
-    lm_nll_BT: torch.Tensor | None = None,
     teacher_logprobs_BSK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The online BD loss of ``cfg`` plus its LM terms on the teacher rows: where the options choose.
 
     Args:
         cfg: the options.
-        logits_BSK ... terminated_B: as :func:`algorithms.iql_bd.bellman_distill_loss`.
+        logits_BSK, mask_BSK, steps: as :func:`algorithms.iql_bd.bellman_distill_loss`.
         is_expert_B: ``[B]`` True on teacher rows, False on the student's rollouts.
-        vocab_max_BS: ``[B, S]`` the max logit over the vocabulary (``q_shift`` vocab, vocab_detached).
+        vocab: the student's full-vocabulary statistics, as for offline BD (``max_BS`` read only with
+            ``q_param="logits"``, ``lse_BS`` by the KD term).
         level_BS: ``[B, S]`` the value head's output (``q_param="free_level"``).
-        lse_BS, lm_nll_BT, teacher_logprobs_BSK: the LM terms' inputs, as for offline BD.
+        teacher_logprobs_BSK: as for offline BD (KD term).
 
     Returns:
         ``(loss, stats)``: the scalar loss and a dict of scalar tensors (namespaced keys).
     """
     if cfg.q_param == "free_level" and level_BS is None:
         raise ValueError("q_param='free_level' needs level_BS (the value head's V_theta at the batch's states)")
-    if cfg.q_param == "logits" and cfg.q_shift != "set":
-        if vocab_max_BS is None:
-            raise ValueError(f"q_shift={cfg.q_shift!r} needs vocab_max_BS (the student's max logit over the vocabulary)")
-        vocab_max_BS = vocab_max_BS.detach() if cfg.q_shift == "vocab_detached" else vocab_max_BS
-    else:
-        vocab_max_BS = None
     x = online_bd_values(
-        logits_BSK, mask_BSK, action_slot_BT, action_mask_BT, lengths_B, terminated_B, q_min=cfg.q_min,
-        vocab_max_BS=vocab_max_BS, level_BS=level_BS if cfg.q_param == "free_level" else None,
+        logits_BSK, mask_BSK, steps, q_min=cfg.q_min,
+        vocab_max_BS=vocab_shift(cfg.q_shift, vocab.max_BS) if cfg.q_param == "logits" else None,
+        level_BS=level_BS if cfg.q_param == "free_level" else None,
     )
+    action_slot_BT, action_mask_BT = steps.action_slot_BT, steps.action_mask_BT
     loss, stats = online_bd_loss(x, is_expert_B, gamma=cfg.gamma, alpha=cfg.alpha, lmbda=cfg.lmbda)
     # Diagnostics of the teacher rows as offline BD logs them, and of the student's own rows.
     teacher_BT = is_expert_B[:, None] & action_mask_BT
@@ -273,8 +266,8 @@ def online_bellman_distill_loss(
     stats["data/student_frac"] = (~is_expert_B).float().mean()
     T = action_mask_BT.shape[1]
     for key, coef, term in lm_terms(
-        upcast(logits_BSK), mask_BSK, teacher_BT, ce_coef=cfg.ce_coef, mass_coef=0.0, kd_coef=cfg.kd_coef,
-        lm_nll_BT=lm_nll_BT, lse_BS=None if lse_BS is None else upcast(lse_BS), teacher_logprobs_BSK=teacher_logprobs_BSK,
+        upcast(logits_BSK), mask_BSK, teacher_BT, vocab, teacher_logprobs_BSK,
+        ce_coef=cfg.ce_coef, mass_coef=0.0, kd_coef=cfg.kd_coef,
     ):
         loss = loss + coef * term
         stats[key] = term
@@ -284,7 +277,7 @@ def online_bellman_distill_loss(
     return loss, stats
 
 
-class OnlineBellmanDistill(Algorithm):
+class OnlineBellmanDistill(BellmanDistill):
     """Online Bellman Distill: IQ-Learn's online objective with Q = student logits (or the free level) on the
     teacher's top-p MDP, on teacher data and the student's newest rollouts."""
 
@@ -302,42 +295,26 @@ class OnlineBellmanDistill(Algorithm):
         """The student's own rollouts enter the mixture only when ``lmbda > 0`` (``lmbda = 0``: offline BD)."""
         return self.config.lmbda > 0
 
-    @property
-    def needs_lm_batch(self) -> bool:
-        """``lm_batch = "corpus"`` with an LM term: CE and KD read a batch of the task's pre-training corpus."""
-        return self.config.lm_batch == "corpus" and (self.config.ce_coef > 0 or self.config.kd_coef > 0)
-
     @classmethod
     def make_sampler(cls, config: OnlineBDConfig) -> BatchSampler:
         """``round(rollout_frac * batch_size)`` rows of the newest rollout batch and the rest teacher data; with
         ``lmbda = 0`` offline BD's sampler (uniform over the buffer, which then holds teacher data only)."""
         return RolloutMix(config.rollout_frac) if config.lmbda > 0 else BatchSampler()
 
-    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        on_corpus = self.needs_lm_batch
-        # On the corpus the CE and KD terms are scored below, on the LM batch, not on the distillation batch.
-        cfg = dataclasses.replace(self.config, ce_coef=0.0, kd_coef=0.0) if on_corpus else self.config
+    def distillation_loss(self, cfg: OnlineBDConfig, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The online loss of ``cfg`` on the batch of teacher rows and rollouts (the corpus scored by the base)."""
         h_BSD = self.policy.state_hidden(batch)
         cq = self.policy.candidate_q(batch, cfg.top_p, sparse=cfg.sparse, h_BSD=h_BSD)
-        stats_v = self.policy.vocab_stats(
+        vocab = self.policy.vocab_stats(
             h_BSD,
             batch.actions_BT if cfg.ce_coef > 0 else None,
             need_max=cfg.q_param == "logits" and cfg.q_shift != "set",
             need_lse=cfg.kd_coef > 0,
         )
-        loss, stats = online_bellman_distill_loss(
-            cfg, cq.logits_BSK, cq.mask_BSK, cq.action_slot_BT, batch.action_mask_BT, batch.lengths_B,
-            batch.terminated_B, batch.is_expert_B,
-            vocab_max_BS=stats_v.max_BS,
+        return online_bellman_distill_loss(
+            cfg, cq.logits_BSK, cq.mask_BSK,
+            BDSteps(cq.action_slot_BT, batch.action_mask_BT, batch.lengths_B, batch.terminated_B), batch.is_expert_B,
+            vocab=vocab,
             level_BS=self.policy.value(h_BSD) if cfg.q_param == "free_level" else None,
-            lse_BS=stats_v.lse_BS,
-            lm_nll_BT=stats_v.nll_BT,
             teacher_logprobs_BSK=None if cfg.top_p >= 1.0 else batch.cand_logprobs_BSK,
         )
-        if on_corpus:
-            lm_loss, lm_stats = lm_batch_loss(self.policy, require_lm_batch(batch, self.name), self.config.ce_coef,
-                                              self.config.kd_coef)
-            loss = loss + lm_loss
-            stats.update(lm_stats)
-            stats["loss/total"] = loss
-        return loss, float_stats(stats)

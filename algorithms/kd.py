@@ -91,6 +91,15 @@ def projected_bc_loss(
     return masked_mean(-gather_action(logp_BTK, action_slot_BT), action_slot_BT >= 0)
 
 
+def kd_term_problems(kd_coef: float, top_p: float) -> list[str]:
+    """The problem of a token KD term to the teacher's cached set in the full-vocabulary MDP (``top_p = 1``), which
+    has no set: the BD configs' shared rule."""
+    if kd_coef > 0 and top_p >= 1.0:
+        return [f"algo.kd_coef={kd_coef} with algo.top_p={top_p}: the KD term reads the teacher's cached set, which "
+                "the full-vocabulary MDP has not; set algo.kd_coef=0 or algo.top_p<1"]
+    return []
+
+
 def lm_batch_loss(
     policy: CausalLMPolicy, batch: Batch, ce_coef: float, kd_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

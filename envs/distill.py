@@ -24,8 +24,9 @@ An episode: a prompt drawn from the source's prompts, one token per step until E
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import gymnasium as gym
@@ -288,31 +289,32 @@ def hf_source(
     )
 
 
-def make_synthetic_distill_env(
-    top_p: float | None = 0.8, reward: str = "teacher_logprob", on_outside: str = "flag", **source
-) -> gym.Env:
-    """``tokenrl/SyntheticDistill-v0``: :func:`make_distill_env` on :func:`synthetic_source` (``**source``)."""
-    return make_distill_env(synthetic_source(**source), top_p, reward, on_outside)
+def _on_source(make: Callable[..., gym.Env], source: Callable[..., DistillSource], kwargs: dict) -> gym.Env:
+    """``make(source(**rest), **own)``: an entry point's keyword arguments split between ``make``'s own options
+    (``top_p``, ``reward``, ...) and the source's, so each option and its default is written once."""
+    own = inspect.signature(make).parameters.keys() - {"source"}
+    env_kwargs = {k: v for k, v in kwargs.items() if k in own}
+    source_kwargs = {k: v for k, v in kwargs.items() if k not in own}
+    return make(source(**source_kwargs), **env_kwargs)
 
 
-def make_synthetic_distill_vector_env(
-    num_envs: int = 1, top_p: float | None = 0.8, reward: str = "teacher_logprob", autoreset_mode: str = "NextStep",
-    **source,
-) -> TokenGenerationVectorEnv:
-    """The vector entry point of ``tokenrl/SyntheticDistill-v0``: :func:`make_distill_vector_env`."""
-    return make_distill_vector_env(synthetic_source(**source), num_envs, top_p, reward, autoreset_mode)
+# The entry points stay module-level functions: Gymnasium loads them from "module:function" strings and the
+# async vector envs pickle them.
+def make_synthetic_distill_env(**kwargs) -> gym.Env:
+    """``tokenrl/SyntheticDistill-v0``: :func:`make_distill_env` on :func:`synthetic_source`, each with its keywords."""
+    return _on_source(make_distill_env, synthetic_source, kwargs)
 
 
-def make_hf_distill_env(
-    top_p: float | None = 0.8, reward: str = "teacher_logprob", on_outside: str = "flag", **source
-) -> gym.Env:
-    """``tokenrl/HFDistill-v0``: :func:`make_distill_env` on :func:`hf_source` (``**source``, e.g. ``teacher=PATH``)."""
-    return make_distill_env(hf_source(**source), top_p, reward, on_outside)
+def make_synthetic_distill_vector_env(**kwargs) -> TokenGenerationVectorEnv:
+    """The vector entry point of ``tokenrl/SyntheticDistill-v0``: :func:`make_distill_vector_env`, likewise."""
+    return _on_source(make_distill_vector_env, synthetic_source, kwargs)
 
 
-def make_hf_distill_vector_env(
-    num_envs: int = 1, top_p: float | None = 0.8, reward: str = "teacher_logprob", autoreset_mode: str = "NextStep",
-    **source,
-) -> TokenGenerationVectorEnv:
-    """The vector entry point of ``tokenrl/HFDistill-v0``: :func:`make_distill_vector_env`."""
-    return make_distill_vector_env(hf_source(**source), num_envs, top_p, reward, autoreset_mode)
+def make_hf_distill_env(**kwargs) -> gym.Env:
+    """``tokenrl/HFDistill-v0``: :func:`make_distill_env` on :func:`hf_source` (``teacher=PATH``, ...)."""
+    return _on_source(make_distill_env, hf_source, kwargs)
+
+
+def make_hf_distill_vector_env(**kwargs) -> TokenGenerationVectorEnv:
+    """The vector entry point of ``tokenrl/HFDistill-v0``: :func:`make_distill_vector_env`, likewise."""
+    return _on_source(make_distill_vector_env, hf_source, kwargs)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from algorithms import REGISTRY, make_algorithm, make_config
-from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from algorithms.iql_bd import BDSteps, BellmanDistillConfig, bellman_distill_loss
 from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama, with_lm_batch
-from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.policy import CausalLMPolicy, VocabStats
 from tokenrl.lm.scoring import with_teacher_logprobs
 from tokenrl.tasks.synthetic import SyntheticLanguage
 
@@ -112,10 +112,11 @@ def test_bd_loss_matches_per_token_loop(synthetic_buffer):
     vmax = logits.amax(-1) + torch.rand(B, S, dtype=torch.float64)  # a vocabulary max above the set's
     args = (logits, batch.cand_mask_BSK, idx, batch.action_mask_BT, batch.lengths_B, batch.terminated_B)
     cfg = BellmanDistillConfig(gamma=0.9, alpha=0.1, q_min=-2.0, q_shift="vocab", ce_coef=0.0)
-    loss, stats = bellman_distill_loss(cfg, *args, vocab_size=64, vocab_max_BS=vmax)
+    steps = BDSteps(*args[2:])
+    loss, stats = bellman_distill_loss(cfg, logits, batch.cand_mask_BSK, steps, vocab_size=64, vocab=VocabStats(max_BS=vmax))
     ref = _reference_bd_loss(*args, vmax, gamma=0.9, alpha=0.1, q_min=-2.0)
     cfg.q_shift = "set"
-    loss_set, _ = bellman_distill_loss(cfg, *args, vocab_size=64)
+    loss_set, _ = bellman_distill_loss(cfg, logits, batch.cand_mask_BSK, steps, vocab_size=64)
     ref_set = _reference_bd_loss(*args, None, gamma=0.9, alpha=0.1, q_min=-2.0)
     assert loss_set.item() == pytest.approx(ref_set.item(), rel=1e-10, abs=1e-10)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10, abs=1e-10)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from algorithms.iql_bd import BDSteps, BellmanDistillConfig, bellman_distill_loss
+from tokenrl.lm.policy import VocabStats
 from tokenrl.theory.bd_solvers import completion, fit, solve_q
 from tokenrl.theory.bd_tabular import BDOptions, Problem, bd_loss, make_problem, metrics, q_values, sft_start, soft_values
 from tokenrl.theory.toy_language import action_sets, data_policy, make_toy_language, transition_weights
@@ -82,8 +83,8 @@ def batch_loss(lang, theta_SV, trajs, mult, opts):
         ce_coef=opts.ce_coef, mass_coef=opts.mass_coef,
     )
     loss, _ = bellman_distill_loss(
-        cfg, logits, mask, expert_idx, action_mask, lengths, terminated, vocab_size=V,
-        vocab_max_BS=vocab_max[opts.shift], lse_BS=torch.logsumexp(logits, -1), lm_nll_BT=nll,
+        cfg, logits, mask, BDSteps(expert_idx, action_mask, lengths, terminated), vocab_size=V,
+        vocab=VocabStats(max_BS=vocab_max[opts.shift], lse_BS=torch.logsumexp(logits, -1), nll_BT=nll),
         teacher_logprobs_BSK=torch.from_numpy(np.log(lang.teacher_SV))[state_idx],
     )
     return loss

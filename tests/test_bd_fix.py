@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from algorithms import make_algorithm
-from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from algorithms.iql_bd import BDSteps, BellmanDistillConfig, bellman_distill_loss
 from tests.conftest import algo_options, tiny_llama
 from tokenrl.core.backup import released_state_values
 from tokenrl.core.distributions import bernoulli_kl, set_mass_kl
-from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.policy import CausalLMPolicy, VocabStats
 
 
 def _rand_sets(B, S, K, V, seed=0):
@@ -105,14 +105,15 @@ def _bd_batch(B=3, T=4, K=5, V=9, seed=0):
 def _loss(args, vocab_size=9, inputs=None, **options):
     """bellman_distill_loss of the math form at alpha 0.1 with the set shift, no LM term, and ``options``."""
     cfg = BellmanDistillConfig(**{"alpha": 0.1, "ce_coef": 0.0, **options})
-    return bellman_distill_loss(cfg, *args, vocab_size=vocab_size, **(inputs or {}))
+    logits, mask, *steps = args
+    return bellman_distill_loss(cfg, logits, mask, BDSteps(*steps), vocab_size=vocab_size, **(inputs or {}))
 
 
 def test_mass_and_kd_terms_of_the_loss_equal_per_token_loops():
     logits, mask, slot, amask, lengths, term, lse, teacher = _bd_batch()
     T = slot.shape[1]
     args = (logits, mask, slot, amask, lengths, term)
-    inputs = dict(lse_BS=lse, teacher_logprobs_BSK=teacher)
+    inputs = dict(vocab=VocabStats(lse_BS=lse), teacher_logprobs_BSK=teacher)
     base, _ = _loss(args, inputs=inputs)
     with_mass, stats = _loss(args, inputs=inputs, mass_coef=2.0)
     with_kd, _ = _loss(args, inputs=inputs, kd_coef=0.5)
@@ -147,7 +148,7 @@ def test_mask_eos_is_the_batch_without_its_eos_steps_bootstrapped():
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     assert got.item() != pytest.approx(_loss((logits, mask, slot, amask, lengths, term), **released)[0].item())
     with_ce, _ = _loss(
-        (logits, mask, slot, amask, lengths, term), inputs=dict(lm_nll_BT=nll), mask_eos=True, ce_coef=1.0, **released
+        (logits, mask, slot, amask, lengths, term), inputs=dict(vocab=VocabStats(nll_BT=nll)), mask_eos=True, ce_coef=1.0, **released
     )
     assert (with_ce - got).item() == pytest.approx((nll * amask).sum().item() / amask.sum().item(), rel=1e-10)
 

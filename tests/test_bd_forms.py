@@ -12,6 +12,7 @@ import torch
 from algorithms.iql_bd import (
     CHI2_CHOICES,
     EXPERT_TERM_CHOICES,
+    BDSteps,
     BDValues,
     BellmanDistillConfig,
     bellman_distill_loss,
@@ -19,6 +20,7 @@ from algorithms.iql_bd import (
     math_form_loss,
     released_form_loss,
 )
+from tokenrl.lm.policy import VocabStats
 
 GAMMA, ALPHA, Q_MIN, TOP_P, EPSILON, VOCAB = 0.9, 0.3, -2.0, 0.5, 1e-3, 64
 
@@ -103,8 +105,8 @@ def test_every_form_equals_a_per_token_loop(bd_batch, expert_term, chi2_on, valu
     )
     got_logits, ref_logits = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     got, stats = bellman_distill_loss(
-        cfg, got_logits, mask, slot, amask, lengths, terminated, vocab_size=VOCAB,
-        vocab_max_BS=vmax if shift == "vocab" else None, lse_BS=lse,
+        cfg, got_logits, mask, BDSteps(slot, amask, lengths, terminated), vocab_size=VOCAB,
+        vocab=VocabStats(max_BS=vmax if shift == "vocab" else None, lse_BS=lse),
     )
     want = _reference_loss(
         ref_logits, mask, slot, amask, lengths, terminated, vmax if shift == "vocab" else None, lse,

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from algorithms import make_algorithm
-from algorithms.iql_bd import BellmanDistillConfig, bellman_distill_loss
+from algorithms.iql_bd import BDSteps, BellmanDistillConfig, bellman_distill_loss
 from algorithms.iql_bd_online import OnlineBDConfig, OnlineBellmanDistill, online_bellman_distill_loss
 from tests.conftest import assert_same_loss_and_grads, backward_and_grads, tiny_llama
 from tests.test_run_smoke import _run as _run_subprocess
 from tokenrl.data.buffer import ReplayBuffer
-from tokenrl.lm.policy import CausalLMPolicy
+from tokenrl.lm.policy import CausalLMPolicy, VocabStats
 from tokenrl.run.checkpoint import list_checkpoints, load_checkpoint
 from tokenrl.run.config import make_run_config
 from tokenrl.run.trainer import run
@@ -101,8 +101,8 @@ def test_loss_equals_a_per_token_loop(online_batch, q_param, q_shift, lmbda):
     want_x = [logits.clone().requires_grad_(True), level.clone().requires_grad_(True)]
     args = (batch.cand_mask_BSK, slot, batch.action_mask_BT, batch.lengths_B, batch.terminated_B, is_expert)
     got, stats = online_bellman_distill_loss(
-        cfg, got_x[0], *args, vocab_max_BS=vmax if q_shift == "vocab" else None, level_BS=got_x[1] if free else None,
-        lm_nll_BT=nll,
+        cfg, got_x[0], args[0], BDSteps(*args[1:5]), is_expert,
+        vocab=VocabStats(max_BS=vmax if q_shift == "vocab" else None, nll_BT=nll), level_BS=got_x[1] if free else None,
     )
     want = _reference_loss(want_x[0], *args, nll, q_param=q_param, vmax=vmax if q_shift == "vocab" else None,
                            level=want_x[1], lmbda=lmbda)
@@ -120,8 +120,8 @@ def test_the_mixture_reaches_the_policy_only_through_rollout_rows(online_batch):
     for lmbda in (0.0, 1.0):
         x = logits.clone().requires_grad_(True)
         cfg = OnlineBDConfig(top_p=TOP_P, gamma=GAMMA, alpha=ALPHA, q_min=Q_MIN, lmbda=lmbda, ce_coef=CE)
-        loss, _ = online_bellman_distill_loss(cfg, x, batch.cand_mask_BSK, slot, batch.action_mask_BT,
-                                              batch.lengths_B, batch.terminated_B, is_expert, lm_nll_BT=nll)
+        steps = BDSteps(slot, batch.action_mask_BT, batch.lengths_B, batch.terminated_B)
+        loss, _ = online_bellman_distill_loss(cfg, x, batch.cand_mask_BSK, steps, is_expert, vocab=VocabStats(nll_BT=nll))
         (grads[lmbda],) = torch.autograd.grad(loss, x)
     rollout = list(ROLLOUT_ROWS)
     assert grads[0.0][rollout].abs().max() == 0 and grads[1.0][rollout].abs().max() > 1e-3
@@ -150,12 +150,11 @@ def test_lmbda_zero_is_offline_bd_exactly(synthetic_buffer, q_shift):
     nll = torch.rand(*batch.actions_BT.shape, generator=g, dtype=torch.float64)
     slot = batch.action_slot_BT.clone()
     slot[0, 0] = -1
-    args = (logits, batch.cand_mask_BSK, slot, batch.action_mask_BT, batch.lengths_B, batch.terminated_B)
+    args = (logits, batch.cand_mask_BSK, BDSteps(slot, batch.action_mask_BT, batch.lengths_B, batch.terminated_B))
     shared = {"top_p": TOP_P, "gamma": GAMMA, "alpha": ALPHA, "q_min": Q_MIN, "q_shift": q_shift, "ce_coef": CE}
-    offline, _ = bellman_distill_loss(BellmanDistillConfig(**shared), *args, vocab_size=64, vocab_max_BS=vmax,
-                                      lm_nll_BT=nll)
-    online, _ = online_bellman_distill_loss(OnlineBDConfig(lmbda=0.0, **shared), *args, batch.is_expert_B,
-                                            vocab_max_BS=vmax, lm_nll_BT=nll)
+    vocab = VocabStats(max_BS=vmax, nll_BT=nll)
+    offline, _ = bellman_distill_loss(BellmanDistillConfig(**shared), *args, vocab_size=64, vocab=vocab)
+    online, _ = online_bellman_distill_loss(OnlineBDConfig(lmbda=0.0, **shared), *args, batch.is_expert_B, vocab=vocab)
     assert online.item() == pytest.approx(offline.item(), rel=1e-13, abs=1e-13)
 
 

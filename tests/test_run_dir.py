@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from tests.test_resume import _snapshot
 from tokenrl.run.checkpoint import ResumeError
 from tokenrl.run.config import make_run_config, register_configs
-from tokenrl.run.rundir import RunDirError
+from tokenrl.run.rundir import RunDirError, read_owner
 from tokenrl.run.trainer import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +84,16 @@ def test_another_run_in_a_finished_runs_directory_is_refused_and_changes_nothing
     metrics = run(_config(tmp, "resume=true"), str(run_dir))  # the same run, finished: nothing to do
     assert metrics == json.loads((run_dir / "metrics.json").read_text())
     assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("text, reason", [('{"identity_sha256": "ab', "Unterminated string"),
+                                          ('{"config": {}}', "no identity_sha256 or config")])
+def test_a_damaged_owner_record_is_named_with_the_fix(tmp_path, text, reason):
+    assert read_owner(str(tmp_path)) is None
+    (tmp_path / "owner.json").write_text(text)
+    with pytest.raises(RunDirError, match=reason) as err:
+        read_owner(str(tmp_path))
+    assert str(tmp_path / "owner.json") in str(err.value) and "hydra.run.dir=" in str(err.value)
 
 
 def test_a_refused_config_writes_nothing_in_a_new_directory(tmp_path):

@@ -4,12 +4,16 @@ safetensors creates its files with mode 0600 and ``tempfile.mkdtemp`` its folder
 umask, so shards, checkpoints and weights written that way cannot be read by the other users of a shared file
 system even when the umask lets them. :func:`publish` gives a finished temporary file the mode an ordinary
 ``open`` would have given it (0666 without the umask's bits) and renames it into place;
-:func:`apply_umask_to_tree` does the same for a folder written by a library.
+:func:`apply_umask_to_tree` does the same for a folder written by a library. :func:`read_json` reads the
+records a run or a dataset keeps beside its files, refusing a damaged one with the caller's error.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 
 def current_umask() -> int:
@@ -42,3 +46,21 @@ def apply_umask_to_tree(root: str) -> None:
             os.chmod(os.path.join(base, name), 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(base, name), 0o666 & ~mask)
+
+
+def read_json(
+    path: str, damaged: Callable[[Exception], Exception], catch: tuple[type[Exception], ...] = (OSError, ValueError)
+) -> Any:
+    """The JSON value stored at ``path``, None when there is no such file.
+
+    Raises:
+        The exception ``damaged(error)`` (which names the file and the fix) when reading or parsing the file raises
+        one of ``catch``.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except catch as error:
+        raise damaged(error) from None

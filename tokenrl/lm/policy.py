@@ -44,7 +44,7 @@ class CandidateQ(ActionSlots):
     action_slot_BT: torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class VocabStats:
     """Per-position statistics of the student's full-vocabulary logits (see :meth:`CausalLMPolicy.vocab_stats`).
 

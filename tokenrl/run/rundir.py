@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from tokenrl.core.files import read_json
 from tokenrl.data.buffer import write_json_atomic
 from tokenrl.run.checkpoint import check_resume_config, identity_differences, identity_digest
 
@@ -64,18 +64,18 @@ def read_owner(out_dir: str) -> dict | None:
         RunDirError: the record cannot be read (naming it and the fix).
     """
     path = owner_path(out_dir)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            owner = json.load(f)
-        if not isinstance(owner.get("identity_sha256"), str) or not isinstance(owner.get("config"), dict):
-            raise ValueError("no identity_sha256 or config")
-    except (OSError, ValueError) as error:
-        raise RunDirError(
-            f"{path} is damaged ({error}): it records which run {out_dir} holds; restore it, or choose another "
+
+    def damaged(reason: object) -> RunDirError:
+        return RunDirError(
+            f"{path} is damaged ({reason}): it records which run {out_dir} holds; restore it, or choose another "
             "output directory (hydra.run.dir=...)"
-        ) from None
+        )
+
+    owner = read_json(path, damaged)
+    if owner is not None and (
+        not isinstance(owner.get("identity_sha256"), str) or not isinstance(owner.get("config"), dict)
+    ):
+        raise damaged("no identity_sha256 or config")
     return owner
 
 

@@ -13,6 +13,7 @@ import os
 import warnings
 from typing import Sequence
 
+from tokenrl.core.files import read_json
 from tokenrl.data.buffer import ReplayBuffer, manifest_path
 
 DATA_FORMAT = 3
@@ -102,15 +103,15 @@ def _regenerate_hint(path: str) -> str:
 def read_manifest(out_dir: str) -> dict | None:
     """The stored manifest of ``out_dir`` (None when there is none), refused when damaged or of another format."""
     path = manifest_path(out_dir)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataIntegrityError(
+    stored = read_json(
+        path,
+        lambda error: DataIntegrityError(
             f"dataset manifest {path} is damaged ({error}); delete the folder {out_dir} and regenerate the data"
-        ) from None
+        ),
+        catch=(json.JSONDecodeError, UnicodeDecodeError),
+    )
+    if stored is None:
+        return None
     if not isinstance(stored, dict) or "n_shards" not in stored:
         raise DataIntegrityError(f"{path} is not a dataset manifest; delete the folder {out_dir} and regenerate the data")
     if stored.get("format") != DATA_FORMAT:
