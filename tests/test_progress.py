@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from tokenrl.core.progress import PlainProgress, track
+from tokenrl.core.progress import PlainProgress, track, library_bars
 
 
 class Terminal(io.StringIO):
@@ -54,3 +54,17 @@ def test_disabled_writes_nothing_in_either_mode():
         bar.set_postfix(loss=1.0)
         assert list(bar) == [0, 1, 2, 3]
         assert stream.getvalue() == ""
+
+
+def test_transformers_bars_follow_the_same_rule():
+    from transformers.utils import logging as hf_logging
+
+    try:
+        library_bars(True, file=Terminal())
+        assert hf_logging.is_progress_bar_enabled()
+        library_bars(True, file=io.StringIO())  # a log: no carriage-return bars from transformers either
+        assert not hf_logging.is_progress_bar_enabled()
+        library_bars(False, file=Terminal())  # progress=false
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

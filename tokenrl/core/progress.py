@@ -111,3 +111,15 @@ class PlainProgress:
     def _write(self, now: float) -> None:
         self.file.write(self.line(now) + "\n")
         self.file.flush()
+
+
+def library_bars(enabled: bool, file: TextIO | None = None) -> None:
+    """Let transformers' own tqdm bars (weight loading, ``save_pretrained``'s "Writing model shards") follow
+    :func:`track`'s rule: drawn only when ``enabled`` and the stream (default stderr) is a terminal, so a log
+    gets no carriage-return lines from them either."""
+    from transformers.utils import logging as hf_logging
+
+    if enabled and (file or sys.stderr).isatty():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()

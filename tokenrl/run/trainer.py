@@ -48,6 +48,7 @@ from tokenrl.core.divergence import DivergenceGuard
 from tokenrl.evaluation.student import evaluate_student, evaluate_teacher
 from tokenrl.lm.policy import CausalLMPolicy
 from tokenrl.run import distributed
+from tokenrl.core.progress import library_bars
 from tokenrl.core.ranks import env_rank
 from tokenrl.run.checkpoint import checkpoint_dir, deferred_signals
 from tokenrl.run.checks import check_config, check_student_tokenizer
@@ -141,6 +142,7 @@ def _run(cfg: RunConfig, out_dir: str, dist_ctx: distributed.DistContext, resume
         for directory in (out_dir, checkpoint_dir(out_dir)):
             remove_orphaned_tmp(directory)
     apply_threads(cfg.threads)
+    library_bars(cfg.progress)
     refuse_unsupported(cfg, dist_ctx)
     timings: dict[str, float] = {}
     with timed(timings, "task_build_s"):
