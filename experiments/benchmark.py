@@ -29,7 +29,9 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
 4. **chooses** each method's lr: the best mean validation score over seeds (``selection.best_score``, lower is
    better); a choice at either edge of the grid adds one point beyond it (the grid's log spacing, two
    significant digits) and runs it, at most ``max_grid_extensions`` times per method, until the choice is
-   strictly inside;
+   strictly inside. A grid where no lr improves on the start (the best validated step is 0 at every lr and
+   seed: every lr tried only makes the student worse, so the optimum is the lr -> 0 limit, the start itself)
+   is *flat*: it is not extended and the leaderboard says so instead of flagging an edge;
 5. **writes** ``OUT/leaderboard.md`` and ``OUT/leaderboard.json``: per task, each method at its chosen lr (mean
    and 95% t-interval over seeds, :mod:`tokenrl.evaluation.stats`), the paired per-seed difference to the
    reference method (``kd``), the teacher and the SFT start(s), a plot per task and the lr grids.
@@ -625,6 +627,13 @@ class Grid:
     lrs: list[float]
     initial: int  # how many lrs the suite gave; the rest are extensions
     scores: dict[float, list[float | None]] = field(default_factory=dict)  # see choose_lr
+    moved: dict[float, list[bool]] = field(default_factory=dict)  # lr -> per finished seed: best step > 0
+
+    @property
+    def flat(self) -> bool:
+        """No lr improves on the start: every run finished and chose its step 0 (the start's weights)."""
+        settled = self.chosen is not None and all(len(self.moved.get(lr, [])) == len(self.scores[lr]) for lr in self.lrs)
+        return settled and not any(any(m) for m in self.moved.values())
 
     @property
     def chosen(self) -> float | None:
@@ -633,8 +642,8 @@ class Grid:
 
     @property
     def at_edge(self) -> bool:
-        """The chosen lr is not strictly inside the grid."""
-        return self.chosen is not None and not self.lrs[0] < self.chosen < self.lrs[-1]
+        """The chosen lr is not strictly inside the grid (a flat grid has no optimum to bracket: not an edge)."""
+        return self.chosen is not None and not self.flat and not self.lrs[0] < self.chosen < self.lrs[-1]
 
 
 def collect_grids(
@@ -643,6 +652,7 @@ def collect_grids(
     """Fill each grid's ``scores`` from the states of its runs on ``seeds`` (the seeds the lr is chosen on)."""
     for grid in grids.values():
         grid.scores = {lr: [] for lr in grid.lrs}
+        grid.moved = {lr: [] for lr in grid.lrs}
     for run in runs:
         if run.seed not in seeds:
             continue
@@ -650,13 +660,15 @@ def collect_grids(
         score = (state.metrics["selection"]["best_score"] if state.kind == "finished"
                  else math.nan if state.kind == "failed" else None)
         grids[run.task, run.method].scores[run.lr].append(score)
+        if state.kind == "finished":
+            grids[run.task, run.method].moved[run.lr].append(state.metrics["selection"].get("best_step", 1) > 0)
 
 
 def extensions(suite: SuiteConfig, grids: dict[tuple[str, str], Grid]) -> dict[tuple[str, str], list[float]]:
-    """The lrs each grid gains this round (a choice at an edge, within ``max_grid_extensions``)."""
+    """The lrs each grid gains this round (a choice at an edge, within ``max_grid_extensions``; not a flat grid)."""
     new = {}
     for key, grid in grids.items():
-        if len(grid.lrs) - grid.initial < suite.max_grid_extensions:
+        if len(grid.lrs) - grid.initial < suite.max_grid_extensions and not grid.flat:
             added = [lr for lr in extend_grid(grid.lrs, grid.chosen) if lr not in grid.lrs]
             if added:
                 new[key] = added
@@ -710,7 +722,8 @@ def plan_text(suite: SuiteConfig, grids: dict, runs: list[RunSpec], states: dict
             grid, c = grids[task, method], counts[task, method]
             seconds, source = estimates[task, method]
             cost += seconds * c["pending"]
-            note = "" if grid.chosen is None else f"  chosen {grid.chosen:g}" + (" (at an edge)" if grid.at_edge else "")
+            note = "" if grid.chosen is None else f"  chosen {grid.chosen:g}" + (
+                " (at an edge)" if grid.at_edge else " (flat: no lr improves on the start)" if grid.flat else "")
             lines.append(f"  {method:<18} {_lrs_text(grid.lrs):<34} {c['finished']:>5} {c['failed']:>5} "
                          f"{c['pending']:>5}  {seconds:.0f} ({source}){note}")
     wall = f", ~{_duration(cost / n_jobs)} with {n_jobs} at once" if n_jobs and n_jobs > 0 else ""
@@ -828,7 +841,7 @@ def leaderboard(suite: SuiteConfig, grids: dict[tuple[str, str], Grid], runs: li
             methods[method] = {
                 "algo": algo_config,
                 "grid": {f"{lr:g}": {"lr": lr, "scores": grid.scores[lr], "mean": means[lr]} for lr in grid.lrs},
-                "chosen_lr": chosen, "at_edge": grid.at_edge, "extensions": len(grid.lrs) - grid.initial,
+                "chosen_lr": chosen, "at_edge": grid.at_edge, "flat": grid.flat, "extensions": len(grid.lrs) - grid.initial,
                 "values": {key: _per_seed(finals, key) for key in keys},
             }
         for info in methods.values():
@@ -898,7 +911,7 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
                 state = "pending" if any(e["mean"] is None for e in info["grid"].values()) else "failed"
                 lines.append(f"| {method} | – | " + " | ".join(state for _ in LEADERBOARD_METRICS) + " | 0 |")
                 continue
-            flag = " (edge)" if info["at_edge"] else ""
+            flag = " (edge)" if info["at_edge"] else " (flat)" if info.get("flat") else ""
             lines.append(row(method, f"{info['chosen_lr']:g}{flag}", info["values"]))
         if board["reference"] in data["methods"]:
             ref = board["reference"]
@@ -919,6 +932,9 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
             chosen = "–" if info["chosen_lr"] is None else f"{info['chosen_lr']:g}"
             if info["chosen_lr"] is None:
                 note = "no lr: " + ("pending runs" if any(e["mean"] is None for e in info["grid"].values()) else "every lr failed")
+            elif info.get("flat"):
+                note = ("flat: no lr improves on the start (best validated step 0 at every lr and seed), no optimum "
+                        "to bracket; the row is the start's weights")
             elif info["at_edge"]:
                 note = "**at the grid's edge** " + ("(one lr: not tuned)" if len(info["grid"]) == 1 else
                                                     f"({info['extensions']} of {board['max_grid_extensions']} extensions used)")
