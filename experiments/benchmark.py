@@ -30,8 +30,9 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
    better); a choice at either edge of the grid adds one point beyond it (the grid's log spacing, two
    significant digits) and runs it, at most ``max_grid_extensions`` times per method, until the choice is
    strictly inside. A grid where no lr improves on the start (the best validated step is 0 at every lr and
-   seed: every lr tried only makes the student worse, so the optimum is the lr -> 0 limit, the start itself)
-   is *flat*: it is not extended and the leaderboard says so instead of flagging an edge;
+   seed: every lr tried only makes the student worse) is *flat*: it still extends downwards (a smaller lr may
+   yet improve), and when its extensions are used up the leaderboard says "flat" rather than "edge": there is
+   no optimum to bracket, the row holds the start's weights;
 5. **writes** ``OUT/leaderboard.md`` and ``OUT/leaderboard.json``: per task, each method at its chosen lr (mean
    and 95% t-interval over seeds, :mod:`tokenrl.evaluation.stats`), the paired per-seed difference to the
    reference method (``kd``), the teacher and the SFT start(s), a plot per task and the lr grids.
@@ -665,10 +666,11 @@ def collect_grids(
 
 
 def extensions(suite: SuiteConfig, grids: dict[tuple[str, str], Grid]) -> dict[tuple[str, str], list[float]]:
-    """The lrs each grid gains this round (a choice at an edge, within ``max_grid_extensions``; not a flat grid)."""
+    """The lrs each grid gains this round (a choice at an edge, within ``max_grid_extensions``; a flat grid's
+    choice is its smallest lr, so it extends downwards)."""
     new = {}
     for key, grid in grids.items():
-        if len(grid.lrs) - grid.initial < suite.max_grid_extensions and not grid.flat:
+        if len(grid.lrs) - grid.initial < suite.max_grid_extensions:
             added = [lr for lr in extend_grid(grid.lrs, grid.chosen) if lr not in grid.lrs]
             if added:
                 new[key] = added
@@ -933,8 +935,9 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
             if info["chosen_lr"] is None:
                 note = "no lr: " + ("pending runs" if any(e["mean"] is None for e in info["grid"].values()) else "every lr failed")
             elif info.get("flat"):
-                note = ("flat: no lr improves on the start (best validated step 0 at every lr and seed), no optimum "
-                        "to bracket; the row is the start's weights")
+                note = (f"flat: no lr from {info['grid'][next(iter(info['grid']))]['lr']:g} up improves on the start "
+                        f"(best validated step 0 at every lr and seed; {info['extensions']} of "
+                        f"{board['max_grid_extensions']} extensions used), no optimum to bracket; the row is the start's weights")
             elif info["at_edge"]:
                 note = "**at the grid's edge** " + ("(one lr: not tuned)" if len(info["grid"]) == 1 else
                                                     f"({info['extensions']} of {board['max_grid_extensions']} extensions used)")
