@@ -633,7 +633,7 @@ class Grid:
     @property
     def flat(self) -> bool:
         """No lr improves on the start: every run finished and chose its step 0 (the start's weights)."""
-        settled = self.chosen is not None and all(len(self.moved.get(lr, [])) == len(self.scores[lr]) for lr in self.lrs)
+        settled = self.chosen is not None and all(len(self.moved.get(lr, [])) == len(v) for lr, v in self.scores.items())
         return settled and not any(any(m) for m in self.moved.values())
 
     @property

@@ -135,6 +135,9 @@ def test_a_grid_where_no_lr_improves_on_the_start_is_flat_not_an_edge(bench):
     bench.collect_grids({("t", "m"): grid}, runs, states(), [0, 1])
     assert grid.chosen == 1e-4 and grid.flat and not grid.at_edge
     assert bench.extensions(suite, {("t", "m"): grid}) == {("t", "m"): [3.2e-5]}
+    grid.lrs = [3.2e-5, *grid.lrs]  # the round adds the lr before the next collect_grids scores it
+    assert grid.flat and not grid.at_edge
+    grid.lrs = grid.lrs[1:]
     bench.collect_grids({("t", "m"): grid}, runs, states(moved_lr=1e-4), [0, 1])
     assert grid.chosen == 1e-4 and not grid.flat and grid.at_edge
     pending = {**states(), runs[0].key: bench.RunState("pending")}
