@@ -774,7 +774,8 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
         collect_grids(grids, runs, states, lr_seeds(suite))
         new = extensions(suite, grids)
         for key, lrs in new.items():
-            print(f"{key[0]}/{key[1]}: the chosen lr {grids[key].chosen:g} is at the grid's edge; adding lr {_lrs_text(lrs)}")
+            why = "no lr improves on the start (flat)" if grids[key].flat else f"the chosen lr {grids[key].chosen:g} is at the grid's edge"
+            print(f"{key[0]}/{key[1]}: {why}; adding lr {_lrs_text(lrs)}")
             grids[key].lrs = sorted(grids[key].lrs + lrs)
         if new:
             continue
