@@ -42,6 +42,8 @@ launched jobs stop after their current update (the trainer checkpoints), and on 
 command get SIGTERM as well; a job waits for a lock on its run directory (``flock``: a local file system), so
 two commands never train into one. Cluster jobs already submitted are not cancelled by a signal to the command.
 ``--dry-run`` (``dry_run=true``) prints the grid, its state and the estimated cost, and runs nothing.
+``--report`` (``report=true``) writes the leaderboard of the runs finished so far and runs nothing: the grids as
+far as they got, rows with the seeds that finished (n says how many), and the pending runs counted in its header.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class BenchmarkConfig:
     suite: SuiteConfig = MISSING
     out: str = MISSING  # output directory: one folder per run, the plan, the leaderboard
     dry_run: bool = False  # print the grid, its state and the estimated cost; run nothing (also --dry-run)
+    report: bool = False  # write the leaderboard of the finished runs; run nothing (also --report)
     retry_failed: bool = False  # rerun failed runs (error.txt) instead of reporting them
     sft_first: bool = True  # launch one run per new seed first (it caches the SFT start), then the rest
     run: str | None = None  # set by the launched multirun: the run (its folder under out) this job trains
@@ -747,8 +750,9 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
         n_jobs: runs at once (for the wall-clock estimate; None if unknown).
 
     Returns:
-        0 when every run is finished or failed (and the leaderboard is written; with ``dry_run``, always 0),
-        1 when runs are still pending after the launch.
+        0 when every run is finished or failed (and the leaderboard is written; with ``dry_run``, always 0; with
+        ``report``, the leaderboard of what is finished is written and it is 0), 1 when runs are still pending
+        after the launch.
     """
     suite, out = bench.suite, Path(bench.out).resolve()
     check_suite(suite)
@@ -761,7 +765,7 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
         if conflicts:
             raise BenchmarkError("run directories that hold something else:\n  " + "\n  ".join(conflicts))
         pending = [run for run in runs if states[run.key].kind == "pending"]
-        if not bench.dry_run:
+        if not bench.dry_run and not bench.report:
             print(plan_text(suite, grids, runs, states, n_jobs), flush=True)
             if pending:
                 write_json(out / PLAN_FILE, {"suite": suite.name, "runs": {r.key: r.record() for r in runs}})
@@ -789,8 +793,12 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
     still = [run.key for run in runs if states[run.key].kind == "pending"]
     command = " ".join(["python experiments/benchmark.py", *forward, f"out={bench.out}"])
     board = leaderboard(suite, grids, runs, states, command)
+    board["pending_runs"] = len(still)
     write_leaderboard(board, out)
     print(f"leaderboard: {out / 'leaderboard.md'} (and .json, plots)")
+    if bench.report:
+        print(f"{len(still)} run(s) pending: the leaderboard holds what is finished", file=sys.stderr)
+        return 0
     if still:
         print(f"{len(still)} run(s) still pending (e.g. {still[0]}); rerun the same command", file=sys.stderr)
         return 1
@@ -895,6 +903,10 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
         f"mean ± half-width of the 95% t-interval over training seeds (n = {n_seeds} unless marked); ↓ lower is "
         "better, ↑ higher is better, response length has no direction (compare with the teacher's).", "",
     ]
+    if board.get("pending_runs"):
+        lines += [f"**Part-run: {board['pending_runs']} run(s) of the grid as far as it got are still pending**; "
+                  "rerun the command to finish them (rows hold the seeds that finished, n says how many; a grid "
+                  "with a pending lr has no choice yet).", ""]
     header_titles = [_titled(key, title) for key, title in LEADERBOARD_METRICS]
     for task, data in board["tasks"].items():
         lines += [f"## Task {task} (`{' '.join(data['overrides'])}`)", ""]
@@ -948,13 +960,22 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
         if data["failed_runs"]:
             lines += ["", "Failed runs (their `error.txt`):", ""]
             lines += [f"- `{f['run']}`: {f['error']}" for f in data["failed_runs"]]
-        lines += ["", f"![{task}](leaderboard_{task}.png)", ""]
+        lines += ["", f"![{task}](leaderboard_{task}.png)" if _plottable(data) else "(No plot: no method has a chosen lr yet.)", ""]
     return "\n".join(lines)
 
 
+def _plottable(data: dict[str, Any]) -> bool:
+    """A task's leaderboard has a row to plot (a part-run's may not: every grid still has a pending lr)."""
+    return bool(data["sft_starts"]) or any(info["chosen_lr"] is not None for info in data["methods"].values())
+
+
 def plot_task(board: dict[str, Any], task: str, path: Path) -> None:
-    """The task's panel plot: one panel per leaderboard metric, each method at its chosen lr and the SFT start(s)."""
+    """The task's panel plot: one panel per leaderboard metric, each method at its chosen lr and the SFT start(s);
+    none (and a stale one removed) while no method has a chosen lr."""
     data = board["tasks"][task]
+    if not _plottable(data):
+        path.unlink(missing_ok=True)
+        return
     rows = []
     for start in data["sft_starts"]:
         rows.append(report.PlotRow(report.sft_row_name(start["methods"], len(data["sft_starts"])),
@@ -981,10 +1002,10 @@ def write_leaderboard(board: dict[str, Any], out: Path) -> None:
 # Entry point
 # --------------------------------------------------------------------------------------------------
 def _forwarded_overrides() -> list[str]:
-    """The command's overrides that the launched multirun needs: the suite's (not out, dry_run, run) and Hydra's
+    """The command's overrides that the launched multirun needs: the suite's (not out, dry_run, report, run) and Hydra's
     (launcher, search path, logging; not the run or sweep directory, which the benchmark sets)."""
     overrides = HydraConfig.get().overrides
-    task = [o for o in overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("out", "dry_run", "run")]
+    task = [o for o in overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("out", "dry_run", "report", "run")]
     own = ("hydra.run.", "hydra.sweep.", "hydra.mode")
     return [*task, *(o for o in overrides.hydra if not o.lstrip("+~").startswith(own))]
 
@@ -1012,7 +1033,8 @@ def cli() -> None:
     """The command line: ``--dry-run`` is ``dry_run=true``; a launched multirun stops its jobs on SIGTERM."""
     if os.environ.get("TOKENRL_BENCHMARK_LAUNCH") == "1" and os.getpid() == os.getpgrp():
         _stop_group_on_sigterm()
-    sys.argv = [("dry_run=true" if arg == "--dry-run" else arg) for arg in sys.argv]
+    flags = {"--dry-run": "dry_run=true", "--report": "report=true"}
+    sys.argv = [flags.get(arg, arg) for arg in sys.argv]
     main()
 
 

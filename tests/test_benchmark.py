@@ -415,3 +415,13 @@ def test_rerun_runs_nothing_and_dry_run_plans_the_extension(tiny_benchmark):
     assert "14 runs: 8 finished, 2 failed, 4 pending" in proc.stdout and "estimated cost of the 4 pending" in proc.stdout
     assert "bc                 0.001, 0.01, 0.1" in proc.stdout
     assert "launching" not in proc.stdout and _mtimes(out) == before
+    # --report: the leaderboard of what is finished, the extension's 4 runs counted as pending; nothing runs.
+    proc = _benchmark(out, data, *overrides, "suite.max_grid_extensions=1", "--report", suite="tiny_failing")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching" not in proc.stdout and _mtimes(out) == before
+    text = (out / "leaderboard.md").read_text()
+    assert "Part-run: 4 run(s)" in text and "| bc | – | pending |" in text
+    command = next(line for line in text.splitlines() if line.startswith("Command: "))
+    assert "max_grid_extensions=1" in command and "report" not in command  # the command that finishes it
+    proc = _benchmark(out, data, *overrides, suite="tiny_failing")  # the full leaderboard again, nothing run
+    assert proc.returncode == 0 and "Part-run" not in (out / "leaderboard.md").read_text()
