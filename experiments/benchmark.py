@@ -42,8 +42,9 @@ launched jobs stop after their current update (the trainer checkpoints), and on 
 command get SIGTERM as well; a job waits for a lock on its run directory (``flock``: a local file system), so
 two commands never train into one. Cluster jobs already submitted are not cancelled by a signal to the command.
 ``--dry-run`` (``dry_run=true``) prints the grid, its state and the estimated cost, and runs nothing.
-``--report`` (``report=true``) writes the leaderboard of the runs finished so far and runs nothing: the grids as
-far as they got, rows with the seeds that finished (n says how many), and the pending runs counted in its header.
+``--report`` (``report=true``) writes the leaderboard of the runs finished so far and runs nothing: each grid as
+far as it got (a choice at an edge whose extension has not run yet stays at the edge: a provisional choice), rows
+with the seeds that finished (n says how many), and the runs a rerun would still do counted in its header.
 """
 
 from __future__ import annotations
@@ -758,6 +759,7 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
     check_suite(suite)
     grids = {(t, m): Grid(list(spec.lrs), len(spec.lrs)) for t in suite.tasks for m, spec in suite.methods.items()}
     chosen: dict[tuple[str, str], float] = {}  # settled grids' choices: their runs on the seeds outside lr_seeds
+    unrun: dict[tuple[str, str], list[float]] = {}  # with report: the extensions a rerun would add (not run yet)
     while True:  # a round: expand, launch what is pending, extend the grids whose choice sits at an edge
         runs = expand(suite, {k: g.lrs for k, g in grids.items()}, chosen)
         states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
@@ -777,13 +779,21 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
                 states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
         collect_grids(grids, runs, states, lr_seeds(suite))
         new = extensions(suite, grids)
+        if bench.report:  # what is finished: an extension not run yet is counted (unrun), not added
+            for key, lrs in list(new.items()):
+                extra = expand(suite, {k: lrs if k == key else [] for k in grids})
+                done = {r.lr for r in extra if inspect_run(r, out, bench.retry_failed).kind != "pending"}
+                unrun[key] = [lr for lr in lrs if lr not in done] or unrun.get(key, [])
+                new[key] = [lr for lr in lrs if lr in done]
+                if not new[key]:
+                    del new[key]
         for key, lrs in new.items():
             why = "no lr improves on the start (flat)" if grids[key].flat else f"the chosen lr {grids[key].chosen:g} is at the grid's edge"
             print(f"{key[0]}/{key[1]}: {why}; adding lr {_lrs_text(lrs)}")
             grids[key].lrs = sorted(grids[key].lrs + lrs)
         if new:
             continue
-        settled = {key: g.chosen for key, g in grids.items() if g.chosen is not None and key not in new}
+        settled = {key: g.chosen for key, g in grids.items() if g.chosen is not None and key not in new and not unrun.get(key)}
         if len(lr_seeds(suite)) == len(suite.seeds) or settled == chosen or bench.dry_run:
             break
         chosen = settled  # the next round runs the other seeds at the chosen lrs
@@ -793,11 +803,11 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
     still = [run.key for run in runs if states[run.key].kind == "pending"]
     command = " ".join(["python experiments/benchmark.py", *forward, f"out={bench.out}"])
     board = leaderboard(suite, grids, runs, states, command)
-    board["pending_runs"] = len(still)
+    board["pending_runs"] = len(still) + sum(len(lrs) for lrs in unrun.values()) * len(lr_seeds(suite))
     write_leaderboard(board, out)
     print(f"leaderboard: {out / 'leaderboard.md'} (and .json, plots)")
     if bench.report:
-        print(f"{len(still)} run(s) pending: the leaderboard holds what is finished", file=sys.stderr)
+        print(f"{board['pending_runs']} run(s) pending: the leaderboard holds what is finished", file=sys.stderr)
         return 0
     if still:
         print(f"{len(still)} run(s) still pending (e.g. {still[0]}); rerun the same command", file=sys.stderr)
@@ -906,7 +916,8 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
     if board.get("pending_runs"):
         lines += [f"**Part-run: {board['pending_runs']} run(s) of the grid as far as it got are still pending**; "
                   "rerun the command to finish them (rows hold the seeds that finished, n says how many; a grid "
-                  "with a pending lr has no choice yet).", ""]
+                  "with a pending lr has no choice yet; a choice at an edge whose extension has not run is "
+                  "provisional).", ""]
     header_titles = [_titled(key, title) for key, title in LEADERBOARD_METRICS]
     for task, data in board["tasks"].items():
         lines += [f"## Task {task} (`{' '.join(data['overrides'])}`)", ""]

@@ -420,7 +420,8 @@ def test_rerun_runs_nothing_and_dry_run_plans_the_extension(tiny_benchmark):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launching" not in proc.stdout and _mtimes(out) == before
     text = (out / "leaderboard.md").read_text()
-    assert "Part-run: 4 run(s)" in text and "| bc | – | pending |" in text
+    assert "Part-run: 4 run(s)" in text and "| bc | – |" not in text  # the provisional choice, at the edge
+    assert "(0 of 1 extensions used)" in text
     command = next(line for line in text.splitlines() if line.startswith("Command: "))
     assert "max_grid_extensions=1" in command and "report" not in command  # the command that finishes it
     proc = _benchmark(out, data, *overrides, suite="tiny_failing")  # the full leaderboard again, nothing run
