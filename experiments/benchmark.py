@@ -783,9 +783,11 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
             for key, lrs in list(new.items()):
                 extra = expand(suite, {k: lrs if k == key else [] for k in grids})
                 done = {r.lr for r in extra if inspect_run(r, out, bench.retry_failed).kind != "pending"}
-                unrun[key] = [lr for lr in lrs if lr not in done] or unrun.get(key, [])
-                new[key] = [lr for lr in lrs if lr in done]
-                if not new[key]:
+                if missing := [lr for lr in lrs if lr not in done]:
+                    unrun[key] = missing
+                if added := [lr for lr in lrs if lr in done]:
+                    new[key] = added
+                else:
                     del new[key]
         for key, lrs in new.items():
             why = "no lr improves on the start (flat)" if grids[key].flat else f"the chosen lr {grids[key].chosen:g} is at the grid's edge"
