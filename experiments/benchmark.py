@@ -61,6 +61,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -506,6 +507,36 @@ def _child_setup(parent: int, libc: ctypes.CDLL | None) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+MULTIRUN_ENV = "TOKENRL_BENCHMARK_MULTIRUN"  # "host:pid" of the launched multirun, for its jobs (set in cli)
+
+
+def _local_multirun() -> int | None:
+    """The pid of the launched multirun when this process is one of its local jobs (the multirun itself or a
+    worker of a local launcher: same host, its process group); None elsewhere (a cluster job, a test)."""
+    host, _, pid = os.environ.get(MULTIRUN_ENV, "").rpartition(":")
+    if not pid.isdigit() or host != socket.gethostname() or os.getpgrp() != int(pid):
+        return None
+    return int(pid)
+
+
+def _launcher_gone() -> str | None:
+    """Why a job must not start: the local multirun it belongs to has stopped (a launcher worker still holding
+    jobs queued before the signal); None when it may start."""
+    launcher = _local_multirun()
+    if launcher is not None and launcher not in (os.getpid(), os.getppid()):
+        return f"the multirun that launched it (pid {launcher}) has stopped"
+    return None
+
+
+def _end_job_process() -> None:
+    """After an interruption in a local launcher worker (not the multirun itself): end the worker by SIGTERM, as
+    the signal's default would have, instead of letting it take its next queued job."""
+    launcher = _local_multirun()
+    if launcher is not None and launcher != os.getpid():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _stop_group_on_sigterm() -> None:
     """In the launched multirun (a process-group leader): a SIGTERM stops every job of the group too (each
     trainer checkpoints after its current update), then the multirun itself."""
@@ -548,6 +579,13 @@ def launch(wave: list[RunSpec], out: Path, forward: list[str]) -> int:
     return code
 
 
+def say(line: str) -> None:
+    """Print one line of a job in one write: the jobs of a local launcher share the command's output, and print's
+    separate write of the newline let two jobs' lines run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` (waiting for another process that trains in it, e.g. a job of a
@@ -557,7 +595,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"[benchmark] {run_dir}: another process trains here; waiting for it", flush=True)
+            say(f"[benchmark] {run_dir}: another process trains here; waiting for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -578,7 +616,8 @@ def run_job(bench: BenchmarkConfig) -> str:
 
     Returns ``finished`` or ``failed``. A failure of the run (an exception, e.g. the divergence guard) is written
     to ``error.txt`` and does not stop the other jobs; an interruption (KeyboardInterrupt, after the trainer's
-    checkpoint) propagates and leaves the run pending. An interrupted earlier attempt (checkpoints of training or
+    checkpoint) leaves the run pending and ends the job's process (a launcher worker takes no further job); a job
+    whose multirun has stopped does not start. An interrupted earlier attempt (checkpoints of training or
     of the SFT warm start, no ``error.txt``) is resumed from its newest checkpoint; a failed one is cleared and
     started again.
     """
@@ -593,13 +632,15 @@ def run_job(bench: BenchmarkConfig) -> str:
         raise BenchmarkError(f"run={bench.run} is not in {out / PLAN_FILE}; start runs with experiments/benchmark.py")
     entry = plan["runs"][bench.run]
     spec = RunSpec(**{f.name: entry[f.name] for f in dataclasses.fields(RunSpec)})
+    if gone := _launcher_gone():
+        raise KeyboardInterrupt(f"{spec.key} not started: {gone}; rerun the benchmark command to continue")
     run_dir = out / spec.key
     with run_lock(run_dir):
         state = inspect_run(spec, out, retry_failed=True)
         if state.kind == "conflict":
             raise BenchmarkError(state.detail)
         if state.kind == "finished":
-            print(f"[benchmark] {spec.key}: already finished", flush=True)
+            say(f"[benchmark] {spec.key}: already finished")
             return "finished"
         resume = (run_dir / RUN_FILE).exists() and not (run_dir / ERROR_FILE).exists()
         resume = resume and bool(list_checkpoints(str(run_dir)) or list_checkpoints(str(run_dir), SFT_STAGE))
@@ -607,18 +648,23 @@ def run_job(bench: BenchmarkConfig) -> str:
             clear_outputs(run_dir)
             write_json(run_dir / RUN_FILE, spec.record())
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(spec.config))
-        print(f"[benchmark] {spec.key}: {'resuming' if resume else 'starting'}; log {run_dir / LOG_FILE}", flush=True)
+        say(f"[benchmark] {spec.key}: {'resuming' if resume else 'starting'}; log {run_dir / LOG_FILE}")
         start = time.perf_counter()
         try:
             with (open(run_dir / LOG_FILE, "a" if resume else "w") as log, contextlib.redirect_stdout(log),
                   contextlib.redirect_stderr(log)):
                 train(make_run_config({**spec.config, "resume": resume}), str(run_dir))
+        except KeyboardInterrupt:
+            say(f"[benchmark] {spec.key}: interrupted; it resumes from its newest checkpoint when the command is "
+                "rerun")
+            _end_job_process()
+            raise
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded and the others go on
             summary = " ".join(f"{type(err).__name__}: {err}".split())  # one line: the leaderboard shows it
             (run_dir / ERROR_FILE).write_text(traceback.format_exc() + summary + "\n")
-            print(f"[benchmark] {spec.key}: FAILED ({type(err).__name__}: {err}); see {run_dir / ERROR_FILE}", flush=True)
+            say(f"[benchmark] {spec.key}: FAILED ({type(err).__name__}: {err}); see {run_dir / ERROR_FILE}")
             return "failed"
-        print(f"[benchmark] {spec.key}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+        say(f"[benchmark] {spec.key}: finished in {time.perf_counter() - start:.0f} s")
         return "finished"
 
 
@@ -1045,6 +1091,7 @@ def main(cfg: DictConfig) -> str | int:
 def cli() -> None:
     """The command line: ``--dry-run`` is ``dry_run=true``; a launched multirun stops its jobs on SIGTERM."""
     if os.environ.get("TOKENRL_BENCHMARK_LAUNCH") == "1" and os.getpid() == os.getpgrp():
+        os.environ[MULTIRUN_ENV] = f"{socket.gethostname()}:{os.getpid()}"  # inherited by the launcher's workers: see _launcher_gone
         _stop_group_on_sigterm()
     flags = {"--dry-run": "dry_run=true", "--report": "report=true"}
     sys.argv = [flags.get(arg, arg) for arg in sys.argv]

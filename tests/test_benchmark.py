@@ -3,6 +3,7 @@ expansion, and the tiny suite end to end through Hydra's joblib launcher (rerun,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -298,6 +299,43 @@ def test_a_run_interrupted_in_its_sft_resumes_from_the_sft_checkpoint(bench, tmp
     _assert_same_run(killed, tmp_path / "straight" / spec.key, cached=(False, True))
 
 
+_ORPHAN_SCRIPT = """
+import os, socket, sys, time
+sys.path.insert(0, {experiments!r})
+import benchmark
+os.setsid()  # as the launched multirun: a process-group leader, its host:pid in its jobs' environment
+os.environ[benchmark.MULTIRUN_ENV] = f"{{socket.gethostname()}}:{{os.getpid()}}"
+multirun = os.getpid()
+print("multirun", benchmark._launcher_gone(), flush=True)  # the basic launcher runs jobs in the multirun itself
+if os.fork() == 0:  # a launcher worker: the same group, the multirun its parent
+    print("worker", benchmark._launcher_gone(), flush=True)
+    while os.getppid() == multirun:  # until the multirun has stopped
+        time.sleep(0.05)
+    with open({report!r}, "w") as f:
+        f.write(str(benchmark._launcher_gone()))
+    os._exit(0)
+time.sleep(0.5)
+os._exit(0)
+"""
+
+
+def test_a_job_of_a_stopped_multirun_does_not_start(bench, tmp_path):
+    """A launcher worker's job may start while its multirun lives and refuses once the multirun has stopped (an
+    orphaned worker holding queued jobs); the multirun's own jobs (the basic launcher) and jobs outside a local
+    multirun (a cluster job, a test) always may."""
+    report = tmp_path / "orphan.txt"
+    code = _ORPHAN_SCRIPT.format(experiments=os.path.dirname(SCRIPT), report=str(report))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split("\n")[:2]) == ["multirun None", "worker None"], proc.stdout + proc.stderr
+    deadline = time.monotonic() + 30
+    while not (report.exists() and report.read_text()):
+        assert time.monotonic() < deadline, "the orphaned worker did not report"
+        time.sleep(0.05)
+    assert "has stopped" in report.read_text()
+    assert bench._launcher_gone() is None  # this test process: no multirun in its environment
+
+
 def test_unknown_suite_key_fails_at_compose_time(bench, tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
@@ -342,10 +380,23 @@ def _mtimes(out: Path) -> dict[str, float]:
             and p.name not in ("benchmark.log", "plan.json") and not p.name.startswith("leaderboard")}
 
 
+def _processes_with(text: str) -> list[int]:
+    """The pids of the processes whose environment holds ``text`` (a test's data folder: the command and every
+    process it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and text.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def tiny_benchmark(tmp_path_factory):
-    """The tiny suite plus a method whose runs fail, killed (SIGKILL to its process group) after its first finished
-    run, then run again to the end: ``(out, data, overrides, metrics.json mtimes at the kill, the rerun)``."""
+    """The tiny suite plus a method whose runs fail, stopped by SIGTERM to the command's process alone after its
+    first finished run, then run again to the end: ``(out, data, overrides, metrics.json mtimes at the kill, the
+    rerun)``. The command forwards the signal to the launched multirun's process group; no job may start after it
+    and every process the command started must end (a launcher worker used to take its next queued job)."""
     root = tmp_path_factory.mktemp("bench")
     out, data = root / "out", root / "data"
     overrides = (*_failing_suite(root / "conf"), "suite.max_grid_extensions=0", "sft_first=false")
@@ -354,8 +405,17 @@ def tiny_benchmark(tmp_path_factory):
     while not list(out.rglob("metrics.json")):
         assert proc.poll() is None and time.monotonic() < deadline, (root / "background.log").read_text()[-3000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    signalled = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    log = (root / "background.log").read_text()
+    assert "interrupted by signal 15" in log, log[-3000:]
+    deadline = time.monotonic() + 120
+    while _processes_with(str(data)):
+        assert time.monotonic() < deadline, f"still running after the command stopped: {_processes_with(str(data))}"
+        time.sleep(0.5)
+    started = {str(p.parent): p.stat().st_mtime for p in out.rglob("run.json")}
+    assert all(t < signalled + 2.0 for t in started.values()), (started, signalled)  # none started after it
     killed = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     rerun = _benchmark(out, data, *overrides, suite="tiny_failing")
     assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from algorithms.iql_bd import BellmanDistill
 from tests.conftest import algo_options
 from tokenrl.run.checkpoint import (
+    deferred_signals,
     WRITE_DELAY_ENV,
     CheckpointError,
     ResumeError,
@@ -156,6 +157,51 @@ def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(straight, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only installed while training
     _assert_same_metrics(straight_metrics, run(_cfg(data, resume=True), str(out)))
     _assert_same_student(straight_dir, out)
+
+
+def test_a_signal_the_block_does_not_act_on_is_delivered_again():
+    """deferred_signals records a signal; when its block ends without acting on it (no KeyboardInterrupt), the
+    signal goes on to the handler that was there before (an enclosing block, the default) instead of vanishing."""
+    outer: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: outer.append(signum))
+    try:
+        with deferred_signals((signal.SIGUSR1,)) as received:
+            signal.raise_signal(signal.SIGUSR1)
+            assert received == [signal.SIGUSR1] and outer == []
+        assert outer == [signal.SIGUSR1]
+        with pytest.raises(KeyboardInterrupt), deferred_signals((signal.SIGUSR1,)) as received:
+            signal.raise_signal(signal.SIGUSR1)
+            raise KeyboardInterrupt  # the block acted on it: checkpointed and stopped
+        assert outer == [signal.SIGUSR1]
+        with deferred_signals((signal.SIGUSR1,)) as enclosing:
+            with deferred_signals((signal.SIGUSR1,)):
+                signal.raise_signal(signal.SIGUSR1)
+            assert enclosing == [signal.SIGUSR1]
+            enclosing.clear()
+        assert outer == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_signal_while_the_warm_start_reads_its_cache_stops_the_run(tmp_path, monkeypatch):
+    """A SIGINT that arrives while the SFT start is read from the cache (no SFT update to check it after) stops
+    the run before its first update instead of being dropped with the warm start's signal handler."""
+    from tokenrl.run import selection
+
+    data, cached = tmp_path / "data", {"selection": {"sft_cache": True}}
+    assert not run(_cfg(data, **cached), str(tmp_path / "caches"))["sft"]["cached"]
+    original = selection.read_sft_start
+
+    def read_and_interrupt(path):
+        signal.raise_signal(signal.SIGINT)
+        return original(path)
+
+    monkeypatch.setattr(selection, "read_sft_start", read_and_interrupt)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(data, **cached), str(out))
+    assert not list_checkpoints(str(out)) and not (out / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch):

@@ -351,16 +351,25 @@ def checkpoint_decision(due: bool, received: list[int]) -> tuple[bool, str | Non
 def deferred_signals(signals: tuple[int, ...]) -> Iterator[list[int]]:
     """Within the block, SIGTERM/SIGINT are recorded in the yielded list instead of stopping the process.
 
-    The training loop checks the list after each update, saves a checkpoint and exits; outside the main
-    thread (where handlers cannot be installed) the signals keep their default behaviour.
+    The training loop checks the list after each update, saves a checkpoint and exits by raising
+    ``KeyboardInterrupt``. A signal the block did not act on (it ended otherwise: e.g. the warm start read its
+    cache, or a run failed, after the signal came) is not lost: once the previous handlers are back, the first
+    one is delivered again to them (the default ends the process; an enclosing block records it). Outside the
+    main thread (where handlers cannot be installed) the signals keep their default behaviour.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    acted = False
     try:
         yield received
+    except KeyboardInterrupt:
+        acted = True
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if received and not acted:
+            signal.raise_signal(received[0])
