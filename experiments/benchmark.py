@@ -38,7 +38,8 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
    reference method (``kd``), the teacher and the SFT start(s), a plot per task and the lr grids.
 
 Killing the command (SIGTERM, SIGINT or SIGKILL) and rerunning it redoes no finished run: on a signal the
-launched jobs stop after their current update (the trainer checkpoints), and on Linux the jobs of a killed
+launched jobs stop after their current update (the trainer checkpoints), no queued job starts (an interrupted
+launcher worker ends; a job whose multirun has stopped does not start), and on Linux the jobs of a killed
 command get SIGTERM as well; a job waits for a lock on its run directory (``flock``: a local file system), so
 two commands never train into one. Cluster jobs already submitted are not cancelled by a signal to the command.
 ``--dry-run`` (``dry_run=true``) prints the grid, its state and the estimated cost, and runs nothing.
