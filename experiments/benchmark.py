@@ -27,7 +27,8 @@ A suite (``experiments/conf/suite/<name>.yaml``, schema :class:`SuiteConfig`) de
    The first run of each seed goes alone in a first wave, so that the SFT start it caches is not trained
    twice by runs side by side (``sft_first=false``: all at once);
 4. **chooses** each method's lr: the best mean validation score over seeds (``selection.best_score``, lower is
-   better); a choice at either edge of the grid adds one point beyond it (the grid's log spacing, two
+   better; an lr with a failed seed is out, also a seed outside ``lr_seeds`` that failed at an lr chosen
+   earlier: the next best is chosen and the other seeds run at it); a choice at either edge of the grid adds one point beyond it (the grid's log spacing, two
    significant digits) and runs it, at most ``max_grid_extensions`` times per method, until the choice is
    strictly inside. A grid where no lr improves on the start (the best validated step is 0 at every lr and
    seed: every lr tried only makes the student worse) is *flat*: it still extends downwards (a smaller lr may
@@ -208,7 +209,7 @@ class RunSpec:
     @property
     def key(self) -> str:
         """The run's directory under the output directory (and the launched sweep's value)."""
-        return f"{self.task}/{self.method}/lr{self.lr:g}/s{self.seed}"
+        return run_key(self.task, self.method, self.lr, self.seed)
 
     @property
     def id(self) -> str:
@@ -219,6 +220,11 @@ class RunSpec:
     def record(self) -> dict[str, Any]:
         """What ``run.json`` holds (and a plan entry)."""
         return {"id": self.id, **dataclasses.asdict(self)}
+
+
+def run_key(task: str, method: str, lr: float, seed: int) -> str:
+    """A run's directory under the output directory: ``<task>/<method>/lr<lr>/s<seed>``."""
+    return f"{task}/{method}/lr{lr:g}/s{seed}"
 
 
 def _override_key(override: str) -> str:
@@ -341,6 +347,24 @@ def expand(
             "there is no score to choose an lr by; add selection=best (or selection.every=N) to suite.protocol"
         )
     return runs
+
+
+def failures_elsewhere(suite: SuiteConfig, grids: dict[tuple[str, str], list[float]], out: Path,
+                       planned: set[str]) -> list[RunSpec]:
+    """The runs, not in ``planned``, of the seeds outside :func:`lr_seeds` at an lr of the grids whose directory
+    holds an ``error.txt``: a seed that failed at an lr chosen earlier. They join the plan (the leaderboard lists
+    them; ``retry_failed`` reruns them) and rule their lr out (:attr:`Grid.chosen`)."""
+    found = []
+    grid_seeds = lr_seeds(suite)
+    for (task, method), lrs in grids.items():
+        for lr in lrs:
+            for seed in suite.seeds:
+                key = run_key(task, method, lr, seed)
+                if seed in grid_seeds or key in planned or not (out / key / ERROR_FILE).exists():
+                    continue
+                overrides = run_overrides(suite, task, method, lr, seed)
+                found.append(RunSpec(task, method, lr, seed, overrides, resolved_run_config(overrides)))
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,6 +704,7 @@ class Grid:
     initial: int  # how many lrs the suite gave; the rest are extensions
     scores: dict[float, list[float | None]] = field(default_factory=dict)  # see choose_lr
     moved: dict[float, list[bool]] = field(default_factory=dict)  # lr -> per finished seed: best step > 0
+    failed_elsewhere: dict[float, list[int]] = field(default_factory=dict)  # lr -> seeds outside lr_seeds that failed at it
 
     @property
     def flat(self) -> bool:
@@ -689,8 +714,9 @@ class Grid:
 
     @property
     def chosen(self) -> float | None:
-        """The chosen lr (None while pending, or when every lr failed)."""
-        return choose_lr(self.scores)
+        """The chosen lr (None while pending, or when every lr failed). An lr at which a seed outside the grid's
+        seeds failed is out, as one with a failed grid seed is (its mean over every seed would be a failure)."""
+        return choose_lr({lr: v for lr, v in self.scores.items() if not self.failed_elsewhere.get(lr)})
 
     @property
     def at_edge(self) -> bool:
@@ -701,12 +727,16 @@ class Grid:
 def collect_grids(
     grids: dict[tuple[str, str], Grid], runs: list[RunSpec], states: dict[str, RunState], seeds: list[int]
 ) -> None:
-    """Fill each grid's ``scores`` from the states of its runs on ``seeds`` (the seeds the lr is chosen on)."""
+    """Fill each grid's ``scores`` from the states of its runs on ``seeds`` (the seeds the lr is chosen on) and its
+    ``failed_elsewhere`` from the failed runs of the other seeds."""
     for grid in grids.values():
         grid.scores = {lr: [] for lr in grid.lrs}
         grid.moved = {lr: [] for lr in grid.lrs}
+        grid.failed_elsewhere = {}
     for run in runs:
         if run.seed not in seeds:
+            if states[run.key].kind == "failed" and run.lr in grids[run.task, run.method].scores:
+                grids[run.task, run.method].failed_elsewhere.setdefault(run.lr, []).append(run.seed)
             continue
         state = states[run.key]
         score = (state.metrics["selection"]["best_score"] if state.kind == "finished"
@@ -717,12 +747,13 @@ def collect_grids(
 
 
 def extensions(suite: SuiteConfig, grids: dict[tuple[str, str], Grid]) -> dict[tuple[str, str], list[float]]:
-    """The lrs each grid gains this round (a choice at an edge, within ``max_grid_extensions``; a flat grid's
-    choice is its smallest lr, so it extends downwards)."""
+    """The lrs each grid gains this round (a choice at an edge, within ``max_grid_extensions``; a flat grid
+    extends downwards, below its smallest lr, even when that lr is out for a failed seed)."""
     new = {}
     for key, grid in grids.items():
         if len(grid.lrs) - grid.initial < suite.max_grid_extensions:
-            added = [lr for lr in extend_grid(grid.lrs, grid.chosen) if lr not in grid.lrs]
+            target = grid.lrs[0] if grid.flat else grid.chosen
+            added = [lr for lr in extend_grid(grid.lrs, target) if lr not in grid.lrs]
             if added:
                 new[key] = added
     return new
@@ -809,6 +840,7 @@ def plan_and_run(bench: BenchmarkConfig, forward: list[str], n_jobs: int | None)
     unrun: dict[tuple[str, str], list[float]] = {}  # with report: the extensions a rerun would add (not run yet)
     while True:  # a round: expand, launch what is pending, extend the grids whose choice sits at an edge
         runs = expand(suite, {k: g.lrs for k, g in grids.items()}, chosen)
+        runs += failures_elsewhere(suite, {k: g.lrs for k, g in grids.items()}, out, {r.key for r in runs})
         states = {run.key: inspect_run(run, out, bench.retry_failed) for run in runs}
         conflicts = [states[r.key].detail for r in runs if states[r.key].kind == "conflict"]
         if conflicts:
@@ -910,7 +942,8 @@ def leaderboard(suite: SuiteConfig, grids: dict[tuple[str, str], Grid], runs: li
             means = mean_scores(grid.scores)
             methods[method] = {
                 "algo": algo_config,
-                "grid": {f"{lr:g}": {"lr": lr, "scores": grid.scores[lr], "mean": means[lr]} for lr in grid.lrs},
+                "grid": {f"{lr:g}": {"lr": lr, "scores": grid.scores[lr], "mean": means[lr],
+                                     "failed_seeds": grid.failed_elsewhere.get(lr, [])} for lr in grid.lrs},
                 "chosen_lr": chosen, "at_edge": grid.at_edge, "flat": grid.flat, "extensions": len(grid.lrs) - grid.initial,
                 "values": {key: _per_seed(finals, key) for key in keys},
             }
@@ -997,13 +1030,17 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
                 if "paired" in info and info["chosen_lr"] is not None:
                     lines.append(f"| {method} | " + " | ".join(_diff_cell(info["paired"][k]) for k, _ in LEADERBOARD_METRICS) + " |")
         lines += ["", f"lr grids: mean validation `{board['selection_metric']}` over seeds per lr (lower is better; "
-                  "failed: a seed failed; pending: not run yet).", "",
+                  "failed: a seed failed; out: another seed failed at the lr, which rules it out; pending: not run "
+                  "yet).", "",
                   "| method | lr: score | chosen lr | note |", "|---|---|---|---|"]
         for method, info in data["methods"].items():
             cells = []
             for entry in info["grid"].values():
                 mean = entry["mean"]
-                cells.append(f"{entry['lr']:g}: " + ("pending" if mean is None else "failed" if math.isnan(mean) else f"{mean:.4f}"))
+                cell = "pending" if mean is None else "failed" if math.isnan(mean) else f"{mean:.4f}"
+                if entry.get("failed_seeds"):  # a seed outside the grid's failed at it: the lr is out
+                    cell += f" (out: seed {', '.join(map(str, entry['failed_seeds']))} failed)"
+                cells.append(f"{entry['lr']:g}: {cell}")
             chosen = "–" if info["chosen_lr"] is None else f"{info['chosen_lr']:g}"
             if info["chosen_lr"] is None:
                 note = "no lr: " + ("pending runs" if any(e["mean"] is None for e in info["grid"].values()) else "every lr failed")

@@ -166,6 +166,36 @@ def test_lr_seeds_run_the_grid_on_some_seeds_and_the_rest_at_the_chosen_lr(bench
         bench.check_suite(bench.SuiteConfig(**{**vars(suite), "lr_seeds": [5]}))
 
 
+def test_a_seed_that_fails_at_the_chosen_lr_rules_the_lr_out(bench, tmp_path):
+    """With lr_seeds=[0]: seed 1 fails at the lr chosen on seed 0. That lr is out (as under the full rule, where the
+    failed seed makes its mean a failure): the next best lr is chosen, its other seeds join the plan, and the failed
+    run stays in the plan (found in its directory once the choice has moved) so the choice does not move back."""
+    suite = bench.SuiteConfig(name="s", tasks={"t": bench.TaskSpec(overrides=["task=synthetic"])},
+                              methods={"m": bench.MethodSpec("bc", [1e-4, 1e-3, 1e-2])}, seeds=[0, 1, 2], lr_seeds=[0],
+                              reference=None, protocol=["selection=best"])
+    lrs = {("t", "m"): [1e-4, 1e-3, 1e-2]}
+    runs = bench.expand(suite, lrs, {("t", "m"): 1e-3})
+    score = {1e-4: 0.52, 1e-3: 0.50, 1e-2: 0.51}
+    states = {r.key: bench.RunState("finished", metrics={"selection": {"best_score": score[r.lr], "best_step": 5}})
+              for r in runs}
+    failed = next(r for r in runs if (r.lr, r.seed) == (1e-3, 1))
+    states[failed.key] = bench.RunState("failed", "DivergenceError: ...")
+    grid = bench.Grid(list(lrs["t", "m"]), 3)
+    bench.collect_grids({("t", "m"): grid}, runs, states, [0])
+    assert grid.failed_elsewhere == {1e-3: [1]} and grid.chosen == 1e-2 and grid.at_edge
+    assert grid.scores[1e-3] == [0.50]  # the grid's own score is unchanged; the lr is out, not rescored
+    # The next round's plan: the other seeds at 1e-2; the failed run at 1e-3 comes back from its directory.
+    (tmp_path / failed.key).mkdir(parents=True)
+    (tmp_path / failed.key / bench.ERROR_FILE).write_text("DivergenceError: ...\n")
+    nxt = bench.expand(suite, lrs, {("t", "m"): 1e-2})
+    found = bench.failures_elsewhere(suite, lrs, tmp_path, {r.key for r in nxt})
+    assert [(r.lr, r.seed) for r in found] == [(1e-3, 1)] and found[0].id == failed.id
+    assert not bench.failures_elsewhere(suite, lrs, tmp_path, {r.key for r in nxt + found})
+    states = {r.key: states.get(r.key, bench.RunState("pending")) for r in nxt + found}
+    bench.collect_grids({("t", "m"): grid}, nxt + found, states, [0])
+    assert grid.chosen == 1e-2 and grid.failed_elsewhere == {1e-3: [1]}
+
+
 # --------------------------------------------------------------------------------------------------
 # Suites: composition and expansion
 # --------------------------------------------------------------------------------------------------
