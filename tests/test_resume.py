@@ -198,10 +198,29 @@ def test_a_signal_while_the_warm_start_reads_its_cache_stops_the_run(tmp_path, m
 
     monkeypatch.setattr(selection, "read_sft_start", read_and_interrupt)
     out = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        run(_cfg(data, **cached), str(out))
+    # Python's own SIGINT handler, as in an interactive or foreground process (a job a non-interactive shell puts
+    # in the background starts with SIGINT ignored, and an ignored signal stays ignored: see the next test).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(_cfg(data, **cached), str(out))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not list_checkpoints(str(out)) and not (out / "metrics.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_signal_stays_ignored():
+    """A signal the process ignores (SIG_IGN, e.g. SIGINT of a background job) is not caught by deferred_signals:
+    it neither stops the run nor is recorded, and the block leaves it ignored."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        with deferred_signals((signal.SIGUSR1,)) as received:
+            assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGUSR1)
+        assert received == [] and signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_resume_with_pre_training_batches_is_bit_identical(tmp_path, monkeypatch):

@@ -355,13 +355,17 @@ def deferred_signals(signals: tuple[int, ...]) -> Iterator[list[int]]:
     ``KeyboardInterrupt``. A signal the block did not act on (it ended otherwise: e.g. the warm start read its
     cache, or a run failed, after the signal came) is not lost: once the previous handlers are back, the first
     one is delivered again to them (the default ends the process; an enclosing block records it). Outside the
-    main thread (where handlers cannot be installed) the signals keep their default behaviour.
+    main thread (where handlers cannot be installed) the signals keep their default behaviour, and a signal the
+    process ignores (``SIG_IGN``: e.g. SIGINT of a job a non-interactive shell put in the background) stays ignored.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     acted = False
     try:
         yield received
